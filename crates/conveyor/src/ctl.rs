@@ -1,0 +1,95 @@
+//! `conveyorctl`: check pipeline files, declare the topology, run the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use conveyor_core::broker::{self, Topology};
+use conveyor_core::pipeline::Pipeline;
+use conveyor_core::settings::BrokerArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "conveyorctl", version, about = "Operate conveyor pipelines")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a pipeline file; on error, name the file, the field and the problem.
+    Check {
+        /// The pipeline file.
+        file: PathBuf,
+    },
+    /// The broker topology of pipelines.
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
+    /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
+    Demo(crate::demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TopologyCommand {
+    /// Declare the exchanges and queues of a pipeline (idempotent; workers do the same at start).
+    Declare {
+        /// The pipeline file.
+        file: PathBuf,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
+    if let Err(err) =
+        conveyor_core::telemetry::init(conveyor_core::settings::LogFormat::Text, &log_filter)
+    {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Check { file } => {
+            let pipeline = Pipeline::load(&file)?;
+            println!(
+                "{}: pipeline {:?} is valid ({} mapped fields)",
+                file.display(),
+                pipeline.name(),
+                pipeline.mapping.output_fields().count()
+            );
+            Ok(())
+        }
+        Command::Topology {
+            command: TopologyCommand::Declare { file, broker },
+        } => {
+            let pipeline = Pipeline::load(&file)?;
+            let url = broker.amqp_url()?;
+            let connection = broker::connect(&url, "conveyorctl").await?;
+            let topology = Topology::new(&broker, pipeline.name());
+            let channel = connection.create_channel().await?;
+            topology.declare(&channel).await?;
+            broker::close(&connection).await;
+            for queue in topology.queues() {
+                println!("declared {queue}");
+            }
+            Ok(())
+        }
+        Command::Demo(args) => crate::demo::run(args).await,
+    }
+}

@@ -1,0 +1,405 @@
+//! RabbitMQ: connecting, the topology every worker declares, and publishing with confirms.
+//!
+//! Durability needs three things together: durable (quorum) queues, persistent messages and publisher
+//! confirms. [`Publisher`] awaits the broker's confirm of every message and treats a nack, or a message
+//! the broker could not route, as a failed publish.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::envelope::long_string;
+use crate::settings::{BrokerArgs, QueueType, Secret};
+
+/// A quorum queue dead-letters a message redelivered this often: a last guard against a message that
+/// keeps crashing its consumer. (RabbitMQ 4 drops such messages unless a dead-letter exchange is set.)
+pub const DELIVERY_LIMIT: u32 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid AMQP URL (CONVEYOR_AMQP_URL): {0}")]
+    Url(String),
+    #[error("cannot connect to RabbitMQ at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: lapin::Error,
+    },
+    #[error("{action}: {source}")]
+    Amqp {
+        action: String,
+        source: lapin::Error,
+    },
+    #[error("the broker cancelled the consumer of {0} (was the queue deleted?)")]
+    ConsumerCancelled(String),
+    #[error("the broker refused (nacked) a message published to {0}")]
+    Nacked(String),
+    #[error("the broker could not route a message published to {0}: no queue is bound")]
+    Unroutable(String),
+}
+
+fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
+    let action = action.into();
+    move |source| BrokerError::Amqp { action, source }
+}
+
+/// The host, port and vhost of an AMQP URL: what may be logged of it.
+pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
+    let uri = AMQPUri::from_str(url.expose()).map_err(BrokerError::Url)?;
+    Ok(format!(
+        "{}:{}/{}",
+        uri.authority.host, uri.authority.port, uri.vhost
+    ))
+}
+
+/// Connects once. `name` shows in the broker's connection list.
+pub async fn connect(url: &Secret, name: &str) -> Result<Connection, BrokerError> {
+    let endpoint = endpoint(url)?;
+    let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    Connection::connect(url.expose(), properties)
+        .await
+        .map_err(|source| BrokerError::Connect { endpoint, source })
+}
+
+/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`).
+pub async fn connect_with_retry(
+    url: &Secret,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Connection>, BrokerError> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match connect(url, name).await {
+            Ok(connection) => return Ok(Some(connection)),
+            Err(err @ BrokerError::Url(_)) => return Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// A stage of a pipeline: each has a work queue (fed by the stage before) and a dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Stage {
+    Fetch,
+    Transform,
+    Write,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Fetch, Stage::Transform, Stage::Write];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Fetch => "fetch",
+            Stage::Transform => "transform",
+            Stage::Write => "write",
+        }
+    }
+
+    /// Whether the stage consumes a work queue (the fetcher reads the source instead, for now).
+    pub fn has_work_queue(self) -> bool {
+        !matches!(self, Stage::Fetch)
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The names and shapes of one pipeline's exchanges and queues.
+///
+/// `{ns}` is a direct exchange that routes `{pipeline}.{stage}` to the work queue `{ns}.{pipeline}.{stage}`;
+/// `{ns}.dlx` routes the same keys to `{ns}.{pipeline}.{stage}.dlq`.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    namespace: String,
+    pipeline: String,
+    queue_type: QueueType,
+}
+
+impl Topology {
+    pub fn new(broker: &BrokerArgs, pipeline: &str) -> Self {
+        Self {
+            namespace: broker.namespace.clone(),
+            pipeline: pipeline.to_owned(),
+            queue_type: broker.queue_type,
+        }
+    }
+
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+
+    pub fn exchange(&self) -> String {
+        self.namespace.clone()
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.namespace)
+    }
+
+    pub fn routing_key(&self, stage: Stage) -> String {
+        format!("{}.{stage}", self.pipeline)
+    }
+
+    pub fn queue(&self, stage: Stage) -> String {
+        format!("{}.{}.{stage}", self.namespace, self.pipeline)
+    }
+
+    pub fn dead_letter_queue(&self, stage: Stage) -> String {
+        format!("{}.dlq", self.queue(stage))
+    }
+
+    /// Every queue of the pipeline: work queues, then dead-letter queues.
+    pub fn queues(&self) -> Vec<String> {
+        let work = Stage::ALL
+            .into_iter()
+            .filter(|s| s.has_work_queue())
+            .map(|s| self.queue(s));
+        let dead = Stage::ALL.into_iter().map(|s| self.dead_letter_queue(s));
+        work.chain(dead).collect()
+    }
+
+    /// Declares exchanges, queues and bindings. Idempotent: every worker calls it at start, with the same
+    /// arguments (a queue redeclared with other arguments is refused by the broker).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for exchange in [self.exchange(), self.dead_letter_exchange()] {
+            channel
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Direct,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp(format!("declaring exchange {exchange}")))?;
+        }
+        for stage in Stage::ALL {
+            let dead_letters = self.dead_letter_queue(stage);
+            self.declare_queue(channel, &dead_letters, self.queue_arguments())
+                .await?;
+            self.bind(channel, &dead_letters, &self.dead_letter_exchange(), stage)
+                .await?;
+            if stage.has_work_queue() {
+                let work = self.queue(stage);
+                let mut arguments = self.queue_arguments();
+                arguments.insert(
+                    "x-dead-letter-exchange".into(),
+                    long_string(&self.dead_letter_exchange()),
+                );
+                arguments.insert(
+                    "x-dead-letter-routing-key".into(),
+                    long_string(&self.routing_key(stage)),
+                );
+                if self.queue_type == QueueType::Quorum {
+                    arguments.insert(
+                        "x-delivery-limit".into(),
+                        AMQPValue::LongUInt(DELIVERY_LIMIT),
+                    );
+                    // Dead-letter with confirms inside the broker, so nothing is lost on the way.
+                    arguments.insert(
+                        "x-dead-letter-strategy".into(),
+                        long_string("at-least-once"),
+                    );
+                    arguments.insert("x-overflow".into(), long_string("reject-publish"));
+                }
+                self.declare_queue(channel, &work, arguments).await?;
+                self.bind(channel, &work, &self.exchange(), stage).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        let kind = match self.queue_type {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        };
+        arguments.insert("x-queue-type".into(), long_string(kind));
+        arguments
+    }
+
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        arguments: FieldTable,
+    ) -> Result<(), BrokerError> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), options, arguments)
+            .await
+            .map_err(amqp(format!("declaring queue {queue}")))?;
+        Ok(())
+    }
+
+    async fn bind(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        stage: Stage,
+    ) -> Result<(), BrokerError> {
+        channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                self.routing_key(stage).as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!("binding queue {queue}")))
+    }
+}
+
+/// Publishes on a channel in confirm mode. Cheap to clone; many publishes may be in flight at once.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+/// A publish the broker has not confirmed yet.
+#[must_use = "a publish is not durable until its confirm is awaited"]
+pub struct PendingConfirm {
+    confirm: lapin::PublisherConfirm,
+    destination: String,
+}
+
+impl Publisher {
+    pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a publishing channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("enabling publisher confirms"))?;
+        Ok(Self { channel })
+    }
+
+    /// Sends a message (mandatory: an unroutable message is an error, not a silent drop). Await the
+    /// returned confirm before treating the message as durable.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PendingConfirm, BrokerError> {
+        let destination = format!("exchange {exchange:?} key {routing_key:?}");
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(exchange),
+                ShortString::from(routing_key),
+                options,
+                body,
+                properties,
+            )
+            .await
+            .map_err(amqp(format!("publishing to {destination}")))?;
+        Ok(PendingConfirm {
+            confirm,
+            destination,
+        })
+    }
+
+    /// Sends and waits for the broker's confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        self.send(exchange, routing_key, body, properties)
+            .await?
+            .wait()
+            .await
+    }
+}
+
+impl PendingConfirm {
+    /// Waits for the broker: Ok only for an ack of a routed message.
+    pub async fn wait(self) -> Result<(), BrokerError> {
+        let confirmation = self.confirm.await.map_err(amqp(format!(
+            "awaiting the confirm from {}",
+            self.destination
+        )))?;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_returned)) => Err(BrokerError::Unroutable(self.destination)),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked(self.destination)),
+            Confirmation::NotRequested => {
+                unreachable!("publisher channels are always in confirm mode")
+            }
+        }
+    }
+}
+
+/// Closes a connection without hanging: lapin's close has been seen to take minutes.
+pub async fn close(connection: &Connection) {
+    let closing = connection.close(200, "worker stopping".into());
+    match tokio::time::timeout(Duration::from_secs(5), closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
+        Err(_) => tracing::warn!("closing the broker connection timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_namespaced_per_pipeline_and_stage() {
+        let topology = Topology::new(&BrokerArgs::local("ns"), "orders");
+        assert_eq!(topology.queue(Stage::Write), "ns.orders.write");
+        assert_eq!(
+            topology.dead_letter_queue(Stage::Fetch),
+            "ns.orders.fetch.dlq"
+        );
+        assert_eq!(topology.routing_key(Stage::Transform), "orders.transform");
+        assert_eq!(topology.queues().len(), 5);
+    }
+
+    #[test]
+    fn endpoint_hides_credentials() {
+        let url = Secret::new("amqp://user:hunter2@broker.example:5673/prod");
+        let shown = endpoint(&url).unwrap();
+        assert_eq!(shown, "broker.example:5673/prod");
+    }
+}

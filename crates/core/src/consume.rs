@@ -1,0 +1,481 @@
+//! The consume loop every queue-fed worker runs, and the dead-letter queues it feeds.
+//!
+//! The loop owns the acknowledgement discipline: a delivery is acked only after what it asked for is
+//! durable (the handler's publishes confirmed or its write committed), or after its dead letter is
+//! confirmed. A message that cannot be read goes to the dead-letter queue with the reason; no input
+//! makes a worker panic or stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{BrokerError, Publisher, Stage, Topology};
+use crate::envelope::{Envelope, Meta, Record, header_u32, long_string};
+use crate::metrics::Metrics;
+
+pub const HEADER_STAGE: &str = "x-conveyor-stage";
+pub const HEADER_ERROR_CLASS: &str = "x-conveyor-error-class";
+pub const HEADER_ERROR: &str = "x-conveyor-error";
+pub const HEADER_FIRST_FAILED_AT: &str = "x-conveyor-first-failed-at";
+pub const HEADER_LAST_FAILED_AT: &str = "x-conveyor-last-failed-at";
+pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-conveyor-original-exchange";
+pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-conveyor-original-routing-key";
+pub const HEADER_RECORD_IDS: &str = "x-conveyor-record-ids";
+
+/// What kind of failure, which decides where the work goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The message itself is unreadable: not JSON, wrong shape, unknown schema, oversize.
+    Malformed,
+    /// The data is wrong for its target: retrying cannot help.
+    Permanent,
+    /// The target or a dependency failed for now: retrying may help.
+    Transient,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Malformed => "malformed",
+            ErrorClass::Permanent => "permanent",
+            ErrorClass::Transient => "transient",
+        }
+    }
+}
+
+/// A failure with its class and a message fit for operators (never containing secrets).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self {
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Everything the message asked for is durable downstream: ack it.
+    Done,
+    /// It can never succeed as it is: dead-letter it with the reason, then ack.
+    DeadLetter(Failure),
+    /// It may succeed later: hand it back to the queue after a pause.
+    Retry(Failure),
+}
+
+/// A stage's work on one message.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, envelope: Envelope) -> impl Future<Output = Disposition> + Send;
+}
+
+/// Publishes to one stage's dead-letter queue, with the failure in headers and the payload unchanged.
+#[derive(Clone)]
+pub struct DeadLetters {
+    publisher: Publisher,
+    topology: Topology,
+    stage: Stage,
+    metrics: Metrics,
+}
+
+impl DeadLetters {
+    pub fn new(publisher: Publisher, topology: Topology, stage: Stage, metrics: Metrics) -> Self {
+        Self {
+            publisher,
+            topology,
+            stage,
+            metrics,
+        }
+    }
+
+    /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers.
+    pub async fn send_delivery(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+    ) -> Result<(), BrokerError> {
+        let record_ids = record_ids_in(&delivery.data);
+        let properties = self.with_failure(
+            delivery.properties.clone(),
+            failure,
+            &delivery.exchange.to_string(),
+            &delivery.routing_key.to_string(),
+            &record_ids,
+        );
+        self.publish(&delivery.data, properties).await?;
+        self.count(failure, record_ids.len().max(1));
+        Ok(())
+    }
+
+    /// Dead-letters records of a batch, each as its own message that continues the batch's trace.
+    pub async fn send_records(
+        &self,
+        meta: &Meta,
+        failed: Vec<(Record, Failure)>,
+    ) -> Result<(), BrokerError> {
+        let exchange = self.topology.exchange();
+        let routing_key = self.topology.routing_key(self.stage);
+        let mut pending = Vec::with_capacity(failed.len());
+        for (record, failure) in &failed {
+            let ids = [record.id.clone()];
+            let single = Envelope {
+                meta: Meta {
+                    message_id: uuid::Uuid::new_v4(),
+                    attempt: meta.attempt,
+                    ..meta.clone()
+                },
+                records: vec![record.clone()],
+            };
+            let (body, properties) = single.to_amqp();
+            let properties = self.with_failure(properties, failure, &exchange, &routing_key, &ids);
+            pending.push(
+                self.publisher
+                    .send(
+                        &self.topology.dead_letter_exchange(),
+                        &routing_key,
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in pending {
+            confirm.wait().await?;
+        }
+        for (_, failure) in &failed {
+            self.count(failure, 1);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<(), BrokerError> {
+        self.publisher
+            .publish(
+                &self.topology.dead_letter_exchange(),
+                &self.topology.routing_key(self.stage),
+                body,
+                properties,
+            )
+            .await
+    }
+
+    fn count(&self, failure: &Failure, records: usize) {
+        self.metrics
+            .records_dead_lettered
+            .with_label_values(&[
+                self.topology.pipeline(),
+                self.stage.as_str(),
+                failure.class.as_str(),
+            ])
+            .inc_by(records as u64);
+    }
+
+    fn with_failure(
+        &self,
+        properties: BasicProperties,
+        failure: &Failure,
+        exchange: &str,
+        routing_key: &str,
+        record_ids: &[String],
+    ) -> BasicProperties {
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        let now = chrono::Utc::now().to_rfc3339();
+        if !headers.inner().contains_key(HEADER_FIRST_FAILED_AT) {
+            headers.insert(HEADER_FIRST_FAILED_AT.into(), long_string(&now));
+        }
+        headers.insert(HEADER_LAST_FAILED_AT.into(), long_string(&now));
+        headers.insert(HEADER_STAGE.into(), long_string(self.stage.as_str()));
+        headers.insert(
+            HEADER_ERROR_CLASS.into(),
+            long_string(failure.class.as_str()),
+        );
+        headers.insert(HEADER_ERROR.into(), long_string(&failure.message));
+        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), long_string(exchange));
+        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), long_string(routing_key));
+        headers.insert(HEADER_RECORD_IDS.into(), long_string(&record_ids.join(",")));
+        properties.with_headers(headers).with_delivery_mode(2)
+    }
+}
+
+/// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
+fn record_ids_in(body: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        records: Vec<IdOnly>,
+    }
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    serde_json::from_slice::<Ids>(body)
+        .map(|ids| ids.records.into_iter().map(|record| record.id).collect())
+        .unwrap_or_default()
+}
+
+/// How one stage consumes its work queue.
+#[derive(Clone)]
+pub struct ConsumeSettings {
+    pub topology: Topology,
+    pub stage: Stage,
+    /// Unacknowledged deliveries held at once.
+    pub prefetch: u16,
+    /// How long in-flight work may take to finish after shutdown before the worker exits anyway.
+    pub drain_timeout: Duration,
+}
+
+/// Consumes the stage's work queue until `shutdown` fires, then stops taking deliveries, lets the
+/// in-flight ones finish (up to the drain timeout) and returns. An error means the broker connection
+/// or channel failed.
+pub async fn run<H: Handler>(
+    connection: &Connection,
+    settings: ConsumeSettings,
+    handler: Arc<H>,
+    dead_letters: DeadLetters,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    let queue = settings.topology.queue(settings.stage);
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            action: "opening a consumer channel".into(),
+            source,
+        })?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            action: "setting the prefetch".into(),
+            source,
+        })?;
+    let tag = format!("{}-{}", settings.stage, uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| BrokerError::Amqp {
+            action: format!("consuming {queue}"),
+            source,
+        })?;
+    tracing::info!(queue, prefetch = settings.prefetch, "consuming");
+
+    let tracker = TaskTracker::new();
+    let context = Arc::new(Context {
+        pipeline: settings.topology.pipeline().to_owned(),
+        stage: settings.stage,
+        handler,
+        dead_letters,
+        metrics,
+    });
+    let outcome = loop {
+        let next = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => next,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let context = context.clone();
+                tracker.spawn(async move { context.process(delivery).await });
+            }
+            Some(Err(source)) => {
+                break Err(BrokerError::Amqp {
+                    action: format!("consuming {queue}"),
+                    source,
+                });
+            }
+            None => {
+                break Err(BrokerError::ConsumerCancelled(queue.clone()));
+            }
+        }
+    };
+
+    // Take no new work; what was delivered but not started goes back to the queue when the channel closes.
+    if let Err(err) = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await
+    {
+        tracing::debug!(error = %err, "cancelling the consumer");
+    }
+    tracker.close();
+    let in_flight = tracker.len();
+    if in_flight > 0 {
+        tracing::info!(in_flight, "finishing the messages in hand");
+    }
+    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = tracker.len(),
+            "drain timeout: exiting with work unfinished; the broker redelivers it"
+        );
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        channel.close(200, "stopping".into()),
+    )
+    .await;
+    outcome
+}
+
+struct Context<H> {
+    pipeline: String,
+    stage: Stage,
+    handler: Arc<H>,
+    dead_letters: DeadLetters,
+    metrics: Metrics,
+}
+
+impl<H: Handler> Context<H> {
+    async fn process(&self, delivery: Delivery) {
+        let labels = [self.pipeline.as_str(), self.stage.as_str()];
+        let timer = self
+            .metrics
+            .message_duration
+            .with_label_values(&labels)
+            .start_timer();
+        let disposition =
+            match Envelope::from_amqp(&self.pipeline, &delivery.data, &delivery.properties) {
+                Ok(envelope) => {
+                    self.metrics
+                        .records_in
+                        .with_label_values(&labels)
+                        .inc_by(envelope.records.len() as u64);
+                    self.handler.handle(envelope).await
+                }
+                Err(malformed) => Disposition::DeadLetter(Failure::new(
+                    ErrorClass::Malformed,
+                    malformed.to_string(),
+                )),
+            };
+        match disposition {
+            Disposition::Done => ack(&delivery).await,
+            Disposition::DeadLetter(failure) => {
+                tracing::warn!(class = failure.class.as_str(), error = %failure.message, "dead-lettering a message");
+                match self.dead_letters.send_delivery(&delivery, &failure).await {
+                    Ok(()) => ack(&delivery).await,
+                    Err(err) => {
+                        tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
+                        self.requeue_later(&delivery).await;
+                    }
+                }
+            }
+            Disposition::Retry(failure) => {
+                tracing::warn!(class = failure.class.as_str(), error = %failure.message, "will retry a message");
+                self.requeue_later(&delivery).await;
+            }
+        }
+        timer.observe_duration();
+    }
+
+    /// Pauses (longer the more often the message was delivered), then hands the message back. The work
+    /// queue's delivery limit dead-letters a message that never succeeds.
+    async fn requeue_later(&self, delivery: &Delivery) {
+        self.metrics
+            .messages_retried
+            .with_label_values(&[self.pipeline.as_str(), self.stage.as_str()])
+            .inc();
+        let deliveries = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| headers.inner().get("x-delivery-count"))
+            .and_then(header_u32)
+            .unwrap_or(0);
+        tokio::time::sleep(retry_delay(deliveries)).await;
+        if let Err(err) = delivery
+            .acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+        {
+            tracing::warn!(error = %err, "could not hand a message back; the broker redelivers it when the channel closes");
+        }
+    }
+}
+
+/// Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, ... up to 30 s.
+pub fn retry_delay(previous_deliveries: u32) -> Duration {
+    let base_ms = 500u64
+        .saturating_mul(1u64 << previous_deliveries.min(6))
+        .min(30_000);
+    let jitter_ms = rand::rng().random_range(0..=base_ms / 2);
+    Duration::from_millis(base_ms / 2 + jitter_ms + base_ms / 4)
+}
+
+async fn ack(delivery: &Delivery) {
+    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+        // The work is durable already; the broker redelivers the message and idempotence absorbs it.
+        tracing::warn!(error = %err, "ack failed; the message will be redelivered");
+    }
+}
+
+/// Headers as a plain table, for tools that read dead letters.
+pub fn headers_of(properties: &BasicProperties) -> &FieldTable {
+    static EMPTY: std::sync::OnceLock<FieldTable> = std::sync::OnceLock::new();
+    properties
+        .headers()
+        .as_ref()
+        .unwrap_or_else(|| EMPTY.get_or_init(FieldTable::default))
+}
+
+/// A header as text, if present.
+pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
+    headers_of(properties)
+        .inner()
+        .get(name)
+        .and_then(|value| match value {
+            AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+                crate::envelope::header_text(value)
+            }
+            other => header_u32(other).map(|n| n.to_string()),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_grows_and_is_capped() {
+        for deliveries in 0..20 {
+            let delay = retry_delay(deliveries);
+            assert!(delay <= Duration::from_millis(30_000), "{delay:?}");
+            assert!(delay >= Duration::from_millis(250), "{delay:?}");
+        }
+        assert!(retry_delay(6) > retry_delay(0));
+    }
+
+    #[test]
+    fn record_ids_are_read_from_a_batch_body() {
+        assert_eq!(
+            record_ids_in(br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#),
+            ["a", "b"]
+        );
+        assert!(record_ids_in(b"garbage").is_empty());
+    }
+}

@@ -1,0 +1,285 @@
+//! The message that travels on every queue: a batch of records with the ids that make it traceable.
+//!
+//! The body is JSON (`{"schema":1,"records":[...]}`); the message's identity lives in AMQP properties and
+//! headers, so that operators and tools can read it without parsing the body: message id (uuid), the
+//! pipeline, a trace id that follows the records through every stage, and the attempt count.
+
+use chrono::{DateTime, FixedOffset};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Version of the body's layout; a consumer refuses bodies of a version it does not know.
+pub const SCHEMA_VERSION: u32 = 1;
+/// The largest body a worker accepts; larger ones are dead-lettered as malformed.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+pub const HEADER_PIPELINE: &str = "x-conveyor-pipeline";
+pub const HEADER_TRACE_ID: &str = "x-conveyor-trace-id";
+pub const HEADER_ATTEMPT: &str = "x-conveyor-attempt";
+pub const HEADER_RECORDS: &str = "x-conveyor-records";
+
+/// One business record: its identity and version at the source, and its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The record's id (the source's id before transformation, the target key after).
+    pub id: String,
+    /// When the record was last modified; a newer version replaces an older one, never the reverse.
+    pub modify_time: DateTime<FixedOffset>,
+    pub data: Value,
+}
+
+/// Identity of a message, carried in AMQP properties and headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub message_id: Uuid,
+    pub pipeline: String,
+    pub trace_id: Uuid,
+    /// How often this message was tried at its current stage before (0 for the first try).
+    pub attempt: u32,
+}
+
+impl Meta {
+    /// A new message starting a trace (what the fetcher sends).
+    pub fn new_trace(pipeline: &str) -> Self {
+        Self {
+            message_id: Uuid::new_v4(),
+            pipeline: pipeline.to_owned(),
+            trace_id: Uuid::new_v4(),
+            attempt: 0,
+        }
+    }
+
+    /// A new message that continues this one's trace at the next stage.
+    pub fn next_stage(&self) -> Self {
+        Self {
+            message_id: Uuid::new_v4(),
+            pipeline: self.pipeline.clone(),
+            trace_id: self.trace_id,
+            attempt: 0,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Body<R> {
+    schema: u32,
+    records: R,
+}
+
+/// A batch of records with its identity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub meta: Meta,
+    pub records: Vec<Record>,
+}
+
+/// Why a delivery is not a message conveyor can read. These messages go to the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("body is {0} bytes, more than the {MAX_BODY_BYTES} allowed")]
+    Oversize(usize),
+    #[error("missing or invalid header {0}")]
+    Header(&'static str),
+    #[error("missing or invalid message id property")]
+    MessageId,
+    #[error("message is for pipeline {found:?}, this worker runs {expected:?}")]
+    WrongPipeline { expected: String, found: String },
+    #[error("body is not a conveyor batch: {0}")]
+    Body(String),
+    #[error("body has schema version {0}, this worker reads version {SCHEMA_VERSION}")]
+    SchemaVersion(u32),
+}
+
+impl Envelope {
+    /// The body and AMQP properties to publish: persistent, JSON, with identity headers.
+    pub fn to_amqp(&self) -> (Vec<u8>, BasicProperties) {
+        let body = serde_json::to_vec(&Body {
+            schema: SCHEMA_VERSION,
+            records: &self.records,
+        })
+        .expect("records serialize: their values are JSON already");
+        (body, self.meta.properties(self.records.len()))
+    }
+
+    /// Reads a delivery's body and properties, checking it belongs to `pipeline`.
+    pub fn from_amqp(
+        pipeline: &str,
+        body: &[u8],
+        properties: &BasicProperties,
+    ) -> Result<Self, Malformed> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(Malformed::Oversize(body.len()));
+        }
+        let meta = Meta::from_properties(properties)?;
+        if meta.pipeline != pipeline {
+            return Err(Malformed::WrongPipeline {
+                expected: pipeline.to_owned(),
+                found: meta.pipeline,
+            });
+        }
+        #[derive(Deserialize)]
+        struct SchemaOnly {
+            schema: u32,
+        }
+        let SchemaOnly { schema } =
+            serde_json::from_slice(body).map_err(|err| Malformed::Body(err.to_string()))?;
+        if schema != SCHEMA_VERSION {
+            return Err(Malformed::SchemaVersion(schema));
+        }
+        let parsed: Body<Vec<Record>> =
+            serde_json::from_slice(body).map_err(|err| Malformed::Body(err.to_string()))?;
+        Ok(Self {
+            meta,
+            records: parsed.records,
+        })
+    }
+}
+
+impl Meta {
+    fn properties(&self, record_count: usize) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_PIPELINE.into(), long_string(&self.pipeline));
+        headers.insert(
+            HEADER_TRACE_ID.into(),
+            long_string(&self.trace_id.to_string()),
+        );
+        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongUInt(self.attempt));
+        headers.insert(
+            HEADER_RECORDS.into(),
+            AMQPValue::LongUInt(u32::try_from(record_count).unwrap_or(u32::MAX)),
+        );
+        BasicProperties::default()
+            .with_message_id(ShortString::from(self.message_id.to_string()))
+            .with_correlation_id(ShortString::from(self.trace_id.to_string()))
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+            .with_headers(headers)
+    }
+
+    /// Reads identity from a delivery's properties.
+    pub fn from_properties(properties: &BasicProperties) -> Result<Self, Malformed> {
+        let message_id = properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| Uuid::parse_str(id.as_str()).ok())
+            .ok_or(Malformed::MessageId)?;
+        let headers = properties.headers().as_ref();
+        let text = |name: &'static str| -> Result<String, Malformed> {
+            headers
+                .and_then(|table| table.inner().get(name))
+                .and_then(header_text)
+                .ok_or(Malformed::Header(name))
+        };
+        let pipeline = text(HEADER_PIPELINE)?;
+        let trace_id = Uuid::parse_str(&text(HEADER_TRACE_ID)?)
+            .map_err(|_| Malformed::Header(HEADER_TRACE_ID))?;
+        let attempt = headers
+            .and_then(|table| table.inner().get(HEADER_ATTEMPT))
+            .map(|value| header_u32(value).ok_or(Malformed::Header(HEADER_ATTEMPT)))
+            .transpose()?
+            .unwrap_or(0);
+        Ok(Self {
+            message_id,
+            pipeline,
+            trace_id,
+            attempt,
+        })
+    }
+}
+
+pub fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
+}
+
+/// A header's value as text, whether sent as a long or short string.
+pub fn header_text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok().map(str::to_owned),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// A header's value as an unsigned count, whatever integer type a client used.
+pub fn header_u32(value: &AMQPValue) -> Option<u32> {
+    let wide: i64 = match *value {
+        AMQPValue::ShortShortUInt(n) => n.into(),
+        AMQPValue::ShortUInt(n) => n.into(),
+        AMQPValue::LongUInt(n) => n.into(),
+        AMQPValue::ShortShortInt(n) => n.into(),
+        AMQPValue::ShortInt(n) => n.into(),
+        AMQPValue::LongInt(n) => n.into(),
+        AMQPValue::LongLongInt(n) => n,
+        _ => return None,
+    };
+    u32::try_from(wide).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        Envelope {
+            meta: Meta::new_trace("orders"),
+            records: vec![Record {
+                id: "839081161182436352".into(),
+                modify_time: DateTime::parse_from_rfc3339("2020-03-02T15:15:59+08:00").unwrap(),
+                data: json!({"bill_no": "XSDD-20200303-00004", "total_amount": "20.2"}),
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_through_amqp() {
+        let envelope = sample();
+        let (body, properties) = envelope.to_amqp();
+        assert_eq!(properties.delivery_mode(), &Some(2));
+        assert_eq!(
+            Envelope::from_amqp("orders", &body, &properties).unwrap(),
+            envelope
+        );
+    }
+
+    #[test]
+    fn next_stage_keeps_the_trace() {
+        let meta = Meta::new_trace("orders");
+        let next = meta.next_stage();
+        assert_eq!(next.trace_id, meta.trace_id);
+        assert_ne!(next.message_id, meta.message_id);
+    }
+
+    #[test]
+    fn refuses_what_is_not_a_batch() {
+        let (body, properties) = sample().to_amqp();
+        assert!(matches!(
+            Envelope::from_amqp("other", &body, &properties),
+            Err(Malformed::WrongPipeline { .. })
+        ));
+        assert!(matches!(
+            Envelope::from_amqp("orders", b"not json", &properties),
+            Err(Malformed::Body(_))
+        ));
+        assert_eq!(
+            Envelope::from_amqp("orders", br#"{"schema":9,"records":[]}"#, &properties),
+            Err(Malformed::SchemaVersion(9))
+        );
+        assert!(matches!(
+            Envelope::from_amqp(
+                "orders",
+                br#"{"schema":1,"records":[{"id":1}]}"#,
+                &properties
+            ),
+            Err(Malformed::Body(_))
+        ));
+        assert_eq!(
+            Envelope::from_amqp("orders", &body, &BasicProperties::default()),
+            Err(Malformed::MessageId)
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The HTTP endpoints every worker serves: `/metrics`, `/healthz` (the process runs) and `/readyz`
+//! (it can do its work: connected to the broker and, for a writer, to its target).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Named conditions that must all hold for the worker to be ready.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+}
+
+impl Readiness {
+    /// Registers a condition, not yet met.
+    pub fn require(&self, name: &'static str) {
+        self.lock().entry(name).or_insert(false);
+    }
+
+    pub fn set(&self, name: &'static str, met: bool) {
+        self.lock().insert(name, met);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let conditions = self.lock();
+        !conditions.is_empty() && conditions.values().all(|met| *met)
+    }
+
+    /// One line per condition, `name: ok` or `name: waiting`.
+    pub fn report(&self) -> String {
+        self.lock()
+            .iter()
+            .map(|(name, met)| format!("{name}: {}\n", if *met { "ok" } else { "waiting" }))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+        self.conditions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Clone)]
+struct HealthState {
+    metrics: Metrics,
+    readiness: Readiness,
+}
+
+pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(HealthState { metrics, readiness })
+}
+
+async fn render_metrics(State(state): State<HealthState>) -> String {
+    state.metrics.render()
+}
+
+async fn ready(State(state): State<HealthState>) -> (StatusCode, String) {
+    let status = if state.readiness.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, state.readiness.report())
+}
+
+/// Binds `addr` and serves the endpoints until `shutdown` fires. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    readiness: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(metrics, readiness);
+    tokio::spawn(async move {
+        let stopped = shutdown.cancelled_owned();
+        if let Err(err) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(error = %err, "health endpoint failed");
+        }
+    });
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_condition_holds() {
+        let readiness = Readiness::default();
+        assert!(!readiness.is_ready(), "nothing registered is not ready");
+        readiness.require("broker");
+        readiness.require("target");
+        readiness.set("broker", true);
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.report(), "broker: ok\ntarget: waiting\n");
+        readiness.set("target", true);
+        assert!(readiness.is_ready());
+    }
+}

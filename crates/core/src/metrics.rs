@@ -1,0 +1,142 @@
+//! Every metric conveyor exports, named in one place.
+//!
+//! Names follow `conveyor_<what>_<unit>[_total]`; labels are bounded: `pipeline` and `stage` come from
+//! configuration, `class` and `outcome` from fixed sets. No label ever carries a record id or a message.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The metrics of one worker process.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Records taken in by a stage (fetched from the source, or received from a queue).
+    pub records_in: IntCounterVec,
+    /// Records a stage passed on (published to the next queue, or written to the target).
+    pub records_out: IntCounterVec,
+    /// Records (or whole messages, counted by their records) sent to a dead-letter queue, by class.
+    pub records_dead_lettered: IntCounterVec,
+    /// Messages handed back to the queue to be tried again.
+    pub messages_retried: IntCounterVec,
+    /// Time to handle one message (or, for the fetcher, one source page), end to end.
+    pub message_duration: HistogramVec,
+    /// Rows the target applied, or skipped because it already held the same or a newer version.
+    pub target_rows: IntCounterVec,
+    /// Time of one write to the target.
+    pub target_write_duration: HistogramVec,
+    /// Calls to the source, by outcome (ok, error).
+    pub source_requests: IntCounterVec,
+    /// 1 while the worker is ready (connected to the broker and, for a writer, its target).
+    pub ready: IntGaugeVec,
+}
+
+const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
+            metric
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let buckets = prometheus::exponential_buckets(0.0005, 2.5, 14).expect("valid buckets");
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
+            metric
+        };
+        let ready = IntGaugeVec::new(
+            Opts::new("conveyor_ready", "1 while the worker is ready to work"),
+            PIPELINE_STAGE,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("metric registered once");
+        Self {
+            records_in: counter(
+                "conveyor_records_in_total",
+                "Records taken in by a stage",
+                PIPELINE_STAGE,
+            ),
+            records_out: counter(
+                "conveyor_records_out_total",
+                "Records a stage passed on or wrote",
+                PIPELINE_STAGE,
+            ),
+            records_dead_lettered: counter(
+                "conveyor_records_dead_lettered_total",
+                "Records sent to a dead-letter queue",
+                &["pipeline", "stage", "class"],
+            ),
+            messages_retried: counter(
+                "conveyor_messages_retried_total",
+                "Messages handed back to be tried again",
+                PIPELINE_STAGE,
+            ),
+            message_duration: histogram(
+                "conveyor_message_duration_seconds",
+                "Time to handle one message or source page",
+                PIPELINE_STAGE,
+            ),
+            target_rows: counter(
+                "conveyor_target_rows_total",
+                "Rows the target applied or skipped as stale",
+                &["pipeline", "outcome"],
+            ),
+            target_write_duration: histogram(
+                "conveyor_target_write_duration_seconds",
+                "Time of one write to the target",
+                &["pipeline"],
+            ),
+            source_requests: counter(
+                "conveyor_source_requests_total",
+                "Calls to the source API",
+                &["pipeline", "outcome"],
+            ),
+            ready,
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_with_labels() {
+        let metrics = Metrics::new();
+        metrics
+            .records_in
+            .with_label_values(&["orders", "write"])
+            .inc_by(3);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"conveyor_records_in_total{pipeline="orders",stage="write"} 3"#),
+            "{text}"
+        );
+    }
+}

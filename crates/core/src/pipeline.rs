@@ -1,0 +1,290 @@
+//! The pipeline file: one integration scheme (方案) — a source object, a mapping, a target.
+//!
+//! A pipeline file holds no addresses and no secrets; those come from the environment. Loading checks
+//! everything that can be checked without a network, and every error names the file, the field and the
+//! problem, so `conveyorctl check` and every worker refuse a bad file with the same words.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mapping::{Mapping, TransformSpec};
+
+/// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
+pub const MAX_PAGE_SIZE: u32 = 100;
+
+/// A pipeline file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    /// The pipeline's name: part of queue names and a metrics label. Lowercase letters, digits, `_`, `-`.
+    pub name: String,
+    pub source: SourceSpec,
+    pub transform: TransformSpec,
+    pub target: TargetSpec,
+}
+
+/// Where records come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub kind: SourceKind,
+    /// The list endpoint's path, e.g. `/jdy/v2/scm/sal_order`.
+    pub path: String,
+    /// Rows per list call; at most 100.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// The row field that identifies a record at the source.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+    /// The row field with the record's last modification time.
+    #[serde(default = "default_modify_time_field")]
+    pub modify_time_field: String,
+    /// Extra query parameters of every list call (e.g. `bill_status = "C"`).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Kingdee Cloud Xingchen V2 open API.
+    Kingdee,
+}
+
+fn default_page_size() -> u32 {
+    MAX_PAGE_SIZE
+}
+
+fn default_id_field() -> String {
+    "id".to_owned()
+}
+
+fn default_modify_time_field() -> String {
+    "modify_time".to_owned()
+}
+
+/// Where records go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum TargetSpec {
+    /// Upsert into a PostgreSQL table created by the pipeline's migrations.
+    Postgres {
+        /// The table (in the schema given by CONVEYOR_PG_SCHEMA).
+        table: String,
+        /// Directory of SQL migrations (`V1__name.sql`), relative to the pipeline file.
+        migrations: PathBuf,
+    },
+    /// Write nowhere (写入空操作): accept and count.
+    Noop,
+}
+
+/// A loaded, checked pipeline.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub spec: PipelineSpec,
+    pub mapping: Mapping,
+}
+
+/// Why a pipeline file was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PipelineError {
+    pub file: PathBuf,
+    /// Dotted path of the offending field; empty when the file as a whole is at fault.
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pipeline file {}: ", self.file.display())?;
+        if !self.field.is_empty() {
+            write!(f, "field `{}`: ", self.field)?;
+        }
+        f.write_str(&self.problem)
+    }
+}
+
+impl Pipeline {
+    /// Reads and checks a pipeline file.
+    pub fn load(file: impl AsRef<Path>) -> Result<Self, PipelineError> {
+        let file = file.as_ref();
+        let text = std::fs::read_to_string(file).map_err(|err| PipelineError {
+            file: file.to_owned(),
+            field: String::new(),
+            problem: format!("cannot read: {err}"),
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Checks a pipeline given as text; `file` names it in errors and anchors relative paths.
+    pub fn parse(file: &Path, text: &str) -> Result<Self, PipelineError> {
+        let error = |field: &str, problem: String| PipelineError {
+            file: file.to_owned(),
+            field: field.to_owned(),
+            problem,
+        };
+        let deserializer =
+            toml::Deserializer::parse(text).map_err(|err| error("", one_line(&err.to_string())))?;
+        let mut spec: PipelineSpec =
+            serde_path_to_error::deserialize(deserializer).map_err(|err| {
+                let field = err.path().to_string();
+                let field = if field == "." { String::new() } else { field };
+                error(&field, one_line(&err.into_inner().to_string()))
+            })?;
+
+        if spec.name.is_empty()
+            || !spec
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(error(
+                "name",
+                "must be lowercase letters, digits, '_' or '-'".into(),
+            ));
+        }
+        if !spec.source.path.starts_with('/') {
+            return Err(error("source.path", "must start with '/'".into()));
+        }
+        if !(1..=MAX_PAGE_SIZE).contains(&spec.source.page_size) {
+            return Err(error(
+                "source.page_size",
+                format!(
+                    "must be 1 to {MAX_PAGE_SIZE}: the gateway silently caps larger pages, which loses rows"
+                ),
+            ));
+        }
+        let mapping = Mapping::compile(&spec.transform).map_err(|p| error(&p.field, p.problem))?;
+        if let TargetSpec::Postgres { table, migrations } = &mut spec.target {
+            if !is_sql_identifier(table) {
+                return Err(error(
+                    "target.table",
+                    "must be a plain SQL name (letters, digits, '_'; not starting with a digit)"
+                        .into(),
+                ));
+            }
+            let base = file.parent().unwrap_or(Path::new("."));
+            *migrations = base.join(&*migrations);
+            if !migrations.is_dir() {
+                return Err(error(
+                    "target.migrations",
+                    format!("{} is not a directory", migrations.display()),
+                ));
+            }
+        }
+        Ok(Self {
+            file: file.to_owned(),
+            spec,
+            mapping,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
+/// Whether `name` can be used as an SQL identifier without surprises (it is quoted all the same).
+pub fn is_sql_identifier(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.len() <= 63
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "orders"
+[source]
+kind = "kingdee"
+path = "/jdy/v2/scm/sal_order"
+[source.query]
+bill_status = "C"
+[transform]
+key = "id"
+version = "modify_time"
+fields = [
+  { to = "id", type = "string" },
+  { to = "modify_time", type = "datetime" },
+  { to = "total_amount", type = "decimal" },
+]
+[target]
+kind = "noop"
+"#;
+
+    fn parse(text: &str) -> Result<Pipeline, PipelineError> {
+        Pipeline::parse(Path::new("ops/pipelines/orders.toml"), text)
+    }
+
+    #[test]
+    fn good_file_loads_with_defaults() {
+        let pipeline = parse(GOOD).unwrap();
+        assert_eq!(pipeline.name(), "orders");
+        assert_eq!(pipeline.spec.source.page_size, 100);
+        assert_eq!(pipeline.spec.source.id_field, "id");
+        assert_eq!(pipeline.spec.source.query["bill_status"], "C");
+        assert!(matches!(pipeline.spec.target, TargetSpec::Noop));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_problem() {
+        let cases = [
+            (
+                GOOD.replace("type = \"decimal\"", "type = \"decimall\""),
+                "transform.fields[2].type",
+                "decimall",
+            ),
+            (GOOD.replace("path = ", "paht = "), "source", "paht"),
+            (
+                GOOD.replace("[source.query]", "page_size = 500\n[source.query]"),
+                "source.page_size",
+                "caps",
+            ),
+            (
+                GOOD.replace("\"orders\"", "\"Orders!\""),
+                "name",
+                "lowercase",
+            ),
+            (
+                GOOD.replace(
+                    "kind = \"noop\"",
+                    "kind = \"postgres\"\ntable = \"t\"\nmigrations = \"nowhere\"",
+                ),
+                "target.migrations",
+                "not a directory",
+            ),
+            (
+                GOOD.replace("version = \"modify_time\"", "version = \"total_amount\""),
+                "transform.version",
+                "datetime",
+            ),
+        ];
+        for (text, field, problem) in cases {
+            let err = parse(&text).unwrap_err();
+            let message = err.to_string();
+            assert_eq!(err.field, field, "{message}");
+            assert!(
+                message.starts_with("pipeline file ops/pipelines/orders.toml: "),
+                "{message}"
+            );
+            assert!(message.contains(problem), "{message}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_on_one_line() {
+        let err = parse("name = ").unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Settings that come from the environment (or flags): addresses, secrets, tuning.
+//!
+//! The pipeline file says *what* to move; these settings say *where* the services are. Every secret can
+//! be given directly or as a file (`*_FILE`, for Docker secrets), and is wrapped in [`Secret`] so that it
+//! never reaches a log line or a `Debug` print.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A value that must never be printed: passwords, tokens, URLs with credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it (a connect call, a signature).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Takes the secret from `direct` or else from the file `file` (trailing newline removed).
+    /// `name` is the setting's environment variable, used in the error.
+    pub fn from_value_or_file(
+        name: &str,
+        direct: Option<&str>,
+        file: Option<&Path>,
+    ) -> Result<Option<Self>, SettingsError> {
+        match (direct, file) {
+            (Some(_), Some(_)) => Err(SettingsError::new(
+                name,
+                format!("set either {name} or {name}_FILE, not both"),
+            )),
+            (Some(value), None) => Ok(Some(Self::new(value))),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|err| {
+                    SettingsError::new(
+                        &format!("{name}_FILE"),
+                        format!("cannot read {}: {err}", path.display()),
+                    )
+                })?;
+                Ok(Some(Self::new(text.trim_end_matches(['\r', '\n']))))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self::new(value))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A setting that is missing or wrong, named by its environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {problem}")]
+pub struct SettingsError {
+    pub name: String,
+    pub problem: String,
+}
+
+impl SettingsError {
+    pub fn new(name: &str, problem: impl Into<String>) -> Self {
+        Self {
+            name: name.to_owned(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// How the queues are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// Replicated, redelivery-counting queues: the default for work that must not be lost.
+    Quorum,
+    /// Single-node queues, for brokers without quorum queue support.
+    Classic,
+}
+
+/// Where RabbitMQ is and how conveyor's queues are named and shaped.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// AMQP URL of RabbitMQ; it carries the password, so it is never logged.
+    #[arg(long, env = "CONVEYOR_AMQP_URL", hide_env_values = true)]
+    amqp_url: Option<Secret>,
+    /// File holding the AMQP URL (for Docker secrets), instead of CONVEYOR_AMQP_URL.
+    #[arg(long, env = "CONVEYOR_AMQP_URL_FILE")]
+    amqp_url_file: Option<PathBuf>,
+    /// Prefix of every exchange and queue name; separate deployments (or tests) on one broker use
+    /// different namespaces.
+    #[arg(long, env = "CONVEYOR_NAMESPACE", default_value = "conveyor")]
+    pub namespace: String,
+    /// Queue type of every queue conveyor declares.
+    #[arg(
+        long,
+        env = "CONVEYOR_QUEUE_TYPE",
+        value_enum,
+        default_value = "quorum"
+    )]
+    pub queue_type: QueueType,
+    /// Deliveries a consumer holds unacknowledged at once (basic.qos).
+    #[arg(long, env = "CONVEYOR_PREFETCH", default_value_t = 32)]
+    pub prefetch: u16,
+}
+
+/// The broker URL used when none is configured: the local broker with RabbitMQ's default account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl BrokerArgs {
+    /// Settings for the local broker, namespaced; for tests and tools that build settings in code.
+    pub fn local(namespace: impl Into<String>) -> Self {
+        Self {
+            amqp_url: None,
+            amqp_url_file: None,
+            namespace: namespace.into(),
+            queue_type: QueueType::Quorum,
+            prefetch: 32,
+        }
+    }
+
+    pub fn with_amqp_url(mut self, url: impl Into<String>) -> Self {
+        self.amqp_url = Some(Secret::new(url));
+        self
+    }
+
+    pub fn amqp_url(&self) -> Result<Secret, SettingsError> {
+        Ok(Secret::from_value_or_file(
+            "CONVEYOR_AMQP_URL",
+            self.amqp_url.as_ref().map(Secret::expose),
+            self.amqp_url_file.as_deref(),
+        )?
+        .unwrap_or_else(|| Secret::new(DEFAULT_AMQP_URL)))
+    }
+}
+
+/// How a worker logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Settings every worker process has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The pipeline file (TOML) this worker runs.
+    #[arg(long, env = "CONVEYOR_PIPELINE")]
+    pub pipeline: PathBuf,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Address of the /metrics, /healthz and /readyz endpoints (the worker's default port if unset).
+    #[arg(long, env = "CONVEYOR_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "CONVEYOR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "CONVEYOR_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// How long a stopping worker may take to finish the work it holds before it exits anyway.
+    #[arg(long, env = "CONVEYOR_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+}
+
+impl WorkerArgs {
+    pub fn http_addr_or(&self, default_port: u16) -> SocketAddr {
+        self.http_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints() {
+        let secret = Secret::new("amqp://user:hunter2@host");
+        assert_eq!(format!("{secret:?}"), "Secret(***)");
+        let args = BrokerArgs::local("ns").with_amqp_url("amqp://user:hunter2@host");
+        assert!(!format!("{args:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_from_file_drops_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("conveyor-secret-{}", std::process::id()));
+        std::fs::write(&dir, "s3cret\n").unwrap();
+        let secret = Secret::from_value_or_file("X", None, Some(&dir))
+            .unwrap()
+            .unwrap();
+        assert_eq!(secret.expose(), "s3cret");
+        std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn secret_value_and_file_together_is_an_error() {
+        let err = Secret::from_value_or_file("X", Some("a"), Some(Path::new("/nope"))).unwrap_err();
+        assert!(err.to_string().contains("X_FILE"), "{err}");
+    }
+}

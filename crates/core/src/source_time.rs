@@ -1,0 +1,129 @@
+//! The source's ways of writing time, read into real instants.
+//!
+//! Kingdee writes times as epoch milliseconds (a number or a numeric string) or as local
+//! `yyyy-MM-dd HH:mm:ss` text in China Standard Time (UTC+8, no daylight saving).
+
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
+use serde_json::Value;
+
+/// China Standard Time, the zone of the source's local times.
+pub fn china_standard_time() -> FixedOffset {
+    FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset")
+}
+
+/// Why a value is not a time the source writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TimeError(String);
+
+/// Reads an instant from epoch milliseconds, `yyyy-MM-dd HH:mm:ss` (CST), `yyyy-MM-dd` (CST midnight)
+/// or RFC 3339. The result carries the CST offset, so that it prints as the source's local time.
+pub fn parse_instant(value: &Value) -> Result<DateTime<FixedOffset>, TimeError> {
+    match value {
+        Value::Number(number) => number
+            .as_i64()
+            .ok_or_else(|| TimeError(format!("{number} is not whole epoch milliseconds")))
+            .and_then(from_epoch_millis),
+        Value::String(text) => parse_instant_text(text.trim()),
+        other => Err(TimeError(format!(
+            "expected a time, found {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn parse_instant_text(text: &str) -> Result<DateTime<FixedOffset>, TimeError> {
+    let cst = china_standard_time();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        let millis = text
+            .parse::<i64>()
+            .map_err(|_| TimeError(format!("{text:?} is out of range for epoch milliseconds")))?;
+        return from_epoch_millis(millis);
+    }
+    if let Ok(local) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
+        return local_to_instant(local);
+    }
+    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return local_to_instant(date.and_hms_opt(0, 0, 0).expect("midnight exists"));
+    }
+    DateTime::parse_from_rfc3339(text)
+        .map(|instant| instant.with_timezone(&cst))
+        .map_err(|_| {
+            TimeError(format!(
+                "{text:?} is not epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339"
+            ))
+        })
+}
+
+fn local_to_instant(local: NaiveDateTime) -> Result<DateTime<FixedOffset>, TimeError> {
+    china_standard_time()
+        .from_local_datetime(&local)
+        .single()
+        .ok_or_else(|| TimeError(format!("{local} does not exist in China Standard Time")))
+}
+
+/// Epoch milliseconds as an instant in CST.
+pub fn from_epoch_millis(millis: i64) -> Result<DateTime<FixedOffset>, TimeError> {
+    DateTime::from_timestamp_millis(millis)
+        .map(|utc| utc.with_timezone(&china_standard_time()))
+        .ok_or_else(|| TimeError(format!("{millis} is out of range for epoch milliseconds")))
+}
+
+/// A word for a JSON value's kind, for error messages that must not echo the value itself.
+pub fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn local_cst_text_becomes_rfc3339_with_offset() {
+        let instant = parse_instant(&json!("2020-03-02 15:15:59")).unwrap();
+        assert_eq!(instant.to_rfc3339(), "2020-03-02T15:15:59+08:00");
+        assert_eq!(instant.timestamp(), 1_583_133_359);
+    }
+
+    #[test]
+    fn epoch_millis_as_number_or_string() {
+        let from_number = parse_instant(&json!(1_700_000_000_000_i64)).unwrap();
+        let from_text = parse_instant(&json!("1700000000000")).unwrap();
+        assert_eq!(from_number, from_text);
+        assert_eq!(from_number.to_rfc3339(), "2023-11-15T06:13:20+08:00");
+    }
+
+    #[test]
+    fn dates_and_rfc3339() {
+        assert_eq!(
+            parse_instant(&json!("2020-03-03")).unwrap().to_rfc3339(),
+            "2020-03-03T00:00:00+08:00"
+        );
+        assert_eq!(
+            parse_instant(&json!("2020-03-03T00:00:00Z"))
+                .unwrap()
+                .to_rfc3339(),
+            "2020-03-03T08:00:00+08:00"
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_time() {
+        for bad in [
+            json!("yesterday"),
+            json!(true),
+            json!(1.5),
+            json!("2020-13-01"),
+        ] {
+            assert!(parse_instant(&bad).is_err(), "{bad} should not parse");
+        }
+    }
+}

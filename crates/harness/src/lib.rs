@@ -1,0 +1,404 @@
+//! Runs conveyor's workers as real processes against the simulator, RabbitMQ and PostgreSQL, and checks
+//! the target against the simulator's ground truth. The demo, the end-to-end tests and the benchmarks
+//! stand on it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use conveyor_core::broker::{self, Topology};
+use conveyor_core::pipeline::{Pipeline, TargetSpec};
+use conveyor_core::settings::{BrokerArgs, DEFAULT_AMQP_URL, Secret};
+use kingdee_sim::{Object, SimConfig, Simulator};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+/// The PostgreSQL used when CONVEYOR_PG_URL is not set: the local server's `test` database.
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// The broker and database the harness runs against (from CONVEYOR_AMQP_URL and CONVEYOR_PG_URL, or the
+/// local defaults).
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub amqp_url: Secret,
+    pub pg_url: Secret,
+}
+
+impl Services {
+    /// Reads the addresses and proves both services answer; fails with what to do if one does not.
+    pub async fn check() -> anyhow::Result<Self> {
+        let amqp_url = Secret::new(
+            std::env::var("CONVEYOR_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into()),
+        );
+        let pg_url =
+            Secret::new(std::env::var("CONVEYOR_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.into()));
+        let connection = broker::connect(&amqp_url, "conveyor-harness").await.with_context(|| {
+            "RabbitMQ is not reachable: start it (ops/services.sh, or `rabbitmq-server -detached`) or set CONVEYOR_AMQP_URL"
+        })?;
+        broker::close(&connection).await;
+        pg_client(&pg_url).await.with_context(
+            || "PostgreSQL is not reachable: start it (ops/services.sh) or set CONVEYOR_PG_URL",
+        )?;
+        Ok(Self { amqp_url, pg_url })
+    }
+}
+
+/// Connects to PostgreSQL with a background connection task.
+pub async fn pg_client(url: &Secret) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// A worker binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worker {
+    Fetcher,
+    Transformer,
+    Writer,
+}
+
+impl Worker {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Worker::Fetcher => "conveyor-fetcher",
+            Worker::Transformer => "conveyor-transformer",
+            Worker::Writer => "conveyor-writer",
+        }
+    }
+}
+
+/// A running worker process. Killed when dropped, so a failing test leaves nothing behind.
+pub struct WorkerProcess {
+    pub worker: Worker,
+    pub http_addr: SocketAddr,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("a running child has a pid") as i32)
+    }
+
+    /// Asks the worker to stop (SIGTERM).
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        kill(self.pid(), Signal::SIGTERM).context("sending SIGTERM")
+    }
+
+    /// Kills the worker at once (SIGKILL): no chance to finish or ack anything.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.context("sending SIGKILL")
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => bail!(
+                "{} did not exit within {timeout:?}; log: {}",
+                self.worker.binary(),
+                self.log.display()
+            ),
+        }
+    }
+
+    /// The last lines of the worker's log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// How a target compares with the simulator's ground truth.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Comparison {
+    pub expected: usize,
+    pub found: usize,
+    /// Ids in the truth but not in the target.
+    pub missing: Vec<String>,
+    /// Ids in the target but not in the truth.
+    pub unexpected: Vec<String>,
+    /// Ids whose modify time in the target is not the truth's.
+    pub wrong_version: Vec<String>,
+}
+
+impl Comparison {
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty()
+            && self.unexpected.is_empty()
+            && self.wrong_version.is_empty()
+            && self.expected == self.found
+    }
+}
+
+/// One isolated run: its own queue namespace, its own database schema, its own simulator.
+pub struct Scenario {
+    pub services: Services,
+    pub pipeline: Pipeline,
+    pub namespace: String,
+    pub schema: String,
+    pub simulator: Arc<Simulator>,
+    pub sim_url: String,
+    bin_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
+impl Scenario {
+    /// Starts a simulator and names a fresh namespace and schema (`{prefix}_{random}`).
+    pub async fn start(
+        services: Services,
+        pipeline_file: &Path,
+        bin_dir: &Path,
+        prefix: &str,
+        sim: SimConfig,
+    ) -> anyhow::Result<Self> {
+        let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let name = format!("{prefix}_{suffix}");
+        Self::start_named(services, pipeline_file, bin_dir, &name, &name, sim).await
+    }
+
+    /// Like [`Scenario::start`] with chosen names; the schema is dropped first if it exists.
+    pub async fn start_named(
+        services: Services,
+        pipeline_file: &Path,
+        bin_dir: &Path,
+        namespace: &str,
+        schema: &str,
+        sim: SimConfig,
+    ) -> anyhow::Result<Self> {
+        let pipeline = Pipeline::load(pipeline_file)?;
+        for worker in [Worker::Fetcher, Worker::Transformer, Worker::Writer] {
+            let binary = bin_dir.join(worker.binary());
+            if !binary.is_file() {
+                bail!(
+                    "{} is missing: build the workers first (cargo build --bins)",
+                    binary.display()
+                );
+            }
+        }
+        let client = pg_client(&services.pg_url).await?;
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .context("resetting the scenario's schema")?;
+        let simulator = Simulator::new(sim);
+        let sim_addr = kingdee_sim::spawn(simulator.clone(), ([127, 0, 0, 1], 0).into()).await?;
+        let log_dir = std::env::temp_dir()
+            .join("conveyor-harness")
+            .join(namespace);
+        std::fs::create_dir_all(&log_dir)?;
+        Ok(Self {
+            services,
+            pipeline,
+            namespace: namespace.to_owned(),
+            schema: schema.to_owned(),
+            simulator,
+            sim_url: format!("http://{sim_addr}"),
+            bin_dir: bin_dir.to_owned(),
+            log_dir,
+        })
+    }
+
+    /// The environment every worker of this scenario gets.
+    pub fn environment(&self) -> HashMap<&'static str, String> {
+        HashMap::from([
+            (
+                "CONVEYOR_PIPELINE",
+                self.pipeline.file.display().to_string(),
+            ),
+            (
+                "CONVEYOR_AMQP_URL",
+                self.services.amqp_url.expose().to_owned(),
+            ),
+            ("CONVEYOR_PG_URL", self.services.pg_url.expose().to_owned()),
+            ("CONVEYOR_PG_SCHEMA", self.schema.clone()),
+            ("CONVEYOR_NAMESPACE", self.namespace.clone()),
+            ("CONVEYOR_KINGDEE_BASE_URL", self.sim_url.clone()),
+            ("CONVEYOR_DRAIN_TIMEOUT_SECS", "20".into()),
+            ("CONVEYOR_LOG", "info".into()),
+        ])
+    }
+
+    /// Starts a worker process with the scenario's environment, plus `args`.
+    pub fn spawn(&self, worker: Worker, args: &[&str]) -> anyhow::Result<WorkerProcess> {
+        let http_addr = free_local_addr()?;
+        let log = self.log_dir.join(format!(
+            "{}-{}.log",
+            worker.binary(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(self.bin_dir.join(worker.binary()))
+            .args(args)
+            .envs(self.environment())
+            .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", worker.binary()))?;
+        Ok(WorkerProcess {
+            worker,
+            http_addr,
+            log,
+            child,
+        })
+    }
+
+    /// The PostgreSQL table of the pipeline's target.
+    pub fn table(&self) -> anyhow::Result<String> {
+        match &self.pipeline.spec.target {
+            TargetSpec::Postgres { table, .. } => Ok(format!("\"{}\".\"{table}\"", self.schema)),
+            TargetSpec::Noop => bail!(
+                "pipeline {} has no table: its target is noop",
+                self.pipeline.name()
+            ),
+        }
+    }
+
+    /// Rows in the target table (0 while it does not exist yet).
+    pub async fn target_count(&self, client: &tokio_postgres::Client) -> anyhow::Result<usize> {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&self.table()?])
+            .await?
+            .get(0);
+        if !exists {
+            return Ok(0);
+        }
+        let row = client
+            .query_one(&format!("SELECT count(*) FROM {}", self.table()?), &[])
+            .await?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+
+    /// Waits until the target holds as many rows as the truth has records, or `timeout` passes.
+    pub async fn wait_for_target(&self, timeout: Duration) -> anyhow::Result<Duration> {
+        let client = pg_client(&self.services.pg_url).await?;
+        let expected = self.simulator.truth(Object::SalesOrder).len();
+        let started = Instant::now();
+        loop {
+            let found = self.target_count(&client).await?;
+            if found >= expected {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!("the target holds {found} of {expected} records after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Compares the target table with the simulator's sales orders: ids and modify times.
+    pub async fn compare_with_truth(&self) -> anyhow::Result<Comparison> {
+        let client = pg_client(&self.services.pg_url).await?;
+        let key = &self.pipeline.mapping.key_field();
+        let version = &self.pipeline.mapping.version_field();
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT \"{key}\"::text, to_char(\"{version}\" AT TIME ZONE 'Asia/Shanghai', 'YYYY-MM-DD HH24:MI:SS') FROM {}",
+                    self.table()?
+                ),
+                &[],
+            )
+            .await?;
+        let mut target: HashMap<String, String> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            target.insert(
+                row.get(0),
+                row.get::<_, Option<String>>(1).unwrap_or_default(),
+            );
+        }
+        let truth = self.simulator.truth(Object::SalesOrder);
+        let mut comparison = Comparison {
+            expected: truth.len(),
+            found: rows.len(),
+            ..Default::default()
+        };
+        for record in &truth {
+            match target.remove(&record.id) {
+                None => comparison.missing.push(record.id.clone()),
+                Some(modify_time) if modify_time != record.modify_time => {
+                    comparison.wrong_version.push(record.id.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        comparison.unexpected = target.into_keys().collect();
+        Ok(comparison)
+    }
+
+    /// Messages waiting in each of the pipeline's queues (work and dead-letter).
+    pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u32)>> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        let mut depths = Vec::new();
+        for queue in self.topology().queues() {
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .with_context(|| format!("inspecting queue {queue}"))?;
+            depths.push((queue, declared.message_count()));
+        }
+        broker::close(&connection).await;
+        Ok(depths)
+    }
+
+    pub fn topology(&self) -> Topology {
+        Topology::new(
+            &BrokerArgs::local(self.namespace.clone()),
+            self.pipeline.name(),
+        )
+    }
+
+    /// Deletes the scenario's queues and exchanges (and its schema unless `keep_schema`).
+    pub async fn clean_up(&self, keep_schema: bool) -> anyhow::Result<()> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        let topology = self.topology();
+        for queue in topology.queues() {
+            channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await
+                .with_context(|| format!("deleting queue {queue}"))?;
+        }
+        for exchange in [topology.exchange(), topology.dead_letter_exchange()] {
+            channel
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await
+                .with_context(|| format!("deleting exchange {exchange}"))?;
+        }
+        broker::close(&connection).await;
+        if !keep_schema {
+            let client = pg_client(&self.services.pg_url).await?;
+            client
+                .batch_execute(&format!(
+                    "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+                    self.schema
+                ))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A loopback address with a port that was free a moment ago.
+fn free_local_addr() -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    listener.local_addr()
+}

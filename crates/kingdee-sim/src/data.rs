@@ -1,0 +1,302 @@
+//! The simulator's data set: sales orders with entry lines, customers and materials, generated
+//! deterministically from a seed, shaped like the rows in the Kingdee documentation.
+//!
+//! Amounts are computed in cents and written as decimal strings, as the real API writes them, so that the
+//! totals of an order agree exactly with its lines.
+
+use chrono::{Duration, NaiveDate, NaiveDateTime};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// The local time format of the source (China Standard Time).
+pub const LOCAL_TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SalesOrder {
+    pub id: String,
+    pub bill_no: String,
+    pub bill_date: String,
+    /// `C` audited, `Z` not audited.
+    pub bill_status: String,
+    pub create_time: String,
+    pub modify_time: String,
+    pub audit_date: String,
+    pub customer_id: String,
+    pub customer_name: String,
+    pub customer_number: String,
+    pub dept_id: String,
+    pub dept_name: String,
+    pub dept_number: String,
+    pub emp_id: String,
+    pub emp_name: String,
+    pub emp_number: String,
+    pub total_amount: String,
+    pub settle_status: String,
+    pub currency_id: String,
+    pub exchange_rate: String,
+    pub remark: String,
+    pub custom_field: serde_json::Value,
+    pub material_entity: Vec<OrderLine>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OrderLine {
+    pub id: String,
+    pub seq: u32,
+    pub material_id: String,
+    pub material_number: String,
+    pub material_name: String,
+    pub qty: String,
+    pub unit_name: String,
+    pub price: String,
+    pub tax_price: String,
+    /// Tax rate in percent.
+    pub cess: String,
+    pub amount: String,
+    pub tax_amount: String,
+    pub all_amount: String,
+    pub stock_name: String,
+    pub batch_no: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Customer {
+    pub id: String,
+    pub number: String,
+    pub name: String,
+    pub enable: String,
+    pub group_name: String,
+    pub remark: String,
+    pub modify_time: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Material {
+    pub id: String,
+    pub number: String,
+    pub name: String,
+    pub model: String,
+    pub barcode: String,
+    pub base_unit_id: String,
+    pub base_unit_name: String,
+    pub base_unit_number: String,
+    pub parent_id: String,
+    pub parent_name: String,
+    pub modify_time: String,
+}
+
+/// Everything the simulator serves.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub orders: Vec<SalesOrder>,
+    pub customers: Vec<Customer>,
+    pub materials: Vec<Material>,
+}
+
+const SURNAMES: &[&str] = &["张", "王", "李", "赵", "陈", "刘", "杨", "黄", "周", "吴"];
+const COMPANY_WORDS: &[&str] = &[
+    "华联", "恒通", "金穗", "远航", "新源", "东方", "瑞丰", "嘉禾",
+];
+const PRODUCTS: &[(&str, &str)] = &[
+    ("不锈钢保温杯", "个"),
+    ("A4 复印纸", "箱"),
+    ("无线鼠标", "个"),
+    ("办公椅", "把"),
+    ("LED 台灯", "台"),
+    ("中性笔 0.5mm", "盒"),
+    ("文件柜", "组"),
+    ("打印机硒鼓", "支"),
+];
+const DEPARTMENTS: &[&str] = &["销售一部", "销售二部", "华东大区", "华南大区"];
+const STOCKS: &[&str] = &["总仓", "上海仓", "广州仓"];
+
+fn cents(value: i64) -> String {
+    let sign = if value < 0 { "-" } else { "" };
+    let value = value.abs();
+    format!("{sign}{}.{:02}", value / 100, value % 100)
+}
+
+fn local(time: NaiveDateTime) -> String {
+    time.format(LOCAL_TIME_FORMAT).to_string()
+}
+
+fn pick<'a, T>(rng: &mut ChaCha8Rng, items: &'a [T]) -> &'a T {
+    &items[rng.random_range(0..items.len())]
+}
+
+impl Dataset {
+    /// Generates `order_count` sales orders (and customers and materials for them) from `seed`. The same
+    /// seed and count always give the same data.
+    pub fn generate(seed: u64, order_count: usize) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let epoch = NaiveDate::from_ymd_opt(2025, 1, 1)
+            .and_then(|date| date.and_hms_opt(8, 0, 0))
+            .expect("a valid start time");
+        let mut next_id = 830_000_000_000_000_000u64 + rng.random_range(0..1_000_000_000);
+        let mut new_id = |rng: &mut ChaCha8Rng| {
+            next_id += rng.random_range(1..1_000_000);
+            next_id.to_string()
+        };
+
+        let customers: Vec<Customer> = (0..(order_count / 20).max(5))
+            .map(|index| Customer {
+                id: new_id(&mut rng),
+                number: format!("CUST{:05}", index + 1),
+                name: format!(
+                    "{}{}商贸有限公司",
+                    pick(&mut rng, COMPANY_WORDS),
+                    pick(&mut rng, COMPANY_WORDS)
+                ),
+                enable: if rng.random_bool(0.95) { "1" } else { "0" }.to_owned(),
+                group_name: pick(&mut rng, &["零售客户", "批发客户", "大客户"]).to_string(),
+                remark: String::new(),
+                modify_time: local(epoch - Duration::days(30) + Duration::minutes(index as i64)),
+            })
+            .collect();
+        let materials: Vec<Material> = (0..(order_count / 10).max(PRODUCTS.len()))
+            .map(|index| {
+                let (name, unit) = PRODUCTS[index % PRODUCTS.len()];
+                Material {
+                    id: new_id(&mut rng),
+                    number: format!("MAT{:05}", index + 1),
+                    name: format!("{name} {}型", index / PRODUCTS.len() + 1),
+                    model: format!("M-{}", rng.random_range(100..999)),
+                    barcode: format!("69{:011}", rng.random_range(0..99_999_999_999u64)),
+                    base_unit_id: format!("{}", 1_000 + index % PRODUCTS.len()),
+                    base_unit_name: unit.to_owned(),
+                    base_unit_number: format!("U{:02}", index % PRODUCTS.len()),
+                    parent_id: "0".to_owned(),
+                    parent_name: "全部".to_owned(),
+                    modify_time: local(
+                        epoch - Duration::days(20) + Duration::minutes(index as i64),
+                    ),
+                }
+            })
+            .collect();
+
+        let mut created = epoch;
+        let mut orders = Vec::with_capacity(order_count);
+        for index in 0..order_count {
+            created += Duration::seconds(rng.random_range(1..120));
+            let customer = pick(&mut rng, &customers);
+            let line_count = rng.random_range(1..=4);
+            let mut total = 0i64;
+            let material_entity = (1..=line_count)
+                .map(|seq| {
+                    let material = pick(&mut rng, &materials);
+                    let qty: i64 = rng.random_range(1..50);
+                    let price_cents: i64 = rng.random_range(100..100_000);
+                    let cess: i64 = *pick(&mut rng, &[0, 6, 9, 13]);
+                    let amount = qty * price_cents;
+                    let tax = (amount * cess + 50) / 100;
+                    total += amount + tax;
+                    OrderLine {
+                        id: new_id(&mut rng),
+                        seq,
+                        material_id: material.id.clone(),
+                        material_number: material.number.clone(),
+                        material_name: material.name.clone(),
+                        qty: qty.to_string(),
+                        unit_name: material.base_unit_name.clone(),
+                        price: cents(price_cents),
+                        tax_price: cents((price_cents * (100 + cess) + 50) / 100),
+                        cess: cess.to_string(),
+                        amount: cents(amount),
+                        tax_amount: cents(tax),
+                        all_amount: cents(amount + tax),
+                        stock_name: pick(&mut rng, STOCKS).to_string(),
+                        batch_no: format!("B{}", created.format("%y%m%d")),
+                    }
+                })
+                .collect();
+            let audited = rng.random_bool(0.8);
+            let modified = created + Duration::seconds(rng.random_range(0..3 * 24 * 3600));
+            let employee = rng.random_range(0..40);
+            let department = rng.random_range(0..DEPARTMENTS.len());
+            orders.push(SalesOrder {
+                id: new_id(&mut rng),
+                bill_no: format!("XSDD-{}-{:05}", created.format("%Y%m%d"), index + 1),
+                bill_date: created.format("%Y-%m-%d").to_string(),
+                bill_status: if audited { "C" } else { "Z" }.to_owned(),
+                create_time: local(created),
+                modify_time: local(modified),
+                audit_date: if audited {
+                    modified.format("%Y-%m-%d").to_string()
+                } else {
+                    String::new()
+                },
+                customer_id: customer.id.clone(),
+                customer_name: customer.name.clone(),
+                customer_number: customer.number.clone(),
+                dept_id: format!("{}", 2_000 + department),
+                dept_name: DEPARTMENTS[department].to_owned(),
+                dept_number: format!("D{department:02}"),
+                emp_id: format!("{}", 3_000 + employee),
+                emp_name: format!(
+                    "{}{}",
+                    pick(&mut rng, SURNAMES),
+                    ["伟", "芳", "娜", "敏", "静"][employee % 5]
+                ),
+                emp_number: format!("E{employee:03}"),
+                total_amount: cents(total),
+                settle_status: pick(&mut rng, &["0", "1", "2"]).to_string(),
+                currency_id: "1".to_owned(),
+                exchange_rate: "1".to_owned(),
+                remark: if rng.random_bool(0.2) {
+                    "加急，请优先发货".to_owned()
+                } else {
+                    String::new()
+                },
+                custom_field: serde_json::json!({}),
+                material_entity,
+            });
+        }
+        Self {
+            orders,
+            customers,
+            materials,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_data() {
+        let first = Dataset::generate(7, 50);
+        let second = Dataset::generate(7, 50);
+        let ids = |data: &Dataset| data.orders.iter().map(|o| o.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&first), ids(&second));
+        assert_ne!(ids(&first), ids(&Dataset::generate(8, 50)));
+        assert_eq!(first.orders.len(), 50);
+    }
+
+    #[test]
+    fn ids_are_unique_and_totals_add_up() {
+        let data = Dataset::generate(1, 500);
+        let mut ids: Vec<_> = data.orders.iter().map(|o| &o.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 500);
+        for order in &data.orders {
+            let lines: f64 = order
+                .material_entity
+                .iter()
+                .map(|l| l.all_amount.parse::<f64>().unwrap())
+                .sum();
+            let total: f64 = order.total_amount.parse().unwrap();
+            assert!((lines - total).abs() < 0.001, "{} vs {}", lines, total);
+            assert!(order.modify_time >= order.create_time);
+        }
+    }
+
+    #[test]
+    fn cents_are_written_as_decimal_text() {
+        assert_eq!(cents(2020), "20.20");
+        assert_eq!(cents(5), "0.05");
+        assert_eq!(cents(-105), "-1.05");
+    }
+}

@@ -1,0 +1,42 @@
+//! The places records are written to. Every target writes idempotently: a record is keyed by its id,
+//! and a version (modify time) never replaces a newer one.
+
+pub mod noop;
+pub mod postgres;
+
+use conveyor_core::envelope::Record;
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Records inserted or updated.
+    pub applied: u64,
+    /// Records skipped because the target already held the same or a newer version.
+    pub stale: u64,
+}
+
+/// Why a write failed, classified by whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The target is unavailable or busy for now (connection, timeout, lock, serialization).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// The data cannot be written as it is (constraint, type, value errors).
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+/// A configured target.
+pub enum Target {
+    Postgres(postgres::PostgresTarget),
+    Noop(noop::NoopTarget),
+}
+
+impl Target {
+    pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+        match self {
+            Target::Postgres(target) => target.write(records).await,
+            Target::Noop(target) => Ok(target.write(records)),
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! The PostgreSQL target: one upsert statement per batch into a table made by the pipeline's migrations.
+//!
+//! The batch travels as one JSON array parameter and `jsonb_populate_recordset` turns it into rows of the
+//! table's own types, so exact decimals stay exact and RFC 3339 times become `timestamptz` without any
+//! conversion code here. `ON CONFLICT (key) DO UPDATE ... WHERE old.version < new.version` makes the
+//! write idempotent and keeps the newest version whatever order batches arrive in.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use conveyor_core::envelope::Record;
+use conveyor_core::settings::{Secret, SettingsError};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Json;
+use tokio_postgres::{Config, NoTls};
+
+use super::{WriteError, WriteReport};
+
+/// Where the database is (every flag also reads an environment variable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL (postgres://user:password@host/db); never logged.
+    #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
+    pub pg_url: Option<Secret>,
+    /// File holding the PostgreSQL URL (for Docker secrets), instead of CONVEYOR_PG_URL.
+    #[arg(long, env = "CONVEYOR_PG_URL_FILE")]
+    pub pg_url_file: Option<std::path::PathBuf>,
+    /// Schema of the target tables and of the migration history.
+    #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
+    pub pg_schema: String,
+    /// Connections per writer process (and so concurrent batch writes).
+    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
+    pub pg_pool_size: usize,
+}
+
+impl PostgresArgs {
+    pub fn url(&self) -> Result<Secret, SettingsError> {
+        Secret::from_value_or_file(
+            "CONVEYOR_PG_URL",
+            self.pg_url.as_ref().map(Secret::expose),
+            self.pg_url_file.as_deref(),
+        )?
+        .ok_or_else(|| SettingsError::new("CONVEYOR_PG_URL", "required by a postgres target"))
+    }
+}
+
+/// Why the target could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("setting CONVEYOR_PG_SCHEMA: {0:?} is not a plain SQL name")]
+    Schema(String),
+    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL: {action}: {source}")]
+    Sql {
+        action: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("migrations in {dir}: {message}")]
+    Migrations { dir: String, message: String },
+    #[error("table {table}: {problem}")]
+    Table { table: String, problem: String },
+    #[error("connection pool: {0}")]
+    Pool(String),
+}
+
+/// What to write where.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub table: String,
+    pub key: String,
+    pub version: String,
+    pub columns: Vec<String>,
+}
+
+pub struct PostgresTarget {
+    pool: Pool,
+    upsert: String,
+}
+
+/// The connection settings from the URL, with the schema as the search path: every statement of
+/// conveyor's (and of the migrations) names tables without a schema.
+fn connection_config(url: &Secret, schema: &str) -> Result<(Config, String), SetupError> {
+    let mut config: Config = url.expose().parse().map_err(|source| SetupError::Connect {
+        endpoint: "CONVEYOR_PG_URL".into(),
+        source,
+    })?;
+    config.options(format!("-c search_path={schema}"));
+    let hosts = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) => name.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoint = format!("{hosts}/{}", config.get_dbname().unwrap_or(""));
+    Ok((config, endpoint))
+}
+
+impl PostgresTarget {
+    /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
+    /// mapping and prepares the upsert.
+    pub async fn connect(
+        args: &PostgresArgs,
+        migrations: &Path,
+        spec: &TableSpec,
+    ) -> Result<Self, SetupError> {
+        let schema = &args.pg_schema;
+        if !conveyor_core::pipeline::is_sql_identifier(schema) {
+            return Err(SetupError::Schema(schema.clone()));
+        }
+        let url = args.url()?;
+        let (config, endpoint) = connection_config(&url, schema)?;
+        migrate(&config, &endpoint, schema, migrations).await?;
+
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(args.pg_pool_size.max(1))
+            .build()
+            .map_err(|err| SetupError::Pool(err.to_string()))?;
+        let client = pool
+            .get()
+            .await
+            .map_err(|err| SetupError::Pool(err.to_string()))?;
+        check_table(&client, schema, spec).await?;
+        let upsert = upsert_statement(spec);
+        client
+            .prepare(&upsert)
+            .await
+            .map_err(|source| SetupError::Sql {
+                action: format!("preparing the upsert into {}", spec.table),
+                source,
+            })?;
+        tracing::info!(postgres = %endpoint, schema, table = spec.table, "postgres target ready");
+        Ok(Self { pool, upsert })
+    }
+
+    /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
+    /// and rows go in id order so that concurrent writers lock rows in the same order.
+    pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+        let mut newest: BTreeMap<&str, &Record> = BTreeMap::new();
+        for record in records {
+            newest
+                .entry(&record.id)
+                .and_modify(|kept| {
+                    if record.modify_time > kept.modify_time {
+                        *kept = record;
+                    }
+                })
+                .or_insert(record);
+        }
+        let rows: Vec<&Value> = newest.values().map(|record| &record.data).collect();
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|err| WriteError::Transient(format!("no database connection: {err}")))?;
+        let statement = client
+            .prepare_cached(&self.upsert)
+            .await
+            .map_err(classify)?;
+        let applied = client
+            .execute(&statement, &[&Json(&rows)])
+            .await
+            .map_err(classify)?;
+        Ok(WriteReport {
+            applied,
+            stale: records.len() as u64 - applied,
+        })
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        match self.pool.get().await {
+            Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+/// `INSERT ... SELECT FROM jsonb_populate_recordset ... ON CONFLICT (key) DO UPDATE ... WHERE newer`.
+pub fn upsert_statement(spec: &TableSpec) -> String {
+    let table = quote(&spec.table);
+    let columns: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
+    let list = columns.join(", ");
+    let updates = columns
+        .iter()
+        .filter(|column| **column != quote(&spec.key))
+        .map(|column| format!("{column} = EXCLUDED.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let version = quote(&spec.version);
+    format!(
+        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) \
+         ON CONFLICT ({key}) DO UPDATE SET {updates} \
+         WHERE {table}.{version} IS NULL OR {table}.{version} < EXCLUDED.{version}",
+        key = quote(&spec.key),
+    )
+}
+
+/// Sorts a database error into transient (try again) or permanent (the data is at fault).
+fn classify(error: tokio_postgres::Error) -> WriteError {
+    let message = match error.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => error.to_string(),
+    };
+    let Some(code) = error.code() else {
+        // No SQL state: the connection broke or timed out.
+        return WriteError::Transient(message);
+    };
+    let class = &code.code()[..2];
+    let transient = matches!(class, "08" | "53" | "57" | "58")
+        || [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+        ]
+        .contains(code);
+    if transient {
+        WriteError::Transient(message)
+    } else {
+        WriteError::Permanent(message)
+    }
+}
+
+/// Runs the migrations under an advisory lock, so that writers starting together do not race.
+async fn migrate(
+    config: &Config,
+    endpoint: &str,
+    schema: &str,
+    dir: &Path,
+) -> Result<(), SetupError> {
+    let (mut client, connection) =
+        config
+            .connect(NoTls)
+            .await
+            .map_err(|source| SetupError::Connect {
+                endpoint: endpoint.to_owned(),
+                source,
+            })?;
+    let connection = tokio::spawn(connection);
+    let sql = |action: &str| {
+        let action = action.to_owned();
+        move |source| SetupError::Sql { action, source }
+    };
+    let lock_key = format!("conveyor-migrations:{schema}");
+    client
+        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
+        .await
+        .map_err(sql("taking the migration lock"))?;
+    let result = async {
+        client
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
+            .await
+            .map_err(sql("creating the schema"))?;
+        let migrations =
+            refinery::load_sql_migrations(dir).map_err(|err| SetupError::Migrations {
+                dir: dir.display().to_string(),
+                message: err.to_string(),
+            })?;
+        let report = refinery::Runner::new(&migrations)
+            .run_async(&mut client)
+            .await
+            .map_err(|err| SetupError::Migrations {
+                dir: dir.display().to_string(),
+                message: err.to_string(),
+            })?;
+        for migration in report.applied_migrations() {
+            tracing::info!(schema, migration = %migration, "applied migration");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = client
+        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+        .await;
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// Checks that the table has every mapped column and a unique index on the key alone.
+async fn check_table(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    spec: &TableSpec,
+) -> Result<(), SetupError> {
+    let problem = |problem: String| SetupError::Table {
+        table: format!("{schema}.{}", spec.table),
+        problem,
+    };
+    let rows = client
+        .query(
+            "SELECT column_name::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2",
+            &[&schema, &spec.table],
+        )
+        .await
+        .map_err(|source| SetupError::Sql {
+            action: "reading the table's columns".into(),
+            source,
+        })?;
+    if rows.is_empty() {
+        return Err(problem(
+            "does not exist; create it in the pipeline's migrations".into(),
+        ));
+    }
+    let existing: Vec<String> = rows.iter().map(|row| row.get(0)).collect();
+    let missing: Vec<&String> = spec
+        .columns
+        .iter()
+        .filter(|c| !existing.contains(c))
+        .collect();
+    if !missing.is_empty() {
+        return Err(problem(format!(
+            "has no column for the mapped field(s) {missing:?}; add them in a migration"
+        )));
+    }
+    let unique = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indrelid = format('%I.%I', $1::text, $2::text)::regclass AND i.indisunique AND i.indnkeyatts = 1 AND a.attname = $3)",
+            &[&schema, &spec.table, &spec.key],
+        )
+        .await
+        .map_err(|source| SetupError::Sql {
+            action: "reading the table's indexes".into(),
+            source,
+        })?;
+    if !unique.get::<_, bool>(0) {
+        return Err(problem(format!(
+            "needs a primary key or unique index on {:?} alone (the pipeline's transform.key)",
+            spec.key
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsert_keeps_the_newest_version() {
+        let statement = upsert_statement(&TableSpec {
+            table: "orders".into(),
+            key: "id".into(),
+            version: "modify_time".into(),
+            columns: vec!["id".into(), "modify_time".into(), "total".into()],
+        });
+        assert_eq!(
+            statement,
+            "INSERT INTO \"orders\" (\"id\", \"modify_time\", \"total\") SELECT \"id\", \"modify_time\", \"total\" \
+             FROM jsonb_populate_recordset(NULL::\"orders\", $1::jsonb) ON CONFLICT (\"id\") DO UPDATE SET \
+             \"modify_time\" = EXCLUDED.\"modify_time\", \"total\" = EXCLUDED.\"total\" \
+             WHERE \"orders\".\"modify_time\" IS NULL OR \"orders\".\"modify_time\" < EXCLUDED.\"modify_time\""
+        );
+    }
+}
