@@ -1,1 +1,462 @@
+//! End-to-end tests: the simulator, the worker binaries as real processes, the machine's RabbitMQ and
+//! PostgreSQL. Each test has its own queue namespace and schema, so tests run in parallel and again.
+//! They fail (never skip) when RabbitMQ or PostgreSQL is down.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use conveyor_core::broker::Stage;
+use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
+use kingdee_sim::SimConfig;
+use lapin::BasicProperties;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn sales_orders_pipeline() -> PathBuf {
+    repo_root().join("ops/pipelines/sales_orders.toml")
+}
+
+fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_conveyor-writer"))
+        .parent()
+        .expect("binaries live in a directory")
+        .to_owned()
+}
+
+async fn scenario(prefix: &str, sim: SimConfig) -> Scenario {
+    let services = Services::check()
+        .await
+        .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"));
+    Scenario::start(services, &sales_orders_pipeline(), &bin_dir(), prefix, sim)
+        .await
+        .expect("scenario starts")
+}
+
+fn orders(count: usize) -> SimConfig {
+    SimConfig {
+        seed: 7,
+        orders: count,
+        ..SimConfig::default()
+    }
+}
+
+/// SIGTERMs every worker and asserts each exits 0.
+async fn stop_all(workers: &mut [WorkerProcess]) {
+    for worker in workers.iter() {
+        worker.terminate().expect("SIGTERM sent");
+    }
+    for worker in workers.iter_mut() {
+        let status = worker
+            .wait(Duration::from_secs(30))
+            .await
+            .expect("worker exits");
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM:\n{}",
+            worker.worker.binary(),
+            worker.log_tail(30)
+        );
+    }
+}
+
+async fn run_fetcher_once(scenario: &Scenario) {
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let status = fetcher.wait(TIMEOUT).await.unwrap();
+    assert!(
+        status.success(),
+        "fetcher failed:\n{}",
+        fetcher.log_tail(30)
+    );
+}
+
+async fn assert_target_equals_truth(scenario: &Scenario, workers: &[WorkerProcess]) {
+    if let Err(err) = scenario.wait_for_target(TIMEOUT).await {
+        let logs: Vec<String> = workers
+            .iter()
+            .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
+            .collect();
+        panic!("{err:#}\n{}", logs.join("\n"));
+    }
+    let comparison = scenario.compare_with_truth().await.unwrap();
+    assert!(
+        comparison.is_exact(),
+        "target differs from the truth: {comparison:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_land_exactly_the_source() {
+    let scenario = scenario("e2e", orders(3_000)).await;
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    run_fetcher_once(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+
+    // A second full sync repeats every record: idempotent writes absorb it, nothing is doubled.
+    run_fetcher_once(&scenario).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let depths = wait_for_empty_work_queues(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert!(
+        depths.iter().all(|(_, n)| *n == 0),
+        "queues not empty: {depths:?}"
+    );
+
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32)> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let depths = scenario.queue_depths().await.unwrap();
+        if depths.iter().all(|(_, n)| *n == 0) || tokio::time::Instant::now() > deadline {
+            return depths;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_killed_mid_batch_loses_nothing() {
+    let scenario = scenario("kill", orders(5_000)).await;
+    let mut workers = vec![scenario.spawn(Worker::Transformer, &[]).unwrap()];
+    // Everything is fetched and transformed before the writer starts, so that it works on full queues.
+    run_fetcher_once(&scenario).await;
+    let mut writer = scenario.spawn(Worker::Writer, &[]).unwrap();
+    let client = conveyor_harness::pg_client(&scenario.services.pg_url)
+        .await
+        .unwrap();
+    let total = scenario.expected_records().len();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let written = scenario.target_count(&client).await.unwrap();
+        assert!(
+            written < total,
+            "the writer finished before it could be killed; use more records"
+        );
+        if written > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the writer wrote nothing:\n{}",
+            writer.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writer.kill().await.unwrap();
+    let written_at_kill = scenario.target_count(&client).await.unwrap();
+    assert!(written_at_kill < total, "killed too late to prove anything");
+
+    workers.push(scenario.spawn(Worker::Writer, &[]).unwrap());
+    assert_target_equals_truth(&scenario, &workers).await;
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_are_dead_lettered_alone() {
+    let scenario = scenario(
+        "poison",
+        SimConfig {
+            poison_every: 97,
+            ..orders(1_000)
+        },
+    )
+    .await;
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    run_fetcher_once(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+
+    let mut poisoned = scenario.simulator.poisoned_orders();
+    assert_eq!(poisoned.len(), 10);
+    let letters = scenario.peek_dead_letters(Stage::Transform).await.unwrap();
+    let mut dead_ids: Vec<String> = letters.iter().flat_map(|l| l.record_ids.clone()).collect();
+    poisoned.sort();
+    dead_ids.sort();
+    assert_eq!(dead_ids, poisoned, "exactly the poison records, each once");
+    for letter in &letters {
+        assert_eq!(letter.record_ids.len(), 1, "each bad record on its own");
+        assert_eq!(letter.class, "permanent");
+        assert_eq!(letter.stage, "transform");
+        assert!(
+            letter.error.contains("total_amount"),
+            "reason names the field: {}",
+            letter.error
+        );
+        assert!(!letter.trace_id.is_empty());
+        assert_eq!(letter.original_routing_key, "sales_orders.transform");
+    }
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+fn json_properties(meta: &Meta) -> BasicProperties {
+    let envelope = Envelope {
+        meta: meta.clone(),
+        records: Vec::new(),
+    };
+    envelope.to_amqp().1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_go_to_each_stage_dead_letter_queue() {
+    let scenario = scenario("malformed", orders(200)).await;
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    let meta = Meta::new_trace("sales_orders");
+    let good_headers = json_properties(&meta);
+    let wrong_pipeline = json_properties(&Meta::new_trace("someone_else"));
+    let bad_inputs: Vec<(&[u8], BasicProperties, &str)> = vec![
+        (
+            b"this is not json",
+            good_headers.clone(),
+            "not a conveyor batch",
+        ),
+        (
+            br#"{"schema":99,"records":[]}"#,
+            good_headers.clone(),
+            "schema version 99",
+        ),
+        (
+            br#"{"schema":1,"records":[{"id":"1"}]}"#,
+            good_headers.clone(),
+            "not a conveyor batch",
+        ),
+        (
+            br#"{"schema":1,"records":[]}"#,
+            BasicProperties::default(),
+            "message id",
+        ),
+        (
+            br#"{"schema":1,"records":[]}"#,
+            wrong_pipeline,
+            "someone_else",
+        ),
+    ];
+    for stage in [Stage::Transform, Stage::Write] {
+        for (body, properties, _) in &bad_inputs {
+            scenario
+                .publish_raw(stage, body, properties.clone())
+                .await
+                .unwrap();
+        }
+    }
+    // A valid batch with a record the target refuses (its bill_no is missing, which the table forbids):
+    // it must end in the write dead-letter queue while its good neighbour is written.
+    let good_and_bad = Envelope {
+        meta: meta.next_stage(),
+        records: vec![
+            Record {
+                id: "1".into(),
+                modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                data: serde_json::json!({"id": "1", "bill_no": "XSDD-1", "modify_time": "2025-01-01T08:00:00+08:00"}),
+            },
+            Record {
+                id: "2".into(),
+                modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                data: serde_json::json!({"id": "2", "modify_time": "2025-01-01T08:00:00+08:00"}),
+            },
+        ],
+    };
+    let (body, properties) = good_and_bad.to_amqp();
+    scenario
+        .publish_raw(Stage::Write, &body, properties)
+        .await
+        .unwrap();
+
+    // The workers survive all of it and still move real records.
+    run_fetcher_once(&scenario).await;
+    let client = conveyor_harness::pg_client(&scenario.services.pg_url)
+        .await
+        .unwrap();
+    let expected = scenario.expected_records().len() + 1;
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while scenario.target_count(&client).await.unwrap() < expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "records did not land:\n{}",
+            workers[1].log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    for stage in [Stage::Transform, Stage::Write] {
+        let letters = scenario.peek_dead_letters(stage).await.unwrap();
+        let malformed: Vec<_> = letters.iter().filter(|l| l.class == "malformed").collect();
+        assert_eq!(malformed.len(), bad_inputs.len(), "{stage}: {letters:?}");
+        for ((body, _, reason), letter) in bad_inputs.iter().zip(&malformed) {
+            assert_eq!(letter.body, *body, "the payload is kept unchanged");
+            assert!(
+                letter.error.contains(reason),
+                "{stage}: {:?} should mention {reason:?}",
+                letter.error
+            );
+            assert_eq!(letter.stage, stage.as_str());
+        }
+        if stage == Stage::Write {
+            let refused: Vec<_> = letters.iter().filter(|l| l.class == "permanent").collect();
+            assert_eq!(refused.len(), 1, "{letters:?}");
+            assert_eq!(refused[0].record_ids, ["2"]);
+            assert!(refused[0].error.contains("bill_no"), "{}", refused[0].error);
+        }
+    }
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_health_readiness_and_metrics() {
+    let scenario = scenario("health", orders(100)).await;
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    let http = reqwest::Client::new();
+    for worker in &workers {
+        let base = format!("http://{}", worker.http_addr);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = http.get(format!("{base}/readyz")).send().await;
+            if matches!(&ready, Ok(response) if response.status() == 200) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} never ready:\n{}",
+                worker.worker.binary(),
+                worker.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+    }
+    run_fetcher_once(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    let writer_metrics = http
+        .get(format!("http://{}/metrics", workers[1].http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        r#"conveyor_records_in_total{pipeline="sales_orders",stage="write"} 100"#,
+        r#"conveyor_records_out_total{pipeline="sales_orders",stage="write"} 100"#,
+        r#"conveyor_target_rows_total{outcome="applied",pipeline="sales_orders"} 100"#,
+        r#"conveyor_ready{pipeline="sales_orders",stage="write"} 1"#,
+        "conveyor_target_write_duration_seconds_bucket",
+    ] {
+        assert!(
+            writer_metrics.contains(expected),
+            "missing {expected} in:\n{writer_metrics}"
+        );
+    }
+    assert!(!writer_metrics.contains("guest"), "no secret in metrics");
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[test]
+fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
+    let dir = std::env::temp_dir().join(format!("conveyor-bad-pipeline-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    let good = std::fs::read_to_string(sales_orders_pipeline()).unwrap();
+    std::fs::write(
+        &file,
+        good.replace("type = \"decimal\"", "type = \"money\""),
+    )
+    .unwrap();
+    let expected = format!(
+        "error: pipeline file {}: field `transform.fields[6].type`: unknown variant `money`",
+        file.display()
+    );
+
+    let check = Command::new(bin_dir().join("conveyorctl"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!check.status.success());
+    let check_stderr = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        check_stderr.starts_with(&expected),
+        "conveyorctl: {check_stderr}"
+    );
+
+    for binary in [
+        "conveyor-fetcher",
+        "conveyor-transformer",
+        "conveyor-writer",
+    ] {
+        let output = Command::new(bin_dir().join(binary))
+            .env("CONVEYOR_PIPELINE", &file)
+            .env("CONVEYOR_HTTP_ADDR", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        assert!(
+            !output.status.success(),
+            "{binary} started with a bad pipeline file"
+        );
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&expected), "{binary}: {stderr}");
+    }
+    let valid = Command::new(bin_dir().join("conveyorctl"))
+        .arg("check")
+        .arg(sales_orders_pipeline())
+        .output()
+        .unwrap();
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_declare_is_idempotent() {
+    let scenario = scenario("topology", orders(10)).await;
+    for _ in 0..2 {
+        let output = Command::new(bin_dir().join("conveyorctl"))
+            .args(["topology", "declare"])
+            .arg(sales_orders_pipeline())
+            .env("CONVEYOR_NAMESPACE", &scenario.namespace)
+            .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains(&format!(
+                "declared {}.sales_orders.write.dlq",
+                scenario.namespace
+            )),
+            "{stdout}"
+        );
+    }
+    let depths = scenario.queue_depths().await.unwrap();
+    assert_eq!(depths.len(), 5);
+    scenario.clean_up(false).await.unwrap();
+}

@@ -418,13 +418,13 @@ impl<H: Handler> Context<H> {
     }
 }
 
-/// Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, ... up to 30 s.
+/// Exponential backoff with jitter: between half and all of 0.5 s, 1 s, 2 s, ... up to 30 s.
 pub fn retry_delay(previous_deliveries: u32) -> Duration {
     let base_ms = 500u64
         .saturating_mul(1u64 << previous_deliveries.min(6))
         .min(30_000);
     let jitter_ms = rand::rng().random_range(0..=base_ms / 2);
-    Duration::from_millis(base_ms / 2 + jitter_ms + base_ms / 4)
+    Duration::from_millis(base_ms / 2 + jitter_ms)
 }
 
 async fn ack(delivery: &Delivery) {

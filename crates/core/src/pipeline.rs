@@ -128,12 +128,12 @@ impl Pipeline {
             problem,
         };
         let deserializer =
-            toml::Deserializer::parse(text).map_err(|err| error("", one_line(&err.to_string())))?;
+            toml::Deserializer::parse(text).map_err(|err| error("", describe(text, &err)))?;
         let mut spec: PipelineSpec =
             serde_path_to_error::deserialize(deserializer).map_err(|err| {
                 let field = err.path().to_string();
                 let field = if field == "." { String::new() } else { field };
-                error(&field, one_line(&err.into_inner().to_string()))
+                error(&field, describe(text, &err.into_inner()))
             })?;
 
         if spec.name.is_empty()
@@ -196,8 +196,22 @@ pub fn is_sql_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+/// A TOML error on one line: the problem, then where it is.
+fn describe(text: &str, error: &toml::de::Error) -> String {
+    let problem = error
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!("{problem} (line {line}, column {column})")
+        }
+        None => problem,
+    }
 }
 
 #[cfg(test)]
@@ -245,7 +259,11 @@ kind = "noop"
                 "transform.fields[2].type",
                 "decimall",
             ),
-            (GOOD.replace("path = ", "paht = "), "source", "paht"),
+            (
+                GOOD.replace("path = ", "paht = "),
+                "source.paht",
+                "unknown field",
+            ),
             (
                 GOOD.replace("[source.query]", "page_size = 500\n[source.query]"),
                 "source.page_size",
@@ -283,8 +301,10 @@ kind = "noop"
     }
 
     #[test]
-    fn syntax_errors_are_reported_on_one_line() {
-        let err = parse("name = ").unwrap_err();
-        assert!(!err.to_string().contains('\n'), "{err}");
+    fn syntax_errors_are_reported_on_one_line_with_their_place() {
+        let err = parse("name = \"x\"\nsource = ").unwrap_err();
+        let message = err.to_string();
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.contains("(line 2, column"), "{message}");
     }
 }

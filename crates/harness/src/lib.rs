@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker::{self, Topology};
+use conveyor_core::broker::{self, Publisher, Stage, Topology};
+use conveyor_core::consume;
 use conveyor_core::pipeline::{Pipeline, TargetSpec};
 use conveyor_core::settings::{BrokerArgs, DEFAULT_AMQP_URL, Secret};
 use kingdee_sim::{Object, SimConfig, Simulator};
+use lapin::BasicProperties;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -114,6 +116,18 @@ impl WorkerProcess {
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// A message read from a dead-letter queue, with its failure headers.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub stage: String,
+    pub class: String,
+    pub error: String,
+    pub record_ids: Vec<String>,
+    pub original_routing_key: String,
+    pub trace_id: String,
+    pub body: Vec<u8>,
 }
 
 /// How a target compares with the simulator's ground truth.
@@ -279,10 +293,21 @@ impl Scenario {
         Ok(row.get::<_, i64>(0) as usize)
     }
 
+    /// What the target must hold: the simulator's sales orders minus those it spoiled on purpose.
+    pub fn expected_records(&self) -> Vec<kingdee_sim::TruthRecord> {
+        let poisoned: std::collections::HashSet<String> =
+            self.simulator.poisoned_orders().into_iter().collect();
+        self.simulator
+            .truth(Object::SalesOrder)
+            .into_iter()
+            .filter(|record| !poisoned.contains(&record.id))
+            .collect()
+    }
+
     /// Waits until the target holds as many rows as the truth has records, or `timeout` passes.
     pub async fn wait_for_target(&self, timeout: Duration) -> anyhow::Result<Duration> {
         let client = pg_client(&self.services.pg_url).await?;
-        let expected = self.simulator.truth(Object::SalesOrder).len();
+        let expected = self.expected_records().len();
         let started = Instant::now();
         loop {
             let found = self.target_count(&client).await?;
@@ -296,7 +321,7 @@ impl Scenario {
         }
     }
 
-    /// Compares the target table with the simulator's sales orders: ids and modify times.
+    /// Compares the target table with the expected records: ids and modify times.
     pub async fn compare_with_truth(&self) -> anyhow::Result<Comparison> {
         let client = pg_client(&self.services.pg_url).await?;
         let key = &self.pipeline.mapping.key_field();
@@ -317,7 +342,7 @@ impl Scenario {
                 row.get::<_, Option<String>>(1).unwrap_or_default(),
             );
         }
-        let truth = self.simulator.truth(Object::SalesOrder);
+        let truth = self.expected_records();
         let mut comparison = Comparison {
             expected: truth.len(),
             found: rows.len(),
@@ -357,6 +382,68 @@ impl Scenario {
         }
         broker::close(&connection).await;
         Ok(depths)
+    }
+
+    /// Reads every message in a stage's dead-letter queue without removing any (they are left
+    /// unacknowledged and return to the queue when the channel closes).
+    pub async fn peek_dead_letters(&self, stage: Stage) -> anyhow::Result<Vec<DeadLetter>> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        let queue = self.topology().dead_letter_queue(stage);
+        let mut letters = Vec::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .with_context(|| format!("reading {queue}"))?
+        {
+            let properties = &message.delivery.properties;
+            let header =
+                |name: &str| conveyor_core::consume::header(properties, name).unwrap_or_default();
+            letters.push(DeadLetter {
+                stage: header(consume::HEADER_STAGE),
+                class: header(consume::HEADER_ERROR_CLASS),
+                error: header(consume::HEADER_ERROR),
+                record_ids: header(consume::HEADER_RECORD_IDS)
+                    .split(',')
+                    .filter(|id| !id.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                original_routing_key: header(consume::HEADER_ORIGINAL_ROUTING_KEY),
+                trace_id: header(conveyor_core::envelope::HEADER_TRACE_ID),
+                body: message.delivery.data.clone(),
+            });
+        }
+        let _ = channel.close(200, "peeked".into()).await;
+        broker::close(&connection).await;
+        Ok(letters)
+    }
+
+    /// Publishes a message as it is (confirmed) into a stage's work queue, as a producer outside conveyor
+    /// might: for feeding workers malformed input.
+    pub async fn publish_raw(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<()> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let topology = self.topology();
+        let channel = connection.create_channel().await?;
+        topology.declare(&channel).await?;
+        let publisher = Publisher::open(&connection).await?;
+        publisher
+            .publish(
+                &topology.exchange(),
+                &topology.routing_key(stage),
+                body,
+                properties,
+            )
+            .await?;
+        broker::close(&connection).await;
+        Ok(())
     }
 
     pub fn topology(&self) -> Topology {

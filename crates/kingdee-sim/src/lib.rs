@@ -28,6 +28,9 @@ use crate::data::{Dataset, LOCAL_TIME_FORMAT};
 /// The largest page the real gateway serves.
 pub const GATEWAY_MAX_PAGE_SIZE: usize = 100;
 
+/// The amount written into spoiled orders.
+pub const POISON_AMOUNT: &str = "N/A";
+
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -38,6 +41,9 @@ pub struct SimConfig {
     /// Reproduce a reported gateway quirk: a page_size above 100 is served as 100 rows while
     /// `total_page` is computed from the size asked for — which loses rows for a client that trusts it.
     pub total_page_from_requested_size: bool,
+    /// Spoil every n-th sales order (0: none) with an amount that is not a number, as bad data entered at
+    /// the source would be. Such records can never be written; a pipeline must dead-letter exactly them.
+    pub poison_every: usize,
 }
 
 impl Default for SimConfig {
@@ -46,6 +52,7 @@ impl Default for SimConfig {
             seed: 42,
             orders: 10_000,
             total_page_from_requested_size: false,
+            poison_every: 0,
         }
     }
 }
@@ -85,8 +92,28 @@ impl Object {
 
 impl Simulator {
     pub fn new(config: SimConfig) -> Arc<Self> {
-        let data = Dataset::generate(config.seed, config.orders);
+        let mut data = Dataset::generate(config.seed, config.orders);
+        if config.poison_every > 0 {
+            for order in data
+                .orders
+                .iter_mut()
+                .skip(config.poison_every - 1)
+                .step_by(config.poison_every)
+            {
+                order.total_amount = POISON_AMOUNT.to_owned();
+            }
+        }
         Arc::new(Self { config, data })
+    }
+
+    /// The ids of the sales orders spoiled by `poison_every`.
+    pub fn poisoned_orders(&self) -> Vec<String> {
+        self.data
+            .orders
+            .iter()
+            .filter(|order| order.total_amount == POISON_AMOUNT)
+            .map(|order| order.id.clone())
+            .collect()
     }
 
     /// Every record of `object` with its modify time, in the order the list serves them.
@@ -156,8 +183,24 @@ struct ListQuery {
 }
 
 /// A business error the way the API reports one: HTTP 200 with a non-zero errcode.
-fn business_error(errcode: u64, description: String) -> Response {
-    Json(json!({"errcode": errcode, "description": description, "data": null})).into_response()
+#[derive(Debug)]
+struct BusinessError {
+    errcode: u64,
+    description: String,
+}
+
+fn business_error(errcode: u64, description: String) -> BusinessError {
+    BusinessError {
+        errcode,
+        description,
+    }
+}
+
+impl IntoResponse for BusinessError {
+    fn into_response(self) -> Response {
+        Json(json!({"errcode": self.errcode, "description": self.description, "data": null}))
+            .into_response()
+    }
 }
 
 struct Window {
@@ -167,8 +210,8 @@ struct Window {
 
 impl Window {
     /// The modify-time bounds of a query as local time text, which orders like time. Both ends inclusive.
-    fn parse(query: &ListQuery) -> Result<Self, Response> {
-        let bound = |name: &str, value: &Option<String>| -> Result<Option<String>, Response> {
+    fn parse(query: &ListQuery) -> Result<Self, BusinessError> {
+        let bound = |name: &str, value: &Option<String>| -> Result<Option<String>, BusinessError> {
             let Some(text) = value.as_deref().filter(|text| !text.is_empty()) else {
                 return Ok(None);
             };
@@ -200,26 +243,22 @@ fn page_of<T: Serialize>(
     query: &ListQuery,
     rows: Vec<&T>,
     count_as_string: bool,
-) -> Response {
-    let parse = |name: &str, value: &Option<String>, default: usize| -> Result<usize, Response> {
-        match value.as_deref().filter(|text| !text.is_empty()) {
-            None => Ok(default),
-            Some(text) => text
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| {
-                    business_error(1_030_002_000, format!("{name} must be a positive integer"))
-                }),
-        }
-    };
-    let (page, requested_size) = match (
-        parse("page", &query.page, 1),
-        parse("page_size", &query.page_size, 10),
-    ) {
-        (Ok(page), Ok(size)) => (page, size),
-        (Err(response), _) | (_, Err(response)) => return response,
-    };
+) -> Result<Response, BusinessError> {
+    let parse =
+        |name: &str, value: &Option<String>, default: usize| -> Result<usize, BusinessError> {
+            match value.as_deref().filter(|text| !text.is_empty()) {
+                None => Ok(default),
+                Some(text) => text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        business_error(1_030_002_000, format!("{name} must be a positive integer"))
+                    }),
+            }
+        };
+    let page = parse("page", &query.page, 1)?;
+    let requested_size = parse("page_size", &query.page_size, 10)?;
     let size = requested_size.min(GATEWAY_MAX_PAGE_SIZE);
     let count = rows.len();
     let paging_size = if simulator.config.total_page_from_requested_size {
@@ -236,7 +275,7 @@ fn page_of<T: Serialize>(
     } else {
         Value::from(count)
     };
-    Json(json!({
+    Ok(Json(json!({
         "errcode": 0,
         "description": "success",
         "data": {
@@ -249,17 +288,14 @@ fn page_of<T: Serialize>(
             "rows": page_rows,
         }
     }))
-    .into_response()
+    .into_response())
 }
 
 async fn list_sales_orders(
     State(simulator): State<Arc<Simulator>>,
     Query(query): Query<ListQuery>,
-) -> Response {
-    let window = match Window::parse(&query) {
-        Ok(window) => window,
-        Err(response) => return response,
-    };
+) -> Result<Response, BusinessError> {
+    let window = Window::parse(&query)?;
     let status = query
         .bill_status
         .as_deref()
@@ -277,11 +313,8 @@ async fn list_sales_orders(
 async fn list_customers(
     State(simulator): State<Arc<Simulator>>,
     Query(query): Query<ListQuery>,
-) -> Response {
-    let window = match Window::parse(&query) {
-        Ok(window) => window,
-        Err(response) => return response,
-    };
+) -> Result<Response, BusinessError> {
+    let window = Window::parse(&query)?;
     let rows = simulator
         .data
         .customers
@@ -294,11 +327,8 @@ async fn list_customers(
 async fn list_materials(
     State(simulator): State<Arc<Simulator>>,
     Query(query): Query<ListQuery>,
-) -> Response {
-    let window = match Window::parse(&query) {
-        Ok(window) => window,
-        Err(response) => return response,
-    };
+) -> Result<Response, BusinessError> {
+    let window = Window::parse(&query)?;
     let rows = simulator
         .data
         .materials
@@ -341,6 +371,7 @@ mod tests {
             seed: 3,
             orders,
             total_page_from_requested_size: quirk,
+            poison_every: 0,
         })
     }
 
@@ -408,6 +439,18 @@ mod tests {
             })
             .count();
         assert_eq!(count, expected);
+    }
+
+    #[test]
+    fn poison_spoils_every_nth_order() {
+        let sim = Simulator::new(SimConfig {
+            orders: 100,
+            poison_every: 10,
+            ..SimConfig::default()
+        });
+        let poisoned = sim.poisoned_orders();
+        assert_eq!(poisoned.len(), 10);
+        assert_eq!(poisoned[0], sim.truth(Object::SalesOrder)[9].id);
     }
 
     #[tokio::test]

@@ -23,6 +23,9 @@ struct Cli {
     /// Reproduce the gateway quirk of computing total_page from a page_size above 100.
     #[arg(long, env = "KINGDEE_SIM_TOTAL_PAGE_QUIRK")]
     total_page_quirk: bool,
+    /// Spoil every n-th sales order with an amount that is not a number (0: none).
+    #[arg(long, env = "KINGDEE_SIM_POISON_EVERY", default_value_t = 0)]
+    poison_every: usize,
 }
 
 #[tokio::main]
@@ -33,6 +36,7 @@ async fn main() -> anyhow::Result<()> {
         seed: cli.seed,
         orders: cli.orders,
         total_page_from_requested_size: cli.total_page_quirk,
+        poison_every: cli.poison_every,
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, orders = cli.orders, seed = cli.seed, "kingdee-sim listening");
