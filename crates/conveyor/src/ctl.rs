@@ -30,6 +30,14 @@ enum Command {
     },
     /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
     Demo(crate::demo::DemoArgs),
+    /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
+    Probe {
+        /// E.g. http://127.0.0.1:9103/readyz
+        url: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,5 +99,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Probe { url, timeout_secs } => {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(timeout_secs))
+                .build()?;
+            let response = client.get(&url).send().await?;
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            anyhow::ensure!(
+                status.is_success(),
+                "{url} answered {status}: {}",
+                body.trim()
+            );
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Makes sure the services conveyor's tests and demo need are installed and running on this machine:
+# RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 with a database "test".
+# Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
+set -euo pipefail
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    log "cannot install $* without root; install it yourself"
+    exit 1
+  fi
+  log "installing $*"
+  if [ -z "${CONVEYOR_APT_UPDATED:-}" ]; then
+    apt-get update -qq
+    export CONVEYOR_APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+  local name=$1 port=$2
+  for _ in $(seq 1 120); do
+    port_open "$port" && return 0
+    sleep 0.5
+  done
+  log "$name did not start listening on port $port"
+  exit 1
+}
+
+# RabbitMQ
+if ! port_open 5672; then
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  if ! port_open 5672; then
+    log "starting RabbitMQ"
+    rabbitmq-server -detached
+  fi
+  wait_for_port RabbitMQ 5672
+fi
+# The port opens before the broker accepts work; wait until it answers.
+if command -v rabbitmqctl >/dev/null; then
+  for _ in $(seq 1 60); do
+    rabbitmqctl -q await_startup >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
+
+# PostgreSQL
+if ! port_open 5432; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql
+    # Our own fresh install: let local TCP clients in without a password, as on the project's machines.
+    hba="$(ls -d /etc/postgresql/*/main | sort -V | tail -n 1)/pg_hba.conf"
+    sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+  fi
+  log "starting PostgreSQL"
+  version="$(ls /etc/postgresql | sort -V | tail -n 1)"
+  # An install may have started it already (then reload, for the authentication change).
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start ||
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  wait_for_port PostgreSQL 5432
+fi
+if [ "$(id -u)" = 0 ] && command -v psql >/dev/null; then
+  # A fresh install only has the postgres role, with peer authentication on the socket.
+  if ! su postgres -c "psql -tAc \"SELECT 1 FROM pg_database WHERE datname = 'test'\"" 2>/dev/null | grep -q 1; then
+    log "creating database test"
+    su postgres -c "createdb test"
+  fi
+fi
+log "RabbitMQ and PostgreSQL are up"
