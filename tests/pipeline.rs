@@ -440,6 +440,10 @@ async fn topology_declare_is_idempotent() {
             .arg(sales_orders_pipeline())
             .env("CONVEYOR_NAMESPACE", &scenario.namespace)
             .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
+            .env(
+                "CONVEYOR_RETRY_DELAYS_MS",
+                conveyor_harness::RETRY_DELAYS_MS,
+            )
             .output()
             .unwrap();
         assert!(
@@ -457,6 +461,7 @@ async fn topology_declare_is_idempotent() {
         );
     }
     let depths = scenario.queue_depths().await.unwrap();
-    assert_eq!(depths.len(), 5);
+    // 2 work queues with 3 retry tiers each, and 3 dead-letter queues.
+    assert_eq!(depths.len(), 11, "{depths:?}");
     scenario.clean_up(false).await.unwrap();
 }

@@ -128,12 +128,16 @@ impl fmt::Display for Stage {
 /// The names and shapes of one pipeline's exchanges and queues.
 ///
 /// `{ns}` is a direct exchange that routes `{pipeline}.{stage}` to the work queue `{ns}.{pipeline}.{stage}`;
-/// `{ns}.dlx` routes the same keys to `{ns}.{pipeline}.{stage}.dlq`.
+/// `{ns}.dlx` routes the same keys to `{ns}.{pipeline}.{stage}.dlq`. Each work queue has retry queues
+/// `{ns}.{pipeline}.{stage}.retry.{delay}`, one per delay tier, reached through the default exchange:
+/// a message waits there for the tier's delay (queue-level TTL), then the broker dead-letters it back
+/// to the work exchange with its stage's routing key.
 #[derive(Debug, Clone)]
 pub struct Topology {
     namespace: String,
     pipeline: String,
     queue_type: QueueType,
+    retry_delays: Vec<Duration>,
 }
 
 impl Topology {
@@ -142,7 +146,49 @@ impl Topology {
             namespace: broker.namespace.clone(),
             pipeline: pipeline.to_owned(),
             queue_type: broker.queue_type,
+            retry_delays: broker
+                .retry_delays_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
         }
+    }
+
+    /// The namespace: the prefix of every exchange and queue name.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The delays of the retry tiers, shortest first.
+    pub fn retry_delays(&self) -> &[Duration] {
+        &self.retry_delays
+    }
+
+    /// The retry queue of `stage` for a message retried for the `retry`-th time (1 for the first
+    /// retry), with its delay; `None` when no tiers are configured.
+    pub fn retry_tier(&self, stage: Stage, retry: u32) -> Option<(String, Duration)> {
+        let last = self.retry_delays.len().checked_sub(1)?;
+        let tier = (retry.max(1) as usize - 1).min(last);
+        let delay = self.retry_delays[tier];
+        Some((self.retry_queue(stage, delay), delay))
+    }
+
+    fn retry_queue(&self, stage: Stage, delay: Duration) -> String {
+        let ms = delay.as_millis();
+        let label = if ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        format!("{}.retry.{label}", self.queue(stage))
+    }
+
+    /// The retry queues of a stage, shortest delay first.
+    pub fn retry_queues(&self, stage: Stage) -> Vec<String> {
+        self.retry_delays
+            .iter()
+            .map(|delay| self.retry_queue(stage, *delay))
+            .collect()
     }
 
     pub fn pipeline(&self) -> &str {
@@ -169,12 +215,12 @@ impl Topology {
         format!("{}.dlq", self.queue(stage))
     }
 
-    /// Every queue of the pipeline: work queues, then dead-letter queues.
+    /// Every queue of the pipeline: work queues with their retry queues, then dead-letter queues.
     pub fn queues(&self) -> Vec<String> {
         let work = Stage::ALL
             .into_iter()
             .filter(|s| s.has_work_queue())
-            .map(|s| self.queue(s));
+            .flat_map(|s| std::iter::once(self.queue(s)).chain(self.retry_queues(s)));
         let dead = Stage::ALL.into_iter().map(|s| self.dead_letter_queue(s));
         work.chain(dead).collect()
     }
@@ -219,18 +265,44 @@ impl Topology {
                         "x-delivery-limit".into(),
                         AMQPValue::LongUInt(DELIVERY_LIMIT),
                     );
-                    // Dead-letter with confirms inside the broker, so nothing is lost on the way.
-                    arguments.insert(
-                        "x-dead-letter-strategy".into(),
-                        long_string("at-least-once"),
-                    );
-                    arguments.insert("x-overflow".into(), long_string("reject-publish"));
                 }
+                self.dead_letter_safely(&mut arguments);
                 self.declare_queue(channel, &work, arguments).await?;
                 self.bind(channel, &work, &self.exchange(), stage).await?;
+                for delay in self.retry_delays.clone() {
+                    let mut arguments = self.queue_arguments();
+                    arguments.insert(
+                        "x-message-ttl".into(),
+                        AMQPValue::LongUInt(u32::try_from(delay.as_millis()).unwrap_or(u32::MAX)),
+                    );
+                    // When the delay is over, the broker sends the message back to the work queue.
+                    arguments.insert(
+                        "x-dead-letter-exchange".into(),
+                        long_string(&self.exchange()),
+                    );
+                    arguments.insert(
+                        "x-dead-letter-routing-key".into(),
+                        long_string(&self.routing_key(stage)),
+                    );
+                    self.dead_letter_safely(&mut arguments);
+                    self.declare_queue(channel, &self.retry_queue(stage, delay), arguments)
+                        .await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// On quorum queues, the broker dead-letters with confirms inside itself, so nothing is lost on
+    /// the way (at-least-once needs reject-publish overflow). Classic queues cannot.
+    fn dead_letter_safely(&self, arguments: &mut FieldTable) {
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                long_string("at-least-once"),
+            );
+            arguments.insert("x-overflow".into(), long_string("reject-publish"));
+        }
     }
 
     fn queue_arguments(&self) -> FieldTable {
@@ -393,7 +465,26 @@ mod tests {
             "ns.orders.fetch.dlq"
         );
         assert_eq!(topology.routing_key(Stage::Transform), "orders.transform");
-        assert_eq!(topology.queues().len(), 5);
+        // 2 work queues with 5 retry tiers each, 3 dead-letter queues.
+        assert_eq!(topology.queues().len(), 15);
+        assert_eq!(
+            topology.retry_tier(Stage::Write, 1).unwrap(),
+            ("ns.orders.write.retry.1s".into(), Duration::from_secs(1))
+        );
+        assert_eq!(
+            topology.retry_tier(Stage::Write, 99).unwrap().0,
+            "ns.orders.write.retry.600s"
+        );
+        let fast = Topology::new(
+            &BrokerArgs::local("ns").with_retry_delays_ms(vec![250]),
+            "orders",
+        );
+        assert_eq!(
+            fast.retry_tier(Stage::Transform, 1).unwrap().0,
+            "ns.orders.transform.retry.250ms"
+        );
+        let none = Topology::new(&BrokerArgs::local("ns").with_retry_delays_ms(vec![]), "o");
+        assert!(none.retry_tier(Stage::Write, 1).is_none());
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The consume loop every queue-fed worker runs, and the dead-letter queues it feeds.
 //!
 //! The loop owns the acknowledgement discipline: a delivery is acked only after what it asked for is
-//! durable (the handler's publishes confirmed or its write committed), or after its dead letter is
-//! confirmed. A message that cannot be read goes to the dead-letter queue with the reason; no input
-//! makes a worker panic or stop.
+//! durable (the handler's publishes confirmed or its write committed), or after its retry copy or its
+//! dead letter is confirmed. A transient failure sends a copy to the stage's retry queue of the next
+//! delay tier (the consumer never sleeps on it) until the attempts run out; a message that cannot be
+//! read goes to the dead-letter queue with the reason; no input makes a worker panic or stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{BrokerError, Publisher, Stage, Topology};
-use crate::envelope::{Envelope, Meta, Record, header_u32, long_string};
+use crate::envelope::{
+    Envelope, HEADER_ATTEMPT, HEADER_PIPELINE, Meta, Record, header_u32, long_string,
+};
 use crate::metrics::Metrics;
 
 pub const HEADER_STAGE: &str = "x-conveyor-stage";
@@ -77,8 +80,12 @@ pub enum Disposition {
     Done,
     /// It can never succeed as it is: dead-letter it with the reason, then ack.
     DeadLetter(Failure),
-    /// It may succeed later: hand it back to the queue after a pause.
+    /// It may succeed later: send a copy to the next retry tier (or, after the last attempt, to the
+    /// dead-letter queue), then ack.
     Retry(Failure),
+    /// The worker cannot take it now (it is stopping, or its target is down): give it back to the work
+    /// queue as it is, without counting an attempt.
+    Release,
 }
 
 /// A stage's work on one message.
@@ -106,22 +113,64 @@ impl DeadLetters {
     }
 
     /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers.
+    /// `attempts` is the number of tries made.
     pub async fn send_delivery(
         &self,
         delivery: &Delivery,
         failure: &Failure,
+        attempts: u32,
     ) -> Result<(), BrokerError> {
         let record_ids = record_ids_in(&delivery.data);
+        let (exchange, routing_key) = original_route(delivery);
         let properties = self.with_failure(
             delivery.properties.clone(),
             failure,
-            &delivery.exchange.to_string(),
-            &delivery.routing_key.to_string(),
+            &exchange,
+            &routing_key,
             &record_ids,
+            attempts,
         );
         self.publish(&delivery.data, properties).await?;
         self.count(failure, record_ids.len().max(1));
         Ok(())
+    }
+
+    /// Sends a copy of a delivery that failed for a transient reason to the retry queue of its tier,
+    /// with the attempt count raised; the broker returns it to the work queue after the tier's delay.
+    /// Returns `false` when no retry tier is configured (the caller dead-letters instead).
+    pub async fn send_retry(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+        retry: u32,
+    ) -> Result<bool, BrokerError> {
+        let Some((queue, delay)) = self.topology.retry_tier(self.stage, retry) else {
+            return Ok(false);
+        };
+        let record_ids = record_ids_in(&delivery.data);
+        let (exchange, routing_key) = original_route(delivery);
+        let mut properties = self.with_failure(
+            delivery.properties.clone(),
+            failure,
+            &exchange,
+            &routing_key,
+            &record_ids,
+            retry,
+        );
+        // Jitter: each copy expires somewhere in the second half of its tier's delay, so that retries
+        // of messages that failed together do not all come back at once. The tier's queue-level TTL
+        // stays the upper bound.
+        let delay_ms = delay.as_millis() as u64;
+        let expiration = delay_ms / 2 + rand::rng().random_range(0..=delay_ms / 2);
+        properties = properties.with_expiration(expiration.to_string().into());
+        self.publisher
+            .publish("", &queue, &delivery.data, properties)
+            .await?;
+        self.metrics
+            .records_retried
+            .with_label_values(&[self.topology.pipeline(), self.stage.as_str()])
+            .inc_by(record_ids.len().max(1) as u64);
+        Ok(true)
     }
 
     /// Dead-letters records of a batch, each as its own message that continues the batch's trace.
@@ -144,7 +193,14 @@ impl DeadLetters {
                 records: vec![record.clone()],
             };
             let (body, properties) = single.to_amqp();
-            let properties = self.with_failure(properties, failure, &exchange, &routing_key, &ids);
+            let properties = self.with_failure(
+                properties,
+                failure,
+                &exchange,
+                &routing_key,
+                &ids,
+                meta.attempt + 1,
+            );
             pending.push(
                 self.publisher
                     .send(
@@ -194,8 +250,16 @@ impl DeadLetters {
         exchange: &str,
         routing_key: &str,
         record_ids: &[String],
+        attempts: u32,
     ) -> BasicProperties {
         let mut headers = properties.headers().clone().unwrap_or_default();
+        if !headers.inner().contains_key(HEADER_PIPELINE) {
+            headers.insert(
+                HEADER_PIPELINE.into(),
+                long_string(self.topology.pipeline()),
+            );
+        }
+        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongUInt(attempts));
         let now = chrono::Utc::now().to_rfc3339();
         if !headers.inner().contains_key(HEADER_FIRST_FAILED_AT) {
             headers.insert(HEADER_FIRST_FAILED_AT.into(), long_string(&now));
@@ -212,6 +276,17 @@ impl DeadLetters {
         headers.insert(HEADER_RECORD_IDS.into(), long_string(&record_ids.join(",")));
         properties.with_headers(headers).with_delivery_mode(2)
     }
+}
+
+/// Where a delivery was first published: the original route kept by an earlier retry, else its own.
+/// (A retried message comes back through the broker's dead-lettering, which does not change the
+/// exchange and routing key it is delivered with; the headers are kept for the operator's tools.)
+fn original_route(delivery: &Delivery) -> (String, String) {
+    let kept = |name| header(&delivery.properties, name).filter(|value| !value.is_empty());
+    (
+        kept(HEADER_ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string()),
+        kept(HEADER_ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string()),
+    )
 }
 
 /// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
@@ -238,6 +313,8 @@ pub struct ConsumeSettings {
     pub prefetch: u16,
     /// How long in-flight work may take to finish after shutdown before the worker exits anyway.
     pub drain_timeout: Duration,
+    /// Tries of a message failing for a transient reason before it is dead-lettered.
+    pub max_attempts: u32,
 }
 
 /// Consumes the stage's work queue until `shutdown` fires, then stops taking deliveries, lets the
@@ -285,6 +362,7 @@ pub async fn run<H: Handler>(
     let context = Arc::new(Context {
         pipeline: settings.topology.pipeline().to_owned(),
         stage: settings.stage,
+        max_attempts: settings.max_attempts.max(1),
         handler,
         dead_letters,
         metrics,
@@ -311,6 +389,13 @@ pub async fn run<H: Handler>(
         }
     };
 
+    if outcome.is_err() {
+        // The channel is gone: nothing in hand can be acked any more, and the broker gives it all back
+        // to the queue. Waiting for it would only delay the reconnect; late finishers fail their ack
+        // harmlessly (writes are idempotent).
+        tracker.close();
+        return outcome;
+    }
     // Take no new work; what was delivered but not started goes back to the queue when the channel closes.
     if let Err(err) = channel
         .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -343,6 +428,7 @@ pub async fn run<H: Handler>(
 struct Context<H> {
     pipeline: String,
     stage: Stage,
+    max_attempts: u32,
     handler: Arc<H>,
     dead_letters: DeadLetters,
     metrics: Metrics,
@@ -373,49 +459,87 @@ impl<H: Handler> Context<H> {
         match disposition {
             Disposition::Done => ack(&delivery).await,
             Disposition::DeadLetter(failure) => {
-                tracing::warn!(class = failure.class.as_str(), error = %failure.message, "dead-lettering a message");
-                match self.dead_letters.send_delivery(&delivery, &failure).await {
-                    Ok(()) => ack(&delivery).await,
-                    Err(err) => {
-                        tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
-                        self.requeue_later(&delivery).await;
-                    }
-                }
+                let attempts = attempt_of(&delivery) + 1;
+                self.dead_letter(&delivery, &failure, attempts).await
             }
-            Disposition::Retry(failure) => {
-                tracing::warn!(class = failure.class.as_str(), error = %failure.message, "will retry a message");
-                self.requeue_later(&delivery).await;
+            Disposition::Retry(failure) => self.retry(&delivery, failure).await,
+            Disposition::Release => {
+                if let Err(err) = delivery.acker.nack(requeue()).await {
+                    tracing::debug!(error = %err, "could not release a message; the broker redelivers it when the channel closes");
+                }
             }
         }
         timer.observe_duration();
     }
 
-    /// Pauses (longer the more often the message was delivered), then hands the message back. The work
-    /// queue's delivery limit dead-letters a message that never succeeds.
-    async fn requeue_later(&self, delivery: &Delivery) {
-        self.metrics
-            .messages_retried
-            .with_label_values(&[self.pipeline.as_str(), self.stage.as_str()])
-            .inc();
-        let deliveries = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|headers| headers.inner().get("x-delivery-count"))
-            .and_then(header_u32)
-            .unwrap_or(0);
-        tokio::time::sleep(retry_delay(deliveries)).await;
-        if let Err(err) = delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
+    async fn dead_letter(&self, delivery: &Delivery, failure: &Failure, attempts: u32) {
+        tracing::warn!(class = failure.class.as_str(), attempts, error = %failure.message, "dead-lettering a message");
+        match self
+            .dead_letters
+            .send_delivery(delivery, failure, attempts)
             .await
         {
+            Ok(()) => ack(delivery).await,
+            Err(err) => {
+                tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
+                self.hand_back(delivery).await;
+            }
+        }
+    }
+
+    /// Sends a copy to the next retry tier and acks the original once the copy is confirmed; after the
+    /// last attempt, dead-letters it as transient with the last error.
+    async fn retry(&self, delivery: &Delivery, failure: Failure) {
+        let tries = attempt_of(delivery) + 1;
+        if tries >= self.max_attempts {
+            let failure = Failure::new(
+                failure.class,
+                format!("gave up after {tries} attempts: {}", failure.message),
+            );
+            return self.dead_letter(delivery, &failure, tries).await;
+        }
+        tracing::warn!(class = failure.class.as_str(), attempt = tries, error = %failure.message, "will retry a message");
+        match self
+            .dead_letters
+            .send_retry(delivery, &failure, tries)
+            .await
+        {
+            Ok(true) => ack(delivery).await,
+            Ok(false) => self.dead_letter(delivery, &failure, tries).await,
+            Err(err) => {
+                tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
+                self.hand_back(delivery).await;
+            }
+        }
+    }
+
+    /// The broker itself failed us (a publish was refused or not confirmed): pause, then give the
+    /// message back to its queue. The work queue's delivery limit dead-letters one that never succeeds.
+    async fn hand_back(&self, delivery: &Delivery) {
+        let deliveries = header(&delivery.properties, "x-delivery-count")
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(retry_delay(deliveries)).await;
+        if let Err(err) = delivery.acker.nack(requeue()).await {
             tracing::warn!(error = %err, "could not hand a message back; the broker redelivers it when the channel closes");
         }
     }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    }
+}
+
+/// Tries made of a delivery before this one, from its attempt header (0 when absent or unreadable).
+fn attempt_of(delivery: &Delivery) -> u32 {
+    headers_of(&delivery.properties)
+        .inner()
+        .get(HEADER_ATTEMPT)
+        .and_then(header_u32)
+        .unwrap_or(0)
 }
 
 /// Exponential backoff with jitter: between half and all of 0.5 s, 1 s, 2 s, ... up to 30 s.

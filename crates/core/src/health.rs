@@ -18,9 +18,17 @@ use crate::metrics::Metrics;
 #[derive(Clone, Default)]
 pub struct Readiness {
     conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    /// The `conveyor_ready` gauge, kept equal to [`Readiness::is_ready`].
+    gauge: Arc<Mutex<Option<prometheus::IntGauge>>>,
 }
 
 impl Readiness {
+    /// Keeps `gauge` at 1 while ready, 0 otherwise.
+    pub fn attach_gauge(&self, gauge: prometheus::IntGauge) {
+        gauge.set(i64::from(self.is_ready()));
+        *self.gauge.lock().unwrap_or_else(|p| p.into_inner()) = Some(gauge);
+    }
+
     /// Registers a condition, not yet met.
     pub fn require(&self, name: &'static str) {
         self.lock().entry(name).or_insert(false);
@@ -28,6 +36,9 @@ impl Readiness {
 
     pub fn set(&self, name: &'static str, met: bool) {
         self.lock().insert(name, met);
+        if let Some(gauge) = &*self.gauge.lock().unwrap_or_else(|p| p.into_inner()) {
+            gauge.set(i64::from(self.is_ready()));
+        }
     }
 
     pub fn is_ready(&self) -> bool {

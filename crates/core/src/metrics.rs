@@ -17,8 +17,10 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     /// Records (or whole messages, counted by their records) sent to a dead-letter queue, by class.
     pub records_dead_lettered: IntCounterVec,
-    /// Messages handed back to the queue to be tried again.
-    pub messages_retried: IntCounterVec,
+    /// Records sent to a retry queue to be tried again after a delay (counted once per retry).
+    pub records_retried: IntCounterVec,
+    /// Records a stage dropped on purpose (a rule filtered them out): accounted for, not lost.
+    pub records_filtered: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
     pub message_duration: HistogramVec,
     /// Rows the target applied, or skipped because it already held the same or a newer version.
@@ -76,9 +78,14 @@ impl Metrics {
                 "Records sent to a dead-letter queue",
                 &["pipeline", "stage", "class"],
             ),
-            messages_retried: counter(
-                "conveyor_messages_retried_total",
-                "Messages handed back to be tried again",
+            records_retried: counter(
+                "conveyor_records_retried_total",
+                "Records sent to a retry queue to be tried again",
+                PIPELINE_STAGE,
+            ),
+            records_filtered: counter(
+                "conveyor_records_filtered_total",
+                "Records dropped on purpose by a rule",
                 PIPELINE_STAGE,
             ),
             message_duration: histogram(

@@ -76,9 +76,25 @@ pub enum TargetSpec {
         table: String,
         /// Directory of SQL migrations (`V1__name.sql`), relative to the pipeline file.
         migrations: PathBuf,
+        /// How to treat database errors, overriding the built-in classification.
+        #[serde(default)]
+        errors: SqlErrorOverrides,
     },
     /// Write nowhere (写入空操作): accept and count.
     Noop,
+}
+
+/// SQLSTATE codes (5 characters, e.g. `23505`) or classes (2 characters, e.g. `23`) to treat otherwise
+/// than the PostgreSQL target's built-in classification. A code wins over a class.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlErrorOverrides {
+    /// Retried later (with backoff, up to the attempt limit).
+    #[serde(default)]
+    pub transient: Vec<String>,
+    /// Dead-lettered at once.
+    #[serde(default)]
+    pub permanent: Vec<String>,
 }
 
 /// A loaded, checked pipeline.
@@ -159,7 +175,27 @@ impl Pipeline {
             ));
         }
         let mapping = Mapping::compile(&spec.transform).map_err(|p| error(&p.field, p.problem))?;
-        if let TargetSpec::Postgres { table, migrations } = &mut spec.target {
+        if let TargetSpec::Postgres {
+            table,
+            migrations,
+            errors,
+        } = &mut spec.target
+        {
+            for (list, codes) in [
+                ("transient", &errors.transient),
+                ("permanent", &errors.permanent),
+            ] {
+                if let Some(bad) = codes.iter().find(|code| {
+                    !matches!(code.len(), 2 | 5) || !code.bytes().all(|b| b.is_ascii_alphanumeric())
+                }) {
+                    return Err(error(
+                        &format!("target.errors.{list}"),
+                        format!(
+                            "{bad:?} is not a SQLSTATE code (5 characters) or class (2 characters)"
+                        ),
+                    ));
+                }
+            }
             if !is_sql_identifier(table) {
                 return Err(error(
                     "target.table",

@@ -1,14 +1,17 @@
 //! The start every worker shares: load the pipeline, serve health and metrics, connect to the broker,
-//! declare the topology, open a confirming publisher.
+//! declare the topology, open a confirming publisher; and the reconnect loop that does it all again
+//! when the broker restarts or the connection drops.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{self, Publisher, Stage, Topology};
-use crate::consume::DeadLetters;
+use crate::consume::{self, ConsumeSettings, DeadLetters, Handler};
 use crate::health::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
@@ -27,6 +30,8 @@ pub struct WorkerRuntime {
     pub topology: Topology,
     pub publisher: Publisher,
     pub http_addr: SocketAddr,
+    /// Worker settings, kept for reconnecting and for the consume loop.
+    args: WorkerArgs,
 }
 
 impl WorkerRuntime {
@@ -46,6 +51,11 @@ impl WorkerRuntime {
         for condition in extra_ready {
             readiness.require(condition);
         }
+        readiness.attach_gauge(
+            metrics
+                .ready
+                .with_label_values(&[pipeline.name(), stage.as_str()]),
+        );
         let http_addr = health::serve(
             args.http_addr_or(default_port),
             metrics.clone(),
@@ -60,27 +70,14 @@ impl WorkerRuntime {
             )
         })?;
 
-        let url = args.broker.amqp_url()?;
-        let endpoint = broker::endpoint(&url)?;
         let name = format!("conveyor-{stage}:{}", pipeline.name());
-        let Some(connection) = broker::connect_with_retry(&url, &name, shutdown).await? else {
+        let topology = Topology::new(&args.broker, pipeline.name());
+        let Some((connection, publisher)) =
+            connect_and_declare(args, &name, &topology, shutdown).await?
+        else {
             return Ok(None);
         };
-        tracing::info!(broker = %endpoint, pipeline = pipeline.name(), "connected to the broker");
-        let topology = Topology::new(&args.broker, pipeline.name());
-        let channel = connection
-            .create_channel()
-            .await
-            .context("opening a channel to declare the topology")?;
-        topology.declare(&channel).await?;
-        let _ = channel.close(200, "declared".into()).await;
-        let publisher = Publisher::open(&connection).await?;
-        readiness.set(READY_BROKER, true);
-        metrics
-            .ready
-            .with_label_values(&[pipeline.name(), stage.as_str()])
-            .set(1);
-        Ok(Some(Self {
+        let runtime = Self {
             pipeline,
             stage,
             metrics,
@@ -89,7 +86,69 @@ impl WorkerRuntime {
             topology,
             publisher,
             http_addr,
-        }))
+            args: args.clone(),
+        };
+        runtime.set_connected(true);
+        Ok(Some(runtime))
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.readiness.set(READY_BROKER, connected);
+    }
+
+    /// Drops the broken connection and connects again (with backoff), declares the topology again
+    /// and opens a new publisher. Not ready meanwhile. Returns `false` if `shutdown` fired first.
+    pub async fn reconnect(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+        self.set_connected(false);
+        broker::close(&self.connection).await;
+        let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
+        let Some((connection, publisher)) =
+            connect_and_declare(&self.args, &name, &self.topology, shutdown).await?
+        else {
+            return Ok(false);
+        };
+        self.connection = connection;
+        self.publisher = publisher;
+        self.set_connected(true);
+        Ok(true)
+    }
+
+    /// Consumes the stage's work queue until `shutdown`, reconnecting whenever the broker connection
+    /// or channel fails. `make_handler` builds the handler for each connection (it publishes through
+    /// that connection's publisher). Deliveries not acked when a connection died are redelivered by the
+    /// broker, so whatever was not confirmed downstream is done again.
+    pub async fn consume<H: Handler>(
+        &mut self,
+        make_handler: impl Fn(&WorkerRuntime) -> H,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        loop {
+            let settings = ConsumeSettings {
+                topology: self.topology.clone(),
+                stage: self.stage,
+                prefetch: self.args.broker.prefetch,
+                drain_timeout: Duration::from_secs(self.args.drain_timeout_secs),
+                max_attempts: self.args.max_attempts,
+            };
+            let result = consume::run(
+                &self.connection,
+                settings,
+                Arc::new(make_handler(self)),
+                self.dead_letters(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            )
+            .await;
+            match result {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::warn!(error = %err, "lost the broker; reconnecting");
+                    if !self.reconnect(shutdown).await? {
+                        return Ok(());
+                    }
+                }
+            }
+        }
     }
 
     /// The dead-letter queue of this worker's stage.
@@ -104,11 +163,50 @@ impl WorkerRuntime {
 
     /// Marks the worker not ready and closes the broker connection.
     pub async fn stop(self) {
-        self.readiness.set(READY_BROKER, false);
-        self.metrics
-            .ready
-            .with_label_values(&[self.pipeline.name(), self.stage.as_str()])
-            .set(0);
+        self.set_connected(false);
         broker::close(&self.connection).await;
+    }
+}
+
+/// Connects (retrying with backoff until `shutdown`), declares the topology, opens a publisher.
+async fn connect_and_declare(
+    args: &WorkerArgs,
+    name: &str,
+    topology: &Topology,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<(Connection, Publisher)>> {
+    let url = args.broker.amqp_url()?;
+    let endpoint = broker::endpoint(&url)?;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        let Some(connection) = broker::connect_with_retry(&url, name, shutdown).await? else {
+            return Ok(None);
+        };
+        // A broker that is still starting accepts connections before it can declare queues.
+        let declared = async {
+            let channel = connection
+                .create_channel()
+                .await
+                .context("opening a channel to declare the topology")?;
+            topology.declare(&channel).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            anyhow::Ok(Publisher::open(&connection).await?)
+        }
+        .await;
+        match declared {
+            Ok(publisher) => {
+                tracing::info!(broker = %endpoint, pipeline = topology.pipeline(), "connected to the broker");
+                return Ok(Some((connection, publisher)));
+            }
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+                broker::close(&connection).await;
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

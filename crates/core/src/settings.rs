@@ -113,6 +113,16 @@ pub struct BrokerArgs {
     /// Deliveries a consumer holds unacknowledged at once (basic.qos).
     #[arg(long, env = "CONVEYOR_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
+    /// Delays of the retry tiers, in milliseconds, shortest first: the n-th retry of a message waits in
+    /// the n-th tier (the last tier for every later one). Each tier is a queue of its own, so changing
+    /// the list declares new queues rather than clashing with the old ones.
+    #[arg(
+        long,
+        env = "CONVEYOR_RETRY_DELAYS_MS",
+        value_delimiter = ',',
+        default_value = "1000,5000,30000,120000,600000"
+    )]
+    pub retry_delays_ms: Vec<u64>,
 }
 
 /// The broker URL used when none is configured: the local broker with RabbitMQ's default account.
@@ -127,7 +137,13 @@ impl BrokerArgs {
             namespace: namespace.into(),
             queue_type: QueueType::Quorum,
             prefetch: 32,
+            retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
         }
+    }
+
+    pub fn with_retry_delays_ms(mut self, delays: Vec<u64>) -> Self {
+        self.retry_delays_ms = delays;
+        self
     }
 
     pub fn with_amqp_url(mut self, url: impl Into<String>) -> Self {
@@ -174,6 +190,9 @@ pub struct WorkerArgs {
     /// How long a stopping worker may take to finish the work it holds before it exits anyway.
     #[arg(long, env = "CONVEYOR_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Tries of a message that keeps failing for a transient reason before it is dead-lettered.
+    #[arg(long, env = "CONVEYOR_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
 }
 
 impl WorkerArgs {

@@ -6,7 +6,7 @@ pub mod source;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use conveyor_core::broker::{PendingConfirm, Stage};
+use conveyor_core::broker::{BrokerError, PendingConfirm, Stage};
 use conveyor_core::consume::{ErrorClass, Failure};
 use conveyor_core::envelope::{Envelope, Meta, Record};
 use conveyor_core::runtime::WorkerRuntime;
@@ -59,7 +59,7 @@ pub struct SyncSummary {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(runtime) =
+    let Some(mut runtime) =
         WorkerRuntime::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?
     else {
         return Ok(());
@@ -85,6 +85,15 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(&summary)?);
                     break Ok(());
                 }
+            }
+            Err(err) if err.downcast_ref::<BrokerError>().is_some() => {
+                // Pages whose publish was not confirmed are lost with the connection: sync again from
+                // the start (writes are idempotent, so pages sent twice do no harm).
+                tracing::warn!(error = %format!("{err:#}"), "lost the broker during a sync; reconnecting to sync again");
+                if !runtime.reconnect(&shutdown).await? {
+                    break Ok(());
+                }
+                continue;
             }
             Err(err) if cli.once => break Err(err),
             Err(err) => {

@@ -23,6 +23,9 @@ use tokio::process::{Child, Command};
 /// The PostgreSQL used when CONVEYOR_PG_URL is not set: the local server's `test` database.
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
+/// Retry tiers of the scenarios' workers: short, so that tests of retries take seconds.
+pub const RETRY_DELAYS_MS: &str = "300,600,1200";
+
 /// The broker and database the harness runs against (from CONVEYOR_AMQP_URL and CONVEYOR_PG_URL, or the
 /// local defaults).
 #[derive(Debug, Clone)]
@@ -236,6 +239,7 @@ impl Scenario {
             ("CONVEYOR_NAMESPACE", self.namespace.clone()),
             ("CONVEYOR_KINGDEE_BASE_URL", self.sim_url.clone()),
             ("CONVEYOR_DRAIN_TIMEOUT_SECS", "20".into()),
+            ("CONVEYOR_RETRY_DELAYS_MS", RETRY_DELAYS_MS.into()),
             ("CONVEYOR_LOG", "info".into()),
         ])
     }
@@ -447,10 +451,18 @@ impl Scenario {
     }
 
     pub fn topology(&self) -> Topology {
-        Topology::new(
-            &BrokerArgs::local(self.namespace.clone()),
-            self.pipeline.name(),
-        )
+        Topology::new(&self.broker_args(), self.pipeline.name())
+    }
+
+    /// The broker settings the scenario's workers get.
+    pub fn broker_args(&self) -> BrokerArgs {
+        let delays = RETRY_DELAYS_MS
+            .split(',')
+            .map(|ms| ms.parse().expect("RETRY_DELAYS_MS is a list of numbers"))
+            .collect();
+        BrokerArgs::local(self.namespace.clone())
+            .with_amqp_url(self.services.amqp_url.expose())
+            .with_retry_delays_ms(delays)
     }
 
     /// Deletes the scenario's queues and exchanges (and its schema unless `keep_schema`).

@@ -2,12 +2,8 @@
 //! to the write queue. A record that cannot be mapped goes to the transform dead-letter queue on its
 //! own, with the field and the reason; the rest of its batch goes on.
 
-use std::sync::Arc;
-
 use conveyor_core::broker::{Publisher, Stage, Topology};
-use conveyor_core::consume::{
-    self, ConsumeSettings, DeadLetters, Disposition, ErrorClass, Failure, Handler,
-};
+use conveyor_core::consume::{DeadLetters, Disposition, ErrorClass, Failure, Handler};
 use conveyor_core::envelope::{Envelope, Record};
 use conveyor_core::mapping::Mapping;
 use conveyor_core::metrics::Metrics;
@@ -29,35 +25,25 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(runtime) =
+    let Some(mut runtime) =
         WorkerRuntime::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?
     else {
         return Ok(());
     };
-    let handler = Arc::new(Transformer {
-        mapping: runtime.pipeline.mapping.clone(),
-        publisher: runtime.publisher.clone(),
-        topology: runtime.topology.clone(),
-        dead_letters: runtime.dead_letters(),
-        metrics: runtime.metrics.clone(),
-    });
-    let settings = ConsumeSettings {
-        topology: runtime.topology.clone(),
-        stage: Stage::Transform,
-        prefetch: cli.worker.broker.prefetch,
-        drain_timeout: std::time::Duration::from_secs(cli.worker.drain_timeout_secs),
-    };
-    let result = consume::run(
-        &runtime.connection,
-        settings,
-        handler,
-        runtime.dead_letters(),
-        runtime.metrics.clone(),
-        shutdown,
-    )
-    .await;
+    let result = runtime
+        .consume(
+            |runtime| Transformer {
+                mapping: runtime.pipeline.mapping.clone(),
+                publisher: runtime.publisher.clone(),
+                topology: runtime.topology.clone(),
+                dead_letters: runtime.dead_letters(),
+                metrics: runtime.metrics.clone(),
+            },
+            &shutdown,
+        )
+        .await;
     runtime.stop().await;
-    Ok(result?)
+    result
 }
 
 /// Maps batches and passes them on.

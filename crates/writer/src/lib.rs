@@ -1,15 +1,15 @@
 //! The writer: takes mapped batches from the write queue and writes each into the target in one
-//! idempotent statement, acking only after the write committed.
+//! idempotent statement, acking only after the write committed. A target that is down altogether holds
+//! back the whole writer (see [`breaker`]); a batch the target refuses for its data is split so that
+//! only the records at fault are dead-lettered.
 
+pub mod breaker;
 pub mod target;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use conveyor_core::broker::Stage;
-use conveyor_core::consume::{
-    self, ConsumeSettings, DeadLetters, Disposition, ErrorClass, Failure, Handler,
-};
+use conveyor_core::consume::{DeadLetters, Disposition, ErrorClass, Failure, Handler};
 use conveyor_core::envelope::{Envelope, Record};
 use conveyor_core::metrics::Metrics;
 use conveyor_core::pipeline::{Pipeline, TargetSpec};
@@ -17,6 +17,7 @@ use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breaker;
 use crate::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};
 use crate::target::{Target, WriteError, noop::NoopTarget};
 
@@ -41,7 +42,11 @@ pub struct Cli {
 pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow::Result<Target> {
     Ok(match &pipeline.spec.target {
         TargetSpec::Noop => Target::Noop(NoopTarget::default()),
-        TargetSpec::Postgres { table, migrations } => {
+        TargetSpec::Postgres {
+            table,
+            migrations,
+            errors,
+        } => {
             let mapping = &pipeline.mapping;
             let spec = TableSpec {
                 table: table.clone(),
@@ -49,55 +54,77 @@ pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow
                 version: mapping.version_field().to_owned(),
                 columns: mapping.output_fields().map(str::to_owned).collect(),
             };
-            Target::Postgres(PostgresTarget::connect(postgres, migrations, &spec).await?)
+            Target::Postgres(
+                PostgresTarget::connect(postgres, migrations, &spec, errors.clone()).await?,
+            )
         }
     })
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(runtime) =
+    let Some(mut runtime) =
         WorkerRuntime::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?
     else {
         return Ok(());
     };
-    let target = open_target(&runtime.pipeline, &cli.postgres).await?;
+    let target = Arc::new(open_target(&runtime.pipeline, &cli.postgres).await?);
     runtime.readiness.set(READY_TARGET, true);
-    let handler = Arc::new(Writer {
-        pipeline: runtime.pipeline.name().to_owned(),
-        target,
-        dead_letters: runtime.dead_letters(),
-        metrics: runtime.metrics.clone(),
-    });
-    let settings = ConsumeSettings {
-        topology: runtime.topology.clone(),
-        stage: Stage::Write,
-        prefetch: cli.worker.broker.prefetch,
-        drain_timeout: Duration::from_secs(cli.worker.drain_timeout_secs),
-    };
-    let result = consume::run(
-        &runtime.connection,
-        settings,
-        handler,
-        runtime.dead_letters(),
-        runtime.metrics.clone(),
-        shutdown,
-    )
-    .await;
+    let breaker = Breaker::new(runtime.readiness.clone());
+    let result = runtime
+        .consume(
+            |runtime| Writer {
+                pipeline: runtime.pipeline.name().to_owned(),
+                target: target.clone(),
+                breaker: breaker.clone(),
+                dead_letters: runtime.dead_letters(),
+                metrics: runtime.metrics.clone(),
+                shutdown: shutdown.clone(),
+            },
+            &shutdown,
+        )
+        .await;
     runtime.readiness.set(READY_TARGET, false);
     runtime.stop().await;
-    Ok(result?)
+    result
 }
 
 /// Writes batches into the target.
 pub struct Writer {
     pub pipeline: String,
-    pub target: Target,
+    pub target: Arc<Target>,
+    pub breaker: Arc<Breaker>,
     pub dead_letters: DeadLetters,
     pub metrics: Metrics,
+    /// Fired on SIGTERM: a write held back by the breaker then gives its message back.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a write did not happen.
+enum Held {
+    /// The target failed this write; what to do is in the error.
+    Failed(WriteError),
+    /// The breaker was open and the worker is stopping: give the message back untouched.
+    Stopping,
 }
 
 impl Writer {
-    async fn write(&self, records: &[Record]) -> Result<(), WriteError> {
+    /// Writes `records`, waiting out an unavailable target (the breaker) instead of failing.
+    async fn write(&self, records: &[Record]) -> Result<(), Held> {
+        loop {
+            if self.breaker.is_open() && !self.breaker.wait_closed(&self.shutdown).await {
+                return Err(Held::Stopping);
+            }
+            match self.write_once(records).await {
+                Err(WriteError::Unavailable(reason)) => {
+                    self.breaker
+                        .trip(self.target.clone(), &reason, self.shutdown.clone());
+                }
+                other => return other.map_err(Held::Failed),
+            }
+        }
+    }
+
+    async fn write_once(&self, records: &[Record]) -> Result<(), WriteError> {
         let timer = self
             .metrics
             .target_write_duration
@@ -118,28 +145,39 @@ impl Writer {
     }
 }
 
+/// What a failed write means for its message.
+fn disposition(held: Held) -> Disposition {
+    match held {
+        Held::Stopping => Disposition::Release,
+        Held::Failed(WriteError::Permanent(message)) => {
+            Disposition::DeadLetter(Failure::new(ErrorClass::Permanent, message))
+        }
+        // The breaker handles Unavailable inside `write`; a message that still sees it is retried.
+        Held::Failed(WriteError::Transient(message) | WriteError::Unavailable(message)) => {
+            Disposition::Retry(Failure::new(ErrorClass::Transient, message))
+        }
+    }
+}
+
 impl Handler for Writer {
     async fn handle(&self, envelope: Envelope) -> Disposition {
         match self.write(&envelope.records).await {
             Ok(()) => return Disposition::Done,
-            Err(WriteError::Transient(message)) => {
-                return Disposition::Retry(Failure::new(ErrorClass::Transient, message));
-            }
-            Err(WriteError::Permanent(message)) => {
+            Err(Held::Failed(WriteError::Permanent(message))) if envelope.records.len() > 1 => {
                 tracing::warn!(error = %message, records = envelope.records.len(), "batch refused; writing its records one by one");
             }
+            Err(held) => return disposition(held),
         }
         // Find the records at fault: the good ones are written, the bad ones dead-lettered each on its own.
         let mut refused = Vec::new();
         for record in envelope.records {
             match self.write(std::slice::from_ref(&record)).await {
                 Ok(()) => {}
-                Err(WriteError::Transient(message)) => {
-                    return Disposition::Retry(Failure::new(ErrorClass::Transient, message));
-                }
-                Err(WriteError::Permanent(message)) => {
+                Err(Held::Failed(WriteError::Permanent(message))) => {
                     refused.push((record, Failure::new(ErrorClass::Permanent, message)));
                 }
+                // Records written so far are rewritten on the retry: idempotent, so harmless.
+                Err(held) => return disposition(held),
             }
         }
         match self

@@ -15,10 +15,14 @@ pub struct WriteReport {
     pub stale: u64,
 }
 
-/// Why a write failed, classified by whether trying again can help.
+/// Why a write failed, classified by whether trying again can help and how.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
-    /// The target is unavailable or busy for now (connection, timeout, lock, serialization).
+    /// The target cannot be reached at all (refused or broken connection, shutting down): every write
+    /// would fail alike, so the writer holds back (circuit breaker) rather than retry each message.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// This write failed for now (a lock or serialization conflict, a timeout): retry it later.
     #[error("transient: {0}")]
     Transient(String),
     /// The data cannot be written as it is (constraint, type, value errors).
@@ -37,6 +41,14 @@ impl Target {
         match self {
             Target::Postgres(target) => target.write(records).await,
             Target::Noop(target) => Ok(target.write(records)),
+        }
+    }
+
+    /// Whether the target answers (the circuit breaker's probe).
+    pub async fn ping(&self) -> bool {
+        match self {
+            Target::Postgres(target) => target.ping().await,
+            Target::Noop(_) => true,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use conveyor_core::envelope::Record;
+use conveyor_core::pipeline::SqlErrorOverrides;
 use conveyor_core::settings::{Secret, SettingsError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde_json::Value;
@@ -33,6 +34,9 @@ pub struct PostgresArgs {
     /// Connections per writer process (and so concurrent batch writes).
     #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
     pub pg_pool_size: usize,
+    /// Longest wait for a row or table lock before a write fails (and is retried later); 0 waits forever.
+    #[arg(long, env = "CONVEYOR_PG_LOCK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub pg_lock_timeout_ms: u64,
 }
 
 impl PostgresArgs {
@@ -83,16 +87,24 @@ pub struct TableSpec {
 pub struct PostgresTarget {
     pool: Pool,
     upsert: String,
+    overrides: SqlErrorOverrides,
 }
 
 /// The connection settings from the URL, with the schema as the search path: every statement of
 /// conveyor's (and of the migrations) names tables without a schema.
-fn connection_config(url: &Secret, schema: &str) -> Result<(Config, String), SetupError> {
+fn connection_config(args: &PostgresArgs, url: &Secret) -> Result<(Config, String), SetupError> {
     let mut config: Config = url.expose().parse().map_err(|source| SetupError::Connect {
         endpoint: "CONVEYOR_PG_URL".into(),
         source,
     })?;
-    config.options(format!("-c search_path={schema}"));
+    config.options(format!(
+        "-c search_path={} -c lock_timeout={}",
+        args.pg_schema, args.pg_lock_timeout_ms
+    ));
+    // A target that does not answer must fail fast, so the circuit breaker can take over.
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(5));
+    }
     let hosts = config
         .get_hosts()
         .iter()
@@ -113,13 +125,14 @@ impl PostgresTarget {
         args: &PostgresArgs,
         migrations: &Path,
         spec: &TableSpec,
+        overrides: SqlErrorOverrides,
     ) -> Result<Self, SetupError> {
         let schema = &args.pg_schema;
         if !conveyor_core::pipeline::is_sql_identifier(schema) {
             return Err(SetupError::Schema(schema.clone()));
         }
         let url = args.url()?;
-        let (config, endpoint) = connection_config(&url, schema)?;
+        let (config, endpoint) = connection_config(args, &url)?;
         migrate(&config, &endpoint, schema, migrations).await?;
 
         let manager = Manager::from_config(
@@ -147,7 +160,11 @@ impl PostgresTarget {
                 source,
             })?;
         tracing::info!(postgres = %endpoint, schema, table = spec.table, "postgres target ready");
-        Ok(Self { pool, upsert })
+        Ok(Self {
+            pool,
+            upsert,
+            overrides,
+        })
     }
 
     /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
@@ -169,7 +186,8 @@ impl PostgresTarget {
             .pool
             .get()
             .await
-            .map_err(|err| WriteError::Transient(format!("no database connection: {err}")))?;
+            .map_err(|err| WriteError::Unavailable(format!("no database connection: {err}")))?;
+        let classify = |error| classify(error, &self.overrides);
         let statement = client
             .prepare_cached(&self.upsert)
             .await
@@ -217,28 +235,56 @@ pub fn upsert_statement(spec: &TableSpec) -> String {
     )
 }
 
-/// Sorts a database error into transient (try again) or permanent (the data is at fault).
-fn classify(error: tokio_postgres::Error) -> WriteError {
+/// Sorts a database error: unavailable (the database cannot be reached at all), transient (try this
+/// write again later) or permanent (the data is at fault). The pipeline file's overrides come first.
+fn classify(error: tokio_postgres::Error, overrides: &SqlErrorOverrides) -> WriteError {
     let message = match error.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => error.to_string(),
     };
     let Some(code) = error.code() else {
-        // No SQL state: the connection broke or timed out.
-        return WriteError::Transient(message);
+        // No SQL state: the connection broke, was refused or timed out.
+        return WriteError::Unavailable(message);
     };
-    let class = &code.code()[..2];
-    let transient = matches!(class, "08" | "53" | "57" | "58")
-        || [
-            SqlState::T_R_SERIALIZATION_FAILURE,
-            SqlState::T_R_DEADLOCK_DETECTED,
-            SqlState::LOCK_NOT_AVAILABLE,
-        ]
-        .contains(code);
-    if transient {
-        WriteError::Transient(message)
+    match class_of(code.code(), overrides) {
+        SqlClass::Unavailable => WriteError::Unavailable(message),
+        SqlClass::Transient => WriteError::Transient(message),
+        SqlClass::Permanent => WriteError::Permanent(message),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SqlClass {
+    Unavailable,
+    Transient,
+    Permanent,
+}
+
+/// The class of a SQLSTATE: an override naming the code, then one naming its class, then the defaults.
+fn class_of(code: &str, overrides: &SqlErrorOverrides) -> SqlClass {
+    let class = &code[..2.min(code.len())];
+    for candidate in [code, class] {
+        if overrides.permanent.iter().any(|c| c == candidate) {
+            return SqlClass::Permanent;
+        }
+        if overrides.transient.iter().any(|c| c == candidate) {
+            return SqlClass::Transient;
+        }
+    }
+    let transient = [
+        SqlState::T_R_SERIALIZATION_FAILURE,
+        SqlState::T_R_DEADLOCK_DETECTED,
+        SqlState::LOCK_NOT_AVAILABLE,
+        SqlState::QUERY_CANCELED,
+    ];
+    // 08 connection exceptions, 53 insufficient resources (e.g. too many connections), 57P01–57P03
+    // the server shutting down or starting, 58 system errors.
+    if matches!(class, "08" | "53" | "58") || matches!(code, "57P01" | "57P02" | "57P03") {
+        SqlClass::Unavailable
+    } else if class == "40" || transient.iter().any(|state| state.code() == code) {
+        SqlClass::Transient
     } else {
-        WriteError::Permanent(message)
+        SqlClass::Permanent
     }
 }
 
@@ -357,6 +403,24 @@ async fn check_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sql_errors_are_classified_with_overrides_first() {
+        let none = SqlErrorOverrides::default();
+        assert_eq!(class_of("08006", &none), SqlClass::Unavailable);
+        assert_eq!(class_of("57P01", &none), SqlClass::Unavailable);
+        assert_eq!(class_of("40001", &none), SqlClass::Transient);
+        assert_eq!(class_of("55P03", &none), SqlClass::Transient);
+        assert_eq!(class_of("23502", &none), SqlClass::Permanent);
+        assert_eq!(class_of("22P02", &none), SqlClass::Permanent);
+        let overrides = SqlErrorOverrides {
+            transient: vec!["23".into()],
+            permanent: vec!["23505".into(), "40P01".into()],
+        };
+        assert_eq!(class_of("23502", &overrides), SqlClass::Transient);
+        assert_eq!(class_of("23505", &overrides), SqlClass::Permanent);
+        assert_eq!(class_of("40P01", &overrides), SqlClass::Permanent);
+    }
 
     #[test]
     fn upsert_keeps_the_newest_version() {
