@@ -1,4 +1,5 @@
-//! `conveyorctl`: check pipeline files, declare the topology, run the demo.
+//! `conveyorctl`: check pipeline files, declare the topology, inspect and replay dead letters, account
+//! for records, run the demo.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,13 @@ enum Command {
         #[command(subcommand)]
         command: TopologyCommand,
     },
+    /// Dead letters: list, show, replay, purge, export.
+    Dlq {
+        #[command(subcommand)]
+        command: crate::dlq::DlqCommand,
+    },
+    /// Where every record of a pipeline is: fetched, written, dead-lettered, filtered, in flight.
+    Status(crate::status::StatusArgs),
     /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
     Demo(crate::demo::DemoArgs),
     /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
@@ -98,6 +106,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { command } => crate::dlq::run(command).await,
+        Command::Status(args) => crate::status::run(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
         Command::Probe { url, timeout_secs } => {
             let client = reqwest::Client::builder()

@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 pub mod ctl;
 pub mod demo;
+pub mod dlq;
+pub mod status;
 
 /// Runs a worker: installs logging, builds the runtime, wires SIGTERM/SIGINT to a graceful stop.
 /// Exits 0 after a clean stop, 1 after an error (printed on one line, never with secrets).

@@ -437,6 +437,14 @@ struct Context<H> {
 impl<H: Handler> Context<H> {
     async fn process(&self, delivery: Delivery) {
         let labels = [self.pipeline.as_str(), self.stage.as_str()];
+        let in_hand = self.metrics.messages_in_hand.with_label_values(&labels);
+        in_hand.inc();
+        self.settle(delivery).await;
+        in_hand.dec();
+    }
+
+    async fn settle(&self, delivery: Delivery) {
+        let labels = [self.pipeline.as_str(), self.stage.as_str()];
         let timer = self
             .metrics
             .message_duration

@@ -4,6 +4,7 @@
 
 pub mod broker;
 pub mod consume;
+pub mod dead_letters;
 pub mod envelope;
 pub mod health;
 pub mod mapping;

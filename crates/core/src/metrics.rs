@@ -31,6 +31,8 @@ pub struct Metrics {
     pub source_requests: IntCounterVec,
     /// 1 while the worker is ready (connected to the broker and, for a writer, its target).
     pub ready: IntGaugeVec,
+    /// Deliveries a worker holds and has not acked yet (in flight in its hands).
+    pub messages_in_hand: IntGaugeVec,
 }
 
 const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
@@ -54,14 +56,14 @@ impl Metrics {
                 .expect("metric registered once");
             metric
         };
-        let ready = IntGaugeVec::new(
-            Opts::new("conveyor_ready", "1 while the worker is ready to work"),
-            PIPELINE_STAGE,
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ready.clone()))
-            .expect("metric registered once");
+        let gauge = |name: &str, help: &str| {
+            let metric =
+                IntGaugeVec::new(Opts::new(name, help), PIPELINE_STAGE).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("metric registered once");
+            metric
+        };
         Self {
             records_in: counter(
                 "conveyor_records_in_total",
@@ -108,7 +110,11 @@ impl Metrics {
                 "Calls to the source API",
                 &["pipeline", "outcome"],
             ),
-            ready,
+            ready: gauge("conveyor_ready", "1 while the worker is ready to work"),
+            messages_in_hand: gauge(
+                "conveyor_messages_in_hand",
+                "Deliveries a worker holds, not yet acked",
+            ),
             registry,
         }
     }

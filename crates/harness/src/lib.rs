@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use conveyor_core::broker::{self, Publisher, Stage, Topology};
-use conveyor_core::consume;
 use conveyor_core::pipeline::{Pipeline, TargetSpec};
 use conveyor_core::settings::{BrokerArgs, DEFAULT_AMQP_URL, Secret};
 use kingdee_sim::{Object, SimConfig, Simulator};
@@ -121,17 +120,7 @@ impl WorkerProcess {
     }
 }
 
-/// A message read from a dead-letter queue, with its failure headers.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub stage: String,
-    pub class: String,
-    pub error: String,
-    pub record_ids: Vec<String>,
-    pub original_routing_key: String,
-    pub trace_id: String,
-    pub body: Vec<u8>,
-}
+pub use conveyor_core::dead_letters::DeadLetter;
 
 /// How a target compares with the simulator's ground truth.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -388,39 +377,13 @@ impl Scenario {
         Ok(depths)
     }
 
-    /// Reads every message in a stage's dead-letter queue without removing any (they are left
-    /// unacknowledged and return to the queue when the channel closes).
+    /// Reads every message in a stage's dead-letter queue without removing any.
     pub async fn peek_dead_letters(&self, stage: Stage) -> anyhow::Result<Vec<DeadLetter>> {
         let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
-        let channel = connection.create_channel().await?;
         let queue = self.topology().dead_letter_queue(stage);
-        let mut letters = Vec::new();
-        while let Some(message) = channel
-            .basic_get(
-                queue.as_str().into(),
-                lapin::options::BasicGetOptions { no_ack: false },
-            )
-            .await
-            .with_context(|| format!("reading {queue}"))?
-        {
-            let properties = &message.delivery.properties;
-            let header =
-                |name: &str| conveyor_core::consume::header(properties, name).unwrap_or_default();
-            letters.push(DeadLetter {
-                stage: header(consume::HEADER_STAGE),
-                class: header(consume::HEADER_ERROR_CLASS),
-                error: header(consume::HEADER_ERROR),
-                record_ids: header(consume::HEADER_RECORD_IDS)
-                    .split(',')
-                    .filter(|id| !id.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
-                original_routing_key: header(consume::HEADER_ORIGINAL_ROUTING_KEY),
-                trace_id: header(conveyor_core::envelope::HEADER_TRACE_ID),
-                body: message.delivery.data.clone(),
-            });
-        }
-        let _ = channel.close(200, "peeked".into()).await;
+        let held = conveyor_core::dead_letters::Held::take(&connection, &queue, usize::MAX).await?;
+        let letters = held.letters.clone();
+        held.release().await;
         broker::close(&connection).await;
         Ok(letters)
     }

@@ -1,0 +1,385 @@
+//! `conveyorctl dlq`: list, show, replay, purge and export dead letters (the logic is in
+//! [`conveyor_core::dead_letters`]; this is the command line around it).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand, ValueEnum};
+use conveyor_core::broker::{self, Publisher, Stage, Topology};
+use conveyor_core::dead_letters::{self, DeadLetter, Filter, Held, QueueCounts};
+use conveyor_core::pipeline::Pipeline;
+use conveyor_core::settings::BrokerArgs;
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::Connection;
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// Count dead letters per pipeline and stage, and by error class.
+    List {
+        /// Pipelines: names, or pipeline files.
+        #[arg(required = true)]
+        pipelines: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: BrokerArgs,
+    },
+    /// Show dead letters with their failure details.
+    Show {
+        #[command(flatten)]
+        select: Select,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish dead letters back into the stage where they failed (with a confirm), then remove them.
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Say what would be replayed, and replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove dead letters for good.
+    Purge {
+        #[command(flatten)]
+        select: Select,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Write dead letters as JSON Lines, one message a line, for offline analysis. Removes nothing.
+    Export {
+        #[command(flatten)]
+        select: Select,
+        /// The file to write (standard output if absent).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+/// Which dead letters a command applies to.
+#[derive(Debug, Args)]
+pub struct Select {
+    /// The pipeline: its name, or its pipeline file.
+    pipeline: String,
+    /// Only this stage's dead-letter queue (all stages if absent).
+    #[arg(long, value_enum)]
+    stage: Option<StageArg>,
+    /// Only this error class.
+    #[arg(long, value_enum)]
+    class: Option<ClassArg>,
+    /// Only letters carrying this record id.
+    #[arg(long)]
+    record_id: Option<String>,
+    /// Only letters that last failed at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Only letters that last failed before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// At most this many messages (per stage).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Messages read from one dead-letter queue at most (they are held in memory while working).
+    #[arg(long, default_value_t = 100_000)]
+    max_messages: usize,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum StageArg {
+    Fetch,
+    Transform,
+    Write,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ClassArg {
+    Malformed,
+    Permanent,
+    Transient,
+}
+
+impl Select {
+    fn filter(&self) -> Filter {
+        Filter {
+            class: self.class.map(|class| {
+                match class {
+                    ClassArg::Malformed => "malformed",
+                    ClassArg::Permanent => "permanent",
+                    ClassArg::Transient => "transient",
+                }
+                .to_owned()
+            }),
+            record_id: self.record_id.clone(),
+            since: self.since,
+            until: self.until,
+        }
+    }
+
+    fn queues(&self, topology: &Topology) -> Vec<(Stage, String)> {
+        let wanted = self.stage.map(|stage| match stage {
+            StageArg::Fetch => Stage::Fetch,
+            StageArg::Transform => Stage::Transform,
+            StageArg::Write => Stage::Write,
+        });
+        dead_letters::queues(topology)
+            .into_iter()
+            .filter(|(stage, _)| wanted.is_none_or(|w| w == *stage))
+            .collect()
+    }
+
+    /// Connects and takes every letter of each selected queue; the matching ones are returned apart.
+    async fn take(&self) -> anyhow::Result<(Connection, Topology, Vec<(Held, Vec<usize>)>)> {
+        let name = pipeline_name(&self.pipeline)?;
+        let topology = Topology::new(&self.broker, &name);
+        let connection = broker::connect(&self.broker.amqp_url()?, "conveyorctl").await?;
+        let filter = self.filter();
+        let mut taken = Vec::new();
+        for (_, queue) in self.queues(&topology) {
+            let held = Held::take(&connection, &queue, self.max_messages).await?;
+            let matching: Vec<usize> = held
+                .letters
+                .iter()
+                .enumerate()
+                .filter(|(_, letter)| filter.matches(letter))
+                .map(|(index, _)| index)
+                .take(self.limit.unwrap_or(usize::MAX))
+                .collect();
+            taken.push((held, matching));
+        }
+        Ok((connection, topology, taken))
+    }
+}
+
+/// A pipeline given by name, or by its file.
+pub(crate) fn pipeline_name(given: &str) -> anyhow::Result<String> {
+    if given.ends_with(".toml") || std::path::Path::new(given).is_file() {
+        return Ok(Pipeline::load(given)?.name().to_owned());
+    }
+    Ok(given.to_owned())
+}
+
+pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
+    match command {
+        DlqCommand::List {
+            pipelines,
+            json,
+            broker,
+        } => list(&pipelines, json, &broker).await,
+        DlqCommand::Show { select, json } => show(&select, json).await,
+        DlqCommand::Replay { select, dry_run } => replay(&select, dry_run).await,
+        DlqCommand::Purge { select, yes } => purge(&select, yes).await,
+        DlqCommand::Export { select, output } => export(&select, output).await,
+    }
+}
+
+async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::Result<()> {
+    let connection = broker::connect(&broker.amqp_url()?, "conveyorctl").await?;
+    let mut counts = Vec::new();
+    for given in pipelines {
+        let name = pipeline_name(given)?;
+        let topology = Topology::new(broker, &name);
+        for (stage, queue) in dead_letters::queues(&topology) {
+            let held = Held::take(&connection, &queue, usize::MAX).await?;
+            counts.push(QueueCounts::of(&name, stage, &queue, &held.letters));
+            held.release().await;
+        }
+    }
+    broker::close(&connection).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&counts)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:<10} {:>9} {:>9}  by class",
+        "pipeline", "stage", "messages", "records"
+    );
+    for count in &counts {
+        let classes: Vec<String> = count
+            .by_class
+            .iter()
+            .map(|(class, n)| format!("{class} {n}"))
+            .collect();
+        println!(
+            "{:<24} {:<10} {:>9} {:>9}  {}",
+            count.pipeline,
+            count.stage,
+            count.messages,
+            count.records,
+            classes.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
+    let (connection, _, taken) = select.take().await?;
+    let mut shown: Vec<DeadLetter> = Vec::new();
+    for (held, matching) in taken {
+        shown.extend(matching.iter().map(|&i| held.letters[i].clone()));
+        held.release().await;
+    }
+    broker::close(&connection).await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+        return Ok(());
+    }
+    for letter in &shown {
+        let time = |t: &Option<DateTime<chrono::FixedOffset>>| {
+            t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+        };
+        println!("{} message {}", letter.queue, letter.message_id);
+        println!("  class:    {}", letter.class);
+        println!("  error:    {}", letter.error);
+        println!("  attempts: {}", letter.attempts);
+        println!(
+            "  failed:   first {}, last {}",
+            time(&letter.first_failed_at),
+            time(&letter.last_failed_at)
+        );
+        println!(
+            "  route:    exchange {:?} key {:?}",
+            letter.original_exchange, letter.original_routing_key
+        );
+        println!("  records:  {}", letter.record_ids.join(", "));
+        println!("  trace:    {}", letter.trace_id);
+        let payload = letter
+            .payload
+            .clone()
+            .unwrap_or_else(|| format!("(hex) {}", letter.payload_hex.clone().unwrap_or_default()));
+        let short: String = payload.chars().take(300).collect();
+        let more = if short.len() < payload.len() {
+            " …"
+        } else {
+            ""
+        };
+        println!("  payload:  {short}{more}");
+    }
+    eprintln!("{} dead letter(s)", shown.len());
+    Ok(())
+}
+
+async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
+    let (connection, topology, taken) = select.take().await?;
+    let publisher = Publisher::open(&connection).await?;
+    let total: usize = taken.iter().map(|(_, matching)| matching.len()).sum();
+    let bar = progress(total as u64, dry_run);
+    let (mut moved, mut records, mut failed) = (0usize, 0usize, Vec::new());
+    for (held, matching) in taken {
+        for &index in &matching {
+            let letter = &held.letters[index];
+            if dry_run {
+                println!(
+                    "would replay {} message {} ({} record(s), {}) to {:?}",
+                    letter.queue,
+                    letter.message_id,
+                    letter.record_ids.len(),
+                    letter.class,
+                    letter.original_routing_key
+                );
+                moved += 1;
+                records += letter.record_ids.len();
+                continue;
+            }
+            match held.replay(letter, &publisher, &topology).await {
+                Ok(()) => {
+                    moved += 1;
+                    records += letter.record_ids.len();
+                }
+                Err(err) => failed.push(format!("{} {}: {err}", letter.queue, letter.message_id)),
+            }
+            bar.inc(1);
+        }
+        held.release().await;
+    }
+    bar.finish_and_clear();
+    broker::close(&connection).await;
+    let verb = if dry_run { "would replay" } else { "replayed" };
+    println!(
+        "{verb} {moved} message(s) with {records} record(s); {} failed and stay in the dead-letter queue",
+        failed.len()
+    );
+    for failure in &failed {
+        eprintln!("  {failure}");
+    }
+    if !failed.is_empty() {
+        bail!("{} message(s) could not be replayed", failed.len());
+    }
+    Ok(())
+}
+
+async fn purge(select: &Select, yes: bool) -> anyhow::Result<()> {
+    let (connection, _, taken) = select.take().await?;
+    let total: usize = taken.iter().map(|(_, matching)| matching.len()).sum();
+    if total > 0 && !yes && !confirm(total)? {
+        for (held, _) in taken {
+            held.release().await;
+        }
+        broker::close(&connection).await;
+        bail!("nothing purged: not confirmed (use --yes to skip the question)");
+    }
+    let mut removed = 0;
+    for (held, matching) in taken {
+        for &index in &matching {
+            held.remove(&held.letters[index]).await?;
+            removed += 1;
+        }
+        held.release().await;
+    }
+    broker::close(&connection).await;
+    println!("purged {removed} message(s)");
+    Ok(())
+}
+
+/// Asks on the terminal; anything but "y"/"yes" (or no terminal to ask on) is a no.
+fn confirm(count: usize) -> anyhow::Result<bool> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        eprintln!("{count} message(s) would be removed for good; confirm with --yes");
+        return Ok(false);
+    }
+    eprint!("remove {count} dead letter(s) for good? [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    Ok(matches!(answer.trim().to_lowercase().as_str(), "y" | "yes"))
+}
+
+async fn export(select: &Select, output: Option<PathBuf>) -> anyhow::Result<()> {
+    let (connection, _, taken) = select.take().await?;
+    let mut out: Box<dyn Write> = match &output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut written = 0;
+    for (held, matching) in taken {
+        for &index in &matching {
+            serde_json::to_writer(&mut out, &held.letters[index])?;
+            out.write_all(b"\n")?;
+            written += 1;
+        }
+        held.release().await;
+    }
+    out.flush()?;
+    broker::close(&connection).await;
+    eprintln!("exported {written} dead letter(s)");
+    Ok(())
+}
+
+/// A progress bar on standard error for long runs (drawn only on a terminal).
+fn progress(total: u64, hidden: bool) -> ProgressBar {
+    if hidden || total < 50 {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} replayed ({eta} left)") {
+        bar.set_style(style);
+    }
+    bar
+}
