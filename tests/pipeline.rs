@@ -2,93 +2,17 @@
 //! PostgreSQL. Each test has its own queue namespace and schema, so tests run in parallel and again.
 //! They fail (never skip) when RabbitMQ or PostgreSQL is down.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod common;
+
+use common::*;
 use conveyor_core::broker::Stage;
 use conveyor_core::envelope::{Envelope, Meta, Record};
-use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
+use conveyor_harness::Worker;
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn sales_orders_pipeline() -> PathBuf {
-    repo_root().join("ops/pipelines/sales_orders.toml")
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_conveyor-writer"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_owned()
-}
-
-async fn scenario(prefix: &str, sim: SimConfig) -> Scenario {
-    let services = Services::check()
-        .await
-        .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"));
-    Scenario::start(services, &sales_orders_pipeline(), &bin_dir(), prefix, sim)
-        .await
-        .expect("scenario starts")
-}
-
-fn orders(count: usize) -> SimConfig {
-    SimConfig {
-        seed: 7,
-        orders: count,
-        ..SimConfig::default()
-    }
-}
-
-/// SIGTERMs every worker and asserts each exits 0.
-async fn stop_all(workers: &mut [WorkerProcess]) {
-    for worker in workers.iter() {
-        worker.terminate().expect("SIGTERM sent");
-    }
-    for worker in workers.iter_mut() {
-        let status = worker
-            .wait(Duration::from_secs(30))
-            .await
-            .expect("worker exits");
-        assert!(
-            status.success(),
-            "{} exited with {status} after SIGTERM:\n{}",
-            worker.worker.binary(),
-            worker.log_tail(30)
-        );
-    }
-}
-
-async fn run_fetcher_once(scenario: &Scenario) {
-    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
-    let status = fetcher.wait(TIMEOUT).await.unwrap();
-    assert!(
-        status.success(),
-        "fetcher failed:\n{}",
-        fetcher.log_tail(30)
-    );
-}
-
-async fn assert_target_equals_truth(scenario: &Scenario, workers: &[WorkerProcess]) {
-    if let Err(err) = scenario.wait_for_target(TIMEOUT).await {
-        let logs: Vec<String> = workers
-            .iter()
-            .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
-            .collect();
-        panic!("{err:#}\n{}", logs.join("\n"));
-    }
-    let comparison = scenario.compare_with_truth().await.unwrap();
-    assert!(
-        comparison.is_exact(),
-        "target differs from the truth: {comparison:?}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_land_exactly_the_source() {
@@ -113,17 +37,6 @@ async fn two_writers_land_exactly_the_source() {
 
     stop_all(&mut workers).await;
     scenario.clean_up(false).await.unwrap();
-}
-
-async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32)> {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let depths = scenario.queue_depths().await.unwrap();
-        if depths.iter().all(|(_, n)| *n == 0) || tokio::time::Instant::now() > deadline {
-            return depths;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,8 @@
 //! queues' depths.
 //!
 //! How it counts: it scrapes `/metrics` of the workers it is given and adds up, per pipeline, the
-//! records fetched (`conveyor_records_in_total{stage="fetch"}`), written (`records_out` of the write
-//! stage), dead-lettered (every stage) and filtered (every stage). What is neither written,
+//! records fetched (`conveyor_records_in_total{stage="fetch"}`), replayed from dead-letter queues,
+//! written (`records_out` of the write stage), dead-lettered (every stage) and filtered (every stage). What is neither written,
 //! dead-lettered nor filtered is in flight: waiting in a work or retry queue, or in a worker's hands.
 //! When the work and retry queues are empty and no worker holds anything, in flight must be 0; if it is
 //! not, the records are flagged as unaccounted for. Counters live in the worker processes: a worker that
@@ -45,7 +45,9 @@ pub struct PipelineStatus {
     pub dead_lettered: u64,
     pub filtered: u64,
     pub retried: u64,
-    /// fetched − written − dead-lettered − filtered.
+    /// Records put back into the pipeline from dead-letter queues.
+    pub replayed: u64,
+    /// fetched + replayed − written − dead-lettered − filtered.
     pub in_flight: i64,
     /// Messages ready in the work and retry queues.
     pub queued_messages: u64,
@@ -116,6 +118,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                 s.dead_lettered, s.dead_letter_messages
             );
             println!("  filtered       {:>10}", s.filtered);
+            println!("  replayed       {:>10}", s.replayed);
             println!(
                 "  in flight      {:>10}  ({} message(s) queued, {} in workers' hands; {} retries so far)",
                 s.in_flight, s.queued_messages, s.unacked_messages, s.retried
@@ -228,6 +231,7 @@ pub fn count(pipeline: &str, samples: &[Sample]) -> PipelineStatus {
         None,
     );
     let filtered = sum(samples, "conveyor_records_filtered_total", pipeline, None);
+    let replayed = sum(samples, "conveyor_records_replayed_total", pipeline, None);
     PipelineStatus {
         pipeline: pipeline.to_owned(),
         fetched,
@@ -235,7 +239,11 @@ pub fn count(pipeline: &str, samples: &[Sample]) -> PipelineStatus {
         dead_lettered,
         filtered,
         retried: sum(samples, "conveyor_records_retried_total", pipeline, None),
-        in_flight: fetched as i64 - written as i64 - dead_lettered as i64 - filtered as i64,
+        replayed,
+        in_flight: (fetched + replayed) as i64
+            - written as i64
+            - dead_lettered as i64
+            - filtered as i64,
         ..Default::default()
     }
 }

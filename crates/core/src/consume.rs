@@ -453,10 +453,20 @@ impl<H: Handler> Context<H> {
         let disposition =
             match Envelope::from_amqp(&self.pipeline, &delivery.data, &delivery.properties) {
                 Ok(envelope) => {
+                    let records = envelope.records.len() as u64;
                     self.metrics
                         .records_in
                         .with_label_values(&labels)
-                        .inc_by(envelope.records.len() as u64);
+                        .inc_by(records);
+                    let replayed = headers_of(&delivery.properties)
+                        .inner()
+                        .contains_key(crate::dead_letters::HEADER_REPLAYS);
+                    if replayed && envelope.meta.attempt == 0 {
+                        self.metrics
+                            .records_replayed
+                            .with_label_values(&labels)
+                            .inc_by(records);
+                    }
                     self.handler.handle(envelope).await
                 }
                 Err(malformed) => Disposition::DeadLetter(Failure::new(

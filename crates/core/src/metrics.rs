@@ -19,6 +19,9 @@ pub struct Metrics {
     pub records_dead_lettered: IntCounterVec,
     /// Records sent to a retry queue to be tried again after a delay (counted once per retry).
     pub records_retried: IntCounterVec,
+    /// Records that came back from a dead-letter queue by `conveyorctl dlq replay` (counted once, at
+    /// the first try after the replay): they re-enter the pipeline, so the accounting adds them in.
+    pub records_replayed: IntCounterVec,
     /// Records a stage dropped on purpose (a rule filtered them out): accounted for, not lost.
     pub records_filtered: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
@@ -83,6 +86,11 @@ impl Metrics {
             records_retried: counter(
                 "conveyor_records_retried_total",
                 "Records sent to a retry queue to be tried again",
+                PIPELINE_STAGE,
+            ),
+            records_replayed: counter(
+                "conveyor_records_replayed_total",
+                "Records replayed from a dead-letter queue",
                 PIPELINE_STAGE,
             ),
             records_filtered: counter(

@@ -9,6 +9,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub mod own_broker;
+pub mod proxy;
+
 use anyhow::{Context as _, bail};
 use conveyor_core::broker::{self, Publisher, Stage, Topology};
 use conveyor_core::pipeline::{Pipeline, TargetSpec};
@@ -49,6 +52,37 @@ impl Services {
             || "PostgreSQL is not reachable: start it (ops/services.sh) or set CONVEYOR_PG_URL",
         )?;
         Ok(Self { amqp_url, pg_url })
+    }
+}
+
+impl Services {
+    /// The address of PostgreSQL (its first host), e.g. to put a proxy in front of it.
+    pub fn pg_addr(&self) -> anyhow::Result<SocketAddr> {
+        use std::net::ToSocketAddrs as _;
+        let config: tokio_postgres::Config = self.pg_url.expose().parse()?;
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => bail!("CONVEYOR_PG_URL must name a TCP host for this test"),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        (host.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .with_context(|| format!("{host} has no address"))
+    }
+
+    /// The PostgreSQL URL with `addr` in place of the server's address (same user, password, database).
+    pub fn pg_url_via(&self, addr: SocketAddr) -> anyhow::Result<Secret> {
+        let config: tokio_postgres::Config = self.pg_url.expose().parse()?;
+        let user = config.get_user().unwrap_or("postgres");
+        let password = config
+            .get_password()
+            .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+            .unwrap_or_default();
+        let db = config.get_dbname().unwrap_or(user);
+        Ok(Secret::new(format!(
+            "postgres://{user}{password}@{addr}/{db}"
+        )))
     }
 }
 
@@ -152,6 +186,8 @@ pub struct Scenario {
     pub schema: String,
     pub simulator: Arc<Simulator>,
     pub sim_url: String,
+    /// Settings that every worker started afterwards gets on top of [`Scenario::environment`].
+    pub extra_env: Vec<(String, String)>,
     bin_dir: PathBuf,
     log_dir: PathBuf,
 }
@@ -207,6 +243,7 @@ impl Scenario {
             schema: schema.to_owned(),
             simulator,
             sim_url: format!("http://{sim_addr}"),
+            extra_env: Vec::new(),
             bin_dir: bin_dir.to_owned(),
             log_dir,
         })
@@ -245,6 +282,7 @@ impl Scenario {
         let child = Command::new(self.bin_dir.join(worker.binary()))
             .args(args)
             .envs(self.environment())
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -1,0 +1,161 @@
+//! A RabbitMQ node of the test's own, on free ports with its own data directory, that the test may stop
+//! and start again: the machine's shared broker is never restarted.
+//!
+//! It runs `rabbitmq-server` from the RabbitMQ installation (`CONVEYOR_RABBITMQ_SERVER`, else Debian's
+//! `/usr/lib/rabbitmq/bin/rabbitmq-server`, else `rabbitmq-server` on the PATH) in a process group of
+//! its own, with `HOME` in its directory so that it has its own Erlang cookie. Stopping sends SIGTERM
+//! (the node shuts down cleanly and keeps its durable queues); dropping kills the group.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use conveyor_core::broker;
+use conveyor_core::settings::Secret;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+pub struct OwnBroker {
+    pub amqp_port: u16,
+    dir: PathBuf,
+    node: String,
+    dist_port: u16,
+    child: Option<Child>,
+}
+
+fn server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("CONVEYOR_RABBITMQ_SERVER") {
+        return path.into();
+    }
+    let debian = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+    if debian.is_file() {
+        return debian.to_owned();
+    }
+    "rabbitmq-server".into()
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+impl OwnBroker {
+    /// Starts a fresh node and waits until it takes AMQP connections.
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join("conveyor-brokers").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("home"))?;
+        let mut own = Self {
+            amqp_port: free_port()?,
+            dist_port: free_port()?,
+            node: format!("conveyor-{name}@localhost"),
+            dir,
+            child: None,
+        };
+        own.resume().await?;
+        Ok(own)
+    }
+
+    pub fn url(&self) -> Secret {
+        Secret::new(format!(
+            "amqp://guest:guest@127.0.0.1:{}/%2f",
+            self.amqp_port
+        ))
+    }
+
+    /// Starts the node again (after [`OwnBroker::stop`]) and waits until it takes connections.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join("server.log"))?;
+        let child = Command::new(server_binary())
+            .env("HOME", self.dir.join("home"))
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("plugins"))
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .env(
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                self.dir.join("advanced.config"),
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "starting {} (install RabbitMQ, or set CONVEYOR_RABBITMQ_SERVER)",
+                    server_binary().display()
+                )
+            })?;
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Ok(connection) = broker::connect(&self.url(), "conveyor-harness").await {
+                broker::close(&connection).await;
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the test's RabbitMQ node exited with {status}; see {}",
+                    self.dir.join("server.log").display()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                bail!(
+                    "the test's RabbitMQ node did not take connections within 90 s; see {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the node cleanly (SIGTERM to its process group) and waits for it to exit.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = child.id() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(60), child.wait()).await {
+            Ok(status) => {
+                status?;
+            }
+            Err(_) => {
+                self.kill_group(&child);
+                bail!("the test's RabbitMQ node did not stop within 60 s");
+            }
+        }
+        // The node is an Erlang VM under the script: wait until its port is free again.
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.amqp_port)).is_ok()
+            && started.elapsed() < Duration::from_secs(30)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    fn kill_group(&self, child: &Child) {
+        if let Some(pid) = child.id() {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            self.kill_group(child);
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! What the end-to-end test files share: starting a scenario, running and stopping workers, and
+//! comparing the target with the truth. (Each test file uses a part of it.)
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
+use kingdee_sim::SimConfig;
+
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn sales_orders_pipeline() -> PathBuf {
+    repo_root().join("ops/pipelines/sales_orders.toml")
+}
+
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_conveyor-writer"))
+        .parent()
+        .expect("binaries live in a directory")
+        .to_owned()
+}
+
+pub async fn scenario(prefix: &str, sim: SimConfig) -> Scenario {
+    scenario_with(services().await, prefix, sim).await
+}
+
+/// The machine's RabbitMQ and PostgreSQL, proven to answer.
+pub async fn services() -> Services {
+    Services::check()
+        .await
+        .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"))
+}
+
+pub async fn scenario_with(services: Services, prefix: &str, sim: SimConfig) -> Scenario {
+    Scenario::start(services, &sales_orders_pipeline(), &bin_dir(), prefix, sim)
+        .await
+        .expect("scenario starts")
+}
+
+/// Waits until a worker's /readyz answers 200 (`ready`) or not (`!ready`).
+pub async fn wait_ready(worker: &WorkerProcess, ready: bool, timeout: Duration) {
+    let url = format!("http://{}/readyz", worker.http_addr);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = reqwest::get(&url).await;
+        let is_ready = matches!(&answer, Ok(response) if response.status() == 200);
+        if is_ready == ready && answer.is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} did not become {} within {timeout:?}:\n{}",
+            worker.worker.binary(),
+            if ready { "ready" } else { "not ready" },
+            worker.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `conveyorctl` against the scenario's broker and namespace.
+pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(args)
+        .env("CONVEYOR_NAMESPACE", &scenario.namespace)
+        .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
+        .env(
+            "CONVEYOR_RETRY_DELAYS_MS",
+            conveyor_harness::RETRY_DELAYS_MS,
+        )
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("conveyorctl runs")
+}
+
+/// Runs `conveyorctl`, asserts it succeeded, returns its standard output.
+pub fn ctl_ok(scenario: &Scenario, args: &[&str]) -> String {
+    let output = ctl(scenario, args);
+    assert!(
+        output.status.success(),
+        "conveyorctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stdout).expect("UTF-8 output")
+}
+
+/// A worker's metric value (the sum over label sets that contain every one of `labels`); 0 while
+/// the worker does not serve its metrics yet.
+pub async fn metric(worker: &WorkerProcess, name: &str, labels: &[&str]) -> f64 {
+    let url = format!("http://{}/metrics", worker.http_addr);
+    let Ok(response) = reqwest::get(url).await else {
+        return 0.0;
+    };
+    let text = response.text().await.expect("metrics text");
+    text.lines()
+        .filter(|line| line.starts_with(name) && labels.iter().all(|l| line.contains(l)))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+pub fn orders(count: usize) -> SimConfig {
+    SimConfig {
+        seed: 7,
+        orders: count,
+        ..SimConfig::default()
+    }
+}
+
+/// SIGTERMs every worker and asserts each exits 0.
+pub async fn stop_all(workers: &mut [WorkerProcess]) {
+    for worker in workers.iter() {
+        worker.terminate().expect("SIGTERM sent");
+    }
+    for worker in workers.iter_mut() {
+        let status = worker
+            .wait(Duration::from_secs(30))
+            .await
+            .expect("worker exits");
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM:\n{}",
+            worker.worker.binary(),
+            worker.log_tail(30)
+        );
+    }
+}
+
+pub async fn run_fetcher_once(scenario: &Scenario) {
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let status = fetcher.wait(TIMEOUT).await.unwrap();
+    assert!(
+        status.success(),
+        "fetcher failed:\n{}",
+        fetcher.log_tail(30)
+    );
+}
+
+pub async fn assert_target_equals_truth(scenario: &Scenario, workers: &[WorkerProcess]) {
+    if let Err(err) = scenario.wait_for_target(TIMEOUT).await {
+        let logs: Vec<String> = workers
+            .iter()
+            .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
+            .collect();
+        panic!("{err:#}\n{}", logs.join("\n"));
+    }
+    let comparison = scenario.compare_with_truth().await.unwrap();
+    assert!(
+        comparison.is_exact(),
+        "target differs from the truth: {comparison:?}"
+    );
+}
+
+/// Waits until the work and retry queues are empty (dead-letter queues aside); returns the depths of
+/// every queue, dead-letter queues included.
+pub async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32)> {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let depths = scenario.queue_depths().await.unwrap();
+        let work_empty = depths
+            .iter()
+            .all(|(queue, n)| *n == 0 || queue.ends_with(".dlq"));
+        if work_empty {
+            return depths;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "work queues not empty after {TIMEOUT:?}: {depths:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,539 @@
+//! End-to-end tests of failure: a target that goes away for 20 s, a broker restarted mid-run, workers
+//! killed at random moments, lock conflicts retried through the delay queues, and dead letters replayed
+//! after their cause is fixed. Real processes, the machine's PostgreSQL, the machine's RabbitMQ (and a
+//! RabbitMQ node of the test's own for the restart). Each ends with the target equal to the truth minus
+//! exactly the records that had to fail, which sit in the dead-letter queue with the right reason.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use conveyor_core::broker::Stage;
+use conveyor_harness::own_broker::OwnBroker;
+use conveyor_harness::proxy::TcpProxy;
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
+use kingdee_sim::SimConfig;
+use rand::Rng;
+
+fn poisoned(sim_orders: usize) -> SimConfig {
+    SimConfig {
+        poison_every: 97,
+        ..orders(sim_orders)
+    }
+}
+
+/// Asserts the transform dead-letter queue holds exactly the simulator's poison records (each may sit
+/// there more than once after a worker was killed between dead-lettering and acking: at least once),
+/// each with the field and the reason.
+async fn assert_poison_dead_lettered(scenario: &Scenario) {
+    let letters = scenario.peek_dead_letters(Stage::Transform).await.unwrap();
+    let dead: BTreeSet<String> = letters
+        .iter()
+        .flat_map(|l| l.record_ids.iter().cloned())
+        .collect();
+    let poisoned: BTreeSet<String> = scenario.simulator.poisoned_orders().into_iter().collect();
+    assert!(!poisoned.is_empty());
+    assert_eq!(
+        dead, poisoned,
+        "exactly the poison records are dead-lettered"
+    );
+    for letter in &letters {
+        assert_eq!(letter.class, "permanent");
+        assert_eq!(letter.stage, "transform");
+        assert_eq!(letter.pipeline, "sales_orders");
+        assert!(letter.error.contains("total_amount"), "{}", letter.error);
+        assert!(!letter.trace_id.is_empty() && letter.last_failed_at.is_some());
+    }
+}
+
+async fn dead_letter_count(scenario: &Scenario, stage: Stage) -> usize {
+    scenario.peek_dead_letters(stage).await.unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record() {
+    let mut scenario = scenario("pgdown", poisoned(2_000)).await;
+    let proxy = TcpProxy::start(scenario.services.pg_addr().unwrap())
+        .await
+        .unwrap();
+    let via_proxy = scenario.services.pg_url_via(proxy.addr()).unwrap();
+    scenario
+        .extra_env
+        .push(("CONVEYOR_PG_URL".into(), via_proxy.expose().to_owned()));
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    wait_ready(&workers[1], true, TIMEOUT).await;
+
+    proxy.down();
+    let cut = tokio::time::Instant::now();
+    run_fetcher_once(&scenario).await;
+    wait_ready(&workers[1], false, Duration::from_secs(30)).await;
+    let client = pg_client(&scenario.services.pg_url).await.unwrap();
+    let rows_at_cut = scenario.target_count(&client).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(cut.elapsed())).await;
+    assert_eq!(
+        scenario.target_count(&client).await.unwrap(),
+        rows_at_cut,
+        "nothing is written while the target is down"
+    );
+    assert_eq!(
+        dead_letter_count(&scenario, Stage::Write).await,
+        0,
+        "no good record is dead-lettered while the target is down"
+    );
+    let held = metric(&workers[1], "conveyor_messages_in_hand", &[]).await;
+    let queued: u32 = scenario
+        .queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(queue, _)| queue.ends_with(".write"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        held + f64::from(queued) > 0.0,
+        "the batches wait in the work queue (held {held}, queued {queued})"
+    );
+
+    proxy.up();
+    wait_ready(&workers[1], true, Duration::from_secs(30)).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    assert_poison_dead_lettered(&scenario).await;
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restarted_mid_run_loses_nothing() {
+    let name = format!("restart-{}", &uuid_suffix());
+    let mut broker = OwnBroker::start(&name)
+        .await
+        .unwrap_or_else(|err| panic!("this test runs a RabbitMQ node of its own: {err:#}"));
+    let services = Services {
+        amqp_url: broker.url(),
+        pg_url: services().await.pg_url,
+    };
+    let scenario = scenario_with(services, "restart", poisoned(5_000)).await;
+    let mut workers = vec![scenario.spawn(Worker::Transformer, &[]).unwrap()];
+    run_fetcher_once(&scenario).await;
+    workers.push(scenario.spawn(Worker::Writer, &[]).unwrap());
+    let client = pg_client(&scenario.services.pg_url).await.unwrap();
+    let total = scenario.expected_records().len();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while scenario.target_count(&client).await.unwrap() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing written:\n{}",
+            workers[1].log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    broker.stop().await.unwrap();
+    let written_at_stop = scenario.target_count(&client).await.unwrap();
+    assert!(
+        written_at_stop < total,
+        "the run finished before the broker stopped; use more records"
+    );
+    for worker in &workers {
+        wait_ready(worker, false, Duration::from_secs(30)).await;
+    }
+    broker.resume().await.unwrap();
+    for worker in &workers {
+        wait_ready(worker, true, Duration::from_secs(60)).await;
+    }
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert_poison_dead_lettered(&scenario).await;
+    // Again in the middle of a sync: the fetcher reconnects and syncs again.
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while metric(&fetcher, "conveyor_source_requests_total", &[]).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            fetcher.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    broker.stop().await.unwrap();
+    broker.resume().await.unwrap();
+    let status = fetcher.wait(TIMEOUT).await.unwrap();
+    assert!(status.success(), "fetcher:\n{}", fetcher.log_tail(20));
+    assert!(
+        std::fs::read_to_string(&fetcher.log)
+            .unwrap()
+            .contains("reconnecting to sync again"),
+        "the broker stopped after the sync finished; use more records:\n{}",
+        fetcher.log_tail(20)
+    );
+    wait_for_empty_work_queues(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert_poison_dead_lettered(&scenario).await;
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+    broker.stop().await.unwrap();
+}
+
+fn uuid_suffix() -> String {
+    let n: u64 = rand::rng().random();
+    format!("{n:x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_killed_at_random_moments_lose_nothing() {
+    let scenario = scenario("chaos", poisoned(4_000)).await;
+    let mut transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
+    let mut writer = scenario.spawn(Worker::Writer, &[]).unwrap();
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let mut kills = Vec::new();
+    for _ in 0..8 {
+        let pause = rand::rng().random_range(100..700);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let victim: &mut WorkerProcess = match rand::rng().random_range(0..3) {
+            0 => &mut fetcher,
+            1 => &mut transformer,
+            _ => &mut writer,
+        };
+        let kind = victim.worker;
+        victim.kill().await.unwrap();
+        let args: &[&str] = if kind == Worker::Fetcher {
+            &["--once"]
+        } else {
+            &[]
+        };
+        *victim = scenario.spawn(kind, args).unwrap();
+        kills.push(kind.binary());
+    }
+    eprintln!("killed with SIGKILL and restarted: {kills:?}");
+    let status = fetcher.wait(TIMEOUT).await.unwrap();
+    assert!(status.success(), "fetcher:\n{}", fetcher.log_tail(20));
+    let mut workers = vec![transformer, writer];
+    assert_target_equals_truth(&scenario, &workers).await;
+    wait_for_empty_work_queues(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert_poison_dead_lettered(&scenario).await;
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_run_out() {
+    let mut scenario = scenario("retry", orders(300)).await;
+    scenario
+        .extra_env
+        .push(("CONVEYOR_PG_LOCK_TIMEOUT_MS".into(), "100".into()));
+    let writer = scenario.spawn(Worker::Writer, &[]).unwrap();
+    wait_ready(&writer, true, TIMEOUT).await;
+    let transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
+    let table = scenario.table().unwrap();
+    let locker = pg_client(&scenario.services.pg_url).await.unwrap();
+    let lock = format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+
+    // A lock held for 2 s: writes fail with lock_not_available, go to the retry queues and land later.
+    locker.batch_execute(&lock).await.unwrap();
+    run_fetcher_once(&scenario).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while metric(&writer, "conveyor_records_retried_total", &[]).await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry:\n{}",
+            writer.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+    let workers = vec![transformer, writer];
+    assert_target_equals_truth(&scenario, &workers).await;
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    let [transformer, mut writer] = <[WorkerProcess; 2]>::try_from(workers).ok().unwrap();
+
+    // With 2 attempts and a lock held throughout, the batches are dead-lettered as transient.
+    writer.terminate().unwrap();
+    writer.wait(Duration::from_secs(30)).await.unwrap();
+    scenario
+        .extra_env
+        .push(("CONVEYOR_MAX_ATTEMPTS".into(), "2".into()));
+    writer = scenario.spawn(Worker::Writer, &[]).unwrap();
+    wait_ready(&writer, true, TIMEOUT).await;
+    locker.batch_execute(&lock).await.unwrap();
+    run_fetcher_once(&scenario).await;
+    let expected_letters = 3; // 300 records in pages of 100
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while dead_letter_count(&scenario, Stage::Write).await < expected_letters {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not dead-lettered:\n{}",
+            writer.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    locker.batch_execute("COMMIT").await.unwrap();
+    let letters = scenario.peek_dead_letters(Stage::Write).await.unwrap();
+    assert_eq!(letters.len(), expected_letters, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter.class, "transient");
+        assert_eq!(letter.attempts, 2);
+        assert!(
+            letter.error.starts_with("gave up after 2 attempts") && letter.error.contains("lock"),
+            "{}",
+            letter.error
+        );
+        assert_eq!(letter.record_ids.len(), 100);
+        assert_eq!(letter.original_routing_key, "sales_orders.write");
+        assert!(letter.first_failed_at <= letter.last_failed_at);
+    }
+    // The cause is gone: the replay lands them (idempotently: they were written before).
+    let replayed = ctl_ok(
+        &scenario,
+        &["dlq", "replay", "sales_orders", "--stage", "write"],
+    );
+    assert!(
+        replayed.contains("replayed 3 message(s) with 300 record(s)"),
+        "{replayed}"
+    );
+    wait_for_empty_work_queues(&scenario).await;
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    stop_all(&mut [transformer, writer]).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once() {
+    let mut scenario = scenario("replay", orders(600)).await;
+    scenario
+        .extra_env
+        .push(("CONVEYOR_FETCH_INTERVAL_SECS".into(), "3600".into()));
+    let writer = scenario.spawn(Worker::Writer, &[]).unwrap();
+    wait_ready(&writer, true, TIMEOUT).await;
+    // The cause: a rule in the target that refuses every order whose id ends in 7.
+    let table = scenario.table().unwrap();
+    let client = pg_client(&scenario.services.pg_url).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD CONSTRAINT no_sevens CHECK (right(id, 1) <> '7')"
+        ))
+        .await
+        .unwrap();
+    let refused: BTreeSet<String> = scenario
+        .expected_records()
+        .into_iter()
+        .map(|record| record.id)
+        .filter(|id| id.ends_with('7'))
+        .collect();
+    let total = scenario.expected_records().len();
+    assert!(!refused.is_empty());
+
+    let transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
+    let fetcher = scenario.spawn(Worker::Fetcher, &[]).unwrap();
+    let mut workers = vec![fetcher, transformer, writer];
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while dead_letter_count(&scenario, Stage::Write).await < refused.len()
+        || scenario.target_count(&client).await.unwrap() < total - refused.len()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            workers[2].log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for_empty_work_queues(&scenario).await;
+    let letters = scenario.peek_dead_letters(Stage::Write).await.unwrap();
+    let dead: BTreeSet<String> = letters.iter().flat_map(|l| l.record_ids.clone()).collect();
+    assert_eq!(
+        dead, refused,
+        "exactly the refused records, each on its own"
+    );
+    assert_eq!(letters.len(), refused.len());
+    for letter in &letters {
+        assert_eq!(letter.class, "permanent");
+        assert!(letter.error.contains("no_sevens"), "{}", letter.error);
+    }
+
+    // The operator's view: status accounts for every record, list counts, show filters, export writes.
+    let addresses: Vec<String> = workers
+        .iter()
+        .map(|w| format!("--worker=http://{}", w.http_addr))
+        .collect();
+    let status_args = |extra: &[&str]| {
+        let mut args = vec!["status", "sales_orders", "--json"];
+        args.extend(addresses.iter().map(String::as_str));
+        args.extend(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let status_of = |scenario: &Scenario| {
+        let args = status_args(&[]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ctl_ok(scenario, &args);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        parsed[0].clone()
+    };
+    let status = status_of(&scenario);
+    assert_eq!(status["fetched"], total, "{status}");
+    assert_eq!(status["written"], total - refused.len(), "{status}");
+    assert_eq!(status["dead_lettered"], refused.len(), "{status}");
+    assert_eq!(status["in_flight"], 0, "{status}");
+    assert_eq!(status["unaccounted"], 0, "{status}");
+
+    let list: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &scenario,
+        &["dlq", "list", "sales_orders", "--json"],
+    ))
+    .unwrap();
+    let write = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["stage"] == "write")
+        .unwrap();
+    assert_eq!(write["messages"], refused.len(), "{list}");
+    assert_eq!(write["by_class"]["permanent"], refused.len(), "{list}");
+
+    let one = refused.iter().next().unwrap();
+    let shown: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &scenario,
+        &["dlq", "show", "sales_orders", "--record-id", one, "--json"],
+    ))
+    .unwrap();
+    assert_eq!(shown.as_array().unwrap().len(), 1, "{shown}");
+    assert_eq!(shown[0]["record_ids"][0], one.as_str());
+    let none: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "show",
+            "sales_orders",
+            "--class",
+            "transient",
+            "--json",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(none.as_array().unwrap().len(), 0);
+    let export = std::env::temp_dir().join(format!("conveyor-export-{}.jsonl", scenario.namespace));
+    ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "export",
+            "sales_orders",
+            "--stage",
+            "write",
+            "--output",
+            export.to_str().unwrap(),
+        ],
+    );
+    let exported = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(exported.lines().count(), refused.len());
+    let first: serde_json::Value = serde_json::from_str(exported.lines().next().unwrap()).unwrap();
+    assert!(first["payload"].as_str().unwrap().contains("\"schema\":1"));
+    let _ = std::fs::remove_file(&export);
+
+    // A dry run moves nothing; after the fix, replays (a limited one, then the rest) land every
+    // refused record exactly once.
+    let dry = ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "replay",
+            "sales_orders",
+            "--stage",
+            "write",
+            "--dry-run",
+        ],
+    );
+    assert!(
+        dry.contains(&format!("would replay {}", refused.len())),
+        "{dry}"
+    );
+    assert_eq!(
+        dead_letter_count(&scenario, Stage::Write).await,
+        refused.len()
+    );
+    client
+        .batch_execute(&format!("ALTER TABLE {table} DROP CONSTRAINT no_sevens"))
+        .await
+        .unwrap();
+    let first_two = ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "replay",
+            "sales_orders",
+            "--stage",
+            "write",
+            "--limit",
+            "2",
+        ],
+    );
+    assert!(first_two.contains("replayed 2 message(s)"), "{first_two}");
+    let rest = ctl_ok(&scenario, &["dlq", "replay", "sales_orders"]);
+    assert!(
+        rest.contains(&format!("replayed {} message(s)", refused.len() - 2)),
+        "{rest}"
+    );
+    assert_target_equals_truth(&scenario, &workers).await;
+    wait_for_empty_work_queues(&scenario).await;
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    let writer = &workers[2];
+    assert_eq!(
+        metric(
+            writer,
+            "conveyor_target_rows_total",
+            &["outcome=\"applied\""]
+        )
+        .await,
+        total as f64,
+        "every record applied exactly once"
+    );
+    assert_eq!(
+        metric(writer, "conveyor_target_rows_total", &["outcome=\"stale\""]).await,
+        0.0
+    );
+    let status = status_of(&scenario);
+    assert_eq!(status["replayed"], refused.len(), "{status}");
+    assert_eq!(status["written"], total, "{status}");
+    assert_eq!(status["in_flight"], 0, "{status}");
+    let again = ctl_ok(&scenario, &["dlq", "replay", "sales_orders"]);
+    assert!(again.contains("replayed 0 message(s)"), "{again}");
+
+    // Purge asks first: without a terminal to ask on, and without --yes, it removes nothing.
+    scenario
+        .publish_raw(
+            Stage::Transform,
+            b"not json",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while dead_letter_count(&scenario, Stage::Transform).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused_purge = ctl(&scenario, &["dlq", "purge", "sales_orders"]);
+    assert!(!refused_purge.status.success());
+    assert_eq!(dead_letter_count(&scenario, Stage::Transform).await, 1);
+    let purged = ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "purge",
+            "sales_orders",
+            "--class",
+            "malformed",
+            "--yes",
+        ],
+    );
+    assert!(purged.contains("purged 1 message(s)"), "{purged}");
+    assert_eq!(dead_letter_count(&scenario, Stage::Transform).await, 0);
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
