@@ -275,6 +275,8 @@ async fn workers_serve_health_readiness_and_metrics() {
         r#"conveyor_records_out_total{pipeline="sales_orders",stage="write"} 100"#,
         r#"conveyor_target_rows_total{outcome="applied",pipeline="sales_orders"} 100"#,
         r#"conveyor_ready{pipeline="sales_orders",stage="write"} 1"#,
+        r#"conveyor_queue_messages{pipeline="sales_orders",queue="dead_letter",stage="write"} 0"#,
+        r#"conveyor_messages_in_hand{pipeline="sales_orders",stage="write"} 0"#,
         "conveyor_target_write_duration_seconds_bucket",
     ] {
         assert!(

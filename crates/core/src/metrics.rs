@@ -36,6 +36,9 @@ pub struct Metrics {
     pub ready: IntGaugeVec,
     /// Deliveries a worker holds and has not acked yet (in flight in its hands).
     pub messages_in_hand: IntGaugeVec,
+    /// Messages ready in the stage's queues, by `queue` = `work`, `retry` or `dead_letter` (refreshed
+    /// every few seconds by the stage's workers).
+    pub queue_messages: IntGaugeVec,
 }
 
 const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
@@ -123,6 +126,20 @@ impl Metrics {
                 "conveyor_messages_in_hand",
                 "Deliveries a worker holds, not yet acked",
             ),
+            queue_messages: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "conveyor_queue_messages",
+                        "Messages ready in a stage's work, retry and dead-letter queues",
+                    ),
+                    &["pipeline", "stage", "queue"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
             registry,
         }
     }

@@ -319,6 +319,14 @@ kind = "noop"
                 "not a directory",
             ),
             (
+                GOOD.replace(
+                    "kind = \"noop\"",
+                    "kind = \"postgres\"\ntable = \"t\"\nmigrations = \".\"\nerrors = { transient = [\"4000\"] }",
+                ),
+                "target.errors.transient",
+                "SQLSTATE",
+            ),
+            (
                 GOOD.replace("version = \"modify_time\"", "version = \"total_amount\""),
                 "transform.version",
                 "datetime",

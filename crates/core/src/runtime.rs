@@ -130,6 +130,18 @@ impl WorkerRuntime {
                 drain_timeout: Duration::from_secs(self.args.drain_timeout_secs),
                 max_attempts: self.args.max_attempts,
             };
+            let depths = match self.connection.create_channel().await {
+                Ok(channel) => Some(tokio::spawn(watch_queue_depths(
+                    channel,
+                    self.topology.clone(),
+                    self.stage,
+                    self.metrics.clone(),
+                ))),
+                Err(err) => {
+                    tracing::debug!(error = %err, "no channel for the queue-depth gauge");
+                    None
+                }
+            };
             let result = consume::run(
                 &self.connection,
                 settings,
@@ -139,6 +151,9 @@ impl WorkerRuntime {
                 shutdown.clone(),
             )
             .await;
+            if let Some(depths) = depths {
+                depths.abort();
+            }
             match result {
                 Ok(()) => return Ok(()),
                 Err(err) => {
@@ -165,6 +180,50 @@ impl WorkerRuntime {
     pub async fn stop(self) {
         self.set_connected(false);
         broker::close(&self.connection).await;
+    }
+}
+
+/// How often a worker refreshes the queue-depth gauge of its stage.
+const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keeps `conveyor_queue_messages` of the stage's work, retry and dead-letter queues up to date (messages
+/// ready in each, by passive declare) until aborted or the connection fails.
+async fn watch_queue_depths(
+    channel: lapin::Channel,
+    topology: Topology,
+    stage: Stage,
+    metrics: Metrics,
+) {
+    let kinds = [
+        ("work", vec![topology.queue(stage)]),
+        ("retry", topology.retry_queues(stage)),
+        ("dead_letter", vec![topology.dead_letter_queue(stage)]),
+    ];
+    loop {
+        for (kind, queues) in &kinds {
+            let mut total = 0i64;
+            for queue in queues {
+                let options = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                match channel
+                    .queue_declare(queue.as_str().into(), options, Default::default())
+                    .await
+                {
+                    Ok(declared) => total += i64::from(declared.message_count()),
+                    Err(err) => {
+                        tracing::debug!(error = %err, queue, "reading a queue depth");
+                        return;
+                    }
+                }
+            }
+            metrics
+                .queue_messages
+                .with_label_values(&[topology.pipeline(), stage.as_str(), kind])
+                .set(total);
+        }
+        tokio::time::sleep(QUEUE_DEPTH_INTERVAL).await;
     }
 }
 
