@@ -59,9 +59,7 @@ async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record()
         .await
         .unwrap();
     let via_proxy = scenario.services.pg_url_via(proxy.addr()).unwrap();
-    scenario
-        .extra_env
-        .push(("CONVEYOR_PG_URL".into(), via_proxy.expose().to_owned()));
+    scenario.set_env("CONVEYOR_PG_URL", via_proxy.expose().to_owned());
     let mut workers = vec![
         scenario.spawn(Worker::Transformer, &[]).unwrap(),
         scenario.spawn(Worker::Writer, &[]).unwrap(),
@@ -225,11 +223,8 @@ async fn workers_killed_at_random_moments_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_run_out() {
     let mut scenario = scenario("retry", orders(300)).await;
-    scenario
-        .extra_env
-        .push(("CONVEYOR_PG_LOCK_TIMEOUT_MS".into(), "100".into()));
-    let writer = scenario.spawn(Worker::Writer, &[]).unwrap();
-    wait_ready(&writer, true, TIMEOUT).await;
+    scenario.set_env("CONVEYOR_PG_LOCK_TIMEOUT_MS", "100");
+    let writer = spawn_ready(&scenario, Worker::Writer).await;
     let transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
     let table = scenario.table().unwrap();
     let locker = pg_client(&scenario.services.pg_url).await.unwrap();
@@ -257,11 +252,8 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
     // With 2 attempts and a lock held throughout, the batches are dead-lettered as transient.
     writer.terminate().unwrap();
     writer.wait(Duration::from_secs(30)).await.unwrap();
-    scenario
-        .extra_env
-        .push(("CONVEYOR_MAX_ATTEMPTS".into(), "2".into()));
-    writer = scenario.spawn(Worker::Writer, &[]).unwrap();
-    wait_ready(&writer, true, TIMEOUT).await;
+    scenario.set_env("CONVEYOR_MAX_ATTEMPTS", "2");
+    writer = spawn_ready(&scenario, Worker::Writer).await;
     locker.batch_execute(&lock).await.unwrap();
     run_fetcher_once(&scenario).await;
     let expected_letters = 3; // 300 records in pages of 100
@@ -307,11 +299,8 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once() {
     let mut scenario = scenario("replay", orders(600)).await;
-    scenario
-        .extra_env
-        .push(("CONVEYOR_FETCH_INTERVAL_SECS".into(), "3600".into()));
-    let writer = scenario.spawn(Worker::Writer, &[]).unwrap();
-    wait_ready(&writer, true, TIMEOUT).await;
+    scenario.set_env("CONVEYOR_FETCH_INTERVAL_SECS", "3600");
+    let writer = spawn_ready(&scenario, Worker::Writer).await;
     // The cause: a rule in the target that refuses every order whose id ends in 7.
     let table = scenario.table().unwrap();
     let client = pg_client(&scenario.services.pg_url).await.unwrap();

@@ -63,6 +63,13 @@ pub async fn wait_ready(worker: &WorkerProcess, ready: bool, timeout: Duration) 
     }
 }
 
+/// Starts a worker and waits until it is ready (for a writer: its table is migrated).
+pub async fn spawn_ready(scenario: &Scenario, worker: Worker) -> WorkerProcess {
+    let process = scenario.spawn(worker, &[]).unwrap();
+    wait_ready(&process, true, TIMEOUT).await;
+    process
+}
+
 /// Runs `conveyorctl` against the scenario's broker and namespace.
 pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
     std::process::Command::new(bin_dir().join("conveyorctl"))

@@ -270,6 +270,11 @@ impl Scenario {
         ])
     }
 
+    /// Gives every worker started from now on the setting `name` = `value` (the last one set wins).
+    pub fn set_env(&mut self, name: &str, value: impl Into<String>) {
+        self.extra_env.push((name.to_owned(), value.into()));
+    }
+
     /// Starts a worker process with the scenario's environment, plus `args`.
     pub fn spawn(&self, worker: Worker, args: &[&str]) -> anyhow::Result<WorkerProcess> {
         let http_addr = free_local_addr()?;
