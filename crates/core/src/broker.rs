@@ -113,9 +113,9 @@ impl Stage {
         }
     }
 
-    /// Whether the stage consumes a work queue (the fetcher reads the source instead, for now).
+    /// Whether the stage consumes a work queue (all do: the fetcher's holds modify-time windows).
     pub fn has_work_queue(self) -> bool {
-        !matches!(self, Stage::Fetch)
+        true
     }
 }
 
@@ -393,7 +393,7 @@ mod tests {
             "ns.orders.fetch.dlq"
         );
         assert_eq!(topology.routing_key(Stage::Transform), "orders.transform");
-        assert_eq!(topology.queues().len(), 5);
+        assert_eq!(topology.queues().len(), 6);
     }
 
     #[test]

@@ -49,7 +49,9 @@ pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow
                 version: mapping.version_field().to_owned(),
                 columns: mapping.output_fields().map(str::to_owned).collect(),
             };
-            Target::Postgres(PostgresTarget::connect(postgres, migrations, &spec).await?)
+            Target::Postgres(
+                PostgresTarget::connect(postgres, pipeline.name(), migrations, &spec).await?,
+            )
         }
     })
 }

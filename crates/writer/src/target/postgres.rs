@@ -9,66 +9,30 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use conveyor_core::envelope::Record;
-use conveyor_core::settings::{Secret, SettingsError};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use conveyor_core::postgres::{Database, DatabaseError, quote};
+use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
-use tokio_postgres::{Config, NoTls};
 
 use super::{WriteError, WriteReport};
 
-/// Where the database is (every flag also reads an environment variable).
-#[derive(Debug, Clone, clap::Args)]
-pub struct PostgresArgs {
-    /// PostgreSQL connection URL (postgres://user:password@host/db); never logged.
-    #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
-    pub pg_url: Option<Secret>,
-    /// File holding the PostgreSQL URL (for Docker secrets), instead of CONVEYOR_PG_URL.
-    #[arg(long, env = "CONVEYOR_PG_URL_FILE")]
-    pub pg_url_file: Option<std::path::PathBuf>,
-    /// Schema of the target tables and of the migration history.
-    #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
-    pub pg_schema: String,
-    /// Connections per writer process (and so concurrent batch writes).
-    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
-    pub pg_pool_size: usize,
-}
-
-impl PostgresArgs {
-    pub fn url(&self) -> Result<Secret, SettingsError> {
-        Secret::from_value_or_file(
-            "CONVEYOR_PG_URL",
-            self.pg_url.as_ref().map(Secret::expose),
-            self.pg_url_file.as_deref(),
-        )?
-        .ok_or_else(|| SettingsError::new("CONVEYOR_PG_URL", "required by a postgres target"))
-    }
-}
+pub use conveyor_core::settings::PostgresArgs;
 
 /// Why the target could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
-    Settings(#[from] SettingsError),
-    #[error("setting CONVEYOR_PG_SCHEMA: {0:?} is not a plain SQL name")]
-    Schema(String),
-    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: tokio_postgres::Error,
-    },
+    Database(#[from] DatabaseError),
+    #[error("migrations in {dir}: {message}")]
+    Migrations { dir: String, message: String },
+    #[error("table {table}: {problem}")]
+    Table { table: String, problem: String },
     #[error("PostgreSQL: {action}: {source}")]
     Sql {
         action: String,
         source: tokio_postgres::Error,
     },
-    #[error("migrations in {dir}: {message}")]
-    Migrations { dir: String, message: String },
-    #[error("table {table}: {problem}")]
-    Table { table: String, problem: String },
-    #[error("connection pool: {0}")]
-    Pool(String),
 }
 
 /// What to write where.
@@ -85,59 +49,32 @@ pub struct PostgresTarget {
     upsert: String,
 }
 
-/// The connection settings from the URL, with the schema as the search path: every statement of
-/// conveyor's (and of the migrations) names tables without a schema.
-fn connection_config(url: &Secret, schema: &str) -> Result<(Config, String), SetupError> {
-    let mut config: Config = url.expose().parse().map_err(|source| SetupError::Connect {
-        endpoint: "CONVEYOR_PG_URL".into(),
-        source,
-    })?;
-    config.options(format!("-c search_path={schema}"));
-    let hosts = config
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",");
-    let endpoint = format!("{hosts}/{}", config.get_dbname().unwrap_or(""));
-    Ok((config, endpoint))
-}
-
 impl PostgresTarget {
     /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
     /// mapping and prepares the upsert.
     pub async fn connect(
         args: &PostgresArgs,
+        pipeline: &str,
         migrations: &Path,
         spec: &TableSpec,
     ) -> Result<Self, SetupError> {
-        let schema = &args.pg_schema;
-        if !conveyor_core::pipeline::is_sql_identifier(schema) {
-            return Err(SetupError::Schema(schema.clone()));
-        }
-        let url = args.url()?;
-        let (config, endpoint) = connection_config(&url, schema)?;
-        migrate(&config, &endpoint, schema, migrations).await?;
-
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(args.pg_pool_size.max(1))
-            .build()
-            .map_err(|err| SetupError::Pool(err.to_string()))?;
-        let client = pool
-            .get()
-            .await
-            .map_err(|err| SetupError::Pool(err.to_string()))?;
-        check_table(&client, schema, spec).await?;
+        let database = Database::connect(args)?;
+        let loaded =
+            refinery::load_sql_migrations(migrations).map_err(|err| SetupError::Migrations {
+                dir: migrations.display().to_string(),
+                message: err.to_string(),
+            })?;
+        // Each pipeline keeps its own history, so that pipelines sharing a schema number migrations freely.
+        let history = format!("conveyor_migrations_{}", pipeline.replace('-', "_"));
+        database
+            .migrate(
+                &format!("of pipeline {pipeline} in {}", migrations.display()),
+                &loaded,
+                &history,
+            )
+            .await?;
+        let client = database.client().await?;
+        check_table(&client, &database.schema, spec).await?;
         let upsert = upsert_statement(spec);
         client
             .prepare(&upsert)
@@ -146,8 +83,11 @@ impl PostgresTarget {
                 action: format!("preparing the upsert into {}", spec.table),
                 source,
             })?;
-        tracing::info!(postgres = %endpoint, schema, table = spec.table, "postgres target ready");
-        Ok(Self { pool, upsert })
+        tracing::info!(postgres = %database.endpoint, schema = database.schema, table = spec.table, "postgres target ready");
+        Ok(Self {
+            pool: database.pool,
+            upsert,
+        })
     }
 
     /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
@@ -193,10 +133,6 @@ impl PostgresTarget {
     }
 }
 
-fn quote(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
-}
-
 /// `INSERT ... SELECT FROM jsonb_populate_recordset ... ON CONFLICT (key) DO UPDATE ... WHERE newer`.
 pub fn upsert_statement(spec: &TableSpec) -> String {
     let table = quote(&spec.table);
@@ -240,62 +176,6 @@ fn classify(error: tokio_postgres::Error) -> WriteError {
     } else {
         WriteError::Permanent(message)
     }
-}
-
-/// Runs the migrations under an advisory lock, so that writers starting together do not race.
-async fn migrate(
-    config: &Config,
-    endpoint: &str,
-    schema: &str,
-    dir: &Path,
-) -> Result<(), SetupError> {
-    let (mut client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| SetupError::Connect {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
-    let connection = tokio::spawn(connection);
-    let sql = |action: &str| {
-        let action = action.to_owned();
-        move |source| SetupError::Sql { action, source }
-    };
-    let lock_key = format!("conveyor-migrations:{schema}");
-    client
-        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
-        .await
-        .map_err(sql("taking the migration lock"))?;
-    let result = async {
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
-            .await
-            .map_err(sql("creating the schema"))?;
-        let migrations =
-            refinery::load_sql_migrations(dir).map_err(|err| SetupError::Migrations {
-                dir: dir.display().to_string(),
-                message: err.to_string(),
-            })?;
-        let report = refinery::Runner::new(&migrations)
-            .run_async(&mut client)
-            .await
-            .map_err(|err| SetupError::Migrations {
-                dir: dir.display().to_string(),
-                message: err.to_string(),
-            })?;
-        for migration in report.applied_migrations() {
-            tracing::info!(schema, migration = %migration, "applied migration");
-        }
-        Ok(())
-    }
-    .await;
-    let _ = client
-        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
-        .await;
-    drop(client);
-    let _ = connection.await;
-    result
 }
 
 /// Checks that the table has every mapped column and a unique index on the key alone.
