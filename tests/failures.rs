@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use conveyor_core::broker::Stage;
+use conveyor_core::envelope::{Envelope, Meta, Record};
 use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
@@ -54,16 +55,20 @@ async fn dead_letter_count(scenario: &Scenario, stage: Stage) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record() {
-    let mut scenario = scenario("pgdown", poisoned(2_000)).await;
+    let scenario = scenario("pgdown", poisoned(2_000)).await;
     let proxy = TcpProxy::start(scenario.services.pg_addr().unwrap())
         .await
         .unwrap();
     let via_proxy = scenario.services.pg_url_via(proxy.addr()).unwrap();
-    scenario.set_env("CONVEYOR_PG_URL", via_proxy.expose().to_owned());
-    let mut workers = vec![
-        scenario.spawn(Worker::Transformer, &[]).unwrap(),
-        scenario.spawn(Worker::Writer, &[]).unwrap(),
-    ];
+    // Only the writer goes through the proxy (the fetcher keeps its sync state in PostgreSQL too).
+    let writer = scenario
+        .spawn_with_env(
+            Worker::Writer,
+            &[],
+            &[("CONVEYOR_PG_URL", via_proxy.expose())],
+        )
+        .unwrap();
+    let mut workers = vec![scenario.spawn(Worker::Transformer, &[]).unwrap(), writer];
     wait_ready(&workers[1], true, TIMEOUT).await;
 
     proxy.down();
@@ -165,7 +170,7 @@ async fn broker_restarted_mid_run_loses_nothing() {
     assert!(
         std::fs::read_to_string(&fetcher.log)
             .unwrap()
-            .contains("reconnecting to sync again"),
+            .contains("lost the broker"),
         "the broker stopped after the sync finished; use more records:\n{}",
         fetcher.log_tail(20)
     );
@@ -255,8 +260,29 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
     scenario.set_env("CONVEYOR_MAX_ATTEMPTS", "2");
     writer = spawn_ready(&scenario, Worker::Writer).await;
     locker.batch_execute(&lock).await.unwrap();
-    run_fetcher_once(&scenario).await;
-    let expected_letters = 3; // 300 records in pages of 100
+    // New records straight into the write queue (the source has nothing new to sync).
+    let expected_letters = 3;
+    for batch in 0..expected_letters {
+        let records = (0..100)
+            .map(|n| {
+                let id = format!("lock-{batch}-{n}");
+                Record {
+                    id: id.clone(),
+                    modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                    data: serde_json::json!({"id": id, "bill_no": "XSDD-L", "modify_time": "2025-01-01T08:00:00+08:00"}),
+                }
+            })
+            .collect();
+        let (body, properties) = Envelope {
+            meta: Meta::new_trace("sales_orders"),
+            records,
+        }
+        .to_amqp();
+        scenario
+            .publish_raw(Stage::Write, &body, properties)
+            .await
+            .unwrap();
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while dead_letter_count(&scenario, Stage::Write).await < expected_letters {
         assert!(
@@ -281,7 +307,7 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
         assert_eq!(letter.original_routing_key, "sales_orders.write");
         assert!(letter.first_failed_at <= letter.last_failed_at);
     }
-    // The cause is gone: the replay lands them (idempotently: they were written before).
+    // The cause is gone: the replay lands them.
     let replayed = ctl_ok(
         &scenario,
         &["dlq", "replay", "sales_orders", "--stage", "write"],
@@ -292,6 +318,15 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
     );
     wait_for_empty_work_queues(&scenario).await;
     assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    let landed: i64 = locker
+        .query_one(
+            &format!("SELECT count(*) FROM {table} WHERE id LIKE 'lock-%'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(landed, 300);
     stop_all(&mut [transformer, writer]).await;
     scenario.clean_up(false).await.unwrap();
 }

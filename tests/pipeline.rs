@@ -25,7 +25,7 @@ async fn two_writers_land_exactly_the_source() {
     run_fetcher_once(&scenario).await;
     assert_target_equals_truth(&scenario, &workers).await;
 
-    // A second full sync repeats every record: idempotent writes absorb it, nothing is doubled.
+    // A second sync goes on from the watermark (less the overlap): nothing new, nothing doubled.
     run_fetcher_once(&scenario).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let depths = wait_for_empty_work_queues(&scenario).await;
@@ -376,7 +376,7 @@ async fn topology_declare_is_idempotent() {
         );
     }
     let depths = scenario.queue_depths().await.unwrap();
-    // 2 work queues with 3 retry tiers each, and 3 dead-letter queues.
-    assert_eq!(depths.len(), 11, "{depths:?}");
+    // 3 work queues (fetch windows, transform, write) with 3 retry tiers each, and 3 dead-letter queues.
+    assert_eq!(depths.len(), 15, "{depths:?}");
     scenario.clean_up(false).await.unwrap();
 }

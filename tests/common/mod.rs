@@ -37,9 +37,16 @@ pub async fn services() -> Services {
 }
 
 pub async fn scenario_with(services: Services, prefix: &str, sim: SimConfig) -> Scenario {
-    Scenario::start(services, &sales_orders_pipeline(), &bin_dir(), prefix, sim)
-        .await
-        .expect("scenario starts")
+    Scenario::start(
+        services,
+        &sales_orders_pipeline(),
+        &bin_dir(),
+        prefix,
+        sim,
+        &[],
+    )
+    .await
+    .expect("scenario starts")
 }
 
 /// Waits until a worker's /readyz answers 200 (`ready`) or not (`!ready`).

@@ -38,6 +38,11 @@ enum Command {
     Status(crate::status::StatusArgs),
     /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
     Demo(crate::demo::DemoArgs),
+    /// The Kingdee gateway: debug a signature, check the credentials.
+    Kingdee {
+        #[command(subcommand)]
+        command: KingdeeCommand,
+    },
     /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
     Probe {
         /// E.g. http://127.0.0.1:9103/readyz
@@ -57,6 +62,42 @@ enum TopologyCommand {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum KingdeeCommand {
+    /// Print the string to sign and, on its last line, the X-Api-Signature the gateway expects.
+    Sign {
+        /// The app's client secret (the signing key).
+        #[arg(long)]
+        client_secret: String,
+        /// HTTP method, e.g. GET.
+        #[arg(long)]
+        method: String,
+        /// Request path, e.g. /jdy/v2/scm/sal_order.
+        #[arg(long)]
+        path: String,
+        /// A decoded query parameter, KEY=VALUE; repeat for each.
+        #[arg(long = "query", value_parser = parse_pair)]
+        query: Vec<(String, String)>,
+        /// X-Api-Nonce.
+        #[arg(long)]
+        nonce: String,
+        /// X-Api-TimeStamp (epoch milliseconds).
+        #[arg(long)]
+        timestamp: String,
+    },
+    /// Authorize and fetch an app-token with the configured credentials, and say what failed.
+    Token {
+        #[command(flatten)]
+        kingdee: conveyor_kingdee::KingdeeArgs,
+    },
+}
+
+fn parse_pair(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -109,6 +150,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => crate::dlq::run(command).await,
         Command::Status(args) => crate::status::run(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Kingdee {
+            command:
+                KingdeeCommand::Sign {
+                    client_secret,
+                    method,
+                    path,
+                    query,
+                    nonce,
+                    timestamp,
+                },
+        } => {
+            let input = conveyor_kingdee::sign::SignatureInput {
+                method: &method,
+                path: &path,
+                query: &query,
+                nonce: &nonce,
+                timestamp: &timestamp,
+            };
+            print!("{}", input.string_to_sign());
+            println!("{}", input.signature(&client_secret));
+            Ok(())
+        }
+        Command::Kingdee {
+            command: KingdeeCommand::Token { kingdee },
+        } => {
+            let credentials = kingdee.credentials()?;
+            let gateway = conveyor_kingdee::Gateway::new(
+                credentials,
+                conveyor_kingdee::Unlimited,
+                conveyor_core::metrics::Metrics::new(),
+                "conveyorctl",
+            );
+            let report = gateway
+                .check_token()
+                .await
+                .map_err(|err| anyhow::anyhow!("the credentials do not work: {err}"))?;
+            println!(
+                "ok: account set {:?} at {}; app-token valid until {}",
+                report.account_name, report.domain, report.expires_at
+            );
+            Ok(())
+        }
         Command::Probe { url, timeout_secs } => {
             let client = reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(timeout_secs))

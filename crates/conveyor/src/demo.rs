@@ -49,6 +49,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "conveyor-demo",
         &args.schema,
         sim,
+        &[],
     )
     .await?;
     println!(

@@ -2,8 +2,10 @@
 //! queues' depths.
 //!
 //! How it counts: it scrapes `/metrics` of the workers it is given and adds up, per pipeline, the
-//! records fetched (`conveyor_records_in_total{stage="fetch"}`), replayed from dead-letter queues,
-//! written (`records_out` of the write stage), dead-lettered (every stage) and filtered (every stage). What is neither written,
+//! records fetched (those the fetcher published, `conveyor_records_out_total{stage="fetch"}`, plus
+//! those it dead-lettered), replayed from dead-letter queues, written (`records_out` of the write
+//! stage, stale versions included), dead-lettered (every stage) and filtered (every stage). A record
+//! fetched twice (overlapping sync windows) is counted twice, and written (as stale) twice. What is neither written,
 //! dead-lettered nor filtered is in flight: waiting in a work or retry queue, or in a worker's hands.
 //! When the work and retry queues are empty and no worker holds anything, in flight must be 0; if it is
 //! not, the records are flagged as unaccounted for. Counters live in the worker processes: a worker that
@@ -212,12 +214,18 @@ fn unacked(samples: &[Sample], pipeline: &str) -> u64 {
 
 /// The counts of one pipeline from the workers' samples.
 pub fn count(pipeline: &str, samples: &[Sample]) -> PipelineStatus {
-    let fetched = sum(
+    let dead_lettered_at_fetch = sum(
         samples,
-        "conveyor_records_in_total",
+        "conveyor_records_dead_lettered_total",
         pipeline,
         Some("fetch"),
     );
+    let fetched = sum(
+        samples,
+        "conveyor_records_out_total",
+        pipeline,
+        Some("fetch"),
+    ) + dead_lettered_at_fetch;
     let written = sum(
         samples,
         "conveyor_records_out_total",
@@ -255,9 +263,11 @@ mod tests {
     #[test]
     fn counts_a_pipeline_from_worker_metrics() {
         let text = r#"# HELP conveyor_records_in_total Records taken in by a stage
-conveyor_records_in_total{pipeline="orders",stage="fetch"} 100
+conveyor_records_in_total{pipeline="orders",stage="fetch"} 107
+conveyor_records_out_total{pipeline="orders",stage="fetch"} 99
+conveyor_records_dead_lettered_total{class="permanent",pipeline="orders",stage="fetch"} 1
 conveyor_records_in_total{pipeline="orders",stage="write"} 90
-conveyor_records_out_total{pipeline="orders",stage="write"} 88
+conveyor_records_out_total{pipeline="orders",stage="write"} 87
 conveyor_records_out_total{pipeline="other",stage="write"} 5
 conveyor_records_dead_lettered_total{class="permanent",pipeline="orders",stage="transform"} 10
 conveyor_records_dead_lettered_total{class="permanent",pipeline="orders",stage="write"} 1
@@ -265,8 +275,8 @@ conveyor_records_filtered_total{pipeline="orders",stage="transform"} 1
 "#;
         let status = count("orders", &parse_metrics(text));
         assert_eq!(status.fetched, 100);
-        assert_eq!(status.written, 88);
-        assert_eq!(status.dead_lettered, 11);
+        assert_eq!(status.written, 87);
+        assert_eq!(status.dead_lettered, 12);
         assert_eq!(status.filtered, 1);
         assert_eq!(status.in_flight, 0);
     }

@@ -113,9 +113,9 @@ impl Stage {
         }
     }
 
-    /// Whether the stage consumes a work queue (the fetcher reads the source instead, for now).
+    /// Whether the stage consumes a work queue (all do: the fetcher's holds modify-time windows).
     pub fn has_work_queue(self) -> bool {
-        !matches!(self, Stage::Fetch)
+        true
     }
 }
 
@@ -465,8 +465,8 @@ mod tests {
             "ns.orders.fetch.dlq"
         );
         assert_eq!(topology.routing_key(Stage::Transform), "orders.transform");
-        // 2 work queues with 5 retry tiers each, 3 dead-letter queues.
-        assert_eq!(topology.queues().len(), 15);
+        // 3 work queues with 5 retry tiers each, 3 dead-letter queues.
+        assert_eq!(topology.queues().len(), 21);
         assert_eq!(
             topology.retry_tier(Stage::Write, 1).unwrap(),
             ("ns.orders.write.retry.1s".into(), Duration::from_secs(1))

@@ -10,6 +10,7 @@ pub mod health;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;
+pub mod postgres;
 pub mod runtime;
 pub mod settings;
 pub mod shutdown;

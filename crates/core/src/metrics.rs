@@ -4,7 +4,8 @@
 //! configuration, `class` and `outcome` from fixed sets. No label ever carries a record id or a message.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The metrics of one worker process.
@@ -30,8 +31,18 @@ pub struct Metrics {
     pub target_rows: IntCounterVec,
     /// Time of one write to the target.
     pub target_write_duration: HistogramVec,
-    /// Calls to the source, by outcome (ok, error).
+    /// Calls to the source, by outcome (ok, retried, failed).
     pub source_requests: IntCounterVec,
+    /// App-token fetches and re-authorizations at the source.
+    pub source_token_refreshes: IntCounterVec,
+    /// Calls the source refused for its rate limit or overload (429, gateway 5007).
+    pub source_throttled: IntCounterVec,
+    /// Seconds spent waiting for the shared call budget before calling the source.
+    pub source_rate_wait_seconds: CounterVec,
+    /// Modify-time windows a fetcher finished, split, or had to page again because rows moved.
+    pub sync_windows: IntCounterVec,
+    /// The sync watermark (epoch seconds): everything modified before it is safely in the broker.
+    pub sync_watermark: IntGaugeVec,
     /// 1 while the worker is ready (connected to the broker and, for a writer, its target).
     pub ready: IntGaugeVec,
     /// Deliveries a worker holds and has not acked yet (in flight in its hands).
@@ -62,9 +73,16 @@ impl Metrics {
                 .expect("metric registered once");
             metric
         };
-        let gauge = |name: &str, help: &str| {
-            let metric =
-                IntGaugeVec::new(Opts::new(name, help), PIPELINE_STAGE).expect("valid metric");
+        let ready = IntGaugeVec::new(
+            Opts::new("conveyor_ready", "1 while the worker is ready to work"),
+            PIPELINE_STAGE,
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("metric registered once");
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(metric.clone()))
                 .expect("metric registered once");
@@ -121,18 +139,23 @@ impl Metrics {
                 "Calls to the source API",
                 &["pipeline", "outcome"],
             ),
-            ready: gauge("conveyor_ready", "1 while the worker is ready to work"),
-            messages_in_hand: gauge(
-                "conveyor_messages_in_hand",
-                "Deliveries a worker holds, not yet acked",
+            source_token_refreshes: counter(
+                "conveyor_source_token_refreshes_total",
+                "App-token fetches and re-authorizations at the source",
+                &["pipeline"],
             ),
-            queue_messages: {
-                let metric = IntGaugeVec::new(
+            source_throttled: counter(
+                "conveyor_source_throttled_total",
+                "Source calls refused for rate limit or overload",
+                &["pipeline"],
+            ),
+            source_rate_wait_seconds: {
+                let metric = CounterVec::new(
                     Opts::new(
-                        "conveyor_queue_messages",
-                        "Messages ready in a stage's work, retry and dead-letter queues",
+                        "conveyor_source_rate_wait_seconds_total",
+                        "Seconds spent waiting for the shared call budget",
                     ),
-                    &["pipeline", "stage", "queue"],
+                    &["pipeline"],
                 )
                 .expect("valid metric");
                 registry
@@ -140,6 +163,36 @@ impl Metrics {
                     .expect("metric registered once");
                 metric
             },
+            sync_windows: counter(
+                "conveyor_sync_windows_total",
+                "Modify-time windows finished, split or paged again",
+                &["pipeline", "outcome"],
+            ),
+            sync_watermark: {
+                let metric = IntGaugeVec::new(
+                    Opts::new(
+                        "conveyor_sync_watermark_seconds",
+                        "The sync watermark as epoch seconds",
+                    ),
+                    &["pipeline"],
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
+            ready,
+            messages_in_hand: gauge(
+                "conveyor_messages_in_hand",
+                "Deliveries a worker holds, not yet acked",
+                PIPELINE_STAGE,
+            ),
+            queue_messages: gauge(
+                "conveyor_queue_messages",
+                "Messages ready in a stage's work, retry and dead-letter queues",
+                &["pipeline", "stage", "queue"],
+            ),
             registry,
         }
     }

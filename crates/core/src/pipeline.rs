@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 
 use crate::mapping::{Mapping, TransformSpec};
@@ -45,6 +46,44 @@ pub struct SourceSpec {
     /// Extra query parameters of every list call (e.g. `bill_status = "C"`).
     #[serde(default)]
     pub query: BTreeMap<String, String>,
+    /// Where the first sync starts (RFC 3339); later syncs go on from the stored watermark.
+    pub start_time: DateTime<FixedOffset>,
+    /// Width of one modify-time window, the unit of work fetchers share.
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+    /// Windows end this long before now, so that rows still being written at the source are left for
+    /// the next sync.
+    #[serde(default = "default_lag_secs")]
+    pub lag_secs: u64,
+    /// Each sync goes this far back before where the last one ended, for rows that became visible late.
+    #[serde(default = "default_overlap_secs")]
+    pub overlap_secs: u64,
+    /// A window holding more rows than this is split in two, so that no window pages for long.
+    #[serde(default = "default_max_window_rows")]
+    pub max_window_rows: u64,
+    /// Calls per minute allowed for the account set, shared by every fetcher process.
+    #[serde(default = "default_calls_per_minute")]
+    pub calls_per_minute: u32,
+}
+
+fn default_window_secs() -> u64 {
+    24 * 3600
+}
+
+fn default_lag_secs() -> u64 {
+    60
+}
+
+fn default_overlap_secs() -> u64 {
+    300
+}
+
+fn default_max_window_rows() -> u64 {
+    20_000
+}
+
+fn default_calls_per_minute() -> u32 {
+    500
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,6 +213,22 @@ impl Pipeline {
                 ),
             ));
         }
+        let source = &spec.source;
+        if source.window_secs == 0 {
+            return Err(error("source.window_secs", "must be at least 1".into()));
+        }
+        if source.calls_per_minute == 0 {
+            return Err(error(
+                "source.calls_per_minute",
+                "must be at least 1".into(),
+            ));
+        }
+        if source.max_window_rows < u64::from(source.page_size) {
+            return Err(error(
+                "source.max_window_rows",
+                "must be at least source.page_size".into(),
+            ));
+        }
         let mapping = Mapping::compile(&spec.transform).map_err(|p| error(&p.field, p.problem))?;
         if let TargetSpec::Postgres {
             table,
@@ -259,6 +314,7 @@ name = "orders"
 [source]
 kind = "kingdee"
 path = "/jdy/v2/scm/sal_order"
+start_time = "2025-01-01T00:00:00+08:00"
 [source.query]
 bill_status = "C"
 [transform]
@@ -284,6 +340,8 @@ kind = "noop"
         assert_eq!(pipeline.spec.source.page_size, 100);
         assert_eq!(pipeline.spec.source.id_field, "id");
         assert_eq!(pipeline.spec.source.query["bill_status"], "C");
+        assert_eq!(pipeline.spec.source.window_secs, 86_400);
+        assert_eq!(pipeline.spec.source.calls_per_minute, 500);
         assert!(matches!(pipeline.spec.target, TargetSpec::Noop));
     }
 
@@ -304,6 +362,16 @@ kind = "noop"
                 GOOD.replace("[source.query]", "page_size = 500\n[source.query]"),
                 "source.page_size",
                 "caps",
+            ),
+            (
+                GOOD.replace("[source.query]", "calls_per_minute = 0\n[source.query]"),
+                "source.calls_per_minute",
+                "at least 1",
+            ),
+            (
+                GOOD.replace("2025-01-01T00:00:00+08:00", "yesterday"),
+                "source.start_time",
+                "input",
             ),
             (
                 GOOD.replace("\"orders\"", "\"Orders!\""),

@@ -1,61 +1,105 @@
-//! The fetcher: reads records from the source and publishes them, one message per source page, to the
-//! pipeline's transform queue.
+//! The fetcher: syncs records from the source by modify-time windows and publishes them, one message per
+//! source page, to the pipeline's transform queue.
+//!
+//! Windows are work items on the pipeline's fetch queue, so any number of fetcher processes share them;
+//! the call budget is shared through PostgreSQL, so it holds in total. A window is finished — and the
+//! watermark may pass it — only after every page of it is confirmed by the broker. A window whose row
+//! count changes while it is paged (rows modified meanwhile move out of it and shift the pages) is paged
+//! again from the start, since the shift would silently skip rows ("漏单").
 
-pub mod source;
+pub mod state;
+pub mod window;
 
-use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use conveyor_core::broker::{BrokerError, PendingConfirm, Stage};
-use conveyor_core::consume::{ErrorClass, Failure};
+use anyhow::Context as _;
+use conveyor_core::broker::{BrokerError, PendingConfirm, Publisher, Stage, Topology};
+use conveyor_core::consume::{
+    self, ConsumeSettings, DeadLetters, Disposition, ErrorClass, Failure, Handler,
+};
 use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_core::metrics::Metrics;
+use conveyor_core::pipeline::SourceSpec;
+use conveyor_core::postgres::Database;
 use conveyor_core::runtime::WorkerRuntime;
-use conveyor_core::settings::WorkerArgs;
+use conveyor_core::settings::{PostgresArgs, WorkerArgs};
 use conveyor_core::source_time;
+use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::source::{ListClient, SourceError};
+use crate::state::{SharedBudget, SyncStore};
+use crate::window::Window;
 
-/// Pages whose publish may await its confirm while the next pages are fetched.
-const CONFIRMS_IN_FLIGHT: usize = 16;
-/// Tries of one page before the sync gives up.
-const PAGE_ATTEMPTS: u32 = 5;
+/// Times a window is paged again because its rows moved, before the work item is retried later.
+const WINDOW_RESTARTS: u32 = 8;
 
 /// The fetcher's command line (every flag also reads an environment variable).
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "conveyor-fetcher",
     version,
-    about = "Reads records from the source and publishes them"
+    about = "Syncs records from the source into the pipeline"
 )]
 pub struct Cli {
     #[command(flatten)]
     pub worker: WorkerArgs,
-    /// Base URL of the Kingdee gateway (the simulator's address in tests and the demo).
-    #[arg(
-        long,
-        env = "CONVEYOR_KINGDEE_BASE_URL",
-        default_value = "https://api.kingdee.com"
-    )]
-    pub source_url: String,
-    /// Sync once, print a summary and exit.
+    #[command(flatten)]
+    pub kingdee: KingdeeArgs,
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+    /// Sync up to now (less the lag), print a summary and exit.
     #[arg(long)]
     pub once: bool,
-    /// Seconds between syncs when not --once.
-    #[arg(long, env = "CONVEYOR_FETCH_INTERVAL_SECS", default_value_t = 300)]
+    /// Seconds between plans of new windows when not --once.
+    #[arg(long, env = "CONVEYOR_FETCH_INTERVAL_SECS", default_value_t = 60)]
     pub interval_secs: u64,
+    /// Windows this process pages at once.
+    #[arg(long, env = "CONVEYOR_FETCH_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: u16,
+    /// A window handed out and not finished after this many seconds is handed out again.
+    #[arg(
+        long,
+        env = "CONVEYOR_FETCH_REPUBLISH_AFTER_SECS",
+        default_value_t = 900
+    )]
+    pub republish_after_secs: u64,
 }
 
-/// What one sync did.
+/// What a fetcher process did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SyncSummary {
+    pub windows: u64,
     pub pages: u64,
     pub records: u64,
     pub dead_lettered: u64,
     pub seconds: f64,
-    pub stopped_early: bool,
+    /// Everything modified before this instant is confirmed by the broker.
+    pub watermark: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    windows: AtomicU64,
+    pages: AtomicU64,
+    records: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// Pages windows and publishes their records.
+pub struct Fetcher {
+    gateway: Gateway<SharedBudget>,
+    store: SyncStore,
+    source: SourceSpec,
+    publisher: Publisher,
+    topology: Topology,
+    dead_letters: DeadLetters,
+    metrics: Metrics,
+    counters: Counters,
+    republish_after: Duration,
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -64,161 +108,366 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    let source = &runtime.pipeline.spec.source;
-    let client = ListClient::new(
-        &cli.source_url,
-        &source.path,
-        source.page_size,
-        source.query.clone(),
-    );
     let result = loop {
-        match sync_once(&runtime, &client, &shutdown).await {
-            Ok(summary) => {
-                tracing::info!(
-                    pages = summary.pages,
-                    records = summary.records,
-                    dead_lettered = summary.dead_lettered,
-                    seconds = summary.seconds,
-                    "sync finished"
-                );
-                if cli.once {
-                    println!("{}", serde_json::to_string(&summary)?);
-                    break Ok(());
+        match serve(&cli, &runtime, &shutdown).await {
+            // Windows whose pages were not all confirmed are not finished in the sync state: after the
+            // reconnect they are handed out and paged again (writes are idempotent).
+            Err(err) if lost_broker(&runtime, &err) && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting to go on with the sync");
+                match runtime.reconnect(&shutdown).await {
+                    Ok(true) => continue,
+                    Ok(false) => break Ok(()),
+                    Err(err) => break Err(err),
                 }
             }
-            Err(err) if err.downcast_ref::<BrokerError>().is_some() => {
-                // Pages whose publish was not confirmed are lost with the connection: sync again from
-                // the start (writes are idempotent, so pages sent twice do no harm).
-                tracing::warn!(error = %format!("{err:#}"), "lost the broker during a sync; reconnecting to sync again");
-                if !runtime.reconnect(&shutdown).await? {
-                    break Ok(());
-                }
-                continue;
-            }
-            Err(err) if cli.once => break Err(err),
-            Err(err) => {
-                tracing::error!(error = %format!("{err:#}"), "sync failed; trying again at the next interval")
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            () = tokio::time::sleep(Duration::from_secs(cli.interval_secs)) => {}
+            other => break other,
         }
     };
     runtime.stop().await;
     result
 }
 
-/// Pages through the whole list and publishes every page. Returns once every publish is confirmed.
-pub async fn sync_once(
+/// Whether `err` came from the broker connection (rather than the source or the database).
+fn lost_broker(runtime: &WorkerRuntime, err: &anyhow::Error) -> bool {
+    err.downcast_ref::<BrokerError>().is_some() || !runtime.connection.status().connected()
+}
+
+async fn serve(
+    cli: &Cli,
     runtime: &WorkerRuntime,
-    client: &ListClient,
     shutdown: &CancellationToken,
-) -> anyhow::Result<SyncSummary> {
+) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut summary = SyncSummary::default();
-    let mut confirms: VecDeque<PendingConfirm> = VecDeque::new();
-    let mut page_number = 1;
-    loop {
-        if shutdown.is_cancelled() {
-            summary.stopped_early = true;
-            break;
-        }
-        let page = fetch_with_retry(runtime, client, page_number, shutdown).await?;
-        let last_page = page_number >= page.total_page;
-        if !page.rows.is_empty() {
-            let (records, rejected) = to_records(runtime, page.rows);
-            summary.records += records.len() as u64;
-            summary.dead_lettered += rejected.len() as u64;
-            let meta = Meta::new_trace(runtime.pipeline.name());
-            if !rejected.is_empty() {
-                runtime.dead_letters().send_records(&meta, rejected).await?;
+    let source = runtime.pipeline.spec.source.clone();
+    let database = Database::connect(&cli.postgres)?;
+    let store = SyncStore::open(database.clone(), runtime.pipeline.name()).await?;
+    let credentials = cli.kingdee.credentials()?;
+    let budget = SharedBudget::new(
+        database,
+        KingdeeArgs::budget_key(&credentials),
+        source.calls_per_minute,
+    );
+    let fetcher = Arc::new(Fetcher {
+        gateway: Gateway::new(
+            credentials,
+            budget,
+            runtime.metrics.clone(),
+            runtime.pipeline.name(),
+        ),
+        store,
+        source,
+        publisher: runtime.publisher.clone(),
+        topology: runtime.topology.clone(),
+        dead_letters: runtime.dead_letters(),
+        metrics: runtime.metrics.clone(),
+        counters: Counters::default(),
+        republish_after: Duration::from_secs(cli.republish_after_secs),
+    });
+    let settings = ConsumeSettings {
+        topology: runtime.topology.clone(),
+        stage: Stage::Fetch,
+        prefetch: cli.concurrency.max(1),
+        drain_timeout: Duration::from_secs(cli.worker.drain_timeout_secs),
+        max_attempts: cli.worker.max_attempts,
+    };
+    let consuming = shutdown.child_token();
+    let consumer = consume::run(
+        &runtime.connection,
+        settings,
+        fetcher.clone(),
+        runtime.dead_letters(),
+        runtime.metrics.clone(),
+        consuming.clone(),
+    );
+    let driver = async {
+        let outcome = if cli.once {
+            match fetcher.plan().await.context("planning the sync") {
+                Ok(()) => wait_until_synced(&fetcher, shutdown).await,
+                Err(err) => Err(err),
             }
-            if !records.is_empty() {
-                let count = records.len() as u64;
-                let (body, properties) = Envelope { meta, records }.to_amqp();
-                let confirm = runtime
-                    .publisher
+        } else {
+            plan_on_schedule(&fetcher, Duration::from_secs(cli.interval_secs), shutdown).await;
+            Ok(())
+        };
+        consuming.cancel();
+        outcome
+    };
+    tokio::pin!(consumer);
+    tokio::pin!(driver);
+    // The consumer returns early only on a broker failure; then the driver is abandoned.
+    let (outcome, consumed) = tokio::select! {
+        consumed = &mut consumer => (Ok(()), consumed),
+        outcome = &mut driver => (outcome, consumer.await),
+    };
+    consumed?;
+    outcome?;
+    if cli.once {
+        let summary = fetcher.summary(started).await?;
+        tracing::info!(?summary, "sync finished");
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+/// Plans new windows every `interval` until shutdown.
+async fn plan_on_schedule(fetcher: &Fetcher, interval: Duration, shutdown: &CancellationToken) {
+    loop {
+        if let Err(err) = fetcher.plan().await {
+            tracing::error!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Waits until no window of the pipeline is left unfinished (by this process or another).
+async fn wait_until_synced(fetcher: &Fetcher, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    loop {
+        if fetcher.store.pending().await? == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+impl Fetcher {
+    fn pipeline(&self) -> &str {
+        self.topology.pipeline()
+    }
+
+    /// Hands out the windows that are due, as work items on the fetch queue.
+    pub async fn plan(&self) -> anyhow::Result<()> {
+        let source = &self.source;
+        let plan = self
+            .store
+            .plan(
+                source.start_time,
+                Duration::from_secs(source.window_secs),
+                Duration::from_secs(source.lag_secs),
+                Duration::from_secs(source.overlap_secs),
+                self.republish_after,
+                |windows| self.publish_windows(windows),
+            )
+            .await?;
+        if !plan.windows.is_empty() {
+            tracing::info!(windows = plan.windows.len(), "handed out windows");
+        }
+        Ok(())
+    }
+
+    async fn publish_windows(&self, windows: Vec<Window>) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(windows.len());
+        for window in windows {
+            let envelope = Envelope {
+                meta: Meta::new_trace(self.pipeline()),
+                records: vec![window.to_record()],
+            };
+            let (body, properties) = envelope.to_amqp();
+            confirms.push(
+                self.publisher
                     .send(
-                        &runtime.topology.exchange(),
-                        &runtime.topology.routing_key(Stage::Transform),
+                        &self.topology.exchange(),
+                        &self.topology.routing_key(Stage::Fetch),
                         &body,
                         properties,
                     )
-                    .await?;
-                confirms.push_back(confirm);
-                runtime
-                    .metrics
-                    .records_out
-                    .with_label_values(&[runtime.pipeline.name(), Stage::Fetch.as_str()])
-                    .inc_by(count);
-            }
-            while confirms.len() > CONFIRMS_IN_FLIGHT {
-                confirms.pop_front().expect("not empty").wait().await?;
-            }
+                    .await?,
+            );
         }
-        summary.pages += 1;
-        if last_page {
-            break;
+        for confirm in confirms {
+            confirm.wait().await?;
         }
-        page_number += 1;
+        Ok(())
     }
-    for confirm in confirms {
-        confirm.wait().await?;
+
+    async fn summary(&self, started: Instant) -> anyhow::Result<SyncSummary> {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Ok(SyncSummary {
+            windows: read(&self.counters.windows),
+            pages: read(&self.counters.pages),
+            records: read(&self.counters.records),
+            dead_lettered: read(&self.counters.dead_lettered),
+            seconds: started.elapsed().as_secs_f64(),
+            watermark: self.store.watermark().await?.map(|at| at.to_rfc3339()),
+        })
     }
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+
+    async fn page(&self, window: &Window, number: u64) -> Result<Page, Failure> {
+        let page_size = u64::from(self.source.page_size);
+        let mut query: Vec<(String, String)> = vec![
+            ("page".into(), number.to_string()),
+            ("page_size".into(), page_size.to_string()),
+        ];
+        query.extend(window.query());
+        query.extend(
+            self.source
+                .query
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone())),
+        );
+        let data = self
+            .gateway
+            .get(&self.source.path, &query)
+            .await
+            .map_err(|err| match err {
+                GatewayError::Transient(message) => Failure::new(ErrorClass::Transient, message),
+                GatewayError::Permanent(message) => Failure::new(ErrorClass::Permanent, message),
+            })?;
+        let page = Page::from_data(data, number, page_size)
+            .map_err(|problem| Failure::new(ErrorClass::Transient, problem))?;
+        self.counters.pages.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .records_in
+            .with_label_values(&[self.pipeline(), Stage::Fetch.as_str()])
+            .inc_by(page.rows.len() as u64);
+        Ok(page)
+    }
+
+    /// Publishes one page's records (and dead-letters its unusable rows); returns the pending confirm.
+    async fn publish_page(
+        &self,
+        meta: &Meta,
+        rows: Vec<Value>,
+    ) -> Result<Option<PendingConfirm>, Failure> {
+        let transient = |err: conveyor_core::broker::BrokerError| {
+            Failure::new(ErrorClass::Transient, err.to_string())
+        };
+        let (records, rejected) = to_records(&self.source, rows);
+        if !rejected.is_empty() {
+            self.counters
+                .dead_lettered
+                .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+            self.dead_letters
+                .send_records(meta, rejected)
+                .await
+                .map_err(transient)?;
+        }
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let count = records.len() as u64;
+        let (body, properties) = Envelope {
+            meta: meta.next_stage(),
+            records,
+        }
+        .to_amqp();
+        let confirm = self
+            .publisher
+            .send(
+                &self.topology.exchange(),
+                &self.topology.routing_key(Stage::Transform),
+                &body,
+                properties,
+            )
+            .await
+            .map_err(transient)?;
+        self.counters.records.fetch_add(count, Ordering::Relaxed);
+        self.metrics
+            .records_out
+            .with_label_values(&[self.pipeline(), Stage::Fetch.as_str()])
+            .inc_by(count);
+        Ok(Some(confirm))
+    }
+
+    /// Pages through a window and publishes every page; finishes it once all are confirmed.
+    async fn sync_window(&self, meta: &Meta, window: Window) -> Result<(), Failure> {
+        let transient =
+            |err: anyhow::Error| Failure::new(ErrorClass::Transient, format!("{err:#}"));
+        let outcome = |name: &str| {
+            self.metrics
+                .sync_windows
+                .with_label_values(&[self.pipeline(), name])
+                .inc();
+        };
+        for _ in 0..WINDOW_RESTARTS {
+            let first = self.page(&window, 1).await?;
+            if first.count > self.source.max_window_rows && window.splittable() {
+                let halves = self
+                    .store
+                    .split(&window, |halves| self.publish_windows(halves.to_vec()))
+                    .await
+                    .map_err(transient)?;
+                tracing::info!(
+                    rows = first.count,
+                    ?halves,
+                    "window too large; split in two"
+                );
+                outcome("split");
+                return Ok(());
+            }
+            let (count, total_page) = (first.count, first.total_page);
+            let mut confirms = Vec::new();
+            confirms.extend(self.publish_page(meta, first.rows).await?);
+            let mut moved = false;
+            for number in 2..=total_page {
+                let page = self.page(&window, number).await?;
+                if page.count != count {
+                    moved = true;
+                    break;
+                }
+                confirms.extend(self.publish_page(meta, page.rows).await?);
+            }
+            for confirm in confirms {
+                confirm
+                    .wait()
+                    .await
+                    .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
+            }
+            if moved {
+                tracing::info!(?window, "rows moved while paging; paging the window again");
+                outcome("restarted");
+                continue;
+            }
+            let watermark = self
+                .store
+                .finish(&window)
+                .await
+                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
+            if let Some(watermark) = watermark {
+                self.metrics
+                    .sync_watermark
+                    .with_label_values(&[self.pipeline()])
+                    .set(watermark.timestamp());
+            }
+            self.counters.windows.fetch_add(1, Ordering::Relaxed);
+            outcome("done");
+            return Ok(());
+        }
+        Err(Failure::new(
+            ErrorClass::Transient,
+            format!("rows kept moving while paging {window:?}; will try the window again later"),
+        ))
+    }
 }
 
-async fn fetch_with_retry(
-    runtime: &WorkerRuntime,
-    client: &ListClient,
-    page: u64,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<source::Page> {
-    let pipeline = runtime.pipeline.name();
-    let mut attempt = 0;
-    loop {
-        let timer = runtime
-            .metrics
-            .message_duration
-            .with_label_values(&[pipeline, Stage::Fetch.as_str()])
-            .start_timer();
-        let result = client.fetch_page(page).await;
-        timer.observe_duration();
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        runtime
-            .metrics
-            .source_requests
-            .with_label_values(&[pipeline, outcome])
-            .inc();
-        let error: SourceError = match result {
-            Ok(fetched) => {
-                runtime
-                    .metrics
-                    .records_in
-                    .with_label_values(&[pipeline, Stage::Fetch.as_str()])
-                    .inc_by(fetched.rows.len() as u64);
-                return Ok(fetched);
+impl Handler for Fetcher {
+    async fn handle(&self, envelope: Envelope) -> Disposition {
+        for record in &envelope.records {
+            let window = match Window::from_record(record) {
+                Ok(window) => window,
+                Err(problem) => {
+                    return Disposition::DeadLetter(Failure::new(ErrorClass::Malformed, problem));
+                }
+            };
+            match self.sync_window(&envelope.meta, window).await {
+                Ok(()) => {}
+                Err(failure) if failure.class == ErrorClass::Transient => {
+                    return Disposition::Retry(failure);
+                }
+                Err(failure) => return Disposition::DeadLetter(failure),
             }
-            Err(error) => error,
-        };
-        attempt += 1;
-        if attempt >= PAGE_ATTEMPTS {
-            anyhow::bail!("page {page} failed {attempt} times; last error: {error}");
         }
-        let delay = conveyor_core::consume::retry_delay(attempt);
-        tracing::warn!(page, attempt, error = %error, retry_in_ms = delay.as_millis() as u64, "source call failed");
-        tokio::select! {
-            () = shutdown.cancelled() => anyhow::bail!("stopped while retrying page {page}"),
-            () = tokio::time::sleep(delay) => {}
-        }
+        Disposition::Done
     }
 }
 
 /// Turns rows into records; rows without a usable id or modify time are returned apart, with the reason.
-fn to_records(runtime: &WorkerRuntime, rows: Vec<Value>) -> (Vec<Record>, Vec<(Record, Failure)>) {
-    let source = &runtime.pipeline.spec.source;
+fn to_records(source: &SourceSpec, rows: Vec<Value>) -> (Vec<Record>, Vec<(Record, Failure)>) {
     let mut records = Vec::with_capacity(rows.len());
     let mut rejected = Vec::new();
     for row in rows {
@@ -230,32 +479,30 @@ fn to_records(runtime: &WorkerRuntime, rows: Vec<Value>) -> (Vec<Record>, Vec<(R
         let modify_time = row
             .get(&source.modify_time_field)
             .map(source_time::parse_instant);
-        match (id, modify_time) {
-            (Some(id), Some(Ok(modify_time))) => records.push(Record {
-                id,
-                modify_time,
-                data: row,
-            }),
-            (id, modify_time) => {
-                let problem = match (&id, modify_time) {
-                    (None, _) => format!("row has no usable id field {:?}", source.id_field),
-                    (_, None) => format!(
-                        "row has no modify time field {:?}",
-                        source.modify_time_field
-                    ),
-                    (_, Some(Err(err))) => {
-                        format!("modify time field {:?}: {err}", source.modify_time_field)
-                    }
-                    (_, Some(Ok(_))) => unreachable!("handled above"),
-                };
-                let record = Record {
-                    id: id.unwrap_or_default(),
-                    modify_time: source_time::from_epoch_millis(0).expect("epoch is in range"),
+        let problem = match (&id, modify_time) {
+            (Some(id), Some(Ok(modify_time))) => {
+                records.push(Record {
+                    id: id.clone(),
+                    modify_time,
                     data: row,
-                };
-                rejected.push((record, Failure::new(ErrorClass::Permanent, problem)));
+                });
+                continue;
             }
-        }
+            (None, _) => format!("row has no usable id field {:?}", source.id_field),
+            (_, None) => format!(
+                "row has no modify time field {:?}",
+                source.modify_time_field
+            ),
+            (_, Some(Err(err))) => {
+                format!("modify time field {:?}: {err}", source.modify_time_field)
+            }
+        };
+        let record = Record {
+            id: id.unwrap_or_default(),
+            modify_time: source_time::from_epoch_millis(0).expect("epoch is in range"),
+            data: row,
+        };
+        rejected.push((record, Failure::new(ErrorClass::Permanent, problem)));
     }
     (records, rejected)
 }

@@ -200,13 +200,15 @@ impl Scenario {
         bin_dir: &Path,
         prefix: &str,
         sim: SimConfig,
+        source: &[(&str, toml::Value)],
     ) -> anyhow::Result<Self> {
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
         let name = format!("{prefix}_{suffix}");
-        Self::start_named(services, pipeline_file, bin_dir, &name, &name, sim).await
+        Self::start_named(services, pipeline_file, bin_dir, &name, &name, sim, source).await
     }
 
     /// Like [`Scenario::start`] with chosen names; the schema is dropped first if it exists.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start_named(
         services: Services,
         pipeline_file: &Path,
@@ -214,8 +216,14 @@ impl Scenario {
         namespace: &str,
         schema: &str,
         sim: SimConfig,
+        source: &[(&str, toml::Value)],
     ) -> anyhow::Result<Self> {
-        let pipeline = Pipeline::load(pipeline_file)?;
+        let log_dir = std::env::temp_dir()
+            .join("conveyor-harness")
+            .join(namespace);
+        std::fs::create_dir_all(&log_dir)?;
+        let derived = derive_pipeline(pipeline_file, &log_dir, &sim, source)?;
+        let pipeline = Pipeline::load(&derived)?;
         for worker in [Worker::Fetcher, Worker::Transformer, Worker::Writer] {
             let binary = bin_dir.join(worker.binary());
             if !binary.is_file() {
@@ -232,10 +240,6 @@ impl Scenario {
             .context("resetting the scenario's schema")?;
         let simulator = Simulator::new(sim);
         let sim_addr = kingdee_sim::spawn(simulator.clone(), ([127, 0, 0, 1], 0).into()).await?;
-        let log_dir = std::env::temp_dir()
-            .join("conveyor-harness")
-            .join(namespace);
-        std::fs::create_dir_all(&log_dir)?;
         Ok(Self {
             services,
             pipeline,
@@ -251,6 +255,7 @@ impl Scenario {
 
     /// The environment every worker of this scenario gets.
     pub fn environment(&self) -> HashMap<&'static str, String> {
+        let gateway = &self.simulator.config().gateway;
         HashMap::from([
             (
                 "CONVEYOR_PIPELINE",
@@ -264,9 +269,23 @@ impl Scenario {
             ("CONVEYOR_PG_SCHEMA", self.schema.clone()),
             ("CONVEYOR_NAMESPACE", self.namespace.clone()),
             ("CONVEYOR_KINGDEE_BASE_URL", self.sim_url.clone()),
+            ("CONVEYOR_KINGDEE_CLIENT_ID", gateway.client_id.clone()),
+            (
+                "CONVEYOR_KINGDEE_CLIENT_SECRET",
+                gateway.client_secret.clone(),
+            ),
+            (
+                "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID",
+                gateway.outer_instance_id.clone(),
+            ),
+            ("CONVEYOR_KINGDEE_ACCOUNT", gateway.account_name.clone()),
+            ("CONVEYOR_FETCH_INTERVAL_SECS", "1".into()),
             ("CONVEYOR_DRAIN_TIMEOUT_SECS", "20".into()),
             ("CONVEYOR_RETRY_DELAYS_MS", RETRY_DELAYS_MS.into()),
-            ("CONVEYOR_LOG", "info".into()),
+            (
+                "CONVEYOR_LOG",
+                std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "info".into()),
+            ),
         ])
     }
 
@@ -277,6 +296,16 @@ impl Scenario {
 
     /// Starts a worker process with the scenario's environment, plus `args`.
     pub fn spawn(&self, worker: Worker, args: &[&str]) -> anyhow::Result<WorkerProcess> {
+        self.spawn_with_env(worker, args, &[])
+    }
+
+    /// Like [`Scenario::spawn`], with settings of this process only on top.
+    pub fn spawn_with_env(
+        &self,
+        worker: Worker,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerProcess> {
         let http_addr = free_local_addr()?;
         let log = self.log_dir.join(format!(
             "{}-{}.log",
@@ -288,6 +317,7 @@ impl Scenario {
             .args(args)
             .envs(self.environment())
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
+            .envs(env.iter().copied())
             .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -500,6 +530,56 @@ impl Scenario {
         }
         Ok(())
     }
+}
+
+/// Writes the scenario's copy of a pipeline file: the migrations path made absolute, the sync starting a
+/// day before the simulator's data, the call budget set to the simulator's limit (or, when it has none,
+/// high enough not to slow a test), then `source` overrides of `[source]` keys.
+fn derive_pipeline(
+    file: &Path,
+    dir: &Path,
+    sim: &SimConfig,
+    source: &[(&str, toml::Value)],
+) -> anyhow::Result<PathBuf> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    if let Some(toml::Value::Table(target)) = table.get_mut("target")
+        && let Some(toml::Value::String(migrations)) = target.get_mut("migrations")
+    {
+        let absolute = file.parent().unwrap_or(Path::new(".")).join(&*migrations);
+        *migrations = absolute
+            .canonicalize()
+            .unwrap_or(absolute)
+            .display()
+            .to_string();
+    }
+    let start = chrono::TimeZone::from_local_datetime(
+        &conveyor_core::source_time::china_standard_time(),
+        &sim.epoch,
+    )
+    .single()
+    .context("the simulator's epoch is a valid CST time")?
+        - chrono::Duration::days(1);
+    let calls_per_minute = match sim.gateway.calls_per_minute {
+        0 => 600_000,
+        limit => i64::from(limit),
+    };
+    let mut settings = vec![
+        ("start_time", toml::Value::String(start.to_rfc3339())),
+        ("calls_per_minute", toml::Value::Integer(calls_per_minute)),
+    ];
+    settings.extend(source.iter().map(|(key, value)| (*key, value.clone())));
+    let Some(toml::Value::Table(source_table)) = table.get_mut("source") else {
+        bail!("{} has no [source] table", file.display());
+    };
+    for (key, value) in settings {
+        source_table.insert(key.to_owned(), value);
+    }
+    let derived = dir.join(file.file_name().unwrap_or("pipeline.toml".as_ref()));
+    std::fs::write(&derived, toml::to_string(&table)?)?;
+    Ok(derived)
 }
 
 /// A loopback address with a port that was free a moment ago.

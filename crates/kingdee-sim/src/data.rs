@@ -92,6 +92,7 @@ pub struct Dataset {
     pub orders: Vec<SalesOrder>,
     pub customers: Vec<Customer>,
     pub materials: Vec<Material>,
+    generator: Generator,
 }
 
 const SURNAMES: &[&str] = &["张", "王", "李", "赵", "陈", "刘", "杨", "黄", "周", "吴"];
@@ -125,31 +126,132 @@ fn pick<'a, T>(rng: &mut ChaCha8Rng, items: &'a [T]) -> &'a T {
     &items[rng.random_range(0..items.len())]
 }
 
+/// The deterministic source of new ids and values; kept so that orders created while the simulator runs
+/// continue the same sequence.
+#[derive(Debug, Clone)]
+struct Generator {
+    rng: ChaCha8Rng,
+    next_id: u64,
+    orders_made: usize,
+}
+
+impl Generator {
+    fn id(&mut self) -> String {
+        self.next_id += self.rng.random_range(1..1_000_000);
+        self.next_id.to_string()
+    }
+
+    fn order(
+        &mut self,
+        created: NaiveDateTime,
+        modified: NaiveDateTime,
+        customers: &[Customer],
+        materials: &[Material],
+    ) -> SalesOrder {
+        self.orders_made += 1;
+        let number = self.orders_made;
+        let customer = pick(&mut self.rng, customers).clone();
+        let line_count = self.rng.random_range(1..=4);
+        let mut total = 0i64;
+        let mut material_entity = Vec::with_capacity(line_count as usize);
+        for seq in 1..=line_count {
+            let material = pick(&mut self.rng, materials).clone();
+            let qty: i64 = self.rng.random_range(1..50);
+            let price_cents: i64 = self.rng.random_range(100..100_000);
+            let cess: i64 = *pick(&mut self.rng, &[0, 6, 9, 13]);
+            let amount = qty * price_cents;
+            let tax = (amount * cess + 50) / 100;
+            total += amount + tax;
+            material_entity.push(OrderLine {
+                id: self.id(),
+                seq,
+                material_id: material.id,
+                material_number: material.number,
+                material_name: material.name,
+                qty: qty.to_string(),
+                unit_name: material.base_unit_name,
+                price: cents(price_cents),
+                tax_price: cents((price_cents * (100 + cess) + 50) / 100),
+                cess: cess.to_string(),
+                amount: cents(amount),
+                tax_amount: cents(tax),
+                all_amount: cents(amount + tax),
+                stock_name: pick(&mut self.rng, STOCKS).to_string(),
+                batch_no: format!("B{}", created.format("%y%m%d")),
+            });
+        }
+        let audited = self.rng.random_bool(0.8);
+        let employee = self.rng.random_range(0..40);
+        let department = self.rng.random_range(0..DEPARTMENTS.len());
+        SalesOrder {
+            id: self.id(),
+            bill_no: format!("XSDD-{}-{number:05}", created.format("%Y%m%d")),
+            bill_date: created.format("%Y-%m-%d").to_string(),
+            bill_status: if audited { "C" } else { "Z" }.to_owned(),
+            create_time: local(created),
+            modify_time: local(modified),
+            audit_date: if audited {
+                modified.format("%Y-%m-%d").to_string()
+            } else {
+                String::new()
+            },
+            customer_id: customer.id,
+            customer_name: customer.name,
+            customer_number: customer.number,
+            dept_id: format!("{}", 2_000 + department),
+            dept_name: DEPARTMENTS[department].to_owned(),
+            dept_number: format!("D{department:02}"),
+            emp_id: format!("{}", 3_000 + employee),
+            emp_name: format!(
+                "{}{}",
+                pick(&mut self.rng, SURNAMES),
+                ["伟", "芳", "娜", "敏", "静"][employee % 5]
+            ),
+            emp_number: format!("E{employee:03}"),
+            total_amount: cents(total),
+            settle_status: pick(&mut self.rng, &["0", "1", "2"]).to_string(),
+            currency_id: "1".to_owned(),
+            exchange_rate: "1".to_owned(),
+            remark: if self.rng.random_bool(0.2) {
+                "加急，请优先发货".to_owned()
+            } else {
+                String::new()
+            },
+            custom_field: serde_json::json!({}),
+            material_entity,
+        }
+    }
+}
+
 impl Dataset {
-    /// Generates `order_count` sales orders (and customers and materials for them) from `seed`. The same
-    /// seed and count always give the same data.
-    pub fn generate(seed: u64, order_count: usize) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let epoch = NaiveDate::from_ymd_opt(2025, 1, 1)
-            .and_then(|date| date.and_hms_opt(8, 0, 0))
-            .expect("a valid start time");
-        let mut next_id = 830_000_000_000_000_000u64 + rng.random_range(0..1_000_000_000);
-        let mut new_id = |rng: &mut ChaCha8Rng| {
-            next_id += rng.random_range(1..1_000_000);
-            next_id.to_string()
+    /// Generates `order_count` sales orders (and customers and materials for them) from `seed`, created
+    /// one after another from `epoch` (CST) on. The same seed, count and epoch always give the same data.
+    pub fn generate(seed: u64, order_count: usize, epoch: NaiveDateTime) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut generator = Generator {
+            next_id: 830_000_000_000_000_000u64,
+            rng,
+            orders_made: 0,
         };
+        generator.next_id += generator.rng.random_range(0..1_000_000_000);
 
         let customers: Vec<Customer> = (0..(order_count / 20).max(5))
             .map(|index| Customer {
-                id: new_id(&mut rng),
+                id: generator.id(),
                 number: format!("CUST{:05}", index + 1),
                 name: format!(
                     "{}{}商贸有限公司",
-                    pick(&mut rng, COMPANY_WORDS),
-                    pick(&mut rng, COMPANY_WORDS)
+                    pick(&mut generator.rng, COMPANY_WORDS),
+                    pick(&mut generator.rng, COMPANY_WORDS)
                 ),
-                enable: if rng.random_bool(0.95) { "1" } else { "0" }.to_owned(),
-                group_name: pick(&mut rng, &["零售客户", "批发客户", "大客户"]).to_string(),
+                enable: if generator.rng.random_bool(0.95) {
+                    "1"
+                } else {
+                    "0"
+                }
+                .to_owned(),
+                group_name: pick(&mut generator.rng, &["零售客户", "批发客户", "大客户"])
+                    .to_string(),
                 remark: String::new(),
                 modify_time: local(epoch - Duration::days(30) + Duration::minutes(index as i64)),
             })
@@ -158,11 +260,11 @@ impl Dataset {
             .map(|index| {
                 let (name, unit) = PRODUCTS[index % PRODUCTS.len()];
                 Material {
-                    id: new_id(&mut rng),
+                    id: generator.id(),
                     number: format!("MAT{:05}", index + 1),
                     name: format!("{name} {}型", index / PRODUCTS.len() + 1),
-                    model: format!("M-{}", rng.random_range(100..999)),
-                    barcode: format!("69{:011}", rng.random_range(0..99_999_999_999u64)),
+                    model: format!("M-{}", generator.rng.random_range(100..999)),
+                    barcode: format!("69{:011}", generator.rng.random_range(0..99_999_999_999u64)),
                     base_unit_id: format!("{}", 1_000 + index % PRODUCTS.len()),
                     base_unit_name: unit.to_owned(),
                     base_unit_number: format!("U{:02}", index % PRODUCTS.len()),
@@ -177,87 +279,50 @@ impl Dataset {
 
         let mut created = epoch;
         let mut orders = Vec::with_capacity(order_count);
-        for index in 0..order_count {
-            created += Duration::seconds(rng.random_range(1..120));
-            let customer = pick(&mut rng, &customers);
-            let line_count = rng.random_range(1..=4);
-            let mut total = 0i64;
-            let material_entity = (1..=line_count)
-                .map(|seq| {
-                    let material = pick(&mut rng, &materials);
-                    let qty: i64 = rng.random_range(1..50);
-                    let price_cents: i64 = rng.random_range(100..100_000);
-                    let cess: i64 = *pick(&mut rng, &[0, 6, 9, 13]);
-                    let amount = qty * price_cents;
-                    let tax = (amount * cess + 50) / 100;
-                    total += amount + tax;
-                    OrderLine {
-                        id: new_id(&mut rng),
-                        seq,
-                        material_id: material.id.clone(),
-                        material_number: material.number.clone(),
-                        material_name: material.name.clone(),
-                        qty: qty.to_string(),
-                        unit_name: material.base_unit_name.clone(),
-                        price: cents(price_cents),
-                        tax_price: cents((price_cents * (100 + cess) + 50) / 100),
-                        cess: cess.to_string(),
-                        amount: cents(amount),
-                        tax_amount: cents(tax),
-                        all_amount: cents(amount + tax),
-                        stock_name: pick(&mut rng, STOCKS).to_string(),
-                        batch_no: format!("B{}", created.format("%y%m%d")),
-                    }
-                })
-                .collect();
-            let audited = rng.random_bool(0.8);
-            let modified = created + Duration::seconds(rng.random_range(0..3 * 24 * 3600));
-            let employee = rng.random_range(0..40);
-            let department = rng.random_range(0..DEPARTMENTS.len());
-            orders.push(SalesOrder {
-                id: new_id(&mut rng),
-                bill_no: format!("XSDD-{}-{:05}", created.format("%Y%m%d"), index + 1),
-                bill_date: created.format("%Y-%m-%d").to_string(),
-                bill_status: if audited { "C" } else { "Z" }.to_owned(),
-                create_time: local(created),
-                modify_time: local(modified),
-                audit_date: if audited {
-                    modified.format("%Y-%m-%d").to_string()
-                } else {
-                    String::new()
-                },
-                customer_id: customer.id.clone(),
-                customer_name: customer.name.clone(),
-                customer_number: customer.number.clone(),
-                dept_id: format!("{}", 2_000 + department),
-                dept_name: DEPARTMENTS[department].to_owned(),
-                dept_number: format!("D{department:02}"),
-                emp_id: format!("{}", 3_000 + employee),
-                emp_name: format!(
-                    "{}{}",
-                    pick(&mut rng, SURNAMES),
-                    ["伟", "芳", "娜", "敏", "静"][employee % 5]
-                ),
-                emp_number: format!("E{employee:03}"),
-                total_amount: cents(total),
-                settle_status: pick(&mut rng, &["0", "1", "2"]).to_string(),
-                currency_id: "1".to_owned(),
-                exchange_rate: "1".to_owned(),
-                remark: if rng.random_bool(0.2) {
-                    "加急，请优先发货".to_owned()
-                } else {
-                    String::new()
-                },
-                custom_field: serde_json::json!({}),
-                material_entity,
-            });
+        for _ in 0..order_count {
+            created += Duration::seconds(generator.rng.random_range(1..120));
+            let modified =
+                created + Duration::seconds(generator.rng.random_range(0..3 * 24 * 3600));
+            orders.push(generator.order(created, modified, &customers, &materials));
         }
         Self {
             orders,
             customers,
             materials,
+            generator,
         }
     }
+
+    /// Creates a new sales order at `now` (CST), as a user entering one at the source would.
+    pub fn create_order(&mut self, now: NaiveDateTime) {
+        let order = self
+            .generator
+            .order(now, now, &self.customers, &self.materials);
+        self.orders.push(order);
+    }
+
+    /// Modifies the order at `index`: its modify time becomes `now` (CST) and its remark changes.
+    pub fn modify_order(&mut self, index: usize, now: NaiveDateTime) {
+        let order = &mut self.orders[index];
+        order.modify_time = local(now);
+        order.remark = format!("修改于 {}", local(now));
+    }
+
+    pub fn random_index(&mut self) -> usize {
+        self.generator.rng.random_range(0..self.orders.len().max(1))
+    }
+}
+
+/// Now less `days`, as CST local time: a timeline start for data that reaches up to the present.
+pub fn days_ago(days: i64) -> NaiveDateTime {
+    (chrono::Utc::now() + Duration::hours(8) - Duration::days(days)).naive_utc()
+}
+
+/// The default start of the generated data's timeline: 2025-01-01 08:00 CST.
+pub fn default_epoch() -> NaiveDateTime {
+    NaiveDate::from_ymd_opt(2025, 1, 1)
+        .and_then(|date| date.and_hms_opt(8, 0, 0))
+        .expect("a valid start time")
 }
 
 #[cfg(test)]
@@ -266,17 +331,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_data() {
-        let first = Dataset::generate(7, 50);
-        let second = Dataset::generate(7, 50);
+        let first = Dataset::generate(7, 50, default_epoch());
+        let second = Dataset::generate(7, 50, default_epoch());
         let ids = |data: &Dataset| data.orders.iter().map(|o| o.id.clone()).collect::<Vec<_>>();
         assert_eq!(ids(&first), ids(&second));
-        assert_ne!(ids(&first), ids(&Dataset::generate(8, 50)));
+        assert_ne!(ids(&first), ids(&Dataset::generate(8, 50, default_epoch())));
         assert_eq!(first.orders.len(), 50);
     }
 
     #[test]
     fn ids_are_unique_and_totals_add_up() {
-        let data = Dataset::generate(1, 500);
+        let data = Dataset::generate(1, 500, default_epoch());
         let mut ids: Vec<_> = data.orders.iter().map(|o| &o.id).collect();
         ids.sort();
         ids.dedup();

@@ -1,33 +1,40 @@
 //! A simulator of the Kingdee Cloud Xingchen V2 open API (金蝶云星辰 V2), for demos, tests and
-//! benchmarks.
+//! benchmarks — as strict as the real gateway.
 //!
 //! It serves the list endpoints of sales orders, customers and materials with the real paging rules and
-//! response envelope, from a data set generated from a seed. Its ground truth — every record id with its
-//! modify time — is on `/admin/truth/{object}`, so that a test can prove the target holds exactly the
-//! source.
+//! response envelope, from a data set generated from a seed, behind the real auth flow
+//! (push_app_authorize, kingdee_auth_token) and the gateway's checks (see [`gate`]). While it runs, orders
+//! are modified and created at configurable rates — also inside windows a client is paging through. Its
+//! ground truth — every record id with its modify time — is on `/admin/truth/{object}`, so that a test
+//! can prove the target holds exactly the source.
 //!
 //! List rows carry the detail fields (`modify_time`, `material_entity`) so that one list call yields
 //! complete, versioned records.
 
 pub mod data;
+pub mod gate;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use chrono::NaiveDateTime;
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::data::{Dataset, LOCAL_TIME_FORMAT};
+use crate::gate::{Admission, GateState, GatewayConfig, Stats, StatsSnapshot, bump};
 
 /// The largest page the real gateway serves.
 pub const GATEWAY_MAX_PAGE_SIZE: usize = 100;
-
 /// The amount written into spoiled orders.
 pub const POISON_AMOUNT: &str = "N/A";
 
@@ -38,12 +45,25 @@ pub struct SimConfig {
     pub seed: u64,
     /// Number of sales orders.
     pub orders: usize,
+    /// Start of the data's timeline (CST): orders are created one after another from here on.
+    pub epoch: NaiveDateTime,
     /// Reproduce a reported gateway quirk: a page_size above 100 is served as 100 rows while
     /// `total_page` is computed from the size asked for — which loses rows for a client that trusts it.
     pub total_page_from_requested_size: bool,
     /// Spoil every n-th sales order (0: none) with an amount that is not a number, as bad data entered at
     /// the source would be. Such records can never be written; a pipeline must dead-letter exactly them.
     pub poison_every: usize,
+    pub gateway: GatewayConfig,
+    pub changes: ChangeRates,
+}
+
+/// How fast the data changes while the simulator runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRates {
+    /// Existing orders modified per second (their modify time becomes now).
+    pub modify_per_sec: f64,
+    /// New orders created per second.
+    pub create_per_sec: f64,
 }
 
 impl Default for SimConfig {
@@ -51,8 +71,11 @@ impl Default for SimConfig {
         Self {
             seed: 42,
             orders: 10_000,
+            epoch: data::default_epoch(),
             total_page_from_requested_size: false,
             poison_every: 0,
+            gateway: GatewayConfig::default(),
+            changes: ChangeRates::default(),
         }
     }
 }
@@ -60,7 +83,10 @@ impl Default for SimConfig {
 /// The simulator's state.
 pub struct Simulator {
     config: SimConfig,
-    data: Dataset,
+    data: RwLock<Dataset>,
+    gate: Mutex<GateState>,
+    changes: Mutex<ChangeRates>,
+    stats: Stats,
 }
 
 /// One record of the ground truth.
@@ -90,9 +116,14 @@ impl Object {
     }
 }
 
+/// The simulator's clock as CST local time, the source's way of writing time.
+fn now_local() -> NaiveDateTime {
+    (chrono::Utc::now() + chrono::Duration::hours(8)).naive_utc()
+}
+
 impl Simulator {
     pub fn new(config: SimConfig) -> Arc<Self> {
-        let mut data = Dataset::generate(config.seed, config.orders);
+        let mut data = Dataset::generate(config.seed, config.orders, config.epoch);
         if config.poison_every > 0 {
             for order in data
                 .orders
@@ -103,40 +134,38 @@ impl Simulator {
                 order.total_amount = POISON_AMOUNT.to_owned();
             }
         }
-        Arc::new(Self { config, data })
+        Arc::new(Self {
+            gate: Mutex::new(GateState::new(&config.gateway)),
+            changes: Mutex::new(config.changes),
+            data: RwLock::new(data),
+            stats: Stats::default(),
+            config,
+        })
     }
 
-    /// The ids of the sales orders spoiled by `poison_every`.
-    pub fn poisoned_orders(&self) -> Vec<String> {
-        self.data
-            .orders
-            .iter()
-            .filter(|order| order.total_amount == POISON_AMOUNT)
-            .map(|order| order.id.clone())
-            .collect()
+    pub fn config(&self) -> &SimConfig {
+        &self.config
     }
 
     /// Every record of `object` with its modify time, in the order the list serves them.
     pub fn truth(&self, object: Object) -> Vec<TruthRecord> {
+        let data = self.data.read().expect("data lock");
         let record = |id: &String, modify_time: &String| TruthRecord {
             id: id.clone(),
             modify_time: modify_time.clone(),
         };
         match object {
-            Object::SalesOrder => self
-                .data
+            Object::SalesOrder => data
                 .orders
                 .iter()
                 .map(|o| record(&o.id, &o.modify_time))
                 .collect(),
-            Object::Customer => self
-                .data
+            Object::Customer => data
                 .customers
                 .iter()
                 .map(|c| record(&c.id, &c.modify_time))
                 .collect(),
-            Object::Material => self
-                .data
+            Object::Material => data
                 .materials
                 .iter()
                 .map(|m| record(&m.id, &m.modify_time))
@@ -144,20 +173,91 @@ impl Simulator {
         }
     }
 
+    /// The ids of the sales orders spoiled by `poison_every`.
+    pub fn poisoned_orders(&self) -> Vec<String> {
+        let data = self.data.read().expect("data lock");
+        data.orders
+            .iter()
+            .filter(|order| order.total_amount == POISON_AMOUNT)
+            .map(|order| order.id.clone())
+            .collect()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Moves the tenant to another data centre: calls routed to the old one get HTTP 502.
+    pub fn move_tenant(&self, domain: &str) {
+        self.gate.lock().expect("gate lock").domain = domain.to_owned();
+    }
+
+    /// Changes how fast the data changes (zero rates stop it).
+    pub fn set_changes(&self, rates: ChangeRates) {
+        *self.changes.lock().expect("changes lock") = rates;
+    }
+
+    /// Applies `elapsed` worth of changes; `carry` keeps the fractions between ticks.
+    fn apply_changes(&self, elapsed: Duration, carry: &mut (f64, f64)) {
+        let rates = *self.changes.lock().expect("changes lock");
+        carry.0 += rates.modify_per_sec * elapsed.as_secs_f64();
+        carry.1 += rates.create_per_sec * elapsed.as_secs_f64();
+        if carry.0 < 1.0 && carry.1 < 1.0 {
+            return;
+        }
+        let now = now_local();
+        let mut data = self.data.write().expect("data lock");
+        while carry.0 >= 1.0 {
+            carry.0 -= 1.0;
+            if !data.orders.is_empty() {
+                let index = data.random_index();
+                data.modify_order(index, now);
+                bump(&self.stats.orders_modified);
+            }
+        }
+        while carry.1 >= 1.0 {
+            carry.1 -= 1.0;
+            data.create_order(now);
+            bump(&self.stats.orders_created);
+        }
+    }
+
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
+            .route(gateway_path::AUTHORIZE, post(authorize))
+            .route(gateway_path::TOKEN, get(token))
             .route("/jdy/v2/scm/sal_order", get(list_sales_orders))
             .route("/jdy/v2/bd/customer", get(list_customers))
             .route("/jdy/v2/bd/material", get(list_materials))
             .route("/admin/truth/{object}", get(truth))
+            .route("/admin/stats", get(stats))
+            .route("/admin/domain", post(move_tenant))
+            .route("/admin/changes", post(set_changes))
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self.clone())
     }
 }
 
-/// Serves the simulator on `listener` until the task is dropped or the process ends.
+mod gateway_path {
+    pub const AUTHORIZE: &str = conveyor_kingdee::gateway::AUTHORIZE_PATH;
+    pub const TOKEN: &str = conveyor_kingdee::gateway::TOKEN_PATH;
+}
+
+/// Serves the simulator on `listener` (and changes its data at the configured rates) until the task is
+/// dropped or the process ends.
 pub async fn serve(simulator: Arc<Simulator>, listener: TcpListener) -> std::io::Result<()> {
-    axum::serve(listener, simulator.router()).await
+    let changer = simulator.clone();
+    let changes = tokio::spawn(async move {
+        let tick = Duration::from_millis(50);
+        let mut carry = (0.0, 0.0);
+        loop {
+            tokio::time::sleep(tick).await;
+            changer.apply_changes(tick, &mut carry);
+        }
+    });
+    let served = axum::serve(listener, simulator.router()).await;
+    changes.abort();
+    served
 }
 
 /// Binds `addr` (port 0 for any) and serves in the background; returns the bound address.
@@ -170,16 +270,6 @@ pub async fn spawn(simulator: Arc<Simulator>, addr: SocketAddr) -> std::io::Resu
         }
     });
     Ok(bound)
-}
-
-/// The list endpoints' query parameters (all optional, all text as on the wire).
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    page: Option<String>,
-    page_size: Option<String>,
-    modify_start_time: Option<String>,
-    modify_end_time: Option<String>,
-    bill_status: Option<String>,
 }
 
 /// A business error the way the API reports one: HTTP 200 with a non-zero errcode.
@@ -203,6 +293,99 @@ impl IntoResponse for BusinessError {
     }
 }
 
+fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+        .filter(|value| !value.is_empty())
+}
+
+async fn authorize(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let call = Admission {
+        method: "POST",
+        path: gateway_path::AUTHORIZE,
+        headers: &headers,
+        query: &query,
+        business: false,
+    };
+    if let Err(rejection) = sim.admit(call) {
+        return rejection.into_response();
+    }
+    let config = &sim.config.gateway;
+    if query_value(&query, "outerInstanceId") != Some(config.outer_instance_id.as_str()) {
+        return Json(
+            json!({"code": 1_030_002_003, "msg": "outerInstanceId does not exist", "data": []}),
+        )
+        .into_response();
+    }
+    bump(&sim.stats.authorizations);
+    let mut gate = sim.gate.lock().expect("gate lock");
+    let app_secret = gate.app_secret(config);
+    let account = |name: &str, id: &str, status: u8, key: &str, secret: &str| {
+        json!({
+            "appKey": key, "appSecret": secret, "domain": gate.domain, "accountId": id, "accountName": name,
+            "groupName": "演示集团", "status": status, "outerInstanceId": config.outer_instance_id,
+            "clientId": config.client_id, "serviceId": "1001",
+            "instanceExpiresTime": 4_102_416_000_000_i64,
+        })
+    };
+    let active = account(
+        &config.account_name,
+        "1760000000000000001",
+        1,
+        &gate.app_key,
+        &app_secret,
+    );
+    let archived = account(
+        "归档账套",
+        "1760000000000000002",
+        0,
+        "SimKey02",
+        "0000000000000000000000000000000000000000",
+    );
+    Json(json!({"code": 200, "msg": "success", "data": [archived, active]})).into_response()
+}
+
+async fn token(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let call = Admission {
+        method: "GET",
+        path: gateway_path::TOKEN,
+        headers: &headers,
+        query: &query,
+        business: false,
+    };
+    if let Err(rejection) = sim.admit(call) {
+        return rejection.into_response();
+    }
+    let config = &sim.config.gateway;
+    let mut gate = sim.gate.lock().expect("gate lock");
+    let app_secret = gate.app_secret(config);
+    let expected = conveyor_kingdee::sign::app_signature(&gate.app_key, &app_secret);
+    if query_value(&query, "app_key") != Some(gate.app_key.as_str())
+        || query_value(&query, "app_signature") != Some(expected.as_str())
+    {
+        bump(&sim.stats.stale_secret);
+        return business_error(1_030_002_006, "授权密钥校验失败".into()).into_response();
+    }
+    let (token, expires) = gate.issue_token(config.token_lifetime);
+    bump(&sim.stats.tokens_issued);
+    Json(json!({
+        "errcode": 0,
+        "description": "success",
+        "data": {"app-token": token, "access_token": "0123456789abcdef0123456789abcdef", "expires": expires.timestamp_millis(), "uid": 1},
+    }))
+    .into_response()
+}
+
 struct Window {
     start: Option<String>,
     end: Option<String>,
@@ -210,9 +393,9 @@ struct Window {
 
 impl Window {
     /// The modify-time bounds of a query as local time text, which orders like time. Both ends inclusive.
-    fn parse(query: &ListQuery) -> Result<Self, BusinessError> {
-        let bound = |name: &str, value: &Option<String>| -> Result<Option<String>, BusinessError> {
-            let Some(text) = value.as_deref().filter(|text| !text.is_empty()) else {
+    fn parse(query: &[(String, String)]) -> Result<Self, BusinessError> {
+        let bound = |name: &str| -> Result<Option<String>, BusinessError> {
+            let Some(text) = query_value(query, name) else {
                 return Ok(None);
             };
             let millis: i64 = text.parse().map_err(|_| {
@@ -224,8 +407,8 @@ impl Window {
             Ok(Some(local.format(LOCAL_TIME_FORMAT).to_string()))
         };
         Ok(Self {
-            start: bound("modify_start_time", &query.modify_start_time)?,
-            end: bound("modify_end_time", &query.modify_end_time)?,
+            start: bound("modify_start_time")?,
+            end: bound("modify_end_time")?,
         })
     }
 
@@ -237,31 +420,103 @@ impl Window {
     }
 }
 
-/// Serves one page of `rows` under the gateway's paging rules.
-fn page_of<T: Serialize>(
-    simulator: &Simulator,
-    query: &ListQuery,
-    rows: Vec<&T>,
+/// The admission checks and injected faults every list call goes through.
+async fn list(
+    sim: &Simulator,
+    path: &str,
+    headers: &HeaderMap,
+    query: &[(String, String)],
+    rows: impl FnOnce(&Dataset, &Window) -> (Vec<Value>, bool),
+) -> Response {
+    let call = Admission {
+        method: "GET",
+        path,
+        headers,
+        query,
+        business: true,
+    };
+    if let Err(rejection) = sim.admit(call) {
+        return rejection.into_response();
+    }
+    let faults = &sim.config.gateway.faults;
+    let (server_error, slow, dropped, truncated) = {
+        let mut rng = rand::rng();
+        (
+            rng.random_bool(faults.server_error.clamp(0.0, 1.0)),
+            rng.random_bool(faults.slow.clamp(0.0, 1.0)),
+            rng.random_bool(faults.dropped_connection.clamp(0.0, 1.0)),
+            rng.random_bool(faults.truncated_body.clamp(0.0, 1.0)),
+        )
+    };
+    if server_error {
+        bump(&sim.stats.injected_faults);
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if slow {
+        bump(&sim.stats.injected_faults);
+        tokio::time::sleep(faults.slow_delay).await;
+    }
+    let window = match Window::parse(query) {
+        Ok(window) => window,
+        Err(err) => return err.into_response(),
+    };
+    let (matching, count_as_string) = {
+        let data = sim.data.read().expect("data lock");
+        rows(&data, &window)
+    };
+    let body = match page_of(sim, query, matching, count_as_string) {
+        Ok(body) => body,
+        Err(err) => return err.into_response(),
+    };
+    let bytes = serde_json::to_vec(&body).expect("JSON values serialize");
+    if truncated {
+        bump(&sim.stats.injected_faults);
+        return (
+            [("content-type", "application/json")],
+            bytes[..bytes.len() / 2].to_vec(),
+        )
+            .into_response();
+    }
+    if dropped {
+        bump(&sim.stats.injected_faults);
+        let half = bytes[..bytes.len() / 2].to_vec();
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+            Ok(half),
+            Err(std::io::Error::other("connection dropped by the simulator")),
+        ];
+        return (
+            [("content-type", "application/json")],
+            Body::from_stream(futures_util::stream::iter(chunks)),
+        )
+            .into_response();
+    }
+    ([("content-type", "application/json")], bytes).into_response()
+}
+
+/// One page of `rows` under the gateway's paging rules.
+fn page_of(
+    sim: &Simulator,
+    query: &[(String, String)],
+    rows: Vec<Value>,
     count_as_string: bool,
-) -> Result<Response, BusinessError> {
-    let parse =
-        |name: &str, value: &Option<String>, default: usize| -> Result<usize, BusinessError> {
-            match value.as_deref().filter(|text| !text.is_empty()) {
-                None => Ok(default),
-                Some(text) => text
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .ok_or_else(|| {
-                        business_error(1_030_002_000, format!("{name} must be a positive integer"))
-                    }),
-            }
-        };
-    let page = parse("page", &query.page, 1)?;
-    let requested_size = parse("page_size", &query.page_size, 10)?;
+) -> Result<Value, BusinessError> {
+    let parse = |name: &str, default: usize| -> Result<usize, BusinessError> {
+        match query_value(query, name) {
+            None => Ok(default),
+            Some(text) => text
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| {
+                    business_error(1_030_002_000, format!("{name} must be a positive integer"))
+                }),
+        }
+    };
+    let page = parse("page", 1)?;
+    let requested_size = parse("page_size", 10)?;
     let size = requested_size.min(GATEWAY_MAX_PAGE_SIZE);
     let count = rows.len();
-    let paging_size = if simulator.config.total_page_from_requested_size {
+    let paging_size = if sim.config.total_page_from_requested_size {
         requested_size
     } else {
         size
@@ -275,7 +530,7 @@ fn page_of<T: Serialize>(
     } else {
         Value::from(count)
     };
-    Ok(Json(json!({
+    Ok(json!({
         "errcode": 0,
         "description": "success",
         "data": {
@@ -288,65 +543,122 @@ fn page_of<T: Serialize>(
             "rows": page_rows,
         }
     }))
-    .into_response())
+}
+
+fn to_values<T: Serialize>(rows: impl Iterator<Item = T>) -> Vec<Value> {
+    rows.map(|row| serde_json::to_value(row).expect("rows serialize"))
+        .collect()
 }
 
 async fn list_sales_orders(
-    State(simulator): State<Arc<Simulator>>,
-    Query(query): Query<ListQuery>,
-) -> Result<Response, BusinessError> {
-    let window = Window::parse(&query)?;
-    let status = query
-        .bill_status
-        .as_deref()
-        .filter(|status| !status.is_empty());
-    let rows = simulator
-        .data
-        .orders
-        .iter()
-        .filter(|order| window.contains(&order.modify_time))
-        .filter(|order| status.is_none_or(|status| order.bill_status == status))
-        .collect();
-    page_of(&simulator, &query, rows, false)
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let status = query_value(&query, "bill_status").map(str::to_owned);
+    list(
+        &sim,
+        "/jdy/v2/scm/sal_order",
+        &headers,
+        &query,
+        |data, window| {
+            let rows = data
+                .orders
+                .iter()
+                .filter(|order| window.contains(&order.modify_time))
+                .filter(|order| {
+                    status
+                        .as_deref()
+                        .is_none_or(|status| order.bill_status == status)
+                });
+            (to_values(rows), false)
+        },
+    )
+    .await
 }
 
 async fn list_customers(
-    State(simulator): State<Arc<Simulator>>,
-    Query(query): Query<ListQuery>,
-) -> Result<Response, BusinessError> {
-    let window = Window::parse(&query)?;
-    let rows = simulator
-        .data
-        .customers
-        .iter()
-        .filter(|c| window.contains(&c.modify_time))
-        .collect();
-    page_of(&simulator, &query, rows, true)
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    list(
+        &sim,
+        "/jdy/v2/bd/customer",
+        &headers,
+        &query,
+        |data, window| {
+            (
+                to_values(
+                    data.customers
+                        .iter()
+                        .filter(|c| window.contains(&c.modify_time)),
+                ),
+                true,
+            )
+        },
+    )
+    .await
 }
 
 async fn list_materials(
-    State(simulator): State<Arc<Simulator>>,
-    Query(query): Query<ListQuery>,
-) -> Result<Response, BusinessError> {
-    let window = Window::parse(&query)?;
-    let rows = simulator
-        .data
-        .materials
-        .iter()
-        .filter(|m| window.contains(&m.modify_time))
-        .collect();
-    page_of(&simulator, &query, rows, true)
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    list(
+        &sim,
+        "/jdy/v2/bd/material",
+        &headers,
+        &query,
+        |data, window| {
+            (
+                to_values(
+                    data.materials
+                        .iter()
+                        .filter(|m| window.contains(&m.modify_time)),
+                ),
+                true,
+            )
+        },
+    )
+    .await
 }
 
-async fn truth(State(simulator): State<Arc<Simulator>>, Path(object): Path<String>) -> Response {
+async fn truth(State(sim): State<Arc<Simulator>>, Path(object): Path<String>) -> Response {
     match Object::from_name(&object) {
-        Some(object) => Json(json!({"records": simulator.truth(object)})).into_response(),
+        Some(object) => Json(json!({"records": sim.truth(object)})).into_response(),
         None => (
             StatusCode::NOT_FOUND,
             format!("unknown object {object:?}\n"),
         )
             .into_response(),
     }
+}
+
+async fn stats(State(sim): State<Arc<Simulator>>) -> Json<StatsSnapshot> {
+    Json(sim.stats())
+}
+
+#[derive(Deserialize)]
+struct MoveTenant {
+    domain: String,
+}
+
+async fn move_tenant(
+    State(sim): State<Arc<Simulator>>,
+    Json(body): Json<MoveTenant>,
+) -> StatusCode {
+    sim.move_tenant(&body.domain);
+    StatusCode::NO_CONTENT
+}
+
+async fn set_changes(
+    State(sim): State<Arc<Simulator>>,
+    Json(rates): Json<ChangeRates>,
+) -> StatusCode {
+    sim.set_changes(rates);
+    StatusCode::NO_CONTENT
 }
 
 #[cfg(test)]
@@ -356,89 +668,56 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
-    async fn get_json(simulator: &Arc<Simulator>, uri: &str) -> Value {
-        let response = simulator
-            .router()
-            .oneshot(Request::get(uri).body(axum::body::Body::empty()).unwrap())
-            .await
+    async fn call(sim: &Arc<Simulator>, request: Request<Body>) -> (StatusCode, Value) {
+        let response = sim.router().oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn unsigned_and_badly_signed_calls_are_rejected_like_the_gateway() {
+        let sim = Simulator::new(SimConfig {
+            orders: 10,
+            ..SimConfig::default()
+        });
+        let unsigned = Request::get("/jdy/v2/scm/sal_order")
+            .body(Body::empty())
             .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        serde_json::from_slice(&to_bytes(response.into_body(), usize::MAX).await.unwrap()).unwrap()
-    }
+        let (status, body) = call(&sim, unsigned).await;
+        assert_eq!(status.as_u16(), 519);
+        assert_eq!(body["code"], 4003);
 
-    fn simulator(orders: usize, quirk: bool) -> Arc<Simulator> {
-        Simulator::new(SimConfig {
-            seed: 3,
-            orders,
-            total_page_from_requested_size: quirk,
-            poison_every: 0,
-        })
-    }
+        let now = chrono::Utc::now().timestamp_millis().to_string();
+        let forged = Request::get("/jdy/v2/scm/sal_order?page=1")
+            .header("X-Api-ClientID", gate::DEMO_CLIENT_ID)
+            .header("X-Api-SignHeaders", "X-Api-TimeStamp,X-Api-Nonce")
+            .header("X-Api-TimeStamp", &now)
+            .header("X-Api-Nonce", "1234567890")
+            .header("X-Api-Signature", "Zm9yZ2Vk")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body) = call(&sim, forged).await;
+        assert_eq!(status.as_u16(), 519);
+        assert_eq!(body["code"], 4008);
 
-    #[tokio::test]
-    async fn pages_cover_every_order_once() {
-        let sim = simulator(250, false);
-        let mut seen = Vec::new();
-        for page in 1..=3 {
-            let body = get_json(
-                &sim,
-                &format!("/jdy/v2/scm/sal_order?page={page}&page_size=100"),
-            )
-            .await;
-            assert_eq!(body["errcode"], 0);
-            assert_eq!(body["data"]["count"], 250);
-            assert_eq!(body["data"]["total_page"], 3);
-            for row in body["data"]["rows"].as_array().unwrap() {
-                seen.push(row["id"].as_str().unwrap().to_owned());
-            }
-        }
-        let truth: Vec<String> = sim
-            .truth(Object::SalesOrder)
-            .into_iter()
-            .map(|r| r.id)
-            .collect();
-        assert_eq!(seen, truth);
-        let beyond = get_json(&sim, "/jdy/v2/scm/sal_order?page=4&page_size=100").await;
-        assert_eq!(beyond["data"]["rows"].as_array().unwrap().len(), 0);
-    }
-
-    #[tokio::test]
-    async fn page_size_is_capped_and_the_quirk_miscounts_pages() {
-        let honest = get_json(
-            &simulator(250, false),
-            "/jdy/v2/scm/sal_order?page=1&page_size=500",
-        )
-        .await;
-        assert_eq!(honest["data"]["rows"].as_array().unwrap().len(), 100);
-        assert_eq!(honest["data"]["total_page"], 3);
-        let quirky = get_json(
-            &simulator(250, true),
-            "/jdy/v2/scm/sal_order?page=1&page_size=500",
-        )
-        .await;
-        assert_eq!(quirky["data"]["rows"].as_array().unwrap().len(), 100);
-        assert_eq!(quirky["data"]["total_page"], 1);
-    }
-
-    #[tokio::test]
-    async fn bd_lists_count_as_string_and_windows_filter() {
-        let sim = simulator(100, false);
-        let customers = get_json(&sim, "/jdy/v2/bd/customer?page=1&page_size=100").await;
-        assert!(customers["data"]["count"].is_string());
-        // 2025-01-01 08:00 CST is 1735689600000; the first orders are created right after it.
-        let all = sim.truth(Object::SalesOrder).len();
-        let body = get_json(&sim, "/jdy/v2/scm/sal_order?page=1&page_size=10&modify_start_time=1735689600000&modify_end_time=1735693200000").await;
-        let count = body["data"]["count"].as_u64().unwrap() as usize;
-        assert!(count < all, "the window selects a part ({count} of {all})");
-        let expected = sim
-            .truth(Object::SalesOrder)
-            .iter()
-            .filter(|r| {
-                r.modify_time.as_str() >= "2025-01-01 08:00:00"
-                    && r.modify_time.as_str() <= "2025-01-01 09:00:00"
-            })
-            .count();
-        assert_eq!(count, expected);
+        let stale = Request::get("/jdy/v2/scm/sal_order")
+            .header("X-Api-ClientID", gate::DEMO_CLIENT_ID)
+            .header("X-Api-SignHeaders", "X-Api-TimeStamp,X-Api-Nonce")
+            .header("X-Api-TimeStamp", "1600000000000")
+            .body(Body::empty())
+            .unwrap();
+        let (_, body) = call(&sim, stale).await;
+        assert_eq!(body["code"], 4006);
+        let stats = sim.stats();
+        assert_eq!(
+            (
+                stats.rejected_client,
+                stats.rejected_signature,
+                stats.rejected_timestamp
+            ),
+            (1, 1, 1)
+        );
     }
 
     #[test]
@@ -453,9 +732,29 @@ mod tests {
         assert_eq!(poisoned[0], sim.truth(Object::SalesOrder)[9].id);
     }
 
-    #[tokio::test]
-    async fn bad_paging_is_a_business_error() {
-        let body = get_json(&simulator(10, false), "/jdy/v2/scm/sal_order?page=0").await;
-        assert_eq!(body["errcode"], 1_030_002_000);
+    #[test]
+    fn changes_modify_and_create_orders() {
+        let sim = Simulator::new(SimConfig {
+            orders: 50,
+            ..SimConfig::default()
+        });
+        sim.set_changes(ChangeRates {
+            modify_per_sec: 10.0,
+            create_per_sec: 4.0,
+        });
+        let mut carry = (0.0, 0.0);
+        sim.apply_changes(Duration::from_secs(1), &mut carry);
+        let stats = sim.stats();
+        assert_eq!((stats.orders_modified, stats.orders_created), (10, 4));
+        let truth = sim.truth(Object::SalesOrder);
+        assert_eq!(truth.len(), 54);
+        let today = now_local().format("%Y-%m-%d").to_string();
+        assert!(
+            truth
+                .iter()
+                .filter(|r| r.modify_time.starts_with(&today))
+                .count()
+                >= 4
+        );
     }
 }

@@ -36,6 +36,9 @@ pub struct Cli {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
+    /// Longest wait for a row or table lock before a write fails (and is retried later); 0 waits forever.
+    #[arg(long, env = "CONVEYOR_PG_LOCK_TIMEOUT_MS", default_value_t = 10_000)]
+    pub pg_lock_timeout_ms: u64,
 }
 
 /// Sets up the pipeline's target.
@@ -55,7 +58,14 @@ pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow
                 columns: mapping.output_fields().map(str::to_owned).collect(),
             };
             Target::Postgres(
-                PostgresTarget::connect(postgres, migrations, &spec, errors.clone()).await?,
+                PostgresTarget::connect(
+                    postgres,
+                    pipeline.name(),
+                    migrations,
+                    &spec,
+                    errors.clone(),
+                )
+                .await?,
             )
         }
     })
@@ -67,7 +77,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    let target = Arc::new(open_target(&runtime.pipeline, &cli.postgres).await?);
+    let postgres = PostgresArgs {
+        lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
+        ..cli.postgres.clone()
+    };
+    let target = Arc::new(open_target(&runtime.pipeline, &postgres).await?);
     runtime.readiness.set(READY_TARGET, true);
     let breaker = Breaker::new(runtime.readiness.clone());
     let result = runtime

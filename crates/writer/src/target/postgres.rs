@@ -10,69 +10,30 @@ use std::path::Path;
 
 use conveyor_core::envelope::Record;
 use conveyor_core::pipeline::SqlErrorOverrides;
-use conveyor_core::settings::{Secret, SettingsError};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use conveyor_core::postgres::{Database, DatabaseError, quote};
+use deadpool_postgres::Pool;
 use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
-use tokio_postgres::{Config, NoTls};
 
 use super::{WriteError, WriteReport};
 
-/// Where the database is (every flag also reads an environment variable).
-#[derive(Debug, Clone, clap::Args)]
-pub struct PostgresArgs {
-    /// PostgreSQL connection URL (postgres://user:password@host/db); never logged.
-    #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
-    pub pg_url: Option<Secret>,
-    /// File holding the PostgreSQL URL (for Docker secrets), instead of CONVEYOR_PG_URL.
-    #[arg(long, env = "CONVEYOR_PG_URL_FILE")]
-    pub pg_url_file: Option<std::path::PathBuf>,
-    /// Schema of the target tables and of the migration history.
-    #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
-    pub pg_schema: String,
-    /// Connections per writer process (and so concurrent batch writes).
-    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
-    pub pg_pool_size: usize,
-    /// Longest wait for a row or table lock before a write fails (and is retried later); 0 waits forever.
-    #[arg(long, env = "CONVEYOR_PG_LOCK_TIMEOUT_MS", default_value_t = 10_000)]
-    pub pg_lock_timeout_ms: u64,
-}
-
-impl PostgresArgs {
-    pub fn url(&self) -> Result<Secret, SettingsError> {
-        Secret::from_value_or_file(
-            "CONVEYOR_PG_URL",
-            self.pg_url.as_ref().map(Secret::expose),
-            self.pg_url_file.as_deref(),
-        )?
-        .ok_or_else(|| SettingsError::new("CONVEYOR_PG_URL", "required by a postgres target"))
-    }
-}
+pub use conveyor_core::settings::PostgresArgs;
 
 /// Why the target could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
-    Settings(#[from] SettingsError),
-    #[error("setting CONVEYOR_PG_SCHEMA: {0:?} is not a plain SQL name")]
-    Schema(String),
-    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: tokio_postgres::Error,
-    },
+    Database(#[from] DatabaseError),
+    #[error("migrations in {dir}: {message}")]
+    Migrations { dir: String, message: String },
+    #[error("table {table}: {problem}")]
+    Table { table: String, problem: String },
     #[error("PostgreSQL: {action}: {source}")]
     Sql {
         action: String,
         source: tokio_postgres::Error,
     },
-    #[error("migrations in {dir}: {message}")]
-    Migrations { dir: String, message: String },
-    #[error("table {table}: {problem}")]
-    Table { table: String, problem: String },
-    #[error("connection pool: {0}")]
-    Pool(String),
 }
 
 /// What to write where.
@@ -90,67 +51,33 @@ pub struct PostgresTarget {
     overrides: SqlErrorOverrides,
 }
 
-/// The connection settings from the URL, with the schema as the search path: every statement of
-/// conveyor's (and of the migrations) names tables without a schema.
-fn connection_config(args: &PostgresArgs, url: &Secret) -> Result<(Config, String), SetupError> {
-    let mut config: Config = url.expose().parse().map_err(|source| SetupError::Connect {
-        endpoint: "CONVEYOR_PG_URL".into(),
-        source,
-    })?;
-    config.options(format!(
-        "-c search_path={} -c lock_timeout={}",
-        args.pg_schema, args.pg_lock_timeout_ms
-    ));
-    // A target that does not answer must fail fast, so the circuit breaker can take over.
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(std::time::Duration::from_secs(5));
-    }
-    let hosts = config
-        .get_hosts()
-        .iter()
-        .map(|host| match host {
-            tokio_postgres::config::Host::Tcp(name) => name.clone(),
-            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",");
-    let endpoint = format!("{hosts}/{}", config.get_dbname().unwrap_or(""));
-    Ok((config, endpoint))
-}
-
 impl PostgresTarget {
     /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
     /// mapping and prepares the upsert.
     pub async fn connect(
         args: &PostgresArgs,
+        pipeline: &str,
         migrations: &Path,
         spec: &TableSpec,
         overrides: SqlErrorOverrides,
     ) -> Result<Self, SetupError> {
-        let schema = &args.pg_schema;
-        if !conveyor_core::pipeline::is_sql_identifier(schema) {
-            return Err(SetupError::Schema(schema.clone()));
-        }
-        let url = args.url()?;
-        let (config, endpoint) = connection_config(args, &url)?;
-        migrate(&config, &endpoint, schema, migrations).await?;
-
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(args.pg_pool_size.max(1))
-            .build()
-            .map_err(|err| SetupError::Pool(err.to_string()))?;
-        let client = pool
-            .get()
-            .await
-            .map_err(|err| SetupError::Pool(err.to_string()))?;
-        check_table(&client, schema, spec).await?;
+        let database = Database::connect(args)?;
+        let loaded =
+            refinery::load_sql_migrations(migrations).map_err(|err| SetupError::Migrations {
+                dir: migrations.display().to_string(),
+                message: err.to_string(),
+            })?;
+        // Each pipeline keeps its own history, so that pipelines sharing a schema number migrations freely.
+        let history = format!("conveyor_migrations_{}", pipeline.replace('-', "_"));
+        database
+            .migrate(
+                &format!("of pipeline {pipeline} in {}", migrations.display()),
+                &loaded,
+                &history,
+            )
+            .await?;
+        let client = database.client().await?;
+        check_table(&client, &database.schema, spec).await?;
         let upsert = upsert_statement(spec);
         client
             .prepare(&upsert)
@@ -159,9 +86,9 @@ impl PostgresTarget {
                 action: format!("preparing the upsert into {}", spec.table),
                 source,
             })?;
-        tracing::info!(postgres = %endpoint, schema, table = spec.table, "postgres target ready");
+        tracing::info!(postgres = %database.endpoint, schema = database.schema, table = spec.table, "postgres target ready");
         Ok(Self {
-            pool,
+            pool: database.pool,
             upsert,
             overrides,
         })
@@ -209,10 +136,6 @@ impl PostgresTarget {
             Err(_) => false,
         }
     }
-}
-
-fn quote(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
 }
 
 /// `INSERT ... SELECT FROM jsonb_populate_recordset ... ON CONFLICT (key) DO UPDATE ... WHERE newer`.
@@ -286,62 +209,6 @@ fn class_of(code: &str, overrides: &SqlErrorOverrides) -> SqlClass {
     } else {
         SqlClass::Permanent
     }
-}
-
-/// Runs the migrations under an advisory lock, so that writers starting together do not race.
-async fn migrate(
-    config: &Config,
-    endpoint: &str,
-    schema: &str,
-    dir: &Path,
-) -> Result<(), SetupError> {
-    let (mut client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| SetupError::Connect {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
-    let connection = tokio::spawn(connection);
-    let sql = |action: &str| {
-        let action = action.to_owned();
-        move |source| SetupError::Sql { action, source }
-    };
-    let lock_key = format!("conveyor-migrations:{schema}");
-    client
-        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
-        .await
-        .map_err(sql("taking the migration lock"))?;
-    let result = async {
-        client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", quote(schema)))
-            .await
-            .map_err(sql("creating the schema"))?;
-        let migrations =
-            refinery::load_sql_migrations(dir).map_err(|err| SetupError::Migrations {
-                dir: dir.display().to_string(),
-                message: err.to_string(),
-            })?;
-        let report = refinery::Runner::new(&migrations)
-            .run_async(&mut client)
-            .await
-            .map_err(|err| SetupError::Migrations {
-                dir: dir.display().to_string(),
-                message: err.to_string(),
-            })?;
-        for migration in report.applied_migrations() {
-            tracing::info!(schema, migration = %migration, "applied migration");
-        }
-        Ok(())
-    }
-    .await;
-    let _ = client
-        .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
-        .await;
-    drop(client);
-    let _ = connection.await;
-    result
 }
 
 /// Checks that the table has every mapped column and a unique index on the key alone.

@@ -1,0 +1,166 @@
+//! PostgreSQL as every conveyor process uses it: a pool whose connections have the configured schema as
+//! their search path, and migrations run one process at a time.
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::{Config, NoTls};
+
+use crate::pipeline::is_sql_identifier;
+use crate::settings::{PostgresArgs, SettingsError};
+
+/// Why the database could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("setting CONVEYOR_PG_SCHEMA: {0:?} is not a plain SQL name")]
+    Schema(String),
+    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL: {action}: {source}")]
+    Sql {
+        action: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("migrations {name}: {message}")]
+    Migrations { name: String, message: String },
+    #[error("connection pool: {0}")]
+    Pool(String),
+}
+
+/// A connected database.
+#[derive(Clone)]
+pub struct Database {
+    pub pool: Pool,
+    pub schema: String,
+    /// Host and database name: what may be logged of the URL.
+    pub endpoint: String,
+    config: Config,
+}
+
+/// Quotes an SQL identifier.
+pub fn quote(identifier: &str) -> String {
+    format!("\"{}\"", identifier.replace('"', "\"\""))
+}
+
+impl Database {
+    /// Builds the pool (connections open lazily) with `CONVEYOR_PG_SCHEMA` as the search path: every
+    /// statement of conveyor's, and of the migrations, names tables without a schema.
+    pub fn connect(args: &PostgresArgs) -> Result<Self, DatabaseError> {
+        if !is_sql_identifier(&args.pg_schema) {
+            return Err(DatabaseError::Schema(args.pg_schema.clone()));
+        }
+        let url = args.url()?;
+        let mut config: Config = url
+            .expose()
+            .parse()
+            .map_err(|source| DatabaseError::Connect {
+                endpoint: "CONVEYOR_PG_URL".into(),
+                source,
+            })?;
+        let mut options = format!("-c search_path={}", args.pg_schema);
+        if let Some(ms) = args.lock_timeout_ms {
+            options.push_str(&format!(" -c lock_timeout={ms}"));
+        }
+        config.options(options);
+        // A database that does not answer must fail fast (the writer's circuit breaker takes over).
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(std::time::Duration::from_secs(5));
+        }
+        let hosts = config
+            .get_hosts()
+            .iter()
+            .map(|host| match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let endpoint = format!("{hosts}/{}", config.get_dbname().unwrap_or(""));
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(args.pg_pool_size.max(1))
+            .build()
+            .map_err(|err| DatabaseError::Pool(err.to_string()))?;
+        Ok(Self {
+            pool,
+            schema: args.pg_schema.clone(),
+            endpoint,
+            config,
+        })
+    }
+
+    /// A pooled connection.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, DatabaseError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|err| DatabaseError::Pool(format!("{} ({})", err, self.endpoint)))
+    }
+
+    /// Creates the schema if needed and runs `migrations`, recording them in `history_table`, under an
+    /// advisory lock so that processes starting together do not race. `name` names them in errors.
+    pub async fn migrate(
+        &self,
+        name: &str,
+        migrations: &[refinery::Migration],
+        history_table: &str,
+    ) -> Result<(), DatabaseError> {
+        let (mut client, connection) =
+            self.config
+                .connect(NoTls)
+                .await
+                .map_err(|source| DatabaseError::Connect {
+                    endpoint: self.endpoint.clone(),
+                    source,
+                })?;
+        let connection = tokio::spawn(connection);
+        let sql = |action: &str| {
+            let action = action.to_owned();
+            move |source| DatabaseError::Sql { action, source }
+        };
+        let lock_key = format!("conveyor-migrations:{}", self.schema);
+        client
+            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
+            .await
+            .map_err(sql("taking the migration lock"))?;
+        let result = async {
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    quote(&self.schema)
+                ))
+                .await
+                .map_err(sql("creating the schema"))?;
+            let mut runner = refinery::Runner::new(migrations);
+            runner.set_migration_table_name(history_table);
+            let report =
+                runner
+                    .run_async(&mut client)
+                    .await
+                    .map_err(|err| DatabaseError::Migrations {
+                        name: name.to_owned(),
+                        message: err.to_string(),
+                    })?;
+            for migration in report.applied_migrations() {
+                tracing::info!(schema = self.schema, migration = %migration, "applied migration");
+            }
+            Ok(())
+        }
+        .await;
+        let _ = client
+            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+            .await;
+        drop(client);
+        let _ = connection.await;
+        result
+    }
+}

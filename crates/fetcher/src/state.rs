@@ -1,0 +1,295 @@
+//! The fetchers' shared, durable state in PostgreSQL: the sync watermark, the windows handed out and not
+//! yet finished, and the call budget of each account set.
+//!
+//! The watermark moves only when windows finish, and only up to the start of the oldest unfinished one:
+//! a crash at any moment may repeat a window, never skip one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
+use conveyor_core::postgres::{Database, DatabaseError};
+use conveyor_kingdee::RateBudget;
+
+use crate::window::Window;
+
+const HISTORY_TABLE: &str = "conveyor_state_migrations";
+
+fn sql(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatabaseError {
+    move |source| DatabaseError::Sql {
+        action: action.to_owned(),
+        source,
+    }
+}
+
+/// What a plan handed out.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// New windows, and old ones handed out again because nobody finished them in time.
+    pub windows: Vec<Window>,
+}
+
+/// One pipeline's sync state.
+#[derive(Clone)]
+pub struct SyncStore {
+    database: Database,
+    pipeline: String,
+}
+
+impl SyncStore {
+    /// Connects and creates the state tables if needed.
+    pub async fn open(database: Database, pipeline: &str) -> Result<Self, DatabaseError> {
+        let migration = refinery::Migration::unapplied(
+            "V1__sync_state",
+            include_str!("../migrations/V1__sync_state.sql"),
+        )
+        .expect("the embedded migration is named like a migration");
+        database
+            .migrate("of the sync state", &[migration], HISTORY_TABLE)
+            .await?;
+        Ok(Self {
+            database,
+            pipeline: pipeline.to_owned(),
+        })
+    }
+
+    /// Hands out the windows from where the last plan ended (less `overlap`) up to now less `lag`, cut
+    /// into `width`, plus pending windows published longer than `republish_after` ago. The first plan
+    /// starts at `start`. `publish` must make every window durable in the broker before it returns:
+    /// the plan commits only then.
+    pub async fn plan<F, Fut>(
+        &self,
+        start: DateTime<FixedOffset>,
+        width: Duration,
+        lag: Duration,
+        overlap: Duration,
+        republish_after: Duration,
+        publish: F,
+    ) -> Result<Plan, anyhow::Error>
+    where
+        F: FnOnce(Vec<Window>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut client = self.database.client().await?;
+        let transaction = client.transaction().await.map_err(sql("starting a plan"))?;
+        transaction
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtext('conveyor-plan:' || $1))",
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(sql("taking the plan lock"))?;
+        let now: DateTime<Utc> = transaction
+            .query_one("SELECT clock_timestamp()", &[])
+            .await
+            .map_err(sql("reading the clock"))?
+            .get(0);
+        let planned: Option<DateTime<Utc>> = transaction
+            .query_opt(
+                "SELECT planned_until FROM conveyor_sync_state WHERE pipeline = $1 FOR UPDATE",
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(sql("reading the sync state"))?
+            .map(|row| row.get(0));
+        // Windows travel as epoch milliseconds: keep their bounds whole milliseconds, so that a window
+        // read back from a work item matches its row here.
+        let from = match planned {
+            Some(until) => until - overlap,
+            None => start.with_timezone(&Utc),
+        }
+        .trunc_subsecs(3);
+        let to = (now - lag).trunc_subsecs(3);
+        let fresh = Window::cover(from, to, width);
+        for window in &fresh {
+            transaction
+                .execute(
+                    "INSERT INTO conveyor_sync_windows (pipeline, window_start, window_end, published_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[&self.pipeline, &window.start, &window.end, &now],
+                )
+                .await
+                .map_err(sql("recording a window"))?;
+        }
+        let stale = transaction
+            .query(
+                "UPDATE conveyor_sync_windows SET published_at = $2 \
+                 WHERE pipeline = $1 AND published_at < $3 RETURNING window_start, window_end",
+                &[&self.pipeline, &now, &(now - republish_after)],
+            )
+            .await
+            .map_err(sql("finding windows nobody finished"))?;
+        let planned_until = planned.map_or(to, |until| until.max(to));
+        let initial_watermark = planned.unwrap_or(from);
+        transaction
+            .execute(
+                "INSERT INTO conveyor_sync_state (pipeline, planned_until, watermark) VALUES ($1, $2, $3) \
+                 ON CONFLICT (pipeline) DO UPDATE SET planned_until = EXCLUDED.planned_until, updated_at = now()",
+                &[&self.pipeline, &planned_until, &initial_watermark],
+            )
+            .await
+            .map_err(sql("recording the plan"))?;
+        let mut windows = fresh;
+        windows.extend(stale.iter().map(|row| Window {
+            start: row.get(0),
+            end: row.get(1),
+        }));
+        if !windows.is_empty() {
+            publish(windows.clone()).await?;
+        }
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing the plan"))?;
+        Ok(Plan { windows })
+    }
+
+    /// Records a window as finished (every record of it confirmed by the broker) and moves the
+    /// watermark up to the oldest unfinished window. Returns the watermark.
+    pub async fn finish(&self, window: &Window) -> Result<Option<DateTime<Utc>>, DatabaseError> {
+        let mut client = self.database.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(sql("starting to finish a window"))?;
+        transaction
+            .execute(
+                "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
+                &[&self.pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql("finishing a window"))?;
+        let watermark = transaction
+            .query_opt(
+                "UPDATE conveyor_sync_state SET updated_at = now(), watermark = GREATEST(watermark, \
+                   COALESCE((SELECT min(window_start) FROM conveyor_sync_windows WHERE pipeline = $1), planned_until)) \
+                 WHERE pipeline = $1 RETURNING watermark",
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(sql("moving the watermark"))?
+            .map(|row| row.get(0));
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing a finished window"))?;
+        Ok(watermark)
+    }
+
+    /// Replaces a window by its two halves; `publish` must make them durable before the change commits.
+    pub async fn split<F, Fut>(
+        &self,
+        window: &Window,
+        publish: F,
+    ) -> Result<[Window; 2], anyhow::Error>
+    where
+        F: FnOnce([Window; 2]) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let halves = window.halves();
+        let mut client = self.database.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(sql("starting a split"))?;
+        transaction
+            .execute(
+                "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
+                &[&self.pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql("removing a split window"))?;
+        for half in &halves {
+            transaction
+                .execute(
+                    "INSERT INTO conveyor_sync_windows (pipeline, window_start, window_end, published_at) \
+                     VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
+                    &[&self.pipeline, &half.start, &half.end],
+                )
+                .await
+                .map_err(sql("recording a half window"))?;
+        }
+        publish(halves).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing a split"))?;
+        Ok(halves)
+    }
+
+    /// Windows handed out and not finished.
+    pub async fn pending(&self) -> Result<i64, DatabaseError> {
+        let client = self.database.client().await?;
+        Ok(client
+            .query_one(
+                "SELECT count(*) FROM conveyor_sync_windows WHERE pipeline = $1",
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(sql("counting pending windows"))?
+            .get(0))
+    }
+
+    /// The watermark, if the pipeline ever synced.
+    pub async fn watermark(&self) -> Result<Option<DateTime<Utc>>, DatabaseError> {
+        let client = self.database.client().await?;
+        Ok(client
+            .query_opt(
+                "SELECT watermark FROM conveyor_sync_state WHERE pipeline = $1",
+                &[&self.pipeline],
+            )
+            .await
+            .map_err(sql("reading the watermark"))?
+            .map(|row| row.get(0)))
+    }
+}
+
+/// A call budget kept in PostgreSQL, shared by every fetcher of an account set: calls are spaced evenly
+/// (the next free slot is reserved atomically), so that no 60 seconds ever hold more than the budget,
+/// however many processes call.
+pub struct SharedBudget {
+    database: Database,
+    key: String,
+    spacing: Duration,
+}
+
+impl SharedBudget {
+    /// `calls_per_minute` is the gateway's limit; calls are spaced 2% wider than it allows, as margin
+    /// for network jitter between the reservation and the call's arrival.
+    pub fn new(database: Database, key: String, calls_per_minute: u32) -> Self {
+        let spacing = Duration::from_secs_f64(60.0 / f64::from(calls_per_minute.max(1)) * 1.02);
+        Self {
+            database,
+            key,
+            spacing,
+        }
+    }
+}
+
+impl RateBudget for SharedBudget {
+    async fn acquire(&self) -> Result<Duration, String> {
+        let client = self
+            .database
+            .client()
+            .await
+            .map_err(|err| err.to_string())?;
+        let spacing = self.spacing.as_secs_f64();
+        let wait: f64 = client
+            .query_one(
+                "INSERT INTO conveyor_rate_budget AS b (budget, next_slot) \
+                 VALUES ($1, clock_timestamp() + make_interval(secs => $2)) \
+                 ON CONFLICT (budget) DO UPDATE \
+                   SET next_slot = GREATEST(b.next_slot, clock_timestamp()) + make_interval(secs => $2) \
+                 RETURNING (extract(epoch FROM (next_slot - clock_timestamp())) - $2)::float8",
+                &[&self.key, &spacing],
+            )
+            .await
+            .map_err(|err| format!("reserving a call slot: {err}"))?
+            .get(0);
+        drop(client);
+        let wait = Duration::from_secs_f64(wait.max(0.0));
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(wait)
+    }
+}

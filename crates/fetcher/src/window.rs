@@ -1,0 +1,135 @@
+//! Modify-time windows: the unit of work fetchers share through the fetch queue.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use conveyor_core::envelope::Record;
+use serde_json::json;
+
+/// Records modified from `start` to `end`, both inclusive (the API's bounds are not documented; reading
+/// both ends costs at most a repeated row, which idempotent writes absorb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+impl Window {
+    /// Windows of `width` covering `from` to `to` (none if `to` is not after `from`).
+    pub fn cover(from: DateTime<Utc>, to: DateTime<Utc>, width: Duration) -> Vec<Window> {
+        let width = chrono::Duration::from_std(width).unwrap_or(chrono::Duration::days(1));
+        let mut windows = Vec::new();
+        let mut start = from;
+        while start < to {
+            let end = (start + width).min(to);
+            windows.push(Window { start, end });
+            start = end;
+        }
+        windows
+    }
+
+    /// The two halves, for a window with too many rows to page through in one go.
+    pub fn halves(&self) -> [Window; 2] {
+        let middle = self.start + (self.end - self.start) / 2;
+        [
+            Window {
+                start: self.start,
+                end: middle,
+            },
+            Window {
+                start: middle,
+                end: self.end,
+            },
+        ]
+    }
+
+    /// Whether the window can still be split (a window of a second cannot: times have second precision).
+    pub fn splittable(&self) -> bool {
+        self.end - self.start > chrono::Duration::seconds(2)
+    }
+
+    /// The list call's filter: epoch milliseconds as text.
+    pub fn query(&self) -> [(String, String); 2] {
+        [
+            (
+                "modify_start_time".to_owned(),
+                self.start.timestamp_millis().to_string(),
+            ),
+            (
+                "modify_end_time".to_owned(),
+                self.end.timestamp_millis().to_string(),
+            ),
+        ]
+    }
+
+    /// The window as a work item on the fetch queue.
+    pub fn to_record(self) -> Record {
+        let (start, end) = (self.start.timestamp_millis(), self.end.timestamp_millis());
+        Record {
+            id: format!("window:{start}-{end}"),
+            modify_time: self.start.fixed_offset(),
+            data: json!({"window_start": start, "window_end": end}),
+        }
+    }
+
+    /// Reads a work item.
+    pub fn from_record(record: &Record) -> Result<Self, String> {
+        let millis = |field: &str| {
+            record.data[field]
+                .as_i64()
+                .and_then(DateTime::from_timestamp_millis)
+                .ok_or_else(|| format!("work item {:?} has no valid {field}", record.id))
+        };
+        let window = Window {
+            start: millis("window_start")?,
+            end: millis("window_end")?,
+        };
+        if window.end < window.start {
+            return Err(format!("work item {:?} ends before it starts", record.id));
+        }
+        Ok(window)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(secs, 0).unwrap()
+    }
+
+    #[test]
+    fn cover_cuts_the_range_into_windows_without_gaps() {
+        let windows = Window::cover(at(0), at(250), Duration::from_secs(100));
+        assert_eq!(windows.len(), 3);
+        assert_eq!(windows[0].start, at(0));
+        assert_eq!(windows[2].end, at(250));
+        for pair in windows.windows(2) {
+            assert_eq!(pair[0].end, pair[1].start);
+        }
+        assert!(Window::cover(at(10), at(10), Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn halves_meet_in_the_middle() {
+        let [first, second] = Window {
+            start: at(0),
+            end: at(100),
+        }
+        .halves();
+        assert_eq!((first.end, second.start), (at(50), at(50)));
+    }
+
+    #[test]
+    fn work_items_round_trip() {
+        let window = Window {
+            start: at(1_700_000_000),
+            end: at(1_700_086_400),
+        };
+        assert_eq!(Window::from_record(&window.to_record()).unwrap(), window);
+        let mut broken = window.to_record();
+        broken.data["window_end"] = json!("soon");
+        assert!(Window::from_record(&broken).is_err());
+    }
+}

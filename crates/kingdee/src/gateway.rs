@@ -1,0 +1,694 @@
+//! The gateway client: the auth flow (push_app_authorize → app_signature → kingdee_auth_token), a cached
+//! app-token refreshed before it expires by one task at a time, signed business calls, and retries.
+//!
+//! What each answer means, and what the client does about it:
+//! - HTTP 519 with 4010/4011 (token invalid/expired): fetch a new token, retry.
+//! - errcode 1030002006 on the token call (stale app_secret): authorize again, retry.
+//! - HTTP 502 (the tenant moved data centre): authorize again to learn the new domain, retry.
+//! - HTTP 429, gateway 5003/5004/5006/5007, 5xx, network errors, unreadable bodies: back off with jitter, retry.
+//! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
+
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use conveyor_core::metrics::Metrics;
+use conveyor_core::settings::{Secret, SettingsError};
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::sign::{self, SignatureInput};
+
+pub const AUTHORIZE_PATH: &str = "/jdyconnector/app_management/push_app_authorize";
+pub const TOKEN_PATH: &str = "/jdyconnector/app_management/kingdee_auth_token";
+/// The business-level code of a stale app_secret on the token call.
+pub const STALE_SECRET: i64 = 1_030_002_006;
+/// Tries of one call before it fails.
+const ATTEMPTS: u32 = 8;
+
+/// Credentials and addresses of the gateway (every flag also reads an environment variable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KingdeeArgs {
+    /// Base URL of the Kingdee gateway (the simulator's address in tests and the demo).
+    #[arg(
+        long = "kingdee-base-url",
+        env = "CONVEYOR_KINGDEE_BASE_URL",
+        default_value = "https://api.kingdee.com"
+    )]
+    pub base_url: String,
+    /// The developer app's client id (X-Api-ClientID).
+    #[arg(long = "kingdee-client-id", env = "CONVEYOR_KINGDEE_CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// The app's client secret, the key of every request signature; never logged.
+    #[arg(
+        long = "kingdee-client-secret",
+        env = "CONVEYOR_KINGDEE_CLIENT_SECRET",
+        hide_env_values = true
+    )]
+    pub client_secret: Option<Secret>,
+    /// File holding the client secret (Docker secrets), instead of CONVEYOR_KINGDEE_CLIENT_SECRET.
+    #[arg(
+        long = "kingdee-client-secret-file",
+        env = "CONVEYOR_KINGDEE_CLIENT_SECRET_FILE"
+    )]
+    pub client_secret_file: Option<std::path::PathBuf>,
+    /// The tenant's authorization of the app (outerInstanceId).
+    #[arg(
+        long = "kingdee-outer-instance-id",
+        env = "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID"
+    )]
+    pub outer_instance_id: Option<String>,
+    /// The account set (账套) to read, by accountId or accountName; may be left out when the tenant has
+    /// exactly one active account set.
+    #[arg(long = "kingdee-account", env = "CONVEYOR_KINGDEE_ACCOUNT")]
+    pub account: Option<String>,
+}
+
+/// Checked credentials.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub base_url: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub outer_instance_id: String,
+    pub account: Option<String>,
+}
+
+impl KingdeeArgs {
+    pub fn credentials(&self) -> Result<Credentials, SettingsError> {
+        let required = |value: &Option<String>, name: &str| {
+            value
+                .clone()
+                .filter(|text| !text.is_empty())
+                .ok_or_else(|| SettingsError::new(name, "required by a kingdee source"))
+        };
+        let client_secret = Secret::from_value_or_file(
+            "CONVEYOR_KINGDEE_CLIENT_SECRET",
+            self.client_secret.as_ref().map(Secret::expose),
+            self.client_secret_file.as_deref(),
+        )?
+        .ok_or_else(|| {
+            SettingsError::new(
+                "CONVEYOR_KINGDEE_CLIENT_SECRET",
+                "required by a kingdee source",
+            )
+        })?;
+        Ok(Credentials {
+            base_url: self.base_url.trim_end_matches('/').to_owned(),
+            client_id: required(&self.client_id, "CONVEYOR_KINGDEE_CLIENT_ID")?,
+            client_secret,
+            outer_instance_id: required(
+                &self.outer_instance_id,
+                "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID",
+            )?,
+            account: self.account.clone().filter(|text| !text.is_empty()),
+        })
+    }
+
+    /// The key of the shared call budget: one budget per account set, as the gateway counts.
+    pub fn budget_key(credentials: &Credentials) -> String {
+        format!(
+            "{}/{}",
+            credentials.outer_instance_id,
+            credentials.account.as_deref().unwrap_or("*")
+        )
+    }
+}
+
+/// A call budget shared by every process that calls the gateway for one account set.
+pub trait RateBudget: Send + Sync + 'static {
+    /// Waits for the next call slot; returns how long it waited.
+    fn acquire(&self) -> impl Future<Output = Result<Duration, String>> + Send;
+}
+
+/// No budget: for one-off tools.
+pub struct Unlimited;
+
+impl RateBudget for Unlimited {
+    async fn acquire(&self) -> Result<Duration, String> {
+        Ok(Duration::ZERO)
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// Still failing after every retry; trying again later may work.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help: wrong credentials, a refused signature, a business error.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// The account set's keys and data centre, from push_app_authorize.
+#[derive(Debug, Clone)]
+struct Authorization {
+    app_key: String,
+    app_secret: Secret,
+    domain: String,
+    account_name: String,
+}
+
+#[derive(Debug, Clone)]
+struct Token {
+    value: Secret,
+    expires_at: DateTime<Utc>,
+    fetched_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+struct Session {
+    authorization: Option<Authorization>,
+    token: Option<Token>,
+}
+
+/// What a business call needs from the session.
+#[derive(Debug, Clone)]
+struct Ticket {
+    token: Secret,
+    domain: String,
+}
+
+/// What the token check found (for `conveyorctl kingdee token`).
+#[derive(Debug, Clone)]
+pub struct TokenReport {
+    pub account_name: String,
+    pub domain: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One outcome of one HTTP exchange.
+enum Answer {
+    Data(Value),
+    Retry { reason: String, throttled: bool },
+    TokenRejected { reason: String },
+    TenantMoved,
+    StaleSecret,
+    Fatal(String),
+}
+
+/// The client. Cheap to share behind an `Arc`; calls may run concurrently.
+pub struct Gateway<B> {
+    http: reqwest::Client,
+    credentials: Credentials,
+    budget: B,
+    session: Mutex<Session>,
+    metrics: Metrics,
+    pipeline: String,
+}
+
+impl<B: RateBudget> Gateway<B> {
+    pub fn new(credentials: Credentials, budget: B, metrics: Metrics, pipeline: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client without TLS settings builds");
+        Self {
+            http,
+            credentials,
+            budget,
+            session: Mutex::new(Session::default()),
+            metrics,
+            pipeline: pipeline.to_owned(),
+        }
+    }
+
+    /// A signed business GET; returns the response's `data`. Retries what can be retried.
+    pub async fn get(&self, path: &str, query: &[(String, String)]) -> Result<Value, GatewayError> {
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            let ticket = self.ticket().await?;
+            let answer = self
+                .exchange(reqwest::Method::GET, path, query, Some(&ticket))
+                .await?;
+            match answer {
+                Answer::Data(data) => {
+                    self.count_request("ok");
+                    return Ok(data);
+                }
+                Answer::Retry { reason, throttled } => {
+                    if throttled {
+                        self.metrics
+                            .source_throttled
+                            .with_label_values(&[&self.pipeline])
+                            .inc();
+                    }
+                    tracing::warn!(path, attempt, reason, "gateway call will be retried");
+                    last = reason;
+                }
+                Answer::TokenRejected { reason } => {
+                    tracing::info!(path, reason, "app-token refused; fetching a new one");
+                    self.forget_token(&ticket.token).await;
+                    last = reason;
+                }
+                Answer::TenantMoved | Answer::StaleSecret => {
+                    tracing::info!(path, "tenant moved or secret stale; authorizing again");
+                    self.forget_authorization(&ticket.domain).await;
+                    last = "HTTP 502: the tenant's data centre moved".into();
+                }
+                Answer::Fatal(reason) => {
+                    self.count_request("failed");
+                    return Err(GatewayError::Permanent(format!("GET {path}: {reason}")));
+                }
+            }
+            self.count_request("retried");
+        }
+        self.count_request("failed");
+        Err(GatewayError::Transient(format!(
+            "GET {path}: still failing after {ATTEMPTS} tries: {last}"
+        )))
+    }
+
+    /// Authorizes and fetches a token now, for an operator checking the credentials.
+    pub async fn check_token(&self) -> Result<TokenReport, GatewayError> {
+        {
+            let mut session = self.session.lock().await;
+            session.token = None;
+        }
+        self.ticket().await?;
+        let session = self.session.lock().await;
+        let authorization = session.authorization.as_ref().expect("ticket() authorized");
+        let token = session.token.as_ref().expect("ticket() fetched a token");
+        Ok(TokenReport {
+            account_name: authorization.account_name.clone(),
+            domain: authorization.domain.clone(),
+            expires_at: token.expires_at,
+        })
+    }
+
+    fn count_request(&self, outcome: &str) {
+        self.metrics
+            .source_requests
+            .with_label_values(&[&self.pipeline, outcome])
+            .inc();
+    }
+
+    /// The current token and domain, authorizing and fetching a token first if needed. The session lock
+    /// is held while refreshing, so however many tasks call, one refresh runs and the rest wait for it.
+    async fn ticket(&self) -> Result<Ticket, GatewayError> {
+        let mut session = self.session.lock().await;
+        let now = Utc::now();
+        if let Some(token) = &session.token {
+            // Refresh when 80% of the lifetime has passed, well before the gateway refuses it.
+            let lifetime = token.expires_at - token.fetched_at;
+            if now < token.fetched_at + lifetime * 4 / 5 {
+                let domain = session
+                    .authorization
+                    .as_ref()
+                    .map(|a| a.domain.clone())
+                    .unwrap_or_default();
+                return Ok(Ticket {
+                    token: token.value.clone(),
+                    domain,
+                });
+            }
+        }
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            if session.authorization.is_none() {
+                match self.authorize().await {
+                    Ok(authorization) => session.authorization = Some(authorization),
+                    Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
+                    Err(Answer::Retry { reason, .. }) => {
+                        last = reason;
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+            }
+            let authorization = session.authorization.clone().expect("authorized above");
+            match self.fetch_token(&authorization).await {
+                Ok(token) => {
+                    let ticket = Ticket {
+                        token: token.value.clone(),
+                        domain: authorization.domain.clone(),
+                    };
+                    session.token = Some(token);
+                    return Ok(ticket);
+                }
+                Err(Answer::StaleSecret) => {
+                    tracing::info!("app_secret is stale; authorizing again");
+                    session.authorization = None;
+                    last = "app_secret stale (1030002006)".into();
+                }
+                Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
+                Err(Answer::Retry { reason, .. } | Answer::TokenRejected { reason }) => {
+                    last = reason
+                }
+                Err(Answer::TenantMoved) => session.authorization = None,
+                Err(Answer::Data(_)) => unreachable!("fetch_token returns data as Ok"),
+            }
+        }
+        Err(GatewayError::Transient(format!(
+            "cannot get an app-token: {last}"
+        )))
+    }
+
+    async fn forget_token(&self, refused: &Secret) {
+        let mut session = self.session.lock().await;
+        if session
+            .token
+            .as_ref()
+            .is_some_and(|token| token.value == *refused)
+        {
+            session.token = None;
+        }
+    }
+
+    async fn forget_authorization(&self, domain: &str) {
+        let mut session = self.session.lock().await;
+        if session
+            .authorization
+            .as_ref()
+            .is_some_and(|a| a.domain == domain)
+        {
+            session.authorization = None;
+            session.token = None;
+        }
+    }
+
+    /// push_app_authorize: the account set's app_key, app_secret and domain.
+    async fn authorize(&self) -> Result<Authorization, Answer> {
+        self.metrics
+            .source_token_refreshes
+            .with_label_values(&[&self.pipeline])
+            .inc();
+        let query = [(
+            "outerInstanceId".to_owned(),
+            self.credentials.outer_instance_id.clone(),
+        )];
+        let data = match self
+            .exchange(reqwest::Method::POST, AUTHORIZE_PATH, &query, None)
+            .await
+        {
+            Ok(Answer::Data(data)) => data,
+            Ok(other) => return Err(other),
+            Err(err) => return Err(Answer::Fatal(err.to_string())),
+        };
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct AccountSet {
+            app_key: String,
+            app_secret: String,
+            domain: String,
+            #[serde(default)]
+            account_id: String,
+            #[serde(default)]
+            account_name: String,
+            #[serde(default)]
+            status: Value,
+        }
+        let sets: Vec<AccountSet> = serde_json::from_value(data).map_err(|err| Answer::Retry {
+            reason: format!("push_app_authorize answer: {err}"),
+            throttled: false,
+        })?;
+        let active: Vec<&AccountSet> = sets
+            .iter()
+            .filter(|set| set.status == 1 || set.status == "1")
+            .collect();
+        let chosen = match &self.credentials.account {
+            Some(wanted) => active
+                .iter()
+                .find(|set| &set.account_id == wanted || &set.account_name == wanted)
+                .copied(),
+            None if active.len() == 1 => Some(active[0]),
+            None => None,
+        };
+        let names: Vec<&str> = active.iter().map(|set| set.account_name.as_str()).collect();
+        let set = chosen.ok_or_else(|| {
+            Answer::Fatal(format!(
+                "no active account set matches CONVEYOR_KINGDEE_ACCOUNT={:?}; active: {names:?}",
+                self.credentials.account.as_deref().unwrap_or("")
+            ))
+        })?;
+        tracing::info!(
+            account = set.account_name,
+            domain = set.domain,
+            "authorized"
+        );
+        Ok(Authorization {
+            app_key: set.app_key.clone(),
+            app_secret: Secret::new(set.app_secret.clone()),
+            domain: set.domain.clone(),
+            account_name: set.account_name.clone(),
+        })
+    }
+
+    /// kingdee_auth_token: a fresh app-token.
+    async fn fetch_token(&self, authorization: &Authorization) -> Result<Token, Answer> {
+        self.metrics
+            .source_token_refreshes
+            .with_label_values(&[&self.pipeline])
+            .inc();
+        let query = [
+            ("app_key".to_owned(), authorization.app_key.clone()),
+            (
+                "app_signature".to_owned(),
+                sign::app_signature(&authorization.app_key, authorization.app_secret.expose()),
+            ),
+        ];
+        let data = match self
+            .exchange(reqwest::Method::GET, TOKEN_PATH, &query, None)
+            .await
+        {
+            Ok(Answer::Data(data)) => data,
+            Ok(other) => return Err(other),
+            Err(err) => return Err(Answer::Fatal(err.to_string())),
+        };
+        let value = data["app-token"]
+            .as_str()
+            .filter(|token| !token.is_empty())
+            .ok_or_else(|| Answer::Retry {
+                reason: "token answer without app-token".into(),
+                throttled: false,
+            })?;
+        let expires_ms = data["expires"]
+            .as_i64()
+            .or_else(|| data["expires"].as_str().and_then(|text| text.parse().ok()))
+            .ok_or_else(|| Answer::Retry {
+                reason: "token answer without expires".into(),
+                throttled: false,
+            })?;
+        let now = Utc::now();
+        let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or(now);
+        tracing::info!(expires_at = %expires_at, "fetched an app-token");
+        Ok(Token {
+            value: Secret::new(value),
+            expires_at,
+            fetched_at: now,
+        })
+    }
+
+    /// One signed HTTP exchange, read into an [`Answer`]. Errors only for a failing rate budget.
+    async fn exchange(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(String, String)],
+        ticket: Option<&Ticket>,
+    ) -> Result<Answer, GatewayError> {
+        let waited = self
+            .budget
+            .acquire()
+            .await
+            .map_err(GatewayError::Transient)?;
+        self.metrics
+            .source_rate_wait_seconds
+            .with_label_values(&[&self.pipeline])
+            .inc_by(waited.as_secs_f64());
+        let timestamp = Utc::now().timestamp_millis().to_string();
+        let nonce = rand::rng()
+            .random_range(1_000_000_000u64..10_000_000_000)
+            .to_string();
+        let signature = SignatureInput {
+            method: method.as_str(),
+            path,
+            query,
+            nonce: &nonce,
+            timestamp: &timestamp,
+        }
+        .signature(self.credentials.client_secret.expose());
+        let mut request = self
+            .http
+            .request(
+                method.clone(),
+                format!("{}{path}", self.credentials.base_url),
+            )
+            .query(query)
+            .header("Content-Type", "application/json")
+            .header("X-Api-ClientID", &self.credentials.client_id)
+            .header("X-Api-Auth-Version", "2.0")
+            .header("X-Api-TimeStamp", &timestamp)
+            .header("X-Api-Nonce", &nonce)
+            .header("X-Api-SignHeaders", "X-Api-TimeStamp,X-Api-Nonce")
+            .header("X-Api-Signature", signature);
+        if let Some(ticket) = ticket {
+            request = request
+                .header("app-token", ticket.token.expose())
+                .header("X-GW-Router-Addr", &ticket.domain);
+        }
+        if method == reqwest::Method::POST {
+            request = request.body("{}");
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(err) => {
+                return Ok(Answer::Retry {
+                    reason: format!("request failed: {err}"),
+                    throttled: false,
+                });
+            }
+        };
+        let status = response.status().as_u16();
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(err) => {
+                return Ok(Answer::Retry {
+                    reason: format!("reading the answer: {err}"),
+                    throttled: false,
+                });
+            }
+        };
+        Ok(read_answer(status, &body))
+    }
+}
+
+/// Interprets an HTTP status and body.
+fn read_answer(status: u16, body: &[u8]) -> Answer {
+    let retry = |reason: String| Answer::Retry {
+        reason,
+        throttled: false,
+    };
+    match status {
+        429 => {
+            return Answer::Retry {
+                reason: "HTTP 429: rate limited".into(),
+                throttled: true,
+            };
+        }
+        502 => return Answer::TenantMoved,
+        519 => {
+            let code = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|json| code_of(&json))
+                .unwrap_or(0);
+            let reason = format!("gateway refused the call: code {code}");
+            return match code {
+                4009..=4011 => Answer::TokenRejected { reason },
+                5007 => Answer::Retry {
+                    reason,
+                    throttled: true,
+                },
+                4006 | 5003 | 5004 | 5006 => retry(reason),
+                _ => Answer::Fatal(reason),
+            };
+        }
+        500..=599 => return retry(format!("HTTP {status}")),
+        200..=299 => {}
+        _ => return Answer::Fatal(format!("HTTP {status}")),
+    }
+    let json: Value = match serde_json::from_slice(body) {
+        Ok(json) => json,
+        Err(err) => return retry(format!("unreadable answer: {err}")),
+    };
+    match code_of(&json) {
+        Some(0 | 200) => Answer::Data(json["data"].clone()),
+        Some(STALE_SECRET) => Answer::StaleSecret,
+        Some(2_000_002_000) => retry("business error 2000002000: system error".into()),
+        Some(code) => {
+            let description = json["description"]
+                .as_str()
+                .or(json["msg"].as_str())
+                .unwrap_or("");
+            Answer::Fatal(format!("business error {code}: {description}"))
+        }
+        None => retry("answer has no errcode".into()),
+    }
+}
+
+/// The status code of an answer: `errcode` on business calls, `code` on some auth answers.
+fn code_of(json: &Value) -> Option<i64> {
+    ["errcode", "code"].iter().find_map(|field| {
+        json.get(field)
+            .and_then(|code| code.as_i64().or_else(|| code.as_str()?.parse().ok()))
+    })
+}
+
+/// Exponential backoff with jitter: between half and all of 0.25 s, 0.5 s, 1 s, ... up to 16 s.
+fn backoff(attempt: u32) -> Duration {
+    let base_ms = (250u64 << attempt.min(6)).min(16_000);
+    Duration::from_millis(base_ms / 2 + rand::rng().random_range(0..=base_ms / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified() {
+        assert!(
+            matches!(read_answer(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d["x"] == 1)
+        );
+        assert!(matches!(
+            read_answer(200, br#"{"code":200,"msg":"ok","data":[]}"#),
+            Answer::Data(_)
+        ));
+        assert!(matches!(
+            read_answer(429, b""),
+            Answer::Retry {
+                throttled: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            read_answer(519, br#"{"code":4011}"#),
+            Answer::TokenRejected { .. }
+        ));
+        assert!(matches!(
+            read_answer(519, br#"{"errcode":"4010"}"#),
+            Answer::TokenRejected { .. }
+        ));
+        assert!(matches!(
+            read_answer(519, br#"{"code":4008}"#),
+            Answer::Fatal(_)
+        ));
+        assert!(matches!(
+            read_answer(519, br#"{"code":5007}"#),
+            Answer::Retry {
+                throttled: true,
+                ..
+            }
+        ));
+        assert!(matches!(read_answer(502, b""), Answer::TenantMoved));
+        assert!(matches!(read_answer(503, b""), Answer::Retry { .. }));
+        assert!(matches!(
+            read_answer(200, br#"{"errcode":1030002006}"#),
+            Answer::StaleSecret
+        ));
+        assert!(matches!(
+            read_answer(200, br#"{"errcode":0,"data":{"#),
+            Answer::Retry { .. }
+        ));
+        assert!(matches!(
+            read_answer(200, br#"{"errcode":1030002003,"description":"not found"}"#),
+            Answer::Fatal(_)
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(500));
+        for attempt in 0..30 {
+            assert!(backoff(attempt) <= Duration::from_secs(16));
+        }
+    }
+}
