@@ -18,6 +18,9 @@ use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
 use kingdee_sim::SimConfig;
 use rand::Rng;
 
+/// A failure test that has not finished by then fails, saying which step it was in, rather than hang.
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
 fn poisoned(sim_orders: usize) -> SimConfig {
     SimConfig {
         poison_every: 97,
@@ -55,6 +58,14 @@ async fn dead_letter_count(scenario: &Scenario, stage: Stage) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record() {
+    within(
+        TEST_LIMIT,
+        target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record_steps(),
+    )
+    .await;
+}
+
+async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record_steps() {
     let scenario = scenario("pgdown", poisoned(2_000)).await;
     let proxy = TcpProxy::start(scenario.services.pg_addr().unwrap())
         .await
@@ -113,6 +124,10 @@ async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarted_mid_run_loses_nothing() {
+    within(TEST_LIMIT, broker_restarted_mid_run_loses_nothing_steps()).await;
+}
+
+async fn broker_restarted_mid_run_loses_nothing_steps() {
     let name = format!("restart-{}", &uuid_suffix());
     let mut broker = OwnBroker::start(&name)
         .await
@@ -137,6 +152,7 @@ async fn broker_restarted_mid_run_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
+    step("stopping the broker mid-run");
     broker.stop().await.unwrap();
     let written_at_stop = scenario.target_count(&client).await.unwrap();
     assert!(
@@ -146,12 +162,15 @@ async fn broker_restarted_mid_run_loses_nothing() {
     for worker in &workers {
         wait_ready(worker, false, Duration::from_secs(30)).await;
     }
+    step("starting the broker again");
     broker.resume().await.unwrap();
     for worker in &workers {
         wait_ready(worker, true, Duration::from_secs(60)).await;
     }
+    step("waiting for the target");
     assert_target_equals_truth(&scenario, &workers).await;
     assert_poison_dead_lettered(&scenario).await;
+    step("restarting the broker during a sync");
     // Again in the middle of a sync: the fetcher reconnects and syncs again.
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -189,6 +208,14 @@ fn uuid_suffix() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_killed_at_random_moments_lose_nothing() {
+    within(
+        TEST_LIMIT,
+        workers_killed_at_random_moments_lose_nothing_steps(),
+    )
+    .await;
+}
+
+async fn workers_killed_at_random_moments_lose_nothing_steps() {
     let scenario = scenario("chaos", poisoned(4_000)).await;
     let mut transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
     let mut writer = scenario.spawn(Worker::Writer, &[]).unwrap();
@@ -227,6 +254,14 @@ async fn workers_killed_at_random_moments_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_run_out() {
+    within(
+        TEST_LIMIT,
+        lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_run_out_steps(),
+    )
+    .await;
+}
+
+async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_run_out_steps() {
     let mut scenario = scenario("retry", orders(300)).await;
     scenario.set_env("CONVEYOR_PG_LOCK_TIMEOUT_MS", "100");
     let writer = spawn_ready(&scenario, Worker::Writer).await;
@@ -333,6 +368,14 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once() {
+    within(
+        TEST_LIMIT,
+        replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_steps(),
+    )
+    .await;
+}
+
+async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_steps() {
     let mut scenario = scenario("replay", orders(600)).await;
     scenario.set_env("CONVEYOR_FETCH_INTERVAL_SECS", "3600");
     let writer = spawn_ready(&scenario, Worker::Writer).await;

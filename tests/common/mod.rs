@@ -49,12 +49,20 @@ pub async fn scenario_with(services: Services, prefix: &str, sim: SimConfig) -> 
     .expect("scenario starts")
 }
 
+/// An HTTP client whose calls give up after 5 s, so that a test fails rather than hangs.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client")
+}
+
 /// Waits until a worker's /readyz answers 200 (`ready`) or not (`!ready`).
 pub async fn wait_ready(worker: &WorkerProcess, ready: bool, timeout: Duration) {
     let url = format!("http://{}/readyz", worker.http_addr);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let answer = reqwest::get(&url).await;
+        let answer = http().get(&url).send().await;
         let is_ready = matches!(&answer, Ok(response) if response.status() == 200);
         if is_ready == ready && answer.is_ok() {
             return;
@@ -108,7 +116,7 @@ pub fn ctl_ok(scenario: &Scenario, args: &[&str]) -> String {
 /// the worker does not serve its metrics yet.
 pub async fn metric(worker: &WorkerProcess, name: &str, labels: &[&str]) -> f64 {
     let url = format!("http://{}/metrics", worker.http_addr);
-    let Ok(response) = reqwest::get(url).await else {
+    let Ok(response) = http().get(url).send().await else {
         return 0.0;
     };
     let text = response.text().await.expect("metrics text");
@@ -188,4 +196,16 @@ pub async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Runs a test's steps, failing if they take longer than `limit`.
+pub async fn within(limit: Duration, steps: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(limit, steps).await.is_err() {
+        panic!("the test did not finish within {limit:?}; its last step is logged above");
+    }
+}
+
+/// Logs a test step (shown with the output of a failing test).
+pub fn step(what: &str) {
+    eprintln!("{:?} step: {what}", std::time::SystemTime::now());
 }

@@ -35,6 +35,8 @@ pub enum BrokerError {
         endpoint: String,
         source: lapin::Error,
     },
+    #[error("cannot connect to RabbitMQ at {0}: no answer within 30 s")]
+    ConnectTimeout(String),
     #[error("{action}: {source}")]
     Amqp {
         action: String,
@@ -66,10 +68,21 @@ pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
 pub async fn connect(url: &Secret, name: &str) -> Result<Connection, BrokerError> {
     let endpoint = endpoint(url)?;
     let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    Connection::connect(url.expose(), properties)
-        .await
-        .map_err(|source| BrokerError::Connect { endpoint, source })
+    // A broker that takes the TCP connection but never finishes the handshake (still starting, or
+    // overloaded) must not hold a worker forever: give up and let the caller retry.
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Connection::connect(url.expose(), properties),
+    )
+    .await
+    {
+        Ok(connected) => connected.map_err(|source| BrokerError::Connect { endpoint, source }),
+        Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
+    }
 }
+
+/// The longest a connection attempt (TCP and AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connects, retrying with backoff until connected or `shutdown` fires (then `None`).
 pub async fn connect_with_retry(

@@ -277,12 +277,15 @@ impl Dataset {
             })
             .collect();
 
+        // Nothing is created or modified in the future: a timeline that would reach past now stops there.
+        let now = days_ago(0);
         let mut created = epoch;
         let mut orders = Vec::with_capacity(order_count);
         for _ in 0..order_count {
-            created += Duration::seconds(generator.rng.random_range(1..120));
-            let modified =
-                created + Duration::seconds(generator.rng.random_range(0..3 * 24 * 3600));
+            created = (created + Duration::seconds(generator.rng.random_range(1..120))).min(now);
+            let modified = (created
+                + Duration::seconds(generator.rng.random_range(0..3 * 24 * 3600)))
+            .min(now);
             orders.push(generator.order(created, modified, &customers, &materials));
         }
         Self {
