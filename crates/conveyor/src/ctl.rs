@@ -35,6 +35,11 @@ enum Command {
         #[command(subcommand)]
         command: KingdeeCommand,
     },
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
     /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
     Probe {
         /// E.g. http://127.0.0.1:9103/readyz
@@ -140,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench { command } => crate::bench::run(command).await,
         Command::Kingdee {
             command:
                 KingdeeCommand::Sign {

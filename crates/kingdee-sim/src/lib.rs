@@ -420,13 +420,68 @@ impl Window {
     }
 }
 
+/// The paging a list call asked for.
+struct Paging {
+    page: usize,
+    requested_size: usize,
+    /// The size served: the gateway caps it at 100.
+    size: usize,
+}
+
+impl Paging {
+    fn parse(query: &[(String, String)]) -> Result<Self, BusinessError> {
+        let parse = |name: &str, default: usize| -> Result<usize, BusinessError> {
+            match query_value(query, name) {
+                None => Ok(default),
+                Some(text) => text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        business_error(1_030_002_000, format!("{name} must be a positive integer"))
+                    }),
+            }
+        };
+        let page = parse("page", 1)?;
+        let requested_size = parse("page_size", 10)?;
+        Ok(Self {
+            page,
+            requested_size,
+            size: requested_size.min(GATEWAY_MAX_PAGE_SIZE),
+        })
+    }
+
+    /// The matching rows' count and this page of them, serialized (only the page is).
+    fn take<'a, T: Serialize + 'a>(
+        &self,
+        rows: impl Iterator<Item = &'a T>,
+    ) -> (usize, Vec<Value>) {
+        let matching: Vec<&T> = rows.collect();
+        let count = matching.len();
+        let start = (self.page - 1).saturating_mul(self.size).min(count);
+        let end = (start + self.size).min(count);
+        let page = matching[start..end]
+            .iter()
+            .map(|row| serde_json::to_value(row).expect("rows serialize"))
+            .collect();
+        (count, page)
+    }
+}
+
+/// What a list endpoint serves: a page of matching rows and how it writes `count`.
+struct Listing {
+    count: usize,
+    rows: Vec<Value>,
+    count_as_string: bool,
+}
+
 /// The admission checks and injected faults every list call goes through.
 async fn list(
     sim: &Simulator,
     path: &str,
     headers: &HeaderMap,
     query: &[(String, String)],
-    rows: impl FnOnce(&Dataset, &Window) -> (Vec<Value>, bool),
+    select: impl FnOnce(&Dataset, &Window, &Paging) -> Listing,
 ) -> Response {
     let call = Admission {
         method: "GET",
@@ -456,19 +511,16 @@ async fn list(
         bump(&sim.stats.injected_faults);
         tokio::time::sleep(faults.slow_delay).await;
     }
-    let window = match Window::parse(query) {
-        Ok(window) => window,
-        Err(err) => return err.into_response(),
+    let (window, paging) = match (Window::parse(query), Paging::parse(query)) {
+        (Ok(window), Ok(paging)) => (window, paging),
+        (Err(err), _) | (_, Err(err)) => return err.into_response(),
     };
-    let (matching, count_as_string) = {
+    let listing = {
         let data = sim.data.read().expect("data lock");
-        rows(&data, &window)
+        select(&data, &window, &paging)
     };
-    let body = match page_of(sim, query, matching, count_as_string) {
-        Ok(body) => body,
-        Err(err) => return err.into_response(),
-    };
-    let bytes = serde_json::to_vec(&body).expect("JSON values serialize");
+    let bytes =
+        serde_json::to_vec(&page_body(sim, &paging, listing)).expect("JSON values serialize");
     if truncated {
         bump(&sim.stats.injected_faults);
         return (
@@ -493,61 +545,31 @@ async fn list(
     ([("content-type", "application/json")], bytes).into_response()
 }
 
-/// One page of `rows` under the gateway's paging rules.
-fn page_of(
-    sim: &Simulator,
-    query: &[(String, String)],
-    rows: Vec<Value>,
-    count_as_string: bool,
-) -> Result<Value, BusinessError> {
-    let parse = |name: &str, default: usize| -> Result<usize, BusinessError> {
-        match query_value(query, name) {
-            None => Ok(default),
-            Some(text) => text
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| {
-                    business_error(1_030_002_000, format!("{name} must be a positive integer"))
-                }),
-        }
-    };
-    let page = parse("page", 1)?;
-    let requested_size = parse("page_size", 10)?;
-    let size = requested_size.min(GATEWAY_MAX_PAGE_SIZE);
-    let count = rows.len();
+/// The response envelope of one page, under the gateway's paging rules.
+fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> Value {
     let paging_size = if sim.config.total_page_from_requested_size {
-        requested_size
+        paging.requested_size
     } else {
-        size
+        paging.size
     };
-    let total_page = count.div_ceil(paging_size);
-    let start = (page - 1).saturating_mul(size).min(count);
-    let end = (start + size).min(count);
-    let page_rows = &rows[start..end];
-    let count_value = if count_as_string {
-        Value::String(count.to_string())
+    let count = if listing.count_as_string {
+        Value::String(listing.count.to_string())
     } else {
-        Value::from(count)
+        Value::from(listing.count)
     };
-    Ok(json!({
+    json!({
         "errcode": 0,
         "description": "success",
         "data": {
-            "count": count_value,
-            "page": page,
-            "page_size": size,
-            "total_page": total_page,
-            "current_page_size": page_rows.len(),
+            "count": count,
+            "page": paging.page,
+            "page_size": paging.size,
+            "total_page": listing.count.div_ceil(paging_size),
+            "current_page_size": listing.rows.len(),
             "headers": {},
-            "rows": page_rows,
+            "rows": listing.rows,
         }
-    }))
-}
-
-fn to_values<T: Serialize>(rows: impl Iterator<Item = T>) -> Vec<Value> {
-    rows.map(|row| serde_json::to_value(row).expect("rows serialize"))
-        .collect()
+    })
 }
 
 async fn list_sales_orders(
@@ -561,17 +583,22 @@ async fn list_sales_orders(
         "/jdy/v2/scm/sal_order",
         &headers,
         &query,
-        |data, window| {
-            let rows = data
-                .orders
-                .iter()
-                .filter(|order| window.contains(&order.modify_time))
-                .filter(|order| {
-                    status
-                        .as_deref()
-                        .is_none_or(|status| order.bill_status == status)
-                });
-            (to_values(rows), false)
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.orders
+                    .iter()
+                    .filter(|order| window.contains(&order.modify_time))
+                    .filter(|order| {
+                        status
+                            .as_deref()
+                            .is_none_or(|status| order.bill_status == status)
+                    }),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: false,
+            }
         },
     )
     .await
@@ -587,15 +614,17 @@ async fn list_customers(
         "/jdy/v2/bd/customer",
         &headers,
         &query,
-        |data, window| {
-            (
-                to_values(
-                    data.customers
-                        .iter()
-                        .filter(|c| window.contains(&c.modify_time)),
-                ),
-                true,
-            )
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.customers
+                    .iter()
+                    .filter(|c| window.contains(&c.modify_time)),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: true,
+            }
         },
     )
     .await
@@ -611,15 +640,17 @@ async fn list_materials(
         "/jdy/v2/bd/material",
         &headers,
         &query,
-        |data, window| {
-            (
-                to_values(
-                    data.materials
-                        .iter()
-                        .filter(|m| window.contains(&m.modify_time)),
-                ),
-                true,
-            )
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.materials
+                    .iter()
+                    .filter(|m| window.contains(&m.modify_time)),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: true,
+            }
         },
     )
     .await

