@@ -27,6 +27,7 @@ use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::{PostgresArgs, WorkerArgs};
 use conveyor_core::source_time;
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::state::{SharedBudget, SyncStore};
 use crate::window::Window;
 
+/// Pages of one window fetched at once.
+const PAGES_IN_FLIGHT: usize = 4;
 /// Times a window is paged again because its rows moved, before the work item is retried later.
 const WINDOW_RESTARTS: u32 = 8;
 
@@ -383,15 +386,20 @@ impl Fetcher {
             let (count, total_page) = (first.count, first.total_page);
             let mut confirms = Vec::new();
             confirms.extend(self.publish_page(meta, first.rows).await?);
+            // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
+            let mut pages = futures_util::stream::iter(2..=total_page)
+                .map(|number| self.page(&window, number))
+                .buffered(PAGES_IN_FLIGHT);
             let mut moved = false;
-            for number in 2..=total_page {
-                let page = self.page(&window, number).await?;
+            while let Some(page) = pages.next().await {
+                let page = page?;
                 if page.count != count {
                     moved = true;
                     break;
                 }
                 confirms.extend(self.publish_page(meta, page.rows).await?);
             }
+            drop(pages);
             for confirm in confirms {
                 confirm
                     .wait()
