@@ -35,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::state::{SharedBudget, SyncStore};
 use crate::window::Window;
 
+/// Times an inconsistent page is asked for again before the window is retried later.
+const PAGE_ATTEMPTS: u32 = 3;
 /// Pages of one window fetched at once.
 const PAGES_IN_FLIGHT: usize = 4;
 /// Times a window is paged again because its rows moved, before the work item is retried later.
@@ -293,16 +295,30 @@ impl Fetcher {
                 .iter()
                 .map(|(key, value)| (key.clone(), value.clone())),
         );
-        let data = self
-            .gateway
-            .get(&self.source.path, &query)
-            .await
-            .map_err(|err| match err {
-                GatewayError::Transient(message) => Failure::new(ErrorClass::Transient, message),
-                GatewayError::Permanent(message) => Failure::new(ErrorClass::Permanent, message),
-            })?;
-        let page = Page::from_data(data, number, page_size)
-            .map_err(|problem| Failure::new(ErrorClass::Transient, problem))?;
+        // A page that disagrees with its own count is asked for again; it is never taken as it is.
+        let mut attempt = 0;
+        let page = loop {
+            let data =
+                self.gateway
+                    .get(&self.source.path, &query)
+                    .await
+                    .map_err(|err| match err {
+                        GatewayError::Transient(message) => {
+                            Failure::new(ErrorClass::Transient, message)
+                        }
+                        GatewayError::Permanent(message) => {
+                            Failure::new(ErrorClass::Permanent, message)
+                        }
+                    })?;
+            match Page::from_data(data, number, page_size) {
+                Ok(page) => break page,
+                Err(problem) if attempt < PAGE_ATTEMPTS => {
+                    tracing::warn!(problem, "page inconsistent with its count; asking again");
+                    attempt += 1;
+                }
+                Err(problem) => return Err(Failure::new(ErrorClass::Transient, problem)),
+            }
+        };
         self.counters.pages.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .records_in

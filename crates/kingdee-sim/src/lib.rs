@@ -53,6 +53,8 @@ pub struct SimConfig {
     /// Spoil every n-th sales order (0: none) with an amount that is not a number, as bad data entered at
     /// the source would be. Such records can never be written; a pipeline must dead-letter exactly them.
     pub poison_every: usize,
+    /// Write `count` as a string on every list, not only on `bd` lists (clients must accept both).
+    pub count_always_string: bool,
     pub gateway: GatewayConfig,
     pub changes: ChangeRates,
 }
@@ -74,6 +76,7 @@ impl Default for SimConfig {
             epoch: data::default_epoch(),
             total_page_from_requested_size: false,
             poison_every: 0,
+            count_always_string: false,
             gateway: GatewayConfig::default(),
             changes: ChangeRates::default(),
         }
@@ -494,13 +497,15 @@ async fn list(
         return rejection.into_response();
     }
     let faults = &sim.config.gateway.faults;
-    let (server_error, slow, dropped, truncated) = {
+    let (server_error, slow, dropped, truncated, empty) = {
         let mut rng = rand::rng();
+        let mut draw = |rate: f64| rng.random_bool(rate.clamp(0.0, 1.0));
         (
-            rng.random_bool(faults.server_error.clamp(0.0, 1.0)),
-            rng.random_bool(faults.slow.clamp(0.0, 1.0)),
-            rng.random_bool(faults.dropped_connection.clamp(0.0, 1.0)),
-            rng.random_bool(faults.truncated_body.clamp(0.0, 1.0)),
+            draw(faults.server_error),
+            draw(faults.slow),
+            draw(faults.dropped_connection),
+            draw(faults.truncated_body),
+            draw(faults.empty_page),
         )
     };
     if server_error {
@@ -515,10 +520,15 @@ async fn list(
         (Ok(window), Ok(paging)) => (window, paging),
         (Err(err), _) | (_, Err(err)) => return err.into_response(),
     };
-    let listing = {
+    let mut listing = {
         let data = sim.data.read().expect("data lock");
         select(&data, &window, &paging)
     };
+    listing.count_as_string |= sim.config.count_always_string;
+    if empty && !listing.rows.is_empty() {
+        bump(&sim.stats.injected_faults);
+        listing.rows.clear();
+    }
     let bytes =
         serde_json::to_vec(&page_body(sim, &paging, listing)).expect("JSON values serialize");
     if truncated {
