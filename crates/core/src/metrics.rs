@@ -17,6 +17,8 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     /// Records (or whole messages, counted by their records) sent to a dead-letter queue, by class.
     pub records_dead_lettered: IntCounterVec,
+    /// Records a filter skipped on purpose (never lost: they were not meant for the target).
+    pub records_filtered: IntCounterVec,
     /// Messages handed back to the queue to be tried again.
     pub messages_retried: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
@@ -75,6 +77,11 @@ impl Metrics {
                 "conveyor_records_dead_lettered_total",
                 "Records sent to a dead-letter queue",
                 &["pipeline", "stage", "class"],
+            ),
+            records_filtered: counter(
+                "conveyor_records_filtered_total",
+                "Records skipped on purpose by the pipeline's filter",
+                PIPELINE_STAGE,
             ),
             messages_retried: counter(
                 "conveyor_messages_retried_total",

@@ -19,12 +19,20 @@ pub struct TimeError(String);
 /// Reads an instant from epoch milliseconds, `yyyy-MM-dd HH:mm:ss` (CST), `yyyy-MM-dd` (CST midnight)
 /// or RFC 3339. The result carries the CST offset, so that it prints as the source's local time.
 pub fn parse_instant(value: &Value) -> Result<DateTime<FixedOffset>, TimeError> {
+    parse_instant_with(value, |local| local_to_instant(local).map_err(|err| err.0))
+}
+
+/// Like [`parse_instant`], with local times read by `local` (for sources in another zone).
+pub fn parse_instant_with(
+    value: &Value,
+    local: impl Fn(NaiveDateTime) -> Result<DateTime<FixedOffset>, String>,
+) -> Result<DateTime<FixedOffset>, TimeError> {
     match value {
         Value::Number(number) => number
             .as_i64()
             .ok_or_else(|| TimeError(format!("{number} is not whole epoch milliseconds")))
             .and_then(from_epoch_millis),
-        Value::String(text) => parse_instant_text(text.trim()),
+        Value::String(text) => parse_instant_text(text.trim(), local),
         other => Err(TimeError(format!(
             "expected a time, found {}",
             kind_of(other)
@@ -32,7 +40,10 @@ pub fn parse_instant(value: &Value) -> Result<DateTime<FixedOffset>, TimeError> 
     }
 }
 
-fn parse_instant_text(text: &str) -> Result<DateTime<FixedOffset>, TimeError> {
+fn parse_instant_text(
+    text: &str,
+    local: impl Fn(NaiveDateTime) -> Result<DateTime<FixedOffset>, String>,
+) -> Result<DateTime<FixedOffset>, TimeError> {
     let cst = china_standard_time();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let millis = text
@@ -40,11 +51,11 @@ fn parse_instant_text(text: &str) -> Result<DateTime<FixedOffset>, TimeError> {
             .map_err(|_| TimeError(format!("{text:?} is out of range for epoch milliseconds")))?;
         return from_epoch_millis(millis);
     }
-    if let Ok(local) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
-        return local_to_instant(local);
+    if let Ok(time) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
+        return local(time).map_err(TimeError);
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return local_to_instant(date.and_hms_opt(0, 0, 0).expect("midnight exists"));
+        return local(date.and_hms_opt(0, 0, 0).expect("midnight exists")).map_err(TimeError);
     }
     DateTime::parse_from_rfc3339(text)
         .map(|instant| instant.with_timezone(&cst))
