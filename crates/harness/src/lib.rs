@@ -271,8 +271,8 @@ impl Scenario {
     pub fn table(&self) -> anyhow::Result<String> {
         match &self.pipeline.spec.target {
             TargetSpec::Postgres { table, .. } => Ok(format!("\"{}\".\"{table}\"", self.schema)),
-            TargetSpec::Noop => bail!(
-                "pipeline {} has no table: its target is noop",
+            _ => bail!(
+                "pipeline {} has no table: its target is not postgres",
                 self.pipeline.name()
             ),
         }
