@@ -242,6 +242,16 @@ impl Scenario {
 
     /// Starts a worker process with the scenario's environment, plus `args`.
     pub fn spawn(&self, worker: Worker, args: &[&str]) -> anyhow::Result<WorkerProcess> {
+        self.spawn_with_env(worker, args, &[])
+    }
+
+    /// Like [`Scenario::spawn`], with more environment variables (e.g. an HTTP target's address).
+    pub fn spawn_with_env(
+        &self,
+        worker: Worker,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerProcess> {
         let http_addr = free_local_addr()?;
         let log = self.log_dir.join(format!(
             "{}-{}.log",
@@ -253,6 +263,7 @@ impl Scenario {
             .args(args)
             .envs(self.environment())
             .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
