@@ -3,6 +3,8 @@
 //! Kingdee writes times as epoch milliseconds (a number or a numeric string) or as local
 //! `yyyy-MM-dd HH:mm:ss` text in China Standard Time (UTC+8, no daylight saving).
 
+use std::sync::OnceLock;
+
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::Value;
 
@@ -51,7 +53,7 @@ fn parse_instant_text(
             .map_err(|_| TimeError(format!("{text:?} is out of range for epoch milliseconds")))?;
         return from_epoch_millis(millis);
     }
-    if let Ok(time) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
+    if let Some(time) = parse_local(text) {
         return local(time).map_err(TimeError);
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
@@ -64,6 +66,21 @@ fn parse_instant_text(
                 "{text:?} is not epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339"
             ))
         })
+}
+
+/// `yyyy-MM-dd HH:mm:ss`, with the pattern parsed once: it is the form of every source time, and
+/// parsing the pattern for each value costs more than reading the value.
+fn parse_local(text: &str) -> Option<NaiveDateTime> {
+    use chrono::format::{Item, Parsed, StrftimeItems};
+    static ITEMS: OnceLock<Vec<Item<'static>>> = OnceLock::new();
+    let items = ITEMS.get_or_init(|| {
+        StrftimeItems::new("%Y-%m-%d %H:%M:%S")
+            .parse_to_owned()
+            .expect("a valid pattern")
+    });
+    let mut parsed = Parsed::new();
+    chrono::format::parse(&mut parsed, text, items.iter()).ok()?;
+    parsed.to_naive_datetime_with_offset(0).ok()
 }
 
 fn local_to_instant(local: NaiveDateTime) -> Result<DateTime<FixedOffset>, TimeError> {

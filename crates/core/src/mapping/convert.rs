@@ -4,6 +4,7 @@
 
 use std::str::FromStr;
 
+use chrono::format::{Item, StrftimeItems};
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -102,7 +103,25 @@ impl Default for TimeRules {
 pub enum TimeOutput {
     Rfc3339,
     EpochMillis,
-    Pattern(String),
+    Pattern(Pattern),
+}
+
+/// A strftime pattern, parsed once (parsing it for every value would cost more than the formatting).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(Vec<Item<'static>>);
+
+impl Pattern {
+    pub fn parse(pattern: &str) -> Result<Self, String> {
+        check_pattern(pattern)?;
+        StrftimeItems::new(pattern)
+            .parse_to_owned()
+            .map(Self)
+            .map_err(|_| format!("{pattern:?} is not a valid strftime pattern (e.g. %m/%d/%Y)"))
+    }
+
+    fn format(&self, instant: &DateTime<FixedOffset>) -> String {
+        instant.format_with_items(self.0.iter()).to_string()
+    }
 }
 
 impl TimeOutput {
@@ -111,14 +130,13 @@ impl TimeOutput {
         match text {
             "rfc3339" => Ok(Self::Rfc3339),
             "epoch_millis" => Ok(Self::EpochMillis),
-            pattern => check_pattern(pattern).map(|()| Self::Pattern(pattern.to_owned())),
+            pattern => Pattern::parse(pattern).map(Self::Pattern),
         }
     }
 }
 
 /// Whether a strftime pattern is valid and has at least one field.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    use chrono::format::{Item, StrftimeItems};
     let items: Vec<Item> = StrftimeItems::new(pattern).collect();
     if items.iter().any(|item| matches!(item, Item::Error)) {
         return Err(format!(
@@ -137,26 +155,29 @@ pub fn check_pattern(pattern: &str) -> Result<(), String> {
 }
 
 /// Converts a non-null value to `kind`.
-pub fn convert(value: &Value, kind: FieldType, time: &TimeRules) -> Result<Value, String> {
+pub fn convert(value: Value, kind: FieldType, time: &TimeRules) -> Result<Value, String> {
     match kind {
-        FieldType::Json => Ok(value.clone()),
+        FieldType::Json => Ok(value),
         FieldType::String => match value {
-            Value::String(text) => Ok(Value::String(text.clone())),
+            Value::String(text) => Ok(Value::String(text)),
             Value::Number(_) | Value::Bool(_) => Ok(Value::String(value.to_string())),
-            other => Err(format!("expected text, found {}", kind_of(other))),
+            other => Err(format!("expected text, found {}", kind_of(&other))),
         },
         FieldType::Integer => match value {
-            Value::Number(number) if number.is_i64() || number.is_u64() => Ok(value.clone()),
+            Value::Number(ref number) if number.is_i64() || number.is_u64() => Ok(value),
             Value::String(text) => text
                 .trim()
                 .parse::<i64>()
                 .map(Value::from)
                 .map_err(|_| "expected a whole number".to_owned()),
-            other => Err(format!("expected a whole number, found {}", kind_of(other))),
+            other => Err(format!(
+                "expected a whole number, found {}",
+                kind_of(&other)
+            )),
         },
-        FieldType::Decimal => decimal(value).map(|decimal| Value::String(decimal.to_string())),
+        FieldType::Decimal => decimal(&value).map(|decimal| Value::String(decimal.to_string())),
         FieldType::Boolean => match value {
-            Value::Bool(flag) => Ok(Value::Bool(*flag)),
+            Value::Bool(flag) => Ok(Value::Bool(flag)),
             Value::Number(number) if number.as_u64() == Some(1) => Ok(Value::Bool(true)),
             Value::Number(number) if number.as_u64() == Some(0) => Ok(Value::Bool(false)),
             Value::String(text) => match text.trim().to_ascii_lowercase().as_str() {
@@ -164,23 +185,22 @@ pub fn convert(value: &Value, kind: FieldType, time: &TimeRules) -> Result<Value
                 "0" | "false" => Ok(Value::Bool(false)),
                 _ => Err("expected 1, 0, true or false".to_owned()),
             },
-            other => Err(format!("expected a boolean, found {}", kind_of(other))),
+            other => Err(format!("expected a boolean, found {}", kind_of(&other))),
         },
         FieldType::Datetime => {
-            let instant = time.output_zone.render(instant(value, time)?);
+            let instant = time.output_zone.render(instant(&value, time)?);
             Ok(match &time.output {
                 TimeOutput::Rfc3339 => Value::String(instant.to_rfc3339()),
                 TimeOutput::EpochMillis => Value::from(instant.timestamp_millis()),
-                TimeOutput::Pattern(pattern) => Value::String(instant.format(pattern).to_string()),
+                TimeOutput::Pattern(pattern) => Value::String(pattern.format(&instant)),
             })
         }
         FieldType::Date => {
-            let instant = time.output_zone.render(instant(value, time)?);
-            let pattern = match &time.output {
-                TimeOutput::Pattern(pattern) => pattern.as_str(),
-                _ => "%Y-%m-%d",
-            };
-            Ok(Value::String(instant.format(pattern).to_string()))
+            let instant = time.output_zone.render(instant(&value, time)?);
+            Ok(Value::String(match &time.output {
+                TimeOutput::Pattern(pattern) => pattern.format(&instant),
+                _ => instant.format("%Y-%m-%d").to_string(),
+            }))
         }
     }
 }
@@ -235,20 +255,25 @@ mod tests {
     #[test]
     fn epoch_millis_to_and_from_rfc3339_in_zones() {
         let millis = json!(1_700_000_000_000_i64);
-        let cst = convert(&millis, FieldType::Datetime, &TimeRules::default()).unwrap();
+        let cst = convert(millis.clone(), FieldType::Datetime, &TimeRules::default()).unwrap();
         assert_eq!(cst, json!("2023-11-15T06:13:20+08:00"));
-        let utc = convert(&millis, FieldType::Datetime, &rules("rfc3339", "Z")).unwrap();
+        let utc = convert(millis.clone(), FieldType::Datetime, &rules("rfc3339", "Z")).unwrap();
         assert_eq!(utc, json!("2023-11-14T22:13:20+00:00"));
-        let back = convert(&cst, FieldType::Datetime, &rules("epoch_millis", "Z")).unwrap();
+        let back = convert(
+            cst.clone(),
+            FieldType::Datetime,
+            &rules("epoch_millis", "Z"),
+        )
+        .unwrap();
         assert_eq!(back, millis);
         // New York is on standard time in November (UTC-5), on daylight time in July (UTC-4).
         let ny = rules("rfc3339", "America/New_York");
         assert_eq!(
-            convert(&millis, FieldType::Datetime, &ny).unwrap(),
+            convert(millis.clone(), FieldType::Datetime, &ny).unwrap(),
             json!("2023-11-14T17:13:20-05:00")
         );
         assert_eq!(
-            convert(&json!("2023-07-01 12:00:00"), FieldType::Datetime, &ny).unwrap(),
+            convert(json!("2023-07-01 12:00:00"), FieldType::Datetime, &ny).unwrap(),
             json!("2023-07-01T00:00:00-04:00")
         );
     }
@@ -256,7 +281,7 @@ mod tests {
     #[test]
     fn local_source_times_are_china_standard_time() {
         let utc = convert(
-            &json!("2020-03-02 15:15:59"),
+            json!("2020-03-02 15:15:59"),
             FieldType::Datetime,
             &rules("epoch_millis", "Z"),
         )
@@ -271,14 +296,14 @@ mod tests {
             ..rules("%m/%d/%Y", "+08:00")
         };
         assert_eq!(
-            convert(&json!("2020-03-03"), FieldType::Date, &us).unwrap(),
+            convert(json!("2020-03-03"), FieldType::Date, &us).unwrap(),
             json!("03/03/2020")
         );
-        assert!(convert(&json!("03/03/2020"), FieldType::Date, &us).is_err());
+        assert!(convert(json!("03/03/2020"), FieldType::Date, &us).is_err());
         // A date late in the evening in China is still the day before in UTC.
         assert_eq!(
             convert(
-                &json!("2020-03-03 07:00:00"),
+                json!("2020-03-03 07:00:00"),
                 FieldType::Date,
                 &rules("%Y-%m-%d", "Z")
             )
@@ -294,10 +319,10 @@ mod tests {
     fn numbers_decimals_and_booleans() {
         let none = TimeRules::default();
         assert_eq!(
-            convert(&json!(" 42 "), FieldType::Integer, &none).unwrap(),
+            convert(json!(" 42 "), FieldType::Integer, &none).unwrap(),
             json!(42)
         );
-        assert!(convert(&json!("4.2"), FieldType::Integer, &none).is_err());
+        assert!(convert(json!("4.2"), FieldType::Integer, &none).is_err());
         for (input, expected) in [
             (json!("0.1"), "0.1"),
             (
@@ -308,19 +333,19 @@ mod tests {
             (json!("1e-3"), "0.001"),
         ] {
             assert_eq!(
-                convert(&input, FieldType::Decimal, &none).unwrap(),
+                convert(input.clone(), FieldType::Decimal, &none).unwrap(),
                 json!(expected)
             );
         }
         for (input, expected) in [("1", true), ("0", false), ("true", true), ("FALSE", false)] {
             assert_eq!(
-                convert(&json!(input), FieldType::Boolean, &none).unwrap(),
+                convert(json!(input), FieldType::Boolean, &none).unwrap(),
                 json!(expected)
             );
         }
-        assert!(convert(&json!("yes"), FieldType::Boolean, &none).is_err());
+        assert!(convert(json!("yes"), FieldType::Boolean, &none).is_err());
         assert_eq!(
-            convert(&json!(7), FieldType::String, &none).unwrap(),
+            convert(json!(7), FieldType::String, &none).unwrap(),
             json!("7")
         );
     }

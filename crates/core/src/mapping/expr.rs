@@ -4,6 +4,7 @@
 //! decimals: `qty * price` on money is computed in `rust_decimal`, and a literal like `0.13` is a
 //! decimal too. An expression sees the output fields declared before it, by their names.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -63,15 +64,19 @@ impl Expression {
 
     /// Evaluates the expression over the output fields produced so far.
     pub fn eval(&self, fields: &Map<String, Value>) -> Result<Value, String> {
-        let mut scope = Scope::new();
-        for (name, kind) in &self.inputs {
-            let value = fields.get(name).unwrap_or(&Value::Null);
-            scope.push_dynamic(name.as_str(), to_dynamic(value, *kind));
+        thread_local! {
+            // Reused between records: a fresh scope per record costs more than the evaluation.
+            static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
         }
-        let result = engine()
-            .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast)
-            .map_err(|err| format!("expression failed: {err}"))?;
-        from_dynamic(result)
+        let result = SCOPE.with_borrow_mut(|scope| {
+            scope.clear();
+            for (name, kind) in &self.inputs {
+                let value = fields.get(name).unwrap_or(&Value::Null);
+                scope.push_dynamic(name.as_str(), to_dynamic(value, *kind));
+            }
+            engine().eval_ast_with_scope::<Dynamic>(scope, &self.ast)
+        });
+        from_dynamic(result.map_err(|err| format!("expression failed: {err}"))?)
     }
 
     /// Evaluates a filter: true keeps the record.

@@ -10,6 +10,7 @@
 pub mod convert;
 pub mod expr;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, FixedOffset};
@@ -269,7 +270,7 @@ fn compile_fields(
         let mut time = TimeRules::default();
         if let Some(format) = &spec.format {
             time.output = TimeOutput::parse(format).map_err(|err| problem(at("format"), err))?;
-            if spec.kind == FieldType::Date && time.output != TimeOutput::Pattern(format.clone()) {
+            if spec.kind == FieldType::Date && !matches!(time.output, TimeOutput::Pattern(_)) {
                 return Err(problem(
                     at("format"),
                     "a date is written with a strftime pattern",
@@ -295,6 +296,12 @@ fn compile_fields(
                 return Err(problem(
                     at("fields"),
                     "nested fields need type json (the default)",
+                ));
+            }
+            Some(_) if spec.trim || spec.empty_as_null || spec.map.is_some() => {
+                return Err(problem(
+                    at("fields"),
+                    "trim, empty_as_null and map apply to values, not to mapped lines",
                 ));
             }
             Some(nested) => Some(compile_fields(nested, &at("fields"), false)?),
@@ -506,7 +513,7 @@ impl Mapping {
         line: Option<(&str, &Value)>,
     ) -> Result<Option<MappedRecord>, FieldError> {
         let mut all = Map::new();
-        map_fields(&self.fields, source, line, &mut all, "")?;
+        map_fields(&self.fields, source, line, &mut all)?;
         if let Some(filter) = &self.filter
             && !filter.keep(&all).map_err(|reason| FieldError {
                 field: "transform.filter".into(),
@@ -539,54 +546,67 @@ fn map_fields(
     source: &Value,
     line: Option<(&str, &Value)>,
     out: &mut Map<String, Value>,
-    prefix: &str,
 ) -> Result<(), FieldError> {
     for field in fields {
-        let name = || format!("{prefix}{}", field.to);
         let error = |reason: String| FieldError {
-            field: name(),
+            field: field.to.clone(),
             reason,
         };
-        let raw = match &field.input {
+        let raw: Cow<Value> = match &field.input {
             Input::Path(path) => {
                 let found = match line {
                     Some((alias, line)) if path[0] == alias => lookup(line, &path[1..]),
                     _ => lookup(source, path),
                 };
-                found.cloned().unwrap_or(Value::Null)
+                found.map_or(Cow::Owned(Value::Null), Cow::Borrowed)
             }
-            Input::Expr(expression) => expression.eval(out).map_err(error)?,
+            Input::Expr(expression) => Cow::Owned(expression.eval(out).map_err(error)?),
         };
-        let value = clean(field, raw).map_err(error)?;
-        let value = match (value, &field.nested) {
-            (Value::Null, _) => Value::Null,
-            (Value::Array(items), Some(nested)) => {
-                let mut mapped = Vec::with_capacity(items.len());
-                for (index, item) in items.iter().enumerate() {
-                    let mut element = Map::new();
-                    map_fields(
-                        nested,
-                        item,
-                        None,
-                        &mut element,
-                        &format!("{}[{index}].", name()),
-                    )?;
-                    mapped.push(Value::Object(nest(element, nested)));
+        let value = match &field.nested {
+            // Lines kept nested are read in place, never copied whole.
+            Some(nested) => {
+                let raw = match (&*raw, &field.default) {
+                    (Value::Null, Some(default)) => default,
+                    (raw, _) => raw,
+                };
+                let within = |index: Option<usize>| {
+                    move |err: FieldError| FieldError {
+                        field: match index {
+                            Some(index) => format!("{}[{index}].{}", field.to, err.field),
+                            None => format!("{}.{}", field.to, err.field),
+                        },
+                        reason: err.reason,
+                    }
+                };
+                match raw {
+                    Value::Null => Value::Null,
+                    Value::Array(items) => {
+                        let mut mapped = Vec::with_capacity(items.len());
+                        for (index, item) in items.iter().enumerate() {
+                            let mut element = Map::new();
+                            map_fields(nested, item, None, &mut element)
+                                .map_err(within(Some(index)))?;
+                            mapped.push(Value::Object(nest(element, nested)));
+                        }
+                        Value::Array(mapped)
+                    }
+                    item @ Value::Object(_) => {
+                        let mut element = Map::new();
+                        map_fields(nested, item, None, &mut element).map_err(within(None))?;
+                        Value::Object(nest(element, nested))
+                    }
+                    other => {
+                        return Err(error(format!(
+                            "expected an array or object to map field by field, found {}",
+                            kind_of(other)
+                        )));
+                    }
                 }
-                Value::Array(mapped)
             }
-            (item @ Value::Object(_), Some(nested)) => {
-                let mut element = Map::new();
-                map_fields(nested, &item, None, &mut element, &format!("{}.", name()))?;
-                Value::Object(nest(element, nested))
-            }
-            (other, Some(_)) => {
-                return Err(error(format!(
-                    "expected an array or object to map field by field, found {}",
-                    kind_of(&other)
-                )));
-            }
-            (value, None) => convert::convert(&value, field.kind, &field.time).map_err(error)?,
+            None => match clean(field, raw.into_owned()).map_err(error)? {
+                Value::Null => Value::Null,
+                value => convert::convert(value, field.kind, &field.time).map_err(error)?,
+            },
         };
         if value.is_null() && field.required {
             return Err(error(match &field.input {
@@ -634,18 +654,14 @@ fn clean(field: &CompiledField, value: Value) -> Result<Value, String> {
     Ok(value)
 }
 
-/// Turns dotted output names into nested objects, keeping the field order.
-fn nest(flat: Map<String, Value>, fields: &[CompiledField]) -> Map<String, Value> {
-    if fields.iter().all(|field| field.to_path.len() == 1) {
-        return flat;
-    }
-    let mut out = Map::with_capacity(flat.len());
-    for field in fields {
-        let Some(value) = flat.get(&field.to) else {
+/// Turns dotted output names into nested objects.
+fn nest(mut flat: Map<String, Value>, fields: &[CompiledField]) -> Map<String, Value> {
+    for field in fields.iter().filter(|field| field.to_path.len() > 1) {
+        let Some(value) = flat.remove(&field.to) else {
             continue;
         };
         let (last, parents) = field.to_path.split_last().expect("a path has a name");
-        let mut at = &mut out;
+        let mut at = &mut flat;
         for parent in parents {
             let slot = at
                 .entry(parent.clone())
@@ -655,9 +671,9 @@ fn nest(flat: Map<String, Value>, fields: &[CompiledField]) -> Map<String, Value
             }
             at = slot.as_object_mut().expect("made an object above");
         }
-        at.insert(last.clone(), value.clone());
+        at.insert(last.clone(), value);
     }
-    out
+    flat
 }
 
 fn lookup<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
