@@ -209,3 +209,77 @@ pub fn preview(mapping: &Mapping, id_field: &str, sample: Value) -> Preview {
     }
     preview
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_core::mapping::TransformSpec;
+    use serde_json::json;
+
+    fn lines_mapping() -> Mapping {
+        let spec: TransformSpec = serde_json::from_value(json!({
+            "key": "line_id",
+            "version": "modified",
+            "flatten": {"path": "lines", "as": "line"},
+            "filter": "qty > 0",
+            "fields": [
+                {"to": "line_id", "from": "line.id", "type": "string"},
+                {"to": "modified", "from": "modify_time", "type": "datetime"},
+                {"to": "qty", "from": "line.qty", "type": "decimal"},
+            ],
+        }))
+        .unwrap();
+        Mapping::compile(&spec).unwrap()
+    }
+
+    fn order(id: &str, lines: Value) -> Record {
+        Record {
+            id: id.into(),
+            modify_time: conveyor_core::source_time::parse_instant(&json!("2025-01-01 08:00:00"))
+                .unwrap(),
+            data: json!({"id": id, "modify_time": "2025-01-01 08:00:00", "lines": lines}),
+        }
+    }
+
+    #[test]
+    fn a_batch_maps_around_its_bad_records_and_counts_the_filtered() {
+        let batch = map_records(
+            &lines_mapping(),
+            vec![
+                order(
+                    "a",
+                    json!([{"id": "a1", "qty": "1"}, {"id": "a2", "qty": "0"}]),
+                ),
+                order("b", json!([{"id": "b1", "qty": "many"}])),
+                order("c", json!([{"id": "c1", "qty": "2"}])),
+            ],
+        );
+        let ids: Vec<&str> = batch.mapped.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a1", "c1"]);
+        assert_eq!(batch.filtered, 1, "a2 has no quantity");
+        assert_eq!(batch.failed.len(), 1);
+        let (record, failure) = &batch.failed[0];
+        assert_eq!(
+            record.id, "b",
+            "the source record goes to the dead letters, whole"
+        );
+        assert_eq!(failure.class, ErrorClass::Permanent);
+        assert!(failure.message.contains("qty"), "{}", failure.message);
+    }
+
+    #[test]
+    fn preview_reads_rows_or_a_list_response() {
+        let rows = json!([
+            order("a", json!([{"id": "a1", "qty": "1"}])).data,
+            order("b", json!([{"id": "b1", "qty": "x"}])).data,
+        ]);
+        let shown = preview(&lines_mapping(), "id", rows.clone());
+        assert_eq!(shown.records.len(), 1);
+        assert_eq!(shown.errors.len(), 1);
+        assert_eq!(shown.errors[0].index, 1);
+        assert_eq!(shown.errors[0].id, Some(json!("b")));
+        assert_eq!(shown.errors[0].field, "qty");
+        let response = json!({"errcode": 0, "data": {"rows": rows}});
+        assert_eq!(preview(&lines_mapping(), "id", response).records.len(), 1);
+    }
+}
