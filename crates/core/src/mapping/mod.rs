@@ -531,8 +531,7 @@ impl Mapping {
                 field: self.version.clone(),
                 reason: err.to_string(),
             })?;
-        let dropped: Vec<&CompiledField> = self.fields.iter().filter(|field| field.drop).collect();
-        for field in dropped {
+        for field in self.fields.iter().filter(|field| field.drop) {
             all.remove(&field.to);
         }
         let data = nest(all, &self.fields);
