@@ -75,16 +75,6 @@ async fn wait_until_equal(
     }
 }
 
-async fn run_fetcher_once(scenario: &Scenario) {
-    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
-    let status = fetcher.wait(TIMEOUT).await.unwrap();
-    assert!(
-        status.success(),
-        "fetcher failed:\n{}",
-        fetcher.log_tail(30)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
     let services = Services::check()
@@ -144,7 +134,7 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
         .collect();
     assert!(truth.len() > 1_500, "orders have 1 to 4 lines each");
 
-    run_fetcher_once(&scenario).await;
+    scenario.run_fetcher_once(TIMEOUT).await.unwrap();
     wait_until_equal(&truth, &sim, &workers).await;
     let created = sim.stats.created.load(Ordering::Relaxed);
     assert_eq!(
@@ -153,30 +143,24 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
         "every line created exactly once"
     );
 
-    // A second full sync repeats every line: the target's upsert keeps one copy at the same version.
-    let stale_before = sim.stats.stale.load(Ordering::Relaxed) as usize;
-    run_fetcher_once(&scenario).await;
-    let depths_settled = async {
+    // Another sync (a full one, or from the watermark with its overlap) repeats lines: the target's
+    // upsert keeps one copy at the same version. Wait until the queues are empty and the target quiet.
+    scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+    let settled = async {
+        let mut calls = u64::MAX;
         loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
             let depths = scenario.queue_depths().await.unwrap();
-            if depths.iter().all(|(_, n)| *n == 0) {
+            let now = sim.stats.requests.load(Ordering::Relaxed);
+            if depths.iter().all(|(_, n)| *n == 0) && now == calls {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            calls = now;
         }
     };
-    tokio::time::timeout(TIMEOUT, depths_settled)
+    tokio::time::timeout(TIMEOUT, settled)
         .await
-        .expect("queues drain");
-    // Messages may still be in flight (unacked) when the queues look empty: wait for every write.
-    let stale_after_repeat = async {
-        while (sim.stats.stale.load(Ordering::Relaxed) as usize) < stale_before + truth.len() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(TIMEOUT, stale_after_repeat)
-        .await
-        .expect("the repeated sync reaches the target");
+        .expect("queues drain and the target goes quiet");
     assert!(differences(&truth, &sim).is_empty());
     assert_eq!(
         sim.stats.created.load(Ordering::Relaxed) as usize,
@@ -215,20 +199,6 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
         );
     }
 
-    for worker in workers.iter() {
-        worker.terminate().expect("SIGTERM sent");
-    }
-    for worker in workers.iter_mut() {
-        let status = worker
-            .wait(Duration::from_secs(30))
-            .await
-            .expect("worker exits");
-        assert!(
-            status.success(),
-            "{} exited with {status}:\n{}",
-            worker.worker.binary(),
-            worker.log_tail(30)
-        );
-    }
+    conveyor_harness::stop_all(&mut workers).await.unwrap();
     scenario.clean_up(false).await.unwrap();
 }

@@ -118,6 +118,24 @@ impl WorkerProcess {
     }
 }
 
+/// SIGTERMs every worker, then waits for each; fails naming a worker that did not exit 0, with its log.
+pub async fn stop_all(workers: &mut [WorkerProcess]) -> anyhow::Result<()> {
+    for worker in workers.iter() {
+        worker.terminate()?;
+    }
+    for worker in workers.iter_mut() {
+        let status = worker.wait(Duration::from_secs(30)).await?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM:\n{}",
+                worker.worker.binary(),
+                worker.log_tail(30)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A message read from a dead-letter queue, with its failure headers.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -276,6 +294,16 @@ impl Scenario {
             log,
             child,
         })
+    }
+
+    /// Runs the fetcher once (`--once`) and fails, with its log, unless it succeeds within `timeout`.
+    pub async fn run_fetcher_once(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut fetcher = self.spawn(Worker::Fetcher, &["--once"])?;
+        let status = fetcher.wait(timeout).await?;
+        if !status.success() {
+            bail!("fetcher failed:\n{}", fetcher.log_tail(30));
+        }
+        Ok(())
     }
 
     /// The PostgreSQL table of the pipeline's target.
