@@ -485,6 +485,17 @@ impl Scenario {
         Ok(())
     }
 
+    /// Declares the scenario's exchanges and queues before any worker starts. Workers declare them too;
+    /// doing it first keeps several workers from racing to create the same new quorum queue (a consumer
+    /// can reach a quorum queue whose leader is still starting, which closes its connection).
+    pub async fn declare_topology(&self) -> anyhow::Result<()> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        self.topology().declare(&channel).await?;
+        broker::close(&connection).await;
+        Ok(())
+    }
+
     pub fn topology(&self) -> Topology {
         Topology::new(
             &BrokerArgs::local(self.namespace.clone()),

@@ -45,8 +45,8 @@ pub struct TargetConfig {
     pub rate_5xx: f64,
     /// Share of written records refused as invalid (422); a batch holding one is refused whole.
     pub rate_invalid: f64,
-    /// Records whose `field` has this value are always refused as invalid (422).
-    pub invalid_when: Option<(String, Value)>,
+    /// Records in which a (field, value) of this list is found are always refused as invalid (422).
+    pub invalid_when: Vec<(String, Value)>,
     /// Require `Authorization: Bearer` with this fixed token.
     pub static_token: Option<String>,
     /// Require tokens issued by `/oauth/token` to these client credentials (id, secret).
@@ -65,7 +65,7 @@ impl Default for TargetConfig {
             rate_429: 0.0,
             rate_5xx: 0.0,
             rate_invalid: 0.0,
-            invalid_when: None,
+            invalid_when: Vec::new(),
             static_token: None,
             client: None,
             token_ttl: Duration::from_secs(3600),
@@ -191,8 +191,11 @@ impl TargetSim {
             Some(Value::Number(key)) => key.to_string(),
             _ => return Err(format!("{} is missing", self.config.key_field)),
         };
-        if let Some((field, value)) = &self.config.invalid_when
-            && record.get(field) == Some(value)
+        if let Some((field, _)) = self
+            .config
+            .invalid_when
+            .iter()
+            .find(|(field, value)| record.get(field) == Some(value))
         {
             return Err(format!("{field} has a value this system does not accept"));
         }

@@ -63,7 +63,7 @@ enum Auth {
     },
 }
 
-/// Renew a token this long before the target says it expires.
+/// Renew a token this long before the target says it expires (a quarter of its life if that is shorter).
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
 
 impl Auth {
@@ -117,10 +117,8 @@ impl Auth {
         })?;
         let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(300));
         let token = Secret::new(granted.access_token);
-        *cached = Some((
-            token.clone(),
-            Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN),
-        ));
+        let margin = TOKEN_MARGIN.min(lifetime / 4);
+        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
         Ok(Some(token))
     }
 

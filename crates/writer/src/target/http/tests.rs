@@ -196,7 +196,7 @@ async fn failures_are_classified() {
         );
     }
     let (_sim, url) = sim(TargetConfig {
-        invalid_when: Some(("line_id".into(), json!("L1"))),
+        invalid_when: vec![("line_id".into(), json!("L1"))],
         ..TargetConfig::default()
     })
     .await;
