@@ -172,6 +172,24 @@ impl HttpTarget {
             })?
             .trim_end_matches('/')
             .to_owned();
+        let url = reqwest::Url::parse(&base)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.host_str().is_some())
+            .ok_or_else(|| {
+                SettingsError::new(
+                    "CONVEYOR_HTTP_TARGET_URL",
+                    "must be an http:// or https:// URL",
+                )
+            })?;
+        // Logged without user info or query, which could carry credentials.
+        let endpoint = format!(
+            "{}://{}{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port()
+                .map(|port| format!(":{port}"))
+                .unwrap_or_default()
+        );
         let auth = match &spec.auth {
             AuthSpec::None => Auth::None,
             AuthSpec::Bearer => Auth::Static(
@@ -220,6 +238,7 @@ impl HttpTarget {
             .pool_max_idle_per_host(spec.concurrency)
             .build()
             .map_err(|err| SetupError::Client(err.to_string()))?;
+        tracing::info!(target_api = %endpoint, path = spec.path, concurrency = spec.concurrency, "http target ready");
         Ok(Self {
             client,
             method: Method::from_bytes(spec.method.as_bytes())

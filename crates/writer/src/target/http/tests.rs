@@ -304,3 +304,23 @@ fn statuses_are_sorted_in_one_place() {
     }
     assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
 }
+
+#[test]
+fn setup_names_the_missing_or_wrong_setting() {
+    let spec = spec(json!({"auth": {"kind": "bearer"}}));
+    let with = |url: Option<&str>| HttpArgs {
+        http_target_url: url.map(str::to_owned),
+        ..HttpArgs::default()
+    };
+    for (args, variable) in [
+        (with(None), "CONVEYOR_HTTP_TARGET_URL"),
+        (with(Some("ftp://example")), "CONVEYOR_HTTP_TARGET_URL"),
+        (
+            with(Some("http://127.0.0.1:1")),
+            "CONVEYOR_HTTP_TARGET_TOKEN",
+        ),
+    ] {
+        let err = HttpTarget::new(&spec, "modified", &args).err().unwrap();
+        assert!(err.to_string().contains(variable), "{err}");
+    }
+}
