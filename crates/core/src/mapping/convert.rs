@@ -175,7 +175,14 @@ pub fn convert(value: Value, kind: FieldType, time: &TimeRules) -> Result<Value,
                 kind_of(&other)
             )),
         },
-        FieldType::Decimal => decimal(&value).map(|decimal| Value::String(decimal.to_string())),
+        FieldType::Decimal => {
+            let decimal = decimal(&value)?;
+            match value {
+                // Already written as the decimal would write itself: keep the text, skip formatting.
+                Value::String(text) if is_canonical_decimal(&text) => Ok(Value::String(text)),
+                _ => Ok(Value::String(decimal.to_string())),
+            }
+        }
         FieldType::Boolean => match value {
             Value::Bool(flag) => Ok(Value::Bool(flag)),
             Value::Number(number) if number.as_u64() == Some(1) => Ok(Value::Bool(true)),
@@ -215,6 +222,22 @@ pub fn decimal(value: &Value) -> Result<Decimal, String> {
     Decimal::from_str(text)
         .or_else(|_| Decimal::from_scientific(text))
         .map_err(|_| "expected a decimal number".to_owned())
+}
+
+/// Whether text is a plain decimal exactly as `rust_decimal` prints it: an optional `-`, no leading
+/// zeros, an optional fraction, and few enough digits that nothing was rounded when it was read.
+fn is_canonical_decimal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let (whole, fraction) = digits.split_once('.').unwrap_or((digits, ""));
+    let plain = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    !whole.is_empty()
+        && plain(whole)
+        && plain(fraction)
+        && (whole == "0" || !whole.starts_with('0'))
+        && (digits.len() == whole.len() || !fraction.is_empty())
+        && whole.len() + fraction.len() <= 28
+        // A negative zero prints without its sign.
+        && !(text.starts_with('-') && digits.bytes().all(|b| b == b'0' || b == b'.'))
 }
 
 /// Reads an instant: with the field's input pattern if it has one, else epoch milliseconds, local
@@ -316,6 +339,31 @@ mod tests {
     }
 
     #[test]
+    fn kept_decimal_text_is_what_the_decimal_would_print() {
+        for text in [
+            "0",
+            "1",
+            "-1",
+            "20.20",
+            "-0.00",
+            "0.5",
+            "123456789012345678901234567.8",
+            "10",
+            "0.10",
+            "99999999999999999999999999.99",
+            "-0.0",
+            "1.0000000000000000000000000000",
+        ] {
+            // Kept text must be exactly what printing would give (the check may decline more).
+            let printed = Decimal::from_str(text).unwrap().to_string();
+            if is_canonical_decimal(text) {
+                assert_eq!(printed, text);
+            }
+        }
+        assert!(is_canonical_decimal("20.20") && is_canonical_decimal("-3"));
+    }
+
+    #[test]
     fn numbers_decimals_and_booleans() {
         let none = TimeRules::default();
         assert_eq!(
@@ -331,6 +379,17 @@ mod tests {
             ),
             (json!(20.2), "20.2"),
             (json!("1e-3"), "0.001"),
+            (json!(" 20.20 "), "20.20"),
+            (json!("+5"), "5"),
+            (json!("007.50"), "7.50"),
+            (json!("-0.5"), "-0.5"),
+            (json!("-0"), "0"),
+            (json!("5."), "5"),
+            (json!("-0.00"), "0.00"),
+            (
+                json!("0.0000000000000000000000000001"),
+                "0.0000000000000000000000000001",
+            ),
         ] {
             assert_eq!(
                 convert(input.clone(), FieldType::Decimal, &none).unwrap(),
