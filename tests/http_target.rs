@@ -297,3 +297,34 @@ async fn lines_the_target_refuses_are_dead_lettered_alone() {
     }
     run.finish().await;
 }
+
+#[test]
+fn transform_preview_prints_records_and_errors() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_conveyorctl"))
+        .args(["transform", "preview"])
+        .arg(repo_root().join("ops/pipelines/sales_order_lines_http.toml"))
+        .arg("--input")
+        .arg(repo_root().join("ops/samples/sal_order_rows.json"))
+        .output()
+        .expect("conveyorctl runs");
+    // The sample holds one good order of two lines and one order with a line that has no price.
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a failing row makes the exit status 1"
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    let lines: Vec<&str> = shown["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["data"]["line_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(lines, ["830000000000123457", "830000000000123458"]);
+    assert_eq!(shown["records"][0]["data"]["bill_date"], "01/01/2025");
+    assert_eq!(shown["records"][0]["data"]["gross_amount"], "67.8");
+    assert_eq!(shown["errors"][0]["id"], "830000000000123999");
+    assert_eq!(shown["errors"][0]["field"], "price");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("1 of the sample rows"), "{stderr}");
+}
