@@ -302,6 +302,21 @@ impl HttpTarget {
                 join_all(calls).await
             }
         };
+        let appeared = answers
+            .iter()
+            .any(|(_, answer)| matches!(answer, Ok(Answer::AlreadyThere)));
+        if appeared
+            && let IdCheckSpec::Exists {
+                on_exists: OnExists::Update,
+                ..
+            } = &self.spec.id_check
+        {
+            // A record that was not there when asked was written meanwhile (by another writer, with
+            // perhaps an older version): try again, and the next check finds it and updates it.
+            return Err(WriteError::Transient(
+                "target answered 409 for a record it did not hold a moment before".into(),
+            ));
+        }
         merge(report, answers)
     }
 

@@ -170,6 +170,37 @@ async fn existence_check_skips_or_updates() {
 }
 
 #[tokio::test]
+async fn a_record_written_meanwhile_is_retried_to_update_it() {
+    let (sim, url) = sim(TargetConfig {
+        insert_only: true,
+        ..TargetConfig::default()
+    })
+    .await;
+    target(&spec(json!({})), &url)
+        .write(&records(2, OLD))
+        .await
+        .unwrap();
+    // Asking a collection that never holds them answers 404, as a check just before a concurrent
+    // writer's insert would: the POST then meets 409.
+    let racing = target(
+        &spec(
+            json!({"body": "record", "id_check": {"mode": "exists", "path": "/api/elsewhere/{key}", "on_exists": "update"}}),
+        ),
+        &url,
+    );
+    let result = racing.write(&records(2, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Transient(_))),
+        "{result:?}"
+    );
+    assert!(
+        sim.records(COLLECTION)
+            .values()
+            .all(|r| r["modified"] == OLD)
+    );
+}
+
+#[tokio::test]
 async fn failures_are_classified() {
     let transient = |config: TargetConfig| async move {
         let (_sim, url) = sim(config).await;
