@@ -13,7 +13,7 @@ pub fn china_standard_time() -> FixedOffset {
     FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset")
 }
 
-/// Why a value is not a time the source writes.
+/// Why a value is not a time the source writes (never the value itself).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct TimeError(String);
@@ -32,7 +32,7 @@ pub fn parse_instant_with(
     match value {
         Value::Number(number) => number
             .as_i64()
-            .ok_or_else(|| TimeError(format!("{number} is not whole epoch milliseconds")))
+            .ok_or_else(|| TimeError("a number that is not whole epoch milliseconds".into()))
             .and_then(from_epoch_millis),
         Value::String(text) => parse_instant_text(text.trim(), local),
         other => Err(TimeError(format!(
@@ -50,7 +50,7 @@ fn parse_instant_text(
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let millis = text
             .parse::<i64>()
-            .map_err(|_| TimeError(format!("{text:?} is out of range for epoch milliseconds")))?;
+            .map_err(|_| TimeError("out of range for epoch milliseconds".into()))?;
         return from_epoch_millis(millis);
     }
     if let Some(time) = parse_local(text) {
@@ -62,9 +62,10 @@ fn parse_instant_text(
     DateTime::parse_from_rfc3339(text)
         .map(|instant| instant.with_timezone(&cst))
         .map_err(|_| {
-            TimeError(format!(
-                "{text:?} is not epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339"
-            ))
+            // Without the value, which may be personal data when a field is mis-mapped.
+            TimeError(
+                "expected epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339".into(),
+            )
         })
 }
 
@@ -87,14 +88,14 @@ fn local_to_instant(local: NaiveDateTime) -> Result<DateTime<FixedOffset>, TimeE
     china_standard_time()
         .from_local_datetime(&local)
         .single()
-        .ok_or_else(|| TimeError(format!("{local} does not exist in China Standard Time")))
+        .ok_or_else(|| TimeError("a local time that does not exist in China Standard Time".into()))
 }
 
 /// Epoch milliseconds as an instant in CST.
 pub fn from_epoch_millis(millis: i64) -> Result<DateTime<FixedOffset>, TimeError> {
     DateTime::from_timestamp_millis(millis)
         .map(|utc| utc.with_timezone(&china_standard_time()))
-        .ok_or_else(|| TimeError(format!("{millis} is out of range for epoch milliseconds")))
+        .ok_or_else(|| TimeError("out of range for epoch milliseconds".into()))
 }
 
 /// A word for a JSON value's kind, for error messages that must not echo the value itself.

@@ -282,6 +282,11 @@ fn bad_values_name_the_field_not_the_value() {
     let err = mapping.apply(&source).unwrap_err();
     assert_eq!(err.field, "total");
     assert!(!err.to_string().contains("secret"), "{err}");
+    let mut source = order();
+    source["modify_time"] = json!("secret 12:00");
+    let err = mapping.apply(&source).unwrap_err();
+    assert_eq!(err.field, "modified");
+    assert!(!err.to_string().contains("secret"), "{err}");
 }
 
 #[test]
