@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
 
-use rhai::{AST, Dynamic, Engine, Scope};
+use rhai::{AST, Dynamic, Engine, EvalAltResult, Scope};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
@@ -76,7 +76,7 @@ impl Expression {
             }
             engine().eval_ast_with_scope::<Dynamic>(scope, &self.ast)
         });
-        from_dynamic(result.map_err(|err| format!("expression failed: {err}"))?)
+        from_dynamic(result.map_err(|err| format!("expression failed: {}", describe(&err)))?)
     }
 
     /// Evaluates a filter: true keeps the record.
@@ -88,6 +88,17 @@ impl Expression {
                 crate::source_time::kind_of(&other)
             )),
         }
+    }
+}
+
+/// A run-time error without the values Rhai puts into some messages (`Division by zero: 20.20 / 0`).
+fn describe(error: &EvalAltResult) -> String {
+    match error {
+        EvalAltResult::ErrorArithmetic(_, at) => {
+            format!("arithmetic error (division by zero or overflow) at {at}")
+        }
+        EvalAltResult::ErrorRuntime(_, at) => format!("runtime error at {at}"),
+        other => other.to_string(),
     }
 }
 
@@ -201,6 +212,12 @@ mod tests {
     fn runtime_errors_are_reported_not_panicked() {
         let expr = Expression::compile("bill_no * 2", &fields()).unwrap();
         assert!(expr.eval(&record()).is_err());
+        let expr = Expression::compile("price / (qty - 3)", &fields()).unwrap();
+        let err = expr.eval(&record()).unwrap_err();
+        assert!(
+            err.contains("division by zero") && !err.contains("0.10"),
+            "{err}"
+        );
         let filter = Expression::compile("qty", &fields()).unwrap();
         assert!(filter.keep(&record()).is_err());
     }
