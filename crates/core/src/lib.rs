@@ -6,6 +6,7 @@ pub mod broker;
 pub mod consume;
 pub mod envelope;
 pub mod health;
+pub mod http_target;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub records_out: IntCounterVec,
     /// Records (or whole messages, counted by their records) sent to a dead-letter queue, by class.
     pub records_dead_lettered: IntCounterVec,
+    /// Records a filter skipped on purpose (never lost: they were not meant for the target).
+    pub records_filtered: IntCounterVec,
     /// Messages handed back to the queue to be tried again.
     pub messages_retried: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
@@ -86,6 +88,11 @@ impl Metrics {
                 "conveyor_records_dead_lettered_total",
                 "Records sent to a dead-letter queue",
                 &["pipeline", "stage", "class"],
+            ),
+            records_filtered: counter(
+                "conveyor_records_filtered_total",
+                "Records skipped on purpose by the pipeline's filter",
+                PIPELINE_STAGE,
             ),
             messages_retried: counter(
                 "conveyor_messages_retried_total",
@@ -187,9 +194,19 @@ mod tests {
             .records_in
             .with_label_values(&["orders", "write"])
             .inc_by(3);
+        metrics
+            .records_filtered
+            .with_label_values(&["orders", "transform"])
+            .inc_by(2);
         let text = metrics.render();
         assert!(
             text.contains(r#"conveyor_records_in_total{pipeline="orders",stage="write"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"conveyor_records_filtered_total{pipeline="orders",stage="transform"} 2"#
+            ),
             "{text}"
         );
     }

@@ -118,6 +118,24 @@ impl WorkerProcess {
     }
 }
 
+/// SIGTERMs every worker, then waits for each; fails naming a worker that did not exit 0, with its log.
+pub async fn stop_all(workers: &mut [WorkerProcess]) -> anyhow::Result<()> {
+    for worker in workers.iter() {
+        worker.terminate()?;
+    }
+    for worker in workers.iter_mut() {
+        let status = worker.wait(Duration::from_secs(30)).await?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM:\n{}",
+                worker.worker.binary(),
+                worker.log_tail(30)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A message read from a dead-letter queue, with its failure headers.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -261,6 +279,16 @@ impl Scenario {
 
     /// Starts a worker process with the scenario's environment, plus `args`.
     pub fn spawn(&self, worker: Worker, args: &[&str]) -> anyhow::Result<WorkerProcess> {
+        self.spawn_with_env(worker, args, &[])
+    }
+
+    /// Like [`Scenario::spawn`], with more environment variables (e.g. an HTTP target's address).
+    pub fn spawn_with_env(
+        &self,
+        worker: Worker,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerProcess> {
         let http_addr = free_local_addr()?;
         let log = self.log_dir.join(format!(
             "{}-{}.log",
@@ -272,6 +300,7 @@ impl Scenario {
             .args(args)
             .envs(self.environment())
             .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -286,12 +315,22 @@ impl Scenario {
         })
     }
 
+    /// Runs the fetcher once (`--once`) and fails, with its log, unless it succeeds within `timeout`.
+    pub async fn run_fetcher_once(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut fetcher = self.spawn(Worker::Fetcher, &["--once"])?;
+        let status = fetcher.wait(timeout).await?;
+        if !status.success() {
+            bail!("fetcher failed:\n{}", fetcher.log_tail(30));
+        }
+        Ok(())
+    }
+
     /// The PostgreSQL table of the pipeline's target.
     pub fn table(&self) -> anyhow::Result<String> {
         match &self.pipeline.spec.target {
             TargetSpec::Postgres { table, .. } => Ok(format!("\"{}\".\"{table}\"", self.schema)),
-            TargetSpec::Noop => bail!(
-                "pipeline {} has no table: its target is noop",
+            _ => bail!(
+                "pipeline {} has no table: its target is not postgres",
                 self.pipeline.name()
             ),
         }
@@ -461,6 +500,17 @@ impl Scenario {
                 properties,
             )
             .await?;
+        broker::close(&connection).await;
+        Ok(())
+    }
+
+    /// Declares the scenario's exchanges and queues before any worker starts. Workers declare them too;
+    /// doing it first keeps several workers from racing to create the same new quorum queue (a consumer
+    /// can reach a quorum queue whose leader is still starting, which closes its connection).
+    pub async fn declare_topology(&self) -> anyhow::Result<()> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        self.topology().declare(&channel).await?;
         broker::close(&connection).await;
         Ok(())
     }

@@ -225,6 +225,21 @@ impl Simulator {
         }
     }
 
+    /// Every entry line of every sales order, with its order's modify time (a line changes with its
+    /// order): the truth of a pipeline that flattens orders into lines.
+    pub fn order_lines_truth(&self) -> Vec<TruthRecord> {
+        let data = self.data.read().expect("data lock");
+        data.orders
+            .iter()
+            .flat_map(|order| {
+                order.material_entity.iter().map(|line| TruthRecord {
+                    id: line.id.clone(),
+                    modify_time: order.modify_time.clone(),
+                })
+            })
+            .collect()
+    }
+
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route(gateway_path::AUTHORIZE, post(authorize))

@@ -17,6 +17,7 @@ use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
+use crate::target::http::{HttpArgs, HttpTarget};
 use crate::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};
 use crate::target::{Target, WriteError, noop::NoopTarget};
 
@@ -35,12 +36,23 @@ pub struct Cli {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub postgres: PostgresArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// Sets up the pipeline's target.
-pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow::Result<Target> {
+pub async fn open_target(
+    pipeline: &Pipeline,
+    postgres: &PostgresArgs,
+    http: &HttpArgs,
+) -> anyhow::Result<Target> {
     Ok(match &pipeline.spec.target {
         TargetSpec::Noop => Target::Noop(NoopTarget::default()),
+        TargetSpec::Http(spec) => Target::Http(Box::new(HttpTarget::new(
+            spec,
+            pipeline.mapping.version_field(),
+            http,
+        )?)),
         TargetSpec::Postgres { table, migrations } => {
             let mapping = &pipeline.mapping;
             let spec = TableSpec {
@@ -62,7 +74,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     else {
         return Ok(());
     };
-    let target = open_target(&runtime.pipeline, &cli.postgres).await?;
+    let target = open_target(&runtime.pipeline, &cli.postgres, &cli.http).await?;
     runtime.readiness.set(READY_TARGET, true);
     let handler = Arc::new(Writer {
         pipeline: runtime.pipeline.name().to_owned(),
