@@ -381,3 +381,76 @@ async fn topology_declare_is_idempotent() {
     assert_eq!(depths.len(), 15, "{depths:?}");
     scenario.clean_up(false).await.unwrap();
 }
+
+#[test]
+fn conveyorctl_kingdee_sign_prints_the_string_to_sign_then_the_signature() {
+    // The official documentation's example (also in crates/kingdee/tests/signature-vectors.json).
+    let output = Command::new(bin_dir().join("conveyorctl"))
+        .args(["kingdee", "sign", "--client-secret", "f2adcfef73369bfc4e1384677d38a0ff", "--method", "GET"])
+        .args(["--path", "/jdyconnector/app_management/kingdee_auth_token"])
+        .args(["--query", "app_key=bVZgAZOv1"])
+        .args([
+            "--query",
+            "app_signature=MzZlYTk0ODk4MWZlNjdiODNmNWU4YzViNzYxNGM5MTFlOGJkN2NjMzk0MTJkZGNhZGM0NzZhN2YxZDJmOTlkZA==",
+        ])
+        .args(["--nonce", "4427456950", "--timestamp", "1670305063559"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "GET",
+            "%2Fjdyconnector%2Fapp_management%2Fkingdee_auth_token",
+            "app_key=bVZgAZOv1&app_signature=MzZlYTk0ODk4MWZlNjdiODNmNWU4YzViNzYxNGM5MTFlOGJkN2NjMzk0MTJkZGNhZGM0NzZhN2YxZDJmOTlkZA%253D%253D",
+            "x-api-nonce:4427456950",
+            "x-api-timestamp:1670305063559",
+            "OTFiZTliNDFiMjNkYTI3YzVhNzg4MDI4ZGU3MWY1ZTA5ZTk1NjVlNGM1YTI1ZjIxY2Y5YTA3ZGY2OGI1MGQ1MQ==",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conveyorctl_kingdee_token_says_whether_the_credentials_work() {
+    use kingdee_sim::gate::{
+        DEMO_ACCOUNT, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID,
+    };
+    let sim = kingdee_sim::Simulator::new(orders(1));
+    let addr = kingdee_sim::spawn(sim, ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let token = |secret: &str| {
+        tokio::process::Command::new(bin_dir().join("conveyorctl"))
+            .args(["kingdee", "token"])
+            .env("CONVEYOR_KINGDEE_BASE_URL", format!("http://{addr}"))
+            .env("CONVEYOR_KINGDEE_CLIENT_ID", DEMO_CLIENT_ID)
+            .env("CONVEYOR_KINGDEE_CLIENT_SECRET", secret)
+            .env("CONVEYOR_KINGDEE_OUTER_INSTANCE_ID", DEMO_OUTER_INSTANCE_ID)
+            .output()
+    };
+    let good = token(DEMO_CLIENT_SECRET).await.unwrap();
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(String::from_utf8_lossy(&good.stdout).contains(DEMO_ACCOUNT));
+
+    let bad = token("wrong-secret-value").await.unwrap();
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("the credentials do not work") && stderr.contains("4008"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("wrong-secret-value"),
+        "the secret must not be printed: {stderr}"
+    );
+}

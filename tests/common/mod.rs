@@ -136,31 +136,11 @@ pub fn orders(count: usize) -> SimConfig {
 
 /// SIGTERMs every worker and asserts each exits 0.
 pub async fn stop_all(workers: &mut [WorkerProcess]) {
-    for worker in workers.iter() {
-        worker.terminate().expect("SIGTERM sent");
-    }
-    for worker in workers.iter_mut() {
-        let status = worker
-            .wait(Duration::from_secs(30))
-            .await
-            .expect("worker exits");
-        assert!(
-            status.success(),
-            "{} exited with {status} after SIGTERM:\n{}",
-            worker.worker.binary(),
-            worker.log_tail(30)
-        );
-    }
+    conveyor_harness::stop_all(workers).await.unwrap();
 }
 
 pub async fn run_fetcher_once(scenario: &Scenario) {
-    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
-    let status = fetcher.wait(TIMEOUT).await.unwrap();
-    assert!(
-        status.success(),
-        "fetcher failed:\n{}",
-        fetcher.log_tail(30)
-    );
+    scenario.run_fetcher_once(TIMEOUT).await.unwrap();
 }
 
 pub async fn assert_target_equals_truth(scenario: &Scenario, workers: &[WorkerProcess]) {

@@ -24,6 +24,11 @@ enum Command {
         /// The pipeline file.
         file: PathBuf,
     },
+    /// Try a pipeline's transformation rules on sample records.
+    Transform {
+        #[command(subcommand)]
+        command: TransformCommand,
+    },
     /// The broker topology of pipelines.
     Topology {
         #[command(subcommand)]
@@ -43,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: KingdeeCommand,
     },
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        command: crate::bench::BenchCommand,
+    },
     /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
     Probe {
         /// E.g. http://127.0.0.1:9103/readyz
@@ -50,6 +60,19 @@ enum Command {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 3)]
         timeout_secs: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TransformCommand {
+    /// Print what the rules make of sample source rows: the output records, the errors (field and
+    /// reason) and how many were filtered. Exits 1 if any row fails.
+    Preview {
+        /// The pipeline file.
+        file: PathBuf,
+        /// A JSON file: an array of source rows, one row, or a list response (`{"data":{"rows":[...]}}`).
+        #[arg(long)]
+        input: PathBuf,
     },
 }
 
@@ -132,6 +155,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Transform {
+            command: TransformCommand::Preview { file, input },
+        } => {
+            let pipeline = Pipeline::load(&file)?;
+            let text = std::fs::read_to_string(&input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let sample: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", input.display()))?;
+            let preview = conveyor_transformer::preview(
+                &pipeline.mapping,
+                &pipeline.spec.source.id_field,
+                sample,
+            );
+            println!("{}", serde_json::to_string_pretty(&preview)?);
+            anyhow::ensure!(
+                preview.errors.is_empty(),
+                "{} of the sample rows cannot be mapped (see \"errors\" above)",
+                preview.errors.len()
+            );
+            Ok(())
+        }
         Command::Topology {
             command: TopologyCommand::Declare { file, broker },
         } => {
@@ -150,6 +194,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq { command } => crate::dlq::run(command).await,
         Command::Status(args) => crate::status::run(args).await,
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench { command } => crate::bench::run(command).await,
         Command::Kingdee {
             command:
                 KingdeeCommand::Sign {

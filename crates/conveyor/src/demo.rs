@@ -31,12 +31,17 @@ pub struct DemoArgs {
     timeout_secs: u64,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    let services = Services::check().await?;
-    let bin_dir = std::env::current_exe()?
+/// Where the worker binaries are: beside conveyorctl.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::current_exe()?
         .parent()
         .context("conveyorctl has no directory")?
-        .to_owned();
+        .to_owned())
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let services = Services::check().await?;
+    let bin_dir = bin_dir()?;
     let sim = SimConfig {
         seed: args.seed,
         orders: args.orders,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use conveyor_core::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
+pub mod bench;
 pub mod ctl;
 pub mod demo;
 pub mod dlq;

@@ -124,13 +124,20 @@ impl Envelope {
         struct SchemaOnly {
             schema: u32,
         }
-        let SchemaOnly { schema } =
-            serde_json::from_slice(body).map_err(|err| Malformed::Body(err.to_string()))?;
+        // One parse in the usual case; a body of another layout is read again only to say which.
+        let parsed = serde_json::from_slice::<Body<Vec<Record>>>(body);
+        let schema = match &parsed {
+            Ok(parsed) => parsed.schema,
+            Err(err) => {
+                serde_json::from_slice::<SchemaOnly>(body)
+                    .map_err(|_| Malformed::Body(err.to_string()))?
+                    .schema
+            }
+        };
         if schema != SCHEMA_VERSION {
             return Err(Malformed::SchemaVersion(schema));
         }
-        let parsed: Body<Vec<Record>> =
-            serde_json::from_slice(body).map_err(|err| Malformed::Body(err.to_string()))?;
+        let parsed = parsed.map_err(|err| Malformed::Body(err.to_string()))?;
         Ok(Self {
             meta,
             records: parsed.records,

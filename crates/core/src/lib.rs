@@ -7,6 +7,7 @@ pub mod consume;
 pub mod dead_letters;
 pub mod envelope;
 pub mod health;
+pub mod http_target;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;

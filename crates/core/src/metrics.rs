@@ -224,9 +224,19 @@ mod tests {
             .records_in
             .with_label_values(&["orders", "write"])
             .inc_by(3);
+        metrics
+            .records_filtered
+            .with_label_values(&["orders", "transform"])
+            .inc_by(2);
         let text = metrics.render();
         assert!(
             text.contains(r#"conveyor_records_in_total{pipeline="orders",stage="write"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"conveyor_records_filtered_total{pipeline="orders",stage="transform"} 2"#
+            ),
             "{text}"
         );
     }

@@ -119,6 +119,8 @@ pub enum TargetSpec {
         #[serde(default)]
         errors: SqlErrorOverrides,
     },
+    /// Write to a JSON write API (another system's), with an id check.
+    Http(crate::http_target::HttpTargetSpec),
     /// Write nowhere (写入空操作): accept and count.
     Noop,
 }
@@ -267,6 +269,10 @@ impl Pipeline {
                 ));
             }
         }
+        if let TargetSpec::Http(http) = &spec.target {
+            http.check()
+                .map_err(|(field, problem)| error(&field, problem))?;
+        }
         Ok(Self {
             file: file.to_owned(),
             spec,
@@ -408,6 +414,50 @@ kind = "noop"
                 message.starts_with("pipeline file ops/pipelines/orders.toml: "),
                 "{message}"
             );
+            assert!(message.contains(problem), "{message}");
+        }
+    }
+
+    #[test]
+    fn http_targets_load_and_are_checked() {
+        let http = |target: &str| GOOD.replace("kind = \"noop\"", target);
+        let pipeline = parse(&http(
+            "kind = \"http\"\npath = \"/api/orders\"\nbody = \"record\"\n[target.auth]\nkind = \"token_endpoint\"\npath = \"/oauth/token\"\n[target.id_check]\nmode = \"idempotency_key\"",
+        ))
+        .unwrap();
+        assert!(matches!(pipeline.spec.target, TargetSpec::Http(_)));
+        let cases = [
+            (
+                "kind = \"http\"\npath = \"/x\"\nheaders = { Authorization = \"Bearer abc\" }",
+                "target.headers",
+                "credentials",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\n[target.id_check]\nmode = \"idempotency_key\"",
+                "target.id_check.mode",
+                "body = \"record\"",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\n[target.id_check]\nmode = \"exists\"\npath = \"/x\"",
+                "target.id_check.path",
+                "{key}",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\nconcurrency = 0",
+                "target.concurrency",
+                "1 to",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\ntimeout = 3",
+                // Serde reports an unknown field of a tagged section at the section.
+                "target",
+                "unknown field `timeout`",
+            ),
+        ];
+        for (target, field, problem) in cases {
+            let err = parse(&http(target)).unwrap_err();
+            let message = err.to_string();
+            assert_eq!(err.field, field, "{message}");
             assert!(message.contains(problem), "{message}");
         }
     }

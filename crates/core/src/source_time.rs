@@ -3,6 +3,8 @@
 //! Kingdee writes times as epoch milliseconds (a number or a numeric string) or as local
 //! `yyyy-MM-dd HH:mm:ss` text in China Standard Time (UTC+8, no daylight saving).
 
+use std::sync::OnceLock;
+
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, TimeZone};
 use serde_json::Value;
 
@@ -11,7 +13,7 @@ pub fn china_standard_time() -> FixedOffset {
     FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset")
 }
 
-/// Why a value is not a time the source writes.
+/// Why a value is not a time the source writes (never the value itself).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct TimeError(String);
@@ -19,12 +21,20 @@ pub struct TimeError(String);
 /// Reads an instant from epoch milliseconds, `yyyy-MM-dd HH:mm:ss` (CST), `yyyy-MM-dd` (CST midnight)
 /// or RFC 3339. The result carries the CST offset, so that it prints as the source's local time.
 pub fn parse_instant(value: &Value) -> Result<DateTime<FixedOffset>, TimeError> {
+    parse_instant_with(value, |local| local_to_instant(local).map_err(|err| err.0))
+}
+
+/// Like [`parse_instant`], with local times read by `local` (for sources in another zone).
+pub fn parse_instant_with(
+    value: &Value,
+    local: impl Fn(NaiveDateTime) -> Result<DateTime<FixedOffset>, String>,
+) -> Result<DateTime<FixedOffset>, TimeError> {
     match value {
         Value::Number(number) => number
             .as_i64()
-            .ok_or_else(|| TimeError(format!("{number} is not whole epoch milliseconds")))
+            .ok_or_else(|| TimeError("a number that is not whole epoch milliseconds".into()))
             .and_then(from_epoch_millis),
-        Value::String(text) => parse_instant_text(text.trim()),
+        Value::String(text) => parse_instant_text(text.trim(), local),
         other => Err(TimeError(format!(
             "expected a time, found {}",
             kind_of(other)
@@ -32,41 +42,60 @@ pub fn parse_instant(value: &Value) -> Result<DateTime<FixedOffset>, TimeError> 
     }
 }
 
-fn parse_instant_text(text: &str) -> Result<DateTime<FixedOffset>, TimeError> {
+fn parse_instant_text(
+    text: &str,
+    local: impl Fn(NaiveDateTime) -> Result<DateTime<FixedOffset>, String>,
+) -> Result<DateTime<FixedOffset>, TimeError> {
     let cst = china_standard_time();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let millis = text
             .parse::<i64>()
-            .map_err(|_| TimeError(format!("{text:?} is out of range for epoch milliseconds")))?;
+            .map_err(|_| TimeError("out of range for epoch milliseconds".into()))?;
         return from_epoch_millis(millis);
     }
-    if let Ok(local) = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S") {
-        return local_to_instant(local);
+    if let Some(time) = parse_local(text) {
+        return local(time).map_err(TimeError);
     }
     if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return local_to_instant(date.and_hms_opt(0, 0, 0).expect("midnight exists"));
+        return local(date.and_hms_opt(0, 0, 0).expect("midnight exists")).map_err(TimeError);
     }
     DateTime::parse_from_rfc3339(text)
         .map(|instant| instant.with_timezone(&cst))
         .map_err(|_| {
-            TimeError(format!(
-                "{text:?} is not epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339"
-            ))
+            // Without the value, which may be personal data when a field is mis-mapped.
+            TimeError(
+                "expected epoch milliseconds, yyyy-MM-dd HH:mm:ss, yyyy-MM-dd or RFC 3339".into(),
+            )
         })
+}
+
+/// `yyyy-MM-dd HH:mm:ss`, with the pattern parsed once: it is the form of every source time, and
+/// parsing the pattern for each value costs more than reading the value.
+fn parse_local(text: &str) -> Option<NaiveDateTime> {
+    use chrono::format::{Item, Parsed, StrftimeItems};
+    static ITEMS: OnceLock<Vec<Item<'static>>> = OnceLock::new();
+    let items = ITEMS.get_or_init(|| {
+        StrftimeItems::new("%Y-%m-%d %H:%M:%S")
+            .parse_to_owned()
+            .expect("a valid pattern")
+    });
+    let mut parsed = Parsed::new();
+    chrono::format::parse(&mut parsed, text, items.iter()).ok()?;
+    parsed.to_naive_datetime_with_offset(0).ok()
 }
 
 fn local_to_instant(local: NaiveDateTime) -> Result<DateTime<FixedOffset>, TimeError> {
     china_standard_time()
         .from_local_datetime(&local)
         .single()
-        .ok_or_else(|| TimeError(format!("{local} does not exist in China Standard Time")))
+        .ok_or_else(|| TimeError("a local time that does not exist in China Standard Time".into()))
 }
 
 /// Epoch milliseconds as an instant in CST.
 pub fn from_epoch_millis(millis: i64) -> Result<DateTime<FixedOffset>, TimeError> {
     DateTime::from_timestamp_millis(millis)
         .map(|utc| utc.with_timezone(&china_standard_time()))
-        .ok_or_else(|| TimeError(format!("{millis} is out of range for epoch milliseconds")))
+        .ok_or_else(|| TimeError("out of range for epoch milliseconds".into()))
 }
 
 /// A word for a JSON value's kind, for error messages that must not echo the value itself.

@@ -27,6 +27,7 @@ use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::{PostgresArgs, WorkerArgs};
 use conveyor_core::source_time;
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
+use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +35,10 @@ use tokio_util::sync::CancellationToken;
 use crate::state::{SharedBudget, SyncStore};
 use crate::window::Window;
 
+/// Times an inconsistent page is asked for again before the window is retried later.
+const PAGE_ATTEMPTS: u32 = 3;
+/// Pages of one window fetched at once.
+const PAGES_IN_FLIGHT: usize = 4;
 /// Times a window is paged again because its rows moved, before the work item is retried later.
 const WINDOW_RESTARTS: u32 = 8;
 
@@ -310,16 +315,30 @@ impl Fetcher {
                 .iter()
                 .map(|(key, value)| (key.clone(), value.clone())),
         );
-        let data = self
-            .gateway
-            .get(&self.source.path, &query)
-            .await
-            .map_err(|err| match err {
-                GatewayError::Transient(message) => Failure::new(ErrorClass::Transient, message),
-                GatewayError::Permanent(message) => Failure::new(ErrorClass::Permanent, message),
-            })?;
-        let page = Page::from_data(data, number, page_size)
-            .map_err(|problem| Failure::new(ErrorClass::Transient, problem))?;
+        // A page that disagrees with its own count is asked for again; it is never taken as it is.
+        let mut attempt = 0;
+        let page = loop {
+            let data =
+                self.gateway
+                    .get(&self.source.path, &query)
+                    .await
+                    .map_err(|err| match err {
+                        GatewayError::Transient(message) => {
+                            Failure::new(ErrorClass::Transient, message)
+                        }
+                        GatewayError::Permanent(message) => {
+                            Failure::new(ErrorClass::Permanent, message)
+                        }
+                    })?;
+            match Page::from_data(data, number, page_size) {
+                Ok(page) => break page,
+                Err(problem) if attempt < PAGE_ATTEMPTS => {
+                    tracing::warn!(problem, "page inconsistent with its count; asking again");
+                    attempt += 1;
+                }
+                Err(problem) => return Err(Failure::new(ErrorClass::Transient, problem)),
+            }
+        };
         self.counters.pages.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .records_in
@@ -403,15 +422,20 @@ impl Fetcher {
             let (count, total_page) = (first.count, first.total_page);
             let mut confirms = Vec::new();
             confirms.extend(self.publish_page(meta, first.rows).await?);
+            // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
+            let mut pages = futures_util::stream::iter(2..=total_page)
+                .map(|number| self.page(&window, number))
+                .buffered(PAGES_IN_FLIGHT);
             let mut moved = false;
-            for number in 2..=total_page {
-                let page = self.page(&window, number).await?;
+            while let Some(page) = pages.next().await {
+                let page = page?;
                 if page.count != count {
                     moved = true;
                     break;
                 }
                 confirms.extend(self.publish_page(meta, page.rows).await?);
             }
+            drop(pages);
             for confirm in confirms {
                 confirm
                     .wait()

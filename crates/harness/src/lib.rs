@@ -156,6 +156,24 @@ impl WorkerProcess {
 
 pub use conveyor_core::dead_letters::DeadLetter;
 
+/// SIGTERMs every worker, then waits for each; fails naming a worker that did not exit 0, with its log.
+pub async fn stop_all(workers: &mut [WorkerProcess]) -> anyhow::Result<()> {
+    for worker in workers.iter() {
+        worker.terminate()?;
+    }
+    for worker in workers.iter_mut() {
+        let status = worker.wait(Duration::from_secs(30)).await?;
+        if !status.success() {
+            bail!(
+                "{} exited with {status} after SIGTERM:\n{}",
+                worker.worker.binary(),
+                worker.log_tail(30)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// How a target compares with the simulator's ground truth.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Comparison {
@@ -299,7 +317,7 @@ impl Scenario {
         self.spawn_with_env(worker, args, &[])
     }
 
-    /// Like [`Scenario::spawn`], with settings of this process only on top.
+    /// Like [`Scenario::spawn`], with more environment variables (e.g. an HTTP target's address).
     pub fn spawn_with_env(
         &self,
         worker: Worker,
@@ -317,8 +335,8 @@ impl Scenario {
             .args(args)
             .envs(self.environment())
             .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
-            .envs(env.iter().copied())
             .env("CONVEYOR_HTTP_ADDR", http_addr.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
@@ -333,12 +351,22 @@ impl Scenario {
         })
     }
 
+    /// Runs the fetcher once (`--once`) and fails, with its log, unless it succeeds within `timeout`.
+    pub async fn run_fetcher_once(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut fetcher = self.spawn(Worker::Fetcher, &["--once"])?;
+        let status = fetcher.wait(timeout).await?;
+        if !status.success() {
+            bail!("fetcher failed:\n{}", fetcher.log_tail(30));
+        }
+        Ok(())
+    }
+
     /// The PostgreSQL table of the pipeline's target.
     pub fn table(&self) -> anyhow::Result<String> {
         match &self.pipeline.spec.target {
             TargetSpec::Postgres { table, .. } => Ok(format!("\"{}\".\"{table}\"", self.schema)),
-            TargetSpec::Noop => bail!(
-                "pipeline {} has no table: its target is noop",
+            _ => bail!(
+                "pipeline {} has no table: its target is not postgres",
                 self.pipeline.name()
             ),
         }
@@ -482,6 +510,17 @@ impl Scenario {
                 properties,
             )
             .await?;
+        broker::close(&connection).await;
+        Ok(())
+    }
+
+    /// Declares the scenario's exchanges and queues before any worker starts. Workers declare them too;
+    /// doing it first keeps several workers from racing to create the same new quorum queue (a consumer
+    /// can reach a quorum queue whose leader is still starting, which closes its connection).
+    pub async fn declare_topology(&self) -> anyhow::Result<()> {
+        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        self.topology().declare(&channel).await?;
         broker::close(&connection).await;
         Ok(())
     }

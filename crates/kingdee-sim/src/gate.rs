@@ -53,6 +53,8 @@ pub struct Faults {
     pub dropped_connection: f64,
     /// Answer 200 with a body cut in half.
     pub truncated_body: f64,
+    /// Answer a page with no rows although `count` says it has some (a reported gateway quirk).
+    pub empty_page: f64,
 }
 
 impl Default for GatewayConfig {

@@ -53,6 +53,8 @@ pub struct SimConfig {
     /// Spoil every n-th sales order (0: none) with an amount that is not a number, as bad data entered at
     /// the source would be. Such records can never be written; a pipeline must dead-letter exactly them.
     pub poison_every: usize,
+    /// Write `count` as a string on every list, not only on `bd` lists (clients must accept both).
+    pub count_always_string: bool,
     pub gateway: GatewayConfig,
     pub changes: ChangeRates,
 }
@@ -74,6 +76,7 @@ impl Default for SimConfig {
             epoch: data::default_epoch(),
             total_page_from_requested_size: false,
             poison_every: 0,
+            count_always_string: false,
             gateway: GatewayConfig::default(),
             changes: ChangeRates::default(),
         }
@@ -220,6 +223,21 @@ impl Simulator {
             data.create_order(now);
             bump(&self.stats.orders_created);
         }
+    }
+
+    /// Every entry line of every sales order, with its order's modify time (a line changes with its
+    /// order): the truth of a pipeline that flattens orders into lines.
+    pub fn order_lines_truth(&self) -> Vec<TruthRecord> {
+        let data = self.data.read().expect("data lock");
+        data.orders
+            .iter()
+            .flat_map(|order| {
+                order.material_entity.iter().map(|line| TruthRecord {
+                    id: line.id.clone(),
+                    modify_time: order.modify_time.clone(),
+                })
+            })
+            .collect()
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -420,13 +438,68 @@ impl Window {
     }
 }
 
+/// The paging a list call asked for.
+struct Paging {
+    page: usize,
+    requested_size: usize,
+    /// The size served: the gateway caps it at 100.
+    size: usize,
+}
+
+impl Paging {
+    fn parse(query: &[(String, String)]) -> Result<Self, BusinessError> {
+        let parse = |name: &str, default: usize| -> Result<usize, BusinessError> {
+            match query_value(query, name) {
+                None => Ok(default),
+                Some(text) => text
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        business_error(1_030_002_000, format!("{name} must be a positive integer"))
+                    }),
+            }
+        };
+        let page = parse("page", 1)?;
+        let requested_size = parse("page_size", 10)?;
+        Ok(Self {
+            page,
+            requested_size,
+            size: requested_size.min(GATEWAY_MAX_PAGE_SIZE),
+        })
+    }
+
+    /// The matching rows' count and this page of them, serialized (only the page is).
+    fn take<'a, T: Serialize + 'a>(
+        &self,
+        rows: impl Iterator<Item = &'a T>,
+    ) -> (usize, Vec<Value>) {
+        let matching: Vec<&T> = rows.collect();
+        let count = matching.len();
+        let start = (self.page - 1).saturating_mul(self.size).min(count);
+        let end = (start + self.size).min(count);
+        let page = matching[start..end]
+            .iter()
+            .map(|row| serde_json::to_value(row).expect("rows serialize"))
+            .collect();
+        (count, page)
+    }
+}
+
+/// What a list endpoint serves: a page of matching rows and how it writes `count`.
+struct Listing {
+    count: usize,
+    rows: Vec<Value>,
+    count_as_string: bool,
+}
+
 /// The admission checks and injected faults every list call goes through.
 async fn list(
     sim: &Simulator,
     path: &str,
     headers: &HeaderMap,
     query: &[(String, String)],
-    rows: impl FnOnce(&Dataset, &Window) -> (Vec<Value>, bool),
+    select: impl FnOnce(&Dataset, &Window, &Paging) -> Listing,
 ) -> Response {
     let call = Admission {
         method: "GET",
@@ -439,13 +512,15 @@ async fn list(
         return rejection.into_response();
     }
     let faults = &sim.config.gateway.faults;
-    let (server_error, slow, dropped, truncated) = {
+    let (server_error, slow, dropped, truncated, empty) = {
         let mut rng = rand::rng();
+        let mut draw = |rate: f64| rng.random_bool(rate.clamp(0.0, 1.0));
         (
-            rng.random_bool(faults.server_error.clamp(0.0, 1.0)),
-            rng.random_bool(faults.slow.clamp(0.0, 1.0)),
-            rng.random_bool(faults.dropped_connection.clamp(0.0, 1.0)),
-            rng.random_bool(faults.truncated_body.clamp(0.0, 1.0)),
+            draw(faults.server_error),
+            draw(faults.slow),
+            draw(faults.dropped_connection),
+            draw(faults.truncated_body),
+            draw(faults.empty_page),
         )
     };
     if server_error {
@@ -456,19 +531,21 @@ async fn list(
         bump(&sim.stats.injected_faults);
         tokio::time::sleep(faults.slow_delay).await;
     }
-    let window = match Window::parse(query) {
-        Ok(window) => window,
-        Err(err) => return err.into_response(),
+    let (window, paging) = match (Window::parse(query), Paging::parse(query)) {
+        (Ok(window), Ok(paging)) => (window, paging),
+        (Err(err), _) | (_, Err(err)) => return err.into_response(),
     };
-    let (matching, count_as_string) = {
+    let mut listing = {
         let data = sim.data.read().expect("data lock");
-        rows(&data, &window)
+        select(&data, &window, &paging)
     };
-    let body = match page_of(sim, query, matching, count_as_string) {
-        Ok(body) => body,
-        Err(err) => return err.into_response(),
-    };
-    let bytes = serde_json::to_vec(&body).expect("JSON values serialize");
+    listing.count_as_string |= sim.config.count_always_string;
+    if empty && !listing.rows.is_empty() {
+        bump(&sim.stats.injected_faults);
+        listing.rows.clear();
+    }
+    let bytes =
+        serde_json::to_vec(&page_body(sim, &paging, listing)).expect("JSON values serialize");
     if truncated {
         bump(&sim.stats.injected_faults);
         return (
@@ -493,61 +570,31 @@ async fn list(
     ([("content-type", "application/json")], bytes).into_response()
 }
 
-/// One page of `rows` under the gateway's paging rules.
-fn page_of(
-    sim: &Simulator,
-    query: &[(String, String)],
-    rows: Vec<Value>,
-    count_as_string: bool,
-) -> Result<Value, BusinessError> {
-    let parse = |name: &str, default: usize| -> Result<usize, BusinessError> {
-        match query_value(query, name) {
-            None => Ok(default),
-            Some(text) => text
-                .parse::<usize>()
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| {
-                    business_error(1_030_002_000, format!("{name} must be a positive integer"))
-                }),
-        }
-    };
-    let page = parse("page", 1)?;
-    let requested_size = parse("page_size", 10)?;
-    let size = requested_size.min(GATEWAY_MAX_PAGE_SIZE);
-    let count = rows.len();
+/// The response envelope of one page, under the gateway's paging rules.
+fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> Value {
     let paging_size = if sim.config.total_page_from_requested_size {
-        requested_size
+        paging.requested_size
     } else {
-        size
+        paging.size
     };
-    let total_page = count.div_ceil(paging_size);
-    let start = (page - 1).saturating_mul(size).min(count);
-    let end = (start + size).min(count);
-    let page_rows = &rows[start..end];
-    let count_value = if count_as_string {
-        Value::String(count.to_string())
+    let count = if listing.count_as_string {
+        Value::String(listing.count.to_string())
     } else {
-        Value::from(count)
+        Value::from(listing.count)
     };
-    Ok(json!({
+    json!({
         "errcode": 0,
         "description": "success",
         "data": {
-            "count": count_value,
-            "page": page,
-            "page_size": size,
-            "total_page": total_page,
-            "current_page_size": page_rows.len(),
+            "count": count,
+            "page": paging.page,
+            "page_size": paging.size,
+            "total_page": listing.count.div_ceil(paging_size),
+            "current_page_size": listing.rows.len(),
             "headers": {},
-            "rows": page_rows,
+            "rows": listing.rows,
         }
-    }))
-}
-
-fn to_values<T: Serialize>(rows: impl Iterator<Item = T>) -> Vec<Value> {
-    rows.map(|row| serde_json::to_value(row).expect("rows serialize"))
-        .collect()
+    })
 }
 
 async fn list_sales_orders(
@@ -561,17 +608,22 @@ async fn list_sales_orders(
         "/jdy/v2/scm/sal_order",
         &headers,
         &query,
-        |data, window| {
-            let rows = data
-                .orders
-                .iter()
-                .filter(|order| window.contains(&order.modify_time))
-                .filter(|order| {
-                    status
-                        .as_deref()
-                        .is_none_or(|status| order.bill_status == status)
-                });
-            (to_values(rows), false)
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.orders
+                    .iter()
+                    .filter(|order| window.contains(&order.modify_time))
+                    .filter(|order| {
+                        status
+                            .as_deref()
+                            .is_none_or(|status| order.bill_status == status)
+                    }),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: false,
+            }
         },
     )
     .await
@@ -587,15 +639,17 @@ async fn list_customers(
         "/jdy/v2/bd/customer",
         &headers,
         &query,
-        |data, window| {
-            (
-                to_values(
-                    data.customers
-                        .iter()
-                        .filter(|c| window.contains(&c.modify_time)),
-                ),
-                true,
-            )
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.customers
+                    .iter()
+                    .filter(|c| window.contains(&c.modify_time)),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: true,
+            }
         },
     )
     .await
@@ -611,15 +665,17 @@ async fn list_materials(
         "/jdy/v2/bd/material",
         &headers,
         &query,
-        |data, window| {
-            (
-                to_values(
-                    data.materials
-                        .iter()
-                        .filter(|m| window.contains(&m.modify_time)),
-                ),
-                true,
-            )
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                data.materials
+                    .iter()
+                    .filter(|m| window.contains(&m.modify_time)),
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: true,
+            }
         },
     )
     .await

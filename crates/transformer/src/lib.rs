@@ -5,7 +5,7 @@
 use conveyor_core::broker::{Publisher, Stage, Topology};
 use conveyor_core::consume::{DeadLetters, Disposition, ErrorClass, Failure, Handler};
 use conveyor_core::envelope::{Envelope, Record};
-use conveyor_core::mapping::Mapping;
+use conveyor_core::mapping::{MappedRecord, Mapping};
 use conveyor_core::metrics::Metrics;
 use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::WorkerArgs;
@@ -55,29 +55,53 @@ pub struct Transformer {
     pub metrics: Metrics,
 }
 
-/// Maps every record; returns the mapped ones and, apart, the ones that failed with the reason.
-pub fn map_records(
-    mapping: &Mapping,
-    records: Vec<Record>,
-) -> (Vec<Record>, Vec<(Record, Failure)>) {
-    let mut mapped = Vec::with_capacity(records.len());
-    let mut failed = Vec::new();
+/// What a batch became: the output records, the source records that failed (with the reason), and how
+/// many output records the filter skipped.
+#[derive(Debug, Default)]
+pub struct MappedBatch {
+    pub mapped: Vec<Record>,
+    pub failed: Vec<(Record, Failure)>,
+    pub filtered: u64,
+}
+
+/// An output record as it travels to the writer: keyed by the target key, versioned by the version field.
+fn to_record(output: MappedRecord) -> Record {
+    Record {
+        id: output.id,
+        modify_time: output.version,
+        data: Value::Object(output.data),
+    }
+}
+
+/// Maps every record; a record that fails is set apart with its reason and the rest go on.
+pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
+    let mut batch = MappedBatch {
+        mapped: Vec::with_capacity(records.len()),
+        ..MappedBatch::default()
+    };
     for record in records {
         match mapping.apply(&record.data) {
-            Ok(output) => mapped.push(Record {
-                id: output.id,
-                modify_time: output.version,
-                data: Value::Object(output.data),
-            }),
-            Err(err) => failed.push((record, Failure::new(ErrorClass::Permanent, err.to_string()))),
+            Ok(applied) => {
+                batch.filtered += applied.filtered;
+                batch
+                    .mapped
+                    .extend(applied.records.into_iter().map(to_record));
+            }
+            Err(err) => batch
+                .failed
+                .push((record, Failure::new(ErrorClass::Permanent, err.to_string()))),
         }
     }
-    (mapped, failed)
+    batch
 }
 
 impl Handler for Transformer {
     async fn handle(&self, envelope: Envelope) -> Disposition {
-        let (mapped, failed) = map_records(&self.mapping, envelope.records);
+        let MappedBatch {
+            mapped,
+            failed,
+            filtered,
+        } = map_records(&self.mapping, envelope.records);
         let count = mapped.len() as u64;
         if !mapped.is_empty() {
             let (body, properties) = Envelope {
@@ -106,6 +130,142 @@ impl Handler for Transformer {
             .records_out
             .with_label_values(&[self.topology.pipeline(), Stage::Transform.as_str()])
             .inc_by(count);
+        self.metrics
+            .records_filtered
+            .with_label_values(&[self.topology.pipeline(), Stage::Transform.as_str()])
+            .inc_by(filtered);
         Disposition::Done
+    }
+}
+
+/// What `conveyorctl transform preview` shows: every output record, every error and the filtered count.
+#[derive(Debug, serde::Serialize)]
+pub struct Preview {
+    pub records: Vec<Record>,
+    pub errors: Vec<PreviewError>,
+    pub filtered: u64,
+}
+
+/// A source row the rules refused.
+#[derive(Debug, serde::Serialize)]
+pub struct PreviewError {
+    /// Position of the row in the sample (from 0).
+    pub index: usize,
+    /// The row's id at the source, if it has one.
+    pub id: Option<Value>,
+    pub field: String,
+    pub reason: String,
+}
+
+/// Applies the rules to sample rows: a JSON array of rows, one row, or a list response
+/// (`{"data":{"rows":[...]}}`) as the source API returns it.
+pub fn preview(mapping: &Mapping, id_field: &str, sample: Value) -> Preview {
+    let rows = match sample {
+        Value::Array(rows) => rows,
+        Value::Object(mut object) => match object
+            .get_mut("data")
+            .and_then(|data| data.get_mut("rows"))
+            .map(Value::take)
+        {
+            Some(Value::Array(rows)) => rows,
+            _ => vec![Value::Object(object)],
+        },
+        other => vec![other],
+    };
+    let mut preview = Preview {
+        records: Vec::new(),
+        errors: Vec::new(),
+        filtered: 0,
+    };
+    for (index, row) in rows.iter().enumerate() {
+        match mapping.apply(row) {
+            Ok(applied) => {
+                preview.filtered += applied.filtered;
+                preview
+                    .records
+                    .extend(applied.records.into_iter().map(to_record));
+            }
+            Err(err) => preview.errors.push(PreviewError {
+                index,
+                id: row.get(id_field).cloned(),
+                field: err.field,
+                reason: err.reason,
+            }),
+        }
+    }
+    preview
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use conveyor_core::mapping::TransformSpec;
+    use serde_json::json;
+
+    fn lines_mapping() -> Mapping {
+        let spec: TransformSpec = serde_json::from_value(json!({
+            "key": "line_id",
+            "version": "modified",
+            "flatten": {"path": "lines", "as": "line"},
+            "filter": "qty > 0",
+            "fields": [
+                {"to": "line_id", "from": "line.id", "type": "string"},
+                {"to": "modified", "from": "modify_time", "type": "datetime"},
+                {"to": "qty", "from": "line.qty", "type": "decimal"},
+            ],
+        }))
+        .unwrap();
+        Mapping::compile(&spec).unwrap()
+    }
+
+    fn order(id: &str, lines: Value) -> Record {
+        Record {
+            id: id.into(),
+            modify_time: conveyor_core::source_time::parse_instant(&json!("2025-01-01 08:00:00"))
+                .unwrap(),
+            data: json!({"id": id, "modify_time": "2025-01-01 08:00:00", "lines": lines}),
+        }
+    }
+
+    #[test]
+    fn a_batch_maps_around_its_bad_records_and_counts_the_filtered() {
+        let batch = map_records(
+            &lines_mapping(),
+            vec![
+                order(
+                    "a",
+                    json!([{"id": "a1", "qty": "1"}, {"id": "a2", "qty": "0"}]),
+                ),
+                order("b", json!([{"id": "b1", "qty": "many"}])),
+                order("c", json!([{"id": "c1", "qty": "2"}])),
+            ],
+        );
+        let ids: Vec<&str> = batch.mapped.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["a1", "c1"]);
+        assert_eq!(batch.filtered, 1, "a2 has no quantity");
+        assert_eq!(batch.failed.len(), 1);
+        let (record, failure) = &batch.failed[0];
+        assert_eq!(
+            record.id, "b",
+            "the source record goes to the dead letters, whole"
+        );
+        assert_eq!(failure.class, ErrorClass::Permanent);
+        assert!(failure.message.contains("qty"), "{}", failure.message);
+    }
+
+    #[test]
+    fn preview_reads_rows_or_a_list_response() {
+        let rows = json!([
+            order("a", json!([{"id": "a1", "qty": "1"}])).data,
+            order("b", json!([{"id": "b1", "qty": "x"}])).data,
+        ]);
+        let shown = preview(&lines_mapping(), "id", rows.clone());
+        assert_eq!(shown.records.len(), 1);
+        assert_eq!(shown.errors.len(), 1);
+        assert_eq!(shown.errors[0].index, 1);
+        assert_eq!(shown.errors[0].id, Some(json!("b")));
+        assert_eq!(shown.errors[0].field, "qty");
+        let response = json!({"errcode": 0, "data": {"rows": rows}});
+        assert_eq!(preview(&lines_mapping(), "id", response).records.len(), 1);
     }
 }

@@ -18,6 +18,7 @@ use conveyor_core::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
+use crate::target::http::{HttpArgs, HttpTarget};
 use crate::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};
 use crate::target::{Target, WriteError, noop::NoopTarget};
 
@@ -39,12 +40,23 @@ pub struct Cli {
     /// Longest wait for a row or table lock before a write fails (and is retried later); 0 waits forever.
     #[arg(long, env = "CONVEYOR_PG_LOCK_TIMEOUT_MS", default_value_t = 10_000)]
     pub pg_lock_timeout_ms: u64,
+    #[command(flatten)]
+    pub http: HttpArgs,
 }
 
 /// Sets up the pipeline's target.
-pub async fn open_target(pipeline: &Pipeline, postgres: &PostgresArgs) -> anyhow::Result<Target> {
+pub async fn open_target(
+    pipeline: &Pipeline,
+    postgres: &PostgresArgs,
+    http: &HttpArgs,
+) -> anyhow::Result<Target> {
     Ok(match &pipeline.spec.target {
         TargetSpec::Noop => Target::Noop(NoopTarget::default()),
+        TargetSpec::Http(spec) => Target::Http(Box::new(HttpTarget::new(
+            spec,
+            pipeline.mapping.version_field(),
+            http,
+        )?)),
         TargetSpec::Postgres {
             table,
             migrations,
@@ -81,7 +93,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
         ..cli.postgres.clone()
     };
-    let target = Arc::new(open_target(&runtime.pipeline, &postgres).await?);
+    let target = Arc::new(open_target(&runtime.pipeline, &postgres, &cli.http).await?);
     runtime.readiness.set(READY_TARGET, true);
     let breaker = Breaker::new(runtime.readiness.clone());
     let result = runtime

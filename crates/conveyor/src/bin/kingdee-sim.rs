@@ -64,6 +64,12 @@ struct Cli {
     /// Share of list calls answered with a body cut in half.
     #[arg(long, env = "KINGDEE_SIM_FAULT_TRUNCATE", default_value_t = 0.0)]
     fault_truncate: f64,
+    /// Share of list pages served without their rows (count unchanged), a reported gateway quirk.
+    #[arg(long, env = "KINGDEE_SIM_FAULT_EMPTY_PAGE", default_value_t = 0.0)]
+    fault_empty_page: f64,
+    /// Write `count` as a string on every list, not only on bd lists.
+    #[arg(long, env = "KINGDEE_SIM_COUNT_AS_STRING")]
+    count_as_string: bool,
     /// Existing orders modified per second while running.
     #[arg(long, env = "KINGDEE_SIM_MODIFY_PER_SEC", default_value_t = 0.0)]
     modify_per_sec: f64,
@@ -86,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         epoch,
         total_page_from_requested_size: cli.total_page_quirk,
         poison_every: cli.poison_every,
+        count_always_string: cli.count_as_string,
         gateway: GatewayConfig {
             client_id: cli.client_id,
             client_secret: cli.client_secret,
@@ -100,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
                 slow_delay: Duration::from_millis(cli.slow_ms),
                 dropped_connection: cli.fault_drop,
                 truncated_body: cli.fault_truncate,
+                empty_page: cli.fault_empty_page,
             },
             ..GatewayConfig::default()
         },

@@ -1,10 +1,30 @@
 //! The places records are written to. Every target writes idempotently: a record is keyed by its id,
 //! and a version (modify time) never replaces a newer one.
 
+pub mod http;
 pub mod noop;
 pub mod postgres;
 
+use std::collections::BTreeMap;
+
 use conveyor_core::envelope::Record;
+
+/// The newest version of each id in a batch, in id order (so that concurrent writers meet rows in the
+/// same order). Older versions in the same batch would only be overwritten.
+pub fn newest_per_id(records: &[Record]) -> Vec<&Record> {
+    let mut newest: BTreeMap<&str, &Record> = BTreeMap::new();
+    for record in records {
+        newest
+            .entry(&record.id)
+            .and_modify(|kept| {
+                if record.modify_time > kept.modify_time {
+                    *kept = record;
+                }
+            })
+            .or_insert(record);
+    }
+    newest.into_values().collect()
+}
 
 /// What a write did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -33,6 +53,7 @@ pub enum WriteError {
 /// A configured target.
 pub enum Target {
     Postgres(postgres::PostgresTarget),
+    Http(Box<http::HttpTarget>),
     Noop(noop::NoopTarget),
 }
 
@@ -40,6 +61,7 @@ impl Target {
     pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
         match self {
             Target::Postgres(target) => target.write(records).await,
+            Target::Http(target) => target.write(records).await,
             Target::Noop(target) => Ok(target.write(records)),
         }
     }
@@ -48,6 +70,7 @@ impl Target {
     pub async fn ping(&self) -> bool {
         match self {
             Target::Postgres(target) => target.ping().await,
+            Target::Http(target) => target.ping().await,
             Target::Noop(_) => true,
         }
     }

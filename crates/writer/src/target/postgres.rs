@@ -5,7 +5,6 @@
 //! conversion code here. `ON CONFLICT (key) DO UPDATE ... WHERE old.version < new.version` makes the
 //! write idempotent and keeps the newest version whatever order batches arrive in.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use conveyor_core::envelope::Record;
@@ -16,7 +15,7 @@ use serde_json::Value;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 
-use super::{WriteError, WriteReport};
+use super::{WriteError, WriteReport, newest_per_id};
 
 pub use conveyor_core::settings::PostgresArgs;
 
@@ -97,18 +96,10 @@ impl PostgresTarget {
     /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
     /// and rows go in id order so that concurrent writers lock rows in the same order.
     pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
-        let mut newest: BTreeMap<&str, &Record> = BTreeMap::new();
-        for record in records {
-            newest
-                .entry(&record.id)
-                .and_modify(|kept| {
-                    if record.modify_time > kept.modify_time {
-                        *kept = record;
-                    }
-                })
-                .or_insert(record);
-        }
-        let rows: Vec<&Value> = newest.values().map(|record| &record.data).collect();
+        let rows: Vec<&Value> = newest_per_id(records)
+            .into_iter()
+            .map(|record| &record.data)
+            .collect();
         let client = self
             .pool
             .get()
