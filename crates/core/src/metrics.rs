@@ -54,6 +54,39 @@ pub struct Metrics {
 
 const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
 
+/// Every metric name conveyor exports: the README's metrics list, the dashboard and the alerts are
+/// checked against it by tests.
+pub const DOCUMENTED: &[&str] = &[
+    "conveyor_records_in_total",
+    "conveyor_records_out_total",
+    "conveyor_records_dead_lettered_total",
+    "conveyor_records_retried_total",
+    "conveyor_records_filtered_total",
+    "conveyor_records_replayed_total",
+    "conveyor_messages_in_hand",
+    "conveyor_queue_messages",
+    "conveyor_message_duration_seconds",
+    "conveyor_target_rows_total",
+    "conveyor_target_write_duration_seconds",
+    "conveyor_source_requests_total",
+    "conveyor_source_token_refreshes_total",
+    "conveyor_source_throttled_total",
+    "conveyor_source_rate_wait_seconds_total",
+    "conveyor_sync_windows_total",
+    "conveyor_sync_watermark_seconds",
+    "conveyor_ready",
+];
+
+/// Every label name a metric may carry (besides `le` of histogram buckets). Their values come from
+/// configuration (`pipeline`) or from the fixed sets below, never from data.
+pub const LABELS: &[&str] = &["pipeline", "stage", "class", "outcome", "queue"];
+
+const ERROR_CLASSES: &[&str] = &["permanent", "transient"];
+const QUEUE_KINDS: &[&str] = &["work", "retry", "dead_letter"];
+const SOURCE_OUTCOMES: &[&str] = &["ok", "retried", "failed"];
+const WINDOW_OUTCOMES: &[&str] = &["done", "split", "restarted"];
+const ROW_OUTCOMES: &[&str] = &["applied", "stale"];
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
@@ -197,6 +230,53 @@ impl Metrics {
         }
     }
 
+    /// Creates, at zero, every series a worker of `stage` can export, so that each is scraped from
+    /// the start (a counter that appears only at its first increment hides that first increment from
+    /// `rate()` and `increase()`). The sync watermark is left out: it has no meaningful zero.
+    pub fn initialize(&self, pipeline: &str, stage: &str) {
+        let pipeline_stage = [pipeline, stage];
+        for counter in [
+            &self.records_in,
+            &self.records_out,
+            &self.records_retried,
+            &self.records_replayed,
+            &self.records_filtered,
+        ] {
+            counter.with_label_values(&pipeline_stage);
+        }
+        for class in ERROR_CLASSES {
+            self.records_dead_lettered
+                .with_label_values(&[pipeline, stage, class]);
+        }
+        self.message_duration.with_label_values(&pipeline_stage);
+        self.ready.with_label_values(&pipeline_stage);
+        self.messages_in_hand.with_label_values(&pipeline_stage);
+        for queue in QUEUE_KINDS {
+            self.queue_messages
+                .with_label_values(&[pipeline, stage, queue]);
+        }
+        match stage {
+            "fetch" => {
+                for outcome in SOURCE_OUTCOMES {
+                    self.source_requests.with_label_values(&[pipeline, outcome]);
+                }
+                for outcome in WINDOW_OUTCOMES {
+                    self.sync_windows.with_label_values(&[pipeline, outcome]);
+                }
+                self.source_token_refreshes.with_label_values(&[pipeline]);
+                self.source_throttled.with_label_values(&[pipeline]);
+                self.source_rate_wait_seconds.with_label_values(&[pipeline]);
+            }
+            "write" => {
+                for outcome in ROW_OUTCOMES {
+                    self.target_rows.with_label_values(&[pipeline, outcome]);
+                }
+                self.target_write_duration.with_label_values(&[pipeline]);
+            }
+            _ => {}
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -216,6 +296,71 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metric names of a Prometheus text exposition (histogram series under their family name).
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| {
+                        name.strip_suffix(suffix)
+                            .filter(|family| family.ends_with("_seconds"))
+                    })
+                    .unwrap_or(name)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_registered_metric_is_documented_and_initialized() {
+        let metrics = Metrics::new();
+        for stage in ["fetch", "transform", "write"] {
+            metrics.initialize("orders", stage);
+        }
+        metrics.sync_watermark.with_label_values(&["orders"]).set(1);
+        let rendered = names_in(&metrics.render());
+        let documented: std::collections::BTreeSet<String> =
+            DOCUMENTED.iter().map(|name| name.to_string()).collect();
+        assert_eq!(rendered, documented);
+        let families = metrics.registry.gather();
+        for family in &families {
+            for metric in family.get_metric() {
+                for label in metric.get_label() {
+                    assert!(
+                        LABELS.contains(&label.name()),
+                        "{} has the unbounded label {}",
+                        family.name(),
+                        label.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn readme_lists_exactly_the_documented_metrics() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("- **Metrics**")
+            .nth(1)
+            .and_then(|rest| rest.split("\n- **").next())
+            .expect("the README has a Metrics item under Operating it");
+        let listed: std::collections::BTreeSet<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|code| code.starts_with("conveyor_"))
+            .collect();
+        let documented: std::collections::BTreeSet<&str> = DOCUMENTED.iter().copied().collect();
+        assert_eq!(
+            listed, documented,
+            "README metrics list vs metrics::DOCUMENTED"
+        );
+    }
 
     #[test]
     fn renders_counters_with_labels() {

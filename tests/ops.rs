@@ -1,0 +1,215 @@
+//! Running it like production: every documented metric is exported by the workers with bounded
+//! labels, and no configured secret shows in their logs, `/metrics`, `/readyz` or `--help`.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+mod common;
+
+use common::*;
+use conveyor_core::metrics::{DOCUMENTED, LABELS};
+use conveyor_harness::{Worker, WorkerProcess};
+
+/// The metric families of a worker's `/metrics` (histogram series under their family name), with
+/// every label name and `pipeline` value seen.
+struct Scrape {
+    text: String,
+    names: BTreeSet<String>,
+    labels: BTreeSet<String>,
+    pipelines: BTreeSet<String>,
+}
+
+async fn scrape(worker: &WorkerProcess) -> Scrape {
+    let url = format!("http://{}/metrics", worker.http_addr);
+    let text = http()
+        .get(url)
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("metrics text");
+    let mut names = BTreeSet::new();
+    let mut labels = BTreeSet::new();
+    let mut pipelines = BTreeSet::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|family| DOCUMENTED.contains(family))
+            })
+            .unwrap_or(name);
+        names.insert(family.to_owned());
+        if let Some((_, rest)) = line.split_once('{') {
+            let label_text = rest.split_once('}').expect("closed label set").0;
+            for pair in label_text.split(',') {
+                let (label, value) = pair.split_once('=').expect("label=value");
+                labels.insert(label.to_owned());
+                if label == "pipeline" {
+                    pipelines.insert(value.trim_matches('"').to_owned());
+                }
+            }
+        }
+    }
+    Scrape {
+        text,
+        names,
+        labels,
+        pipelines,
+    }
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|name| name.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_export_every_documented_metric_and_no_secret() {
+    let client_secret = format!("kd-secret-{}", uuid_like());
+    let pg_password = format!("pg-password-{}", uuid_like());
+    let mut sim = orders(300);
+    sim.gateway.client_secret = client_secret.clone();
+    let mut scenario = scenario("ops", sim).await;
+    // The machine's PostgreSQL trusts local connections, so any password works: a distinctive one
+    // shows whether the URL leaks anywhere.
+    let pg_url = scenario.services.pg_url.expose().replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{pg_password}@"),
+        1,
+    );
+    assert!(pg_url.contains(&pg_password), "unexpected PG URL shape");
+    scenario.set_env("CONVEYOR_PG_URL", pg_url);
+    // Debug logs are where a secret would most likely slip out.
+    scenario.set_env("CONVEYOR_LOG", "debug");
+    let secrets = [client_secret.as_str(), pg_password.as_str()];
+
+    within(TIMEOUT, async {
+        step("running a full pipeline");
+        let mut workers = vec![
+            spawn_ready(&scenario, Worker::Transformer).await,
+            spawn_ready(&scenario, Worker::Writer).await,
+            scenario.spawn(Worker::Fetcher, &[]).unwrap(),
+        ];
+        assert_target_equals_truth(&scenario, &workers).await;
+        wait_ready(&workers[2], true, TIMEOUT).await;
+
+        step("scraping every worker");
+        let mut all_names = BTreeSet::new();
+        let common = set(&[
+            "conveyor_records_in_total",
+            "conveyor_records_out_total",
+            "conveyor_records_dead_lettered_total",
+            "conveyor_records_retried_total",
+            "conveyor_records_filtered_total",
+            "conveyor_records_replayed_total",
+            "conveyor_messages_in_hand",
+            "conveyor_queue_messages",
+            "conveyor_message_duration_seconds",
+            "conveyor_ready",
+        ]);
+        let own = [
+            set(&[]),
+            set(&[
+                "conveyor_target_rows_total",
+                "conveyor_target_write_duration_seconds",
+            ]),
+            set(&[
+                "conveyor_source_requests_total",
+                "conveyor_source_token_refreshes_total",
+                "conveyor_source_throttled_total",
+                "conveyor_source_rate_wait_seconds_total",
+                "conveyor_sync_windows_total",
+                "conveyor_sync_watermark_seconds",
+            ]),
+        ];
+        for (worker, own) in workers.iter().zip(own) {
+            let scraped = scrape(worker).await;
+            let expected: BTreeSet<String> = common.union(&own).cloned().collect();
+            assert_eq!(
+                scraped.names,
+                expected,
+                "metrics of {}",
+                worker.worker.binary()
+            );
+            let allowed = set(LABELS).into_iter().chain(["le".to_owned()]).collect();
+            assert!(
+                scraped.labels.is_subset(&allowed),
+                "{} has labels {:?}",
+                worker.worker.binary(),
+                scraped.labels
+            );
+            assert_eq!(
+                scraped.pipelines,
+                set(&[scenario.pipeline.name()]),
+                "pipeline label values"
+            );
+            for secret in secrets {
+                assert!(!scraped.text.contains(secret), "/metrics shows a secret");
+            }
+            let readyz = http()
+                .get(format!("http://{}/readyz", worker.http_addr))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for secret in secrets {
+                assert!(!readyz.contains(secret), "/readyz shows a secret");
+            }
+            all_names.extend(scraped.names);
+        }
+        assert_eq!(
+            all_names,
+            set(DOCUMENTED),
+            "the workers together export DOCUMENTED"
+        );
+
+        stop_all(&mut workers).await;
+        step("reading every log");
+        for worker in &workers {
+            let log = std::fs::read_to_string(&worker.log).unwrap();
+            assert!(
+                log.lines().count() > 10,
+                "{} logged too little for the check to mean anything",
+                worker.worker.binary()
+            );
+            for secret in secrets {
+                assert!(
+                    !log.contains(secret),
+                    "{} logged a secret: {}",
+                    worker.worker.binary(),
+                    worker.log.display()
+                );
+            }
+        }
+        let help = std::process::Command::new(bin_dir().join("conveyor-fetcher"))
+            .arg("--help")
+            .envs(scenario.environment())
+            .envs(scenario.extra_env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("CONVEYOR_KINGDEE_CLIENT_SECRET"), "{help}");
+        for secret in secrets {
+            assert!(!help.contains(secret), "--help shows a secret");
+        }
+    })
+    .await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_nanos()
+    )
+}
