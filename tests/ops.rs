@@ -213,3 +213,38 @@ fn uuid_like() -> String {
             .as_nanos()
     )
 }
+
+/// Every query of the dashboard is valid PromQL: `promtool check rules` parses each as a recording
+/// rule (with the dashboard's `$pipeline` variable set to match all). Needs `promtool` (Debian
+/// package prometheus), as CI installs it.
+#[test]
+fn dashboard_queries_are_valid_promql() {
+    let text = std::fs::read_to_string(repo_root().join("ops/grafana/dashboards/conveyor.json"))
+        .expect("the dashboard file");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("a PromQL expr");
+            let expr = expr.replace("$pipeline", ".*");
+            let quoted = serde_json::to_string(&expr).expect("a JSON string is a YAML string");
+            rules.push_str(&format!(
+                "      - record: dashboard:query\n        expr: {quoted}\n"
+            ));
+        }
+    }
+    let file = std::env::temp_dir().join(format!("conveyor-dashboard-{}.yml", uuid_like()));
+    std::fs::write(&file, rules).unwrap();
+    let output = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool runs (apt-get install prometheus)");
+    std::fs::remove_file(&file).ok();
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

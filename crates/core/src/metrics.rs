@@ -341,6 +341,76 @@ mod tests {
         }
     }
 
+    /// The `conveyor_*` metric names a PromQL text mentions (recording rules, `conveyor:*`, aside),
+    /// histogram series under their family name.
+    fn metrics_named_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("conveyor_") {
+            let before = rest[..at].chars().last();
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            if !matches!(before, Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+                let name = &tail[..end];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|family| DOCUMENTED.contains(family))
+                    .unwrap_or(name);
+                names.insert(family.to_owned());
+            }
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn dashboard_parses_and_shows_every_metric_and_no_other() {
+        let text = include_str!("../../../ops/grafana/dashboards/conveyor.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(text).expect("the dashboard is JSON");
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(target["expr"].as_str().expect("a PromQL expr").to_owned());
+            }
+        }
+        assert!(exprs.len() > 10, "the dashboard has its queries");
+        let named = metrics_named_in(&exprs.join("\n"));
+        let documented: std::collections::BTreeSet<String> =
+            DOCUMENTED.iter().map(|name| name.to_string()).collect();
+        assert_eq!(
+            named, documented,
+            "metrics the dashboard queries vs DOCUMENTED"
+        );
+        let recorded = include_str!("../../../ops/prometheus/alerts.yml");
+        for rule in exprs.join("\n").split("conveyor:").skip(1) {
+            let name = rule
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next();
+            let name = format!("conveyor:{}", name.unwrap_or_default());
+            assert!(
+                recorded.contains(&format!("record: {name}")),
+                "the dashboard queries {name}, which alerts.yml does not record"
+            );
+        }
+    }
+
+    #[test]
+    fn alerts_name_only_documented_metrics() {
+        let alerts = include_str!("../../../ops/prometheus/alerts.yml");
+        let named = metrics_named_in(alerts);
+        assert!(named.len() > 5, "{named:?}");
+        for name in &named {
+            assert!(
+                DOCUMENTED.contains(&name.as_str()),
+                "alerts.yml names {name}, which is not a conveyor metric"
+            );
+        }
+    }
+
     #[test]
     fn readme_lists_exactly_the_documented_metrics() {
         let readme = include_str!("../../../README.md");
