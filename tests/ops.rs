@@ -248,3 +248,31 @@ fn dashboard_queries_are_valid_promql() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// `.env.example` lists exactly the variables docker-compose.yml reads, each with the compose file's
+/// default.
+#[test]
+fn env_example_documents_every_compose_variable() {
+    let compose = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    let example = std::fs::read_to_string(repo_root().join(".env.example")).unwrap();
+    let mut used = std::collections::BTreeMap::new();
+    for reference in compose.split("${").skip(1) {
+        let inner = reference.split('}').next().unwrap();
+        let (name, default) = inner.split_once(":-").unwrap_or((inner, ""));
+        let previous = used.insert(name.to_owned(), default.to_owned());
+        assert!(
+            previous.is_none_or(|p| p == default),
+            "{name} has two defaults in docker-compose.yml"
+        );
+    }
+    let documented: std::collections::BTreeMap<String, String> = example
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .map(|line| {
+            let (name, value) = line.split_once('=').expect("NAME=value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    assert!(used.len() > 10, "{used:?}");
+    assert_eq!(documented, used, ".env.example vs docker-compose.yml");
+}
