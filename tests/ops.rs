@@ -276,3 +276,98 @@ fn env_example_documents_every_compose_variable() {
     assert!(used.len() > 10, "{used:?}");
     assert_eq!(documented, used, ".env.example vs docker-compose.yml");
 }
+
+/// Every environment variable (with its default) that a binary's `--help` shows, walking
+/// `conveyorctl`'s subcommands.
+fn settings_in_help(
+    binary: &str,
+    path: &mut Vec<String>,
+    found: &mut std::collections::BTreeMap<String, Option<String>>,
+) {
+    let output = std::process::Command::new(bin_dir().join(binary))
+        .args(path.iter())
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("the binary runs");
+    assert!(output.status.success(), "{binary} {path:?} --help failed");
+    let help = String::from_utf8(output.stdout).expect("UTF-8 help");
+    let mut last_env: Option<String> = None;
+    for line in help.lines().map(str::trim) {
+        if let Some(env) = line.strip_prefix("[env: ") {
+            let name = env.trim_end_matches(']').trim_end_matches('=').to_owned();
+            found.entry(name.clone()).or_insert(None);
+            last_env = Some(name);
+        } else if let Some(default) = line.strip_prefix("[default: ") {
+            if let Some(name) = last_env.take() {
+                found.insert(name, Some(default.trim_end_matches(']').to_owned()));
+            }
+        } else if !line.is_empty() {
+            last_env = None;
+        }
+    }
+    let Some(commands) = help.split("Commands:\n").nth(1) else {
+        return;
+    };
+    for line in commands.lines() {
+        if !line.starts_with("  ") {
+            break;
+        }
+        let command = line.split_whitespace().next().unwrap_or_default();
+        if command == "help" || command.is_empty() {
+            continue;
+        }
+        path.push(command.to_owned());
+        settings_in_help(binary, path, found);
+        path.pop();
+    }
+}
+
+/// The README's settings table lists exactly the environment variables the binaries read, and the
+/// default of each that has one in the code; every secret also has its `*_FILE`.
+#[test]
+fn readme_settings_table_matches_every_binary() {
+    let mut found = std::collections::BTreeMap::new();
+    for binary in [
+        "conveyor-fetcher",
+        "conveyor-transformer",
+        "conveyor-writer",
+        "conveyorctl",
+    ] {
+        settings_in_help(binary, &mut Vec::new(), &mut found);
+    }
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let table = readme
+        .split("## Settings")
+        .nth(1)
+        .and_then(|section| section.split("\n## ").next())
+        .expect("a Settings section");
+    let mut listed = std::collections::BTreeMap::new();
+    for row in table.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let name = cells[0].trim_start_matches("| ").split('`').nth(1).unwrap();
+        listed.insert(name.to_owned(), cells[1].to_owned());
+        assert!(
+            !row.contains("(secret)") || cells[0].contains("/ `_FILE`"),
+            "the secret {name} can be read from a file too: {row}"
+        );
+        if cells[0].contains("/ `_FILE`") {
+            listed.insert(format!("{name}_FILE"), "—".to_owned());
+        }
+    }
+    assert!(found.len() > 20, "{found:?}");
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        found.keys().collect::<Vec<_>>(),
+        "README settings table vs the binaries' --help"
+    );
+    for (name, default) in &found {
+        if let Some(default) = default {
+            assert!(
+                listed[name].contains(&format!("`{default}`")),
+                "README gives {name} the default {}, the code {default}",
+                listed[name]
+            );
+        }
+    }
+}
