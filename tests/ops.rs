@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use conveyor_core::metrics::{DOCUMENTED, LABELS};
 use conveyor_harness::{Worker, WorkerProcess};
+use kingdee_sim::SimConfig;
 
 /// The metric families of a worker's `/metrics` (histogram series under their family name), with
 /// every label name and `pipeline` value seen.
@@ -370,4 +371,153 @@ fn readme_settings_table_matches_every_binary() {
             );
         }
     }
+}
+
+/// The services docker-compose.yml defines.
+fn compose_services() -> BTreeSet<String> {
+    let compose = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    let services = compose
+        .split("\nservices:\n")
+        .nth(1)
+        .expect("a services section");
+    services
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with(' ') || line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix("  ")?.strip_suffix(':'))
+        .filter(|name| !name.starts_with(' '))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The commands of ops/RUNBOOK.md's `sh` blocks, in order.
+fn runbook_commands() -> Vec<String> {
+    let runbook = std::fs::read_to_string(repo_root().join("ops/RUNBOOK.md")).unwrap();
+    let mut commands = Vec::new();
+    for block in runbook.split("```sh\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        commands.extend(
+            block
+                .lines()
+                .filter(|line| !line.trim().is_empty())
+                .map(str::to_owned),
+        );
+    }
+    commands
+}
+
+/// Runs every `conveyorctl` command of the runbook, in its order, against a pipeline with dead
+/// letters; checks that every `docker compose` command names only services of docker-compose.yml,
+/// and that the runbook has no other kind of command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runbook_commands_work() {
+    let services = compose_services();
+    assert!(services.contains("conveyor-writer"), "{services:?}");
+    let commands = runbook_commands();
+    assert!(commands.len() > 15, "{commands:?}");
+    let mut conveyorctl = Vec::new();
+    for command in &commands {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        assert_eq!(
+            words[..2],
+            ["docker", "compose"],
+            "the runbook runs only docker compose: {command}"
+        );
+        if words[2] == "exec" {
+            assert!(services.contains(words[3]), "no service {}", words[3]);
+            assert_eq!(words[4], "conveyorctl", "{command}");
+            conveyorctl.push(words[5..].iter().map(|w| w.to_string()).collect::<Vec<_>>());
+            continue;
+        }
+        let subcommand = words[2];
+        assert!(
+            ["up", "ps", "logs", "restart"].contains(&subcommand),
+            "unexpected compose command: {command}"
+        );
+        for word in &words[3..] {
+            let word = word.split('=').next().unwrap();
+            if word.starts_with('-') || word.parse::<u32>().is_ok() {
+                continue;
+            }
+            assert!(services.contains(word), "no service {word}: {command}");
+        }
+    }
+    assert!(conveyorctl.len() > 8, "{conveyorctl:?}");
+
+    let scenario = scenario(
+        "runbook",
+        SimConfig {
+            poison_every: 50,
+            ..orders(300)
+        },
+    )
+    .await;
+    let poisoned = scenario.simulator.poisoned_orders().len();
+    assert!(poisoned > 0);
+    within(TIMEOUT, async {
+        step("running a pipeline with poison records");
+        let mut workers = vec![
+            spawn_ready(&scenario, Worker::Transformer).await,
+            spawn_ready(&scenario, Worker::Writer).await,
+            scenario.spawn(Worker::Fetcher, &[]).unwrap(),
+        ];
+        assert_target_equals_truth(&scenario, &workers).await;
+        wait_ready(&workers[2], true, TIMEOUT).await;
+        while scenario
+            .peek_dead_letters(conveyor_core::broker::Stage::Transform)
+            .await
+            .unwrap()
+            .len()
+            < poisoned
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        wait_for_empty_work_queues(&scenario).await;
+
+        // The containers' addresses, as the runbook names them, to the test's workers.
+        let addresses = [
+            ("conveyor-fetcher:9101", workers[2].http_addr),
+            ("127.0.0.1:9101", workers[2].http_addr),
+            ("conveyor-transformer:9102", workers[0].http_addr),
+            ("127.0.0.1:9102", workers[0].http_addr),
+            ("conveyor-writer:9103", workers[1].http_addr),
+            ("127.0.0.1:9103", workers[1].http_addr),
+        ];
+        let dir = std::env::temp_dir().join(format!("conveyor-runbook-{}", uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for args in &conveyorctl {
+            let args: Vec<String> = args
+                .iter()
+                .map(|arg| {
+                    addresses.iter().fold(arg.clone(), |arg, (from, to)| {
+                        arg.replace(from, &to.to_string())
+                    })
+                })
+                .collect();
+            step(&format!("conveyorctl {}", args.join(" ")));
+            let output = std::process::Command::new(bin_dir().join("conveyorctl"))
+                .args(&args)
+                .envs(scenario.environment())
+                .current_dir(&dir)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("conveyorctl runs");
+            assert!(
+                output.status.success(),
+                "conveyorctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&output.stdout)
+            );
+            eprintln!("{}", String::from_utf8_lossy(&output.stdout));
+        }
+        let exported = std::fs::read_to_string(dir.join("dead-letters.jsonl")).unwrap();
+        assert_eq!(
+            exported.lines().count(),
+            poisoned,
+            "the export has every letter"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+        stop_all(&mut workers).await;
+    })
+    .await;
+    scenario.clean_up(false).await.unwrap();
 }
