@@ -521,3 +521,57 @@ async fn runbook_commands_work() {
     .await;
     scenario.clean_up(false).await.unwrap();
 }
+
+/// With several broker addresses (the nodes of a cluster), a worker and `conveyorctl` connect to the
+/// next when one does not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_of_brokers_fails_over_to_the_next() {
+    let scenario = scenario("brokers", orders(50)).await;
+    // A port nothing listens on: bound, then released.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let brokers = format!(
+        "amqp://guest:guest@{dead}/%2f,{}",
+        scenario.services.amqp_url.expose()
+    );
+    within(TIMEOUT, async {
+        let mut workers = vec![
+            scenario
+                .spawn_with_env(
+                    Worker::Transformer,
+                    &[],
+                    &[("CONVEYOR_AMQP_URL", brokers.as_str())],
+                )
+                .unwrap(),
+        ];
+        wait_ready(&workers[0], true, TIMEOUT).await;
+        let output = std::process::Command::new(bin_dir().join("conveyorctl"))
+            .args(["dlq", "list", "sales_orders"])
+            .envs(scenario.environment())
+            .env("CONVEYOR_AMQP_URL", &brokers)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("conveyorctl runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let only_dead = std::process::Command::new(bin_dir().join("conveyorctl"))
+            .args(["dlq", "list", "sales_orders"])
+            .envs(scenario.environment())
+            .env(
+                "CONVEYOR_AMQP_URL",
+                format!("amqp://guest:guest@{dead}/%2f"),
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("conveyorctl runs");
+        assert!(!only_dead.status.success(), "no broker answers there");
+        stop_all(&mut workers).await;
+    })
+    .await;
+    scenario.clean_up(false).await.unwrap();
+}
