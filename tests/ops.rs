@@ -111,6 +111,7 @@ async fn workers_export_every_documented_metric_and_no_secret() {
             "conveyor_messages_in_hand",
             "conveyor_queue_messages",
             "conveyor_message_duration_seconds",
+            "conveyor_message_queued_seconds",
             "conveyor_ready",
         ]);
         let own = [

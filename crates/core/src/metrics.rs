@@ -27,6 +27,10 @@ pub struct Metrics {
     pub records_filtered: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
     pub message_duration: HistogramVec,
+    /// Time from a message's publishing (its AMQP timestamp, whole seconds) to a worker taking it:
+    /// the stage's lag, since the queues are first in, first out. A retried message counts its
+    /// retry delay too.
+    pub message_queued: HistogramVec,
     /// Rows the target applied, or skipped because it already held the same or a newer version.
     pub target_rows: IntCounterVec,
     /// Time of one write to the target.
@@ -66,6 +70,7 @@ pub const DOCUMENTED: &[&str] = &[
     "conveyor_messages_in_hand",
     "conveyor_queue_messages",
     "conveyor_message_duration_seconds",
+    "conveyor_message_queued_seconds",
     "conveyor_target_rows_total",
     "conveyor_target_write_duration_seconds",
     "conveyor_source_requests_total",
@@ -157,6 +162,24 @@ impl Metrics {
                 "Time to handle one message or source page",
                 PIPELINE_STAGE,
             ),
+            message_queued: {
+                let buckets = vec![
+                    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
+                ];
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "conveyor_message_queued_seconds",
+                        "Time from a message's publishing to a worker taking it",
+                    )
+                    .buckets(buckets),
+                    PIPELINE_STAGE,
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
             target_rows: counter(
                 "conveyor_target_rows_total",
                 "Rows the target applied or skipped as stale",
@@ -249,6 +272,7 @@ impl Metrics {
                 .with_label_values(&[pipeline, stage, class]);
         }
         self.message_duration.with_label_values(&pipeline_stage);
+        self.message_queued.with_label_values(&pipeline_stage);
         self.ready.with_label_values(&pipeline_stage);
         self.messages_in_hand.with_label_values(&pipeline_stage);
         for queue in QUEUE_KINDS {
