@@ -172,6 +172,13 @@ async fn workers_export_every_documented_metric_and_no_secret() {
             "the workers together export DOCUMENTED"
         );
 
+        for worker in &workers[..2] {
+            assert!(
+                metric(worker, "conveyor_message_queued_seconds_count", &[]).await > 0.0,
+                "{} measured no time queued",
+                worker.worker.binary()
+            );
+        }
         stop_all(&mut workers).await;
         step("reading every log");
         for worker in &workers {
