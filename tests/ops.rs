@@ -496,9 +496,13 @@ async fn runbook_commands_work() {
             let args: Vec<String> = args
                 .iter()
                 .map(|arg| {
-                    addresses.iter().fold(arg.clone(), |arg, (from, to)| {
-                        arg.replace(from, &to.to_string())
-                    })
+                    addresses
+                        .iter()
+                        .fold(arg.clone(), |arg, (from, to)| {
+                            arg.replace(from, &to.to_string())
+                        })
+                        // The container's /tmp is the test's own directory.
+                        .replace("/tmp/", &format!("{}/", dir.display()))
                 })
                 .collect();
             step(&format!("conveyorctl {}", args.join(" ")));
