@@ -55,27 +55,55 @@ fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |source| BrokerError::Amqp { action, source }
 }
 
-/// The host, port and vhost of an AMQP URL: what may be logged of it.
-pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
-    let uri = AMQPUri::from_str(url.expose()).map_err(BrokerError::Url)?;
-    Ok(format!(
-        "{}:{}/{}",
-        uri.authority.host, uri.authority.port, uri.vhost
-    ))
+/// The brokers of a setting: one AMQP URL, or several separated by commas (the nodes of a cluster,
+/// tried in order). A comma inside a URL must be percent-encoded (`%2C`).
+fn broker_urls(url: &Secret) -> impl Iterator<Item = &str> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|one| !one.is_empty())
 }
 
-/// Connects once. `name` shows in the broker's connection list.
+/// The host, port and vhost of each AMQP URL (comma-separated): what may be logged of them.
+pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
+    let mut shown = Vec::new();
+    for one in broker_urls(url) {
+        let uri = AMQPUri::from_str(one).map_err(BrokerError::Url)?;
+        shown.push(format!(
+            "{}:{}/{}",
+            uri.authority.host, uri.authority.port, uri.vhost
+        ));
+    }
+    if shown.is_empty() {
+        return Err(BrokerError::Url("no broker address given".into()));
+    }
+    Ok(shown.join(","))
+}
+
+/// Connects once, to the first of the brokers (comma-separated URLs) that answers; fails with the
+/// last broker's error. `name` shows in the broker's connection list.
 pub async fn connect(url: &Secret, name: &str) -> Result<Connection, BrokerError> {
-    let endpoint = endpoint(url)?;
+    // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
+    endpoint(url)?;
+    let mut last_error = None;
+    for one in broker_urls(url) {
+        match connect_one(one, name).await {
+            Ok(connection) => return Ok(connection),
+            Err(err) => {
+                tracing::debug!(error = %err, "broker not reachable, trying the next");
+                last_error = Some(err);
+            }
+        }
+    }
+    Err(last_error.expect("endpoint() proved there is at least one URL"))
+}
+
+async fn connect_one(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let endpoint = endpoint(&Secret::new(url))?;
     let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
     // A broker that takes the TCP connection but never finishes the handshake (still starting, or
     // overloaded) must not hold a worker forever: give up and let the caller retry.
-    match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        Connection::connect(url.expose(), properties),
-    )
-    .await
-    {
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
         Ok(connected) => connected.map_err(|source| BrokerError::Connect { endpoint, source }),
         Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
     }
@@ -505,5 +533,9 @@ mod tests {
         let url = Secret::new("amqp://user:hunter2@broker.example:5673/prod");
         let shown = endpoint(&url).unwrap();
         assert_eq!(shown, "broker.example:5673/prod");
+        let several = Secret::new("amqp://u:hunter2@a:5672/%2f, amqp://u:hunter2@b:5673/%2f");
+        assert_eq!(endpoint(&several).unwrap(), "a:5672//,b:5673//");
+        assert!(endpoint(&Secret::new(" , ")).is_err());
+        assert!(endpoint(&Secret::new("amqp://a:5672/%2f,nonsense://")).is_err());
     }
 }

@@ -450,6 +450,13 @@ impl<H: Handler> Context<H> {
             .message_duration
             .with_label_values(&labels)
             .start_timer();
+        if let Some(published) = delivery.properties.timestamp() {
+            let now = chrono::Utc::now().timestamp().max(0) as u64;
+            self.metrics
+                .message_queued
+                .with_label_values(&labels)
+                .observe(now.saturating_sub(*published) as f64);
+        }
         let disposition =
             match Envelope::from_amqp(&self.pipeline, &delivery.data, &delivery.properties) {
                 Ok(envelope) => {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub records_filtered: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
     pub message_duration: HistogramVec,
+    /// Time from a message's publishing (its AMQP timestamp, whole seconds) to a worker taking it:
+    /// the stage's lag, since the queues are first in, first out. A retried message counts its
+    /// retry delay too.
+    pub message_queued: HistogramVec,
     /// Rows the target applied, or skipped because it already held the same or a newer version.
     pub target_rows: IntCounterVec,
     /// Time of one write to the target.
@@ -53,6 +57,40 @@ pub struct Metrics {
 }
 
 const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
+
+/// Every metric name conveyor exports: the README's metrics list, the dashboard and the alerts are
+/// checked against it by tests.
+pub const DOCUMENTED: &[&str] = &[
+    "conveyor_records_in_total",
+    "conveyor_records_out_total",
+    "conveyor_records_dead_lettered_total",
+    "conveyor_records_retried_total",
+    "conveyor_records_filtered_total",
+    "conveyor_records_replayed_total",
+    "conveyor_messages_in_hand",
+    "conveyor_queue_messages",
+    "conveyor_message_duration_seconds",
+    "conveyor_message_queued_seconds",
+    "conveyor_target_rows_total",
+    "conveyor_target_write_duration_seconds",
+    "conveyor_source_requests_total",
+    "conveyor_source_token_refreshes_total",
+    "conveyor_source_throttled_total",
+    "conveyor_source_rate_wait_seconds_total",
+    "conveyor_sync_windows_total",
+    "conveyor_sync_watermark_seconds",
+    "conveyor_ready",
+];
+
+/// Every label name a metric may carry (besides `le` of histogram buckets). Their values come from
+/// configuration (`pipeline`) or from the fixed sets below, never from data.
+pub const LABELS: &[&str] = &["pipeline", "stage", "class", "outcome", "queue"];
+
+const ERROR_CLASSES: &[&str] = &["permanent", "transient"];
+const QUEUE_KINDS: &[&str] = &["work", "retry", "dead_letter"];
+const SOURCE_OUTCOMES: &[&str] = &["ok", "retried", "failed"];
+const WINDOW_OUTCOMES: &[&str] = &["done", "split", "restarted"];
+const ROW_OUTCOMES: &[&str] = &["applied", "stale"];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -124,6 +162,24 @@ impl Metrics {
                 "Time to handle one message or source page",
                 PIPELINE_STAGE,
             ),
+            message_queued: {
+                let buckets = vec![
+                    1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
+                ];
+                let metric = HistogramVec::new(
+                    HistogramOpts::new(
+                        "conveyor_message_queued_seconds",
+                        "Time from a message's publishing to a worker taking it",
+                    )
+                    .buckets(buckets),
+                    PIPELINE_STAGE,
+                )
+                .expect("valid metric");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("metric registered once");
+                metric
+            },
             target_rows: counter(
                 "conveyor_target_rows_total",
                 "Rows the target applied or skipped as stale",
@@ -197,6 +253,54 @@ impl Metrics {
         }
     }
 
+    /// Creates, at zero, every series a worker of `stage` can export, so that each is scraped from
+    /// the start (a counter that appears only at its first increment hides that first increment from
+    /// `rate()` and `increase()`). The sync watermark is left out: it has no meaningful zero.
+    pub fn initialize(&self, pipeline: &str, stage: &str) {
+        let pipeline_stage = [pipeline, stage];
+        for counter in [
+            &self.records_in,
+            &self.records_out,
+            &self.records_retried,
+            &self.records_replayed,
+            &self.records_filtered,
+        ] {
+            counter.with_label_values(&pipeline_stage);
+        }
+        for class in ERROR_CLASSES {
+            self.records_dead_lettered
+                .with_label_values(&[pipeline, stage, class]);
+        }
+        self.message_duration.with_label_values(&pipeline_stage);
+        self.message_queued.with_label_values(&pipeline_stage);
+        self.ready.with_label_values(&pipeline_stage);
+        self.messages_in_hand.with_label_values(&pipeline_stage);
+        for queue in QUEUE_KINDS {
+            self.queue_messages
+                .with_label_values(&[pipeline, stage, queue]);
+        }
+        match stage {
+            "fetch" => {
+                for outcome in SOURCE_OUTCOMES {
+                    self.source_requests.with_label_values(&[pipeline, outcome]);
+                }
+                for outcome in WINDOW_OUTCOMES {
+                    self.sync_windows.with_label_values(&[pipeline, outcome]);
+                }
+                self.source_token_refreshes.with_label_values(&[pipeline]);
+                self.source_throttled.with_label_values(&[pipeline]);
+                self.source_rate_wait_seconds.with_label_values(&[pipeline]);
+            }
+            "write" => {
+                for outcome in ROW_OUTCOMES {
+                    self.target_rows.with_label_values(&[pipeline, outcome]);
+                }
+                self.target_write_duration.with_label_values(&[pipeline]);
+            }
+            _ => {}
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -216,6 +320,141 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metric names of a Prometheus text exposition (histogram series under their family name).
+    fn names_in(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .map(|line| {
+                let name = line.split(['{', ' ']).next().unwrap_or_default();
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| {
+                        name.strip_suffix(suffix)
+                            .filter(|family| family.ends_with("_seconds"))
+                    })
+                    .unwrap_or(name)
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_registered_metric_is_documented_and_initialized() {
+        let metrics = Metrics::new();
+        for stage in ["fetch", "transform", "write"] {
+            metrics.initialize("orders", stage);
+        }
+        metrics.sync_watermark.with_label_values(&["orders"]).set(1);
+        let rendered = names_in(&metrics.render());
+        let documented: std::collections::BTreeSet<String> =
+            DOCUMENTED.iter().map(|name| name.to_string()).collect();
+        assert_eq!(rendered, documented);
+        let families = metrics.registry.gather();
+        for family in &families {
+            for metric in family.get_metric() {
+                for label in metric.get_label() {
+                    assert!(
+                        LABELS.contains(&label.name()),
+                        "{} has the unbounded label {}",
+                        family.name(),
+                        label.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// The `conveyor_*` metric names a PromQL text mentions (recording rules, `conveyor:*`, aside),
+    /// histogram series under their family name.
+    fn metrics_named_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("conveyor_") {
+            let before = rest[..at].chars().last();
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            if !matches!(before, Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == ':') {
+                let name = &tail[..end];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|family| DOCUMENTED.contains(family))
+                    .unwrap_or(name);
+                names.insert(family.to_owned());
+            }
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn dashboard_parses_and_shows_every_metric_and_no_other() {
+        let text = include_str!("../../../ops/grafana/dashboards/conveyor.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(text).expect("the dashboard is JSON");
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(target["expr"].as_str().expect("a PromQL expr").to_owned());
+            }
+        }
+        assert!(exprs.len() > 10, "the dashboard has its queries");
+        let named = metrics_named_in(&exprs.join("\n"));
+        let documented: std::collections::BTreeSet<String> =
+            DOCUMENTED.iter().map(|name| name.to_string()).collect();
+        assert_eq!(
+            named, documented,
+            "metrics the dashboard queries vs DOCUMENTED"
+        );
+        let recorded = include_str!("../../../ops/prometheus/alerts.yml");
+        for rule in exprs.join("\n").split("conveyor:").skip(1) {
+            let name = rule
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next();
+            let name = format!("conveyor:{}", name.unwrap_or_default());
+            assert!(
+                recorded.contains(&format!("record: {name}")),
+                "the dashboard queries {name}, which alerts.yml does not record"
+            );
+        }
+    }
+
+    #[test]
+    fn alerts_name_only_documented_metrics() {
+        let alerts = include_str!("../../../ops/prometheus/alerts.yml");
+        let named = metrics_named_in(alerts);
+        assert!(named.len() > 5, "{named:?}");
+        for name in &named {
+            assert!(
+                DOCUMENTED.contains(&name.as_str()),
+                "alerts.yml names {name}, which is not a conveyor metric"
+            );
+        }
+    }
+
+    #[test]
+    fn readme_lists_exactly_the_documented_metrics() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("- **Metrics**")
+            .nth(1)
+            .and_then(|rest| rest.split("\n- **").next())
+            .expect("the README has a Metrics item under Operating it");
+        let listed: std::collections::BTreeSet<&str> = section
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|code| code.starts_with("conveyor_"))
+            .collect();
+        let documented: std::collections::BTreeSet<&str> = DOCUMENTED.iter().copied().collect();
+        assert_eq!(
+            listed, documented,
+            "README metrics list vs metrics::DOCUMENTED"
+        );
+    }
 
     #[test]
     fn renders_counters_with_labels() {
