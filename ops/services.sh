@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the services conveyor's tests and demo need are installed and running on this machine:
-# RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 with a database "test".
+# RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 with a database "test"; and that the
+# tools the tests call (promtool, docker-compose) are installed.
 # Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
 set -euo pipefail
 
@@ -70,4 +71,8 @@ if [ "$(id -u)" = 0 ] && command -v psql >/dev/null; then
     su postgres -c "createdb test"
   fi
 fi
-log "RabbitMQ and PostgreSQL are up"
+# Tools the tests and CI call: promtool (checks the dashboard's queries and the alert rules) and
+# docker-compose (validates docker-compose.yml; no Docker engine is needed for that).
+command -v promtool >/dev/null || apt_install prometheus
+command -v docker-compose >/dev/null || apt_install docker-compose
+log "RabbitMQ and PostgreSQL are up; promtool and docker-compose are installed"
