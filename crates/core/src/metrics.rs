@@ -95,37 +95,38 @@ const ROW_OUTCOMES: &[&str] = &["applied", "stale"];
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
+        let register = |metric: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(metric)
+                .expect("each metric is registered once");
+        };
         let counter = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric registered once");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let float_counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(metric.clone()));
             metric
         };
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             let buckets = prometheus::exponential_buckets(0.0005, 2.5, 14).expect("valid buckets");
             let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
                 .expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric registered once");
+            register(Box::new(metric.clone()));
             metric
         };
-        let ready = IntGaugeVec::new(
-            Opts::new("conveyor_ready", "1 while the worker is ready to work"),
-            PIPELINE_STAGE,
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(ready.clone()))
-            .expect("metric registered once");
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("metric registered once");
+            register(Box::new(metric.clone()));
             metric
         };
+        let ready = gauge(
+            "conveyor_ready",
+            "1 while the worker is ready to work",
+            PIPELINE_STAGE,
+        );
         Self {
             records_in: counter(
                 "conveyor_records_in_total",
@@ -175,9 +176,7 @@ impl Metrics {
                     PIPELINE_STAGE,
                 )
                 .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric registered once");
+                register(Box::new(metric.clone()));
                 metric
             },
             target_rows: counter(
@@ -205,39 +204,21 @@ impl Metrics {
                 "Source calls refused for rate limit or overload",
                 &["pipeline"],
             ),
-            source_rate_wait_seconds: {
-                let metric = CounterVec::new(
-                    Opts::new(
-                        "conveyor_source_rate_wait_seconds_total",
-                        "Seconds spent waiting for the shared call budget",
-                    ),
-                    &["pipeline"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric registered once");
-                metric
-            },
+            source_rate_wait_seconds: float_counter(
+                "conveyor_source_rate_wait_seconds_total",
+                "Seconds spent waiting for the shared call budget",
+                &["pipeline"],
+            ),
             sync_windows: counter(
                 "conveyor_sync_windows_total",
                 "Modify-time windows finished, split or paged again",
                 &["pipeline", "outcome"],
             ),
-            sync_watermark: {
-                let metric = IntGaugeVec::new(
-                    Opts::new(
-                        "conveyor_sync_watermark_seconds",
-                        "The sync watermark as epoch seconds",
-                    ),
-                    &["pipeline"],
-                )
-                .expect("valid metric");
-                registry
-                    .register(Box::new(metric.clone()))
-                    .expect("metric registered once");
-                metric
-            },
+            sync_watermark: gauge(
+                "conveyor_sync_watermark_seconds",
+                "The sync watermark as epoch seconds",
+                &["pipeline"],
+            ),
             ready,
             messages_in_hand: gauge(
                 "conveyor_messages_in_hand",

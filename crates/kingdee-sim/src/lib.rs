@@ -245,8 +245,8 @@ impl Simulator {
             .route(gateway_path::AUTHORIZE, post(authorize))
             .route(gateway_path::TOKEN, get(token))
             .route("/jdy/v2/scm/sal_order", get(list_sales_orders))
-            .route("/jdy/v2/bd/customer", get(list_customers))
-            .route("/jdy/v2/bd/material", get(list_materials))
+            .route(data::Customer::PATH, get(list_base_data::<data::Customer>))
+            .route(data::Material::PATH, get(list_base_data::<data::Material>))
             .route("/admin/truth/{object}", get(truth))
             .route("/admin/stats", get(stats))
             .route("/admin/domain", post(move_tenant))
@@ -629,55 +629,50 @@ async fn list_sales_orders(
     .await
 }
 
-async fn list_customers(
-    State(sim): State<Arc<Simulator>>,
-    headers: HeaderMap,
-    Query(query): Query<Vec<(String, String)>>,
-) -> Response {
-    list(
-        &sim,
-        "/jdy/v2/bd/customer",
-        &headers,
-        &query,
-        |data, window, paging| {
-            let (count, rows) = paging.take(
-                data.customers
-                    .iter()
-                    .filter(|c| window.contains(&c.modify_time)),
-            );
-            Listing {
-                count,
-                rows,
-                count_as_string: true,
-            }
-        },
-    )
-    .await
+/// A base-data object (`bd` list): listed by modify time, with `count` written as a string.
+trait BaseData: Serialize + Sized + Send + Sync + 'static {
+    const PATH: &'static str;
+    fn all(data: &Dataset) -> &[Self];
+    fn modify_time(&self) -> &str;
 }
 
-async fn list_materials(
+impl BaseData for data::Customer {
+    const PATH: &'static str = "/jdy/v2/bd/customer";
+    fn all(data: &Dataset) -> &[Self] {
+        &data.customers
+    }
+    fn modify_time(&self) -> &str {
+        &self.modify_time
+    }
+}
+
+impl BaseData for data::Material {
+    const PATH: &'static str = "/jdy/v2/bd/material";
+    fn all(data: &Dataset) -> &[Self] {
+        &data.materials
+    }
+    fn modify_time(&self) -> &str {
+        &self.modify_time
+    }
+}
+
+async fn list_base_data<T: BaseData>(
     State(sim): State<Arc<Simulator>>,
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    list(
-        &sim,
-        "/jdy/v2/bd/material",
-        &headers,
-        &query,
-        |data, window, paging| {
-            let (count, rows) = paging.take(
-                data.materials
-                    .iter()
-                    .filter(|m| window.contains(&m.modify_time)),
-            );
-            Listing {
-                count,
-                rows,
-                count_as_string: true,
-            }
-        },
-    )
+    list(&sim, T::PATH, &headers, &query, |data, window, paging| {
+        let (count, rows) = paging.take(
+            T::all(data)
+                .iter()
+                .filter(|row| window.contains(row.modify_time())),
+        );
+        Listing {
+            count,
+            rows,
+            count_as_string: true,
+        }
+    })
     .await
 }
 

@@ -250,3 +250,24 @@ async fn wrong_credentials_fail_with_the_gateway_reason() {
     let err = gateway.check_token().await.unwrap_err();
     assert!(err.to_string().contains("4008"), "{err}");
 }
+
+#[tokio::test]
+async fn base_data_lists_write_count_as_a_string() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 200,
+        ..SimConfig::default()
+    })
+    .await;
+    for (path, object) in [
+        ("/jdy/v2/bd/customer", Object::Customer),
+        ("/jdy/v2/bd/material", Object::Material),
+    ] {
+        let data = gateway
+            .get(path, &query(&[("page", "1"), ("page_size", "100")]))
+            .await
+            .unwrap();
+        assert!(data["count"].is_string(), "{path}: {}", data["count"]);
+        let page = Page::from_data(data, 1, 100).unwrap();
+        assert_eq!(page.count as usize, sim.truth(object).len(), "{path}");
+    }
+}
