@@ -6,7 +6,8 @@
 //!   (scraped from their `/metrics`) reaches the records expected; then the target is checked against
 //!   the truth (PostgreSQL: ids and versions; HTTP: the target simulator's ids; noop: the count).
 //! - **CPU s per million records**: utime + stime of each worker process (`/proc/<pid>/stat`), summed per
-//!   stage, over the process's whole life (start-up included).
+//!   stage, over the process's whole life (start-up included); `simulator` is this process's CPU during
+//!   the run, which serves the source (and the HTTP target): not the pipeline's, but on the same cores.
 //! - **peak RSS**: `VmHWM` of `/proc/<pid>/status`, the largest of a stage's processes.
 //! - **fetch → write latency**: from the cumulative counts of records fetched (the fetcher's metrics)
 //!   and written (the writers'), sampled every 25 ms: the k-th record written is taken to be the k-th
@@ -104,6 +105,10 @@ pub struct RunReport {
 
 #[derive(Debug, Default, Serialize)]
 pub struct StageFigures {
+    /// This process during the run: the Kingdee simulator (and the target simulator for http) serving
+    /// the fetcher, plus the bench's own sampling. Not part of the pipeline; shown because it shares
+    /// the cores.
+    pub simulator: f64,
     pub fetcher: f64,
     pub transformer: f64,
     pub writer: f64,
@@ -263,6 +268,7 @@ async fn measure(
         samples.register(worker);
     }
     let started = Instant::now();
+    let own_cpu_before = cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
     let mut fetcher = scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?;
     samples.register(&fetcher);
     let mut fetched_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
@@ -290,6 +296,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     samples.take_all();
+    let own_cpu = cpu_seconds(std::process::id() as i32).unwrap_or(0.0) - own_cpu_before;
     let fetch_status = fetcher.wait(Duration::from_secs(60)).await?;
     conveyor_harness::stop_all(&mut workers).await?;
     if !fetch_status.success() {
@@ -325,11 +332,13 @@ async fn measure(
             ratio_to_raw_broker: records_per_sec / raw_broker,
             ratio_to_raw_target: raw_target.map(|raw| records_per_sec / raw),
             cpu_secs_per_million: StageFigures {
+                simulator: own_cpu / million,
                 fetcher: samples.cpu(Worker::Fetcher) / million,
                 transformer: samples.cpu(Worker::Transformer) / million,
                 writer: samples.cpu(Worker::Writer) / million,
             },
             peak_rss_mib: StageFigures {
+                simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
                 fetcher: samples.rss(Worker::Fetcher),
                 transformer: samples.rss(Worker::Transformer),
                 writer: samples.rss(Worker::Writer),
@@ -534,6 +543,9 @@ async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64>
     }
     consuming.await??;
     let seconds = started.elapsed().as_secs_f64();
+    // Close the consuming channel first: deleting a queue under a live consumer cancels it from the
+    // broker's side, which the client may meet as an unexpected frame.
+    consume.close(200, "done".into()).await?;
     publish
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
