@@ -105,9 +105,9 @@ pub struct RunReport {
 
 #[derive(Debug, Default, Serialize)]
 pub struct StageFigures {
-    /// This process during the run: the Kingdee simulator (and the target simulator for http) serving
-    /// the fetcher, plus the bench's own sampling. Not part of the pipeline; shown because it shares
-    /// the cores.
+    /// This process: the Kingdee simulator (and the target simulator for http) serving the fetcher,
+    /// plus the bench's own sampling. Not part of the pipeline; shown because it shares the cores. Its
+    /// CPU is the run's; its peak RSS is the whole bench's so far (it keeps every run's simulator).
     pub simulator: f64,
     pub fetcher: f64,
     pub transformer: f64,
@@ -609,4 +609,33 @@ async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .await?;
     Ok(records.len() as f64 / seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_the_gap_between_the_curves_first_in_first_out() {
+        // 100 records fetched at t = 0..1 s, each written 0.2 s after it was fetched.
+        let fetched = [(0.0, 0.0), (1.0, 100.0)];
+        let written = [(0.0, 0.0), (0.2, 0.0), (1.2, 100.0)];
+        let (p50, p99) = latencies(&fetched, &written, 100);
+        assert!((p50 - 0.2).abs() < 1e-9, "p50 {p50}");
+        assert!((p99 - 0.2).abs() < 1e-9, "p99 {p99}");
+    }
+
+    #[test]
+    fn a_count_is_reached_between_two_samples() {
+        let curve = [(0.0, 0.0), (1.0, 10.0), (2.0, 30.0)];
+        assert_eq!(time_at(&curve, 20.0), Some(1.5));
+        assert_eq!(time_at(&curve, 31.0), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_a_peak_rss() {
+        let pid = std::process::id() as i32;
+        assert!(cpu_seconds(pid).is_some_and(|cpu| cpu >= 0.0));
+        assert!(peak_rss_mib(pid).is_some_and(|rss| rss > 0.0));
+    }
 }
