@@ -13,10 +13,14 @@ use kingdee_sim::SimConfig;
 use kingdee_sim::gate::GatewayConfig;
 use serde::Serialize;
 
+mod pipeline;
+
 #[derive(Debug, clap::Subcommand)]
 pub enum BenchCommand {
     /// Sync a backlog under the simulator's rate limit; compare the time with the ideal.
     Sync(SyncArgs),
+    /// The whole pipeline with no rate limit, against the raw broker and raw target ceilings.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -54,6 +58,11 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Sync(args) => {
             let report = sync(args).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        BenchCommand::Pipeline(args) => {
+            let report = pipeline::run(args).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -1,0 +1,641 @@
+//! `conveyorctl bench pipeline`: the whole pipeline against the simulator with no rate limit, set against
+//! two ceilings measured in the same run — the raw broker and the raw target.
+//!
+//! How each figure is taken:
+//! - **drain time, records/s**: from starting the fetcher until the writers' `conveyor_records_out_total`
+//!   (scraped from their `/metrics`) reaches the records expected; then the target is checked against
+//!   the truth (PostgreSQL: ids and versions; HTTP: the target simulator's ids; noop: the count).
+//! - **CPU s per million records**: utime + stime of each worker process (`/proc/<pid>/stat`), summed per
+//!   stage, over the process's whole life (start-up included); `simulator` is this process's CPU during
+//!   the run, which serves the source (and the HTTP target): not the pipeline's, but on the same cores.
+//! - **peak RSS**: `VmHWM` of `/proc/<pid>/status`, the largest of a stage's processes.
+//! - **fetch → write latency**: from the cumulative counts of records fetched (the fetcher's metrics)
+//!   and written (the writers'), sampled every 25 ms: the k-th record written is taken to be the k-th
+//!   fetched (first in, first out), and its latency is the time between the two curves reaching k.
+//! - **raw broker**: one quorum queue, persistent 1 KiB messages published with confirms (up to 1000
+//!   outstanding) while a consumer (prefetch 1000) acks every 100th delivery with `multiple`.
+//! - **raw target** (PostgreSQL only): the rows the pipeline wrote, read back and upserted into a fresh
+//!   schema by the writer's own target code (same statement), in batches of one message's records, on
+//!   one connection, no broker.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use conveyor_core::broker;
+use conveyor_core::envelope::Record;
+use conveyor_core::pipeline::Pipeline;
+use conveyor_core::settings::PostgresArgs;
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
+use futures_util::StreamExt as _;
+use kingdee_sim::SimConfig;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Postgres,
+    Http,
+    Noop,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PipelineArgs {
+    /// The pipeline file (its source and transform; the target is replaced for http and noop).
+    #[arg(long, default_value = "ops/pipelines/sales_orders.toml")]
+    pipeline: PathBuf,
+    /// Records in the simulator.
+    #[arg(long, default_value_t = 20_000)]
+    orders: usize,
+    /// Seed of the simulator's data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Writer processes, one run per entry (e.g. 1,2,4).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    writers: Vec<usize>,
+    /// The target.
+    #[arg(long, value_enum, default_value = "postgres")]
+    target: TargetKind,
+    /// Latency of the HTTP target simulator, milliseconds.
+    #[arg(long, default_value_t = 5)]
+    http_latency_ms: u64,
+    /// Messages of the raw broker ceiling.
+    #[arg(long, default_value_t = 20_000)]
+    broker_messages: usize,
+    /// Also write the report here, as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Give up a run after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PipelineReport {
+    pub target: TargetKind,
+    pub records: usize,
+    pub seed: u64,
+    pub cores: usize,
+    pub raw_broker_msgs_per_sec: f64,
+    /// PostgreSQL only.
+    pub raw_target_records_per_sec: Option<f64>,
+    pub runs: Vec<RunReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub writers: usize,
+    pub seconds: f64,
+    pub records_per_sec: f64,
+    pub ratio_to_raw_broker: f64,
+    pub ratio_to_raw_target: Option<f64>,
+    pub cpu_secs_per_million: StageFigures,
+    pub peak_rss_mib: StageFigures,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub exact: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct StageFigures {
+    /// This process: the Kingdee simulator (and the target simulator for http) serving the fetcher,
+    /// plus the bench's own sampling. Not part of the pipeline; shown because it shares the cores. Its
+    /// CPU is the run's; its peak RSS is the whole bench's so far (it keeps every run's simulator).
+    pub simulator: f64,
+    pub fetcher: f64,
+    pub transformer: f64,
+    pub writer: f64,
+}
+
+pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
+    let services = Services::check().await?;
+    eprintln!(
+        "bench pipeline: raw broker ceiling ({} × 1 KiB)",
+        args.broker_messages
+    );
+    let raw_broker = raw_broker(&services, args.broker_messages).await?;
+    eprintln!("raw broker: {raw_broker:.0} msgs/s");
+    let mut report = PipelineReport {
+        target: args.target,
+        records: args.orders,
+        seed: args.seed,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        raw_broker_msgs_per_sec: raw_broker,
+        raw_target_records_per_sec: None,
+        runs: Vec::new(),
+    };
+    for &writers in &args.writers {
+        let (run, raw_target) = run_once(&services, &args, writers, raw_broker).await?;
+        if let Some(raw) = raw_target {
+            report.raw_target_records_per_sec = Some(raw);
+        }
+        eprintln!("{}", serde_json::to_string(&run)?);
+        report.runs.push(run);
+    }
+    if let Some(file) = &args.json {
+        std::fs::write(file, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    Ok(report)
+}
+
+/// Writes the pipeline file the run uses: the given one, its target replaced for http and noop.
+fn pipeline_file(args: &PipelineArgs, dir: &Path) -> anyhow::Result<PathBuf> {
+    if args.target == TargetKind::Postgres {
+        return Ok(args.pipeline.clone());
+    }
+    let text = std::fs::read_to_string(&args.pipeline)
+        .with_context(|| format!("reading {}", args.pipeline.display()))?;
+    let mut table: toml::Table = toml::from_str(&text)?;
+    let target: toml::Table = match args.target {
+        TargetKind::Noop => toml::from_str("kind = \"noop\"")?,
+        _ => toml::from_str(
+            "kind = \"http\"\npath = \"/api/records\"\nmethod = \"POST\"\nbody = \"batch\"\nbatch_size = 200\nconcurrency = 8",
+        )?,
+    };
+    table.insert("target".into(), toml::Value::Table(target));
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join(format!("bench_{:?}.toml", args.target).to_lowercase());
+    std::fs::write(&file, toml::to_string(&table)?)?;
+    Ok(file)
+}
+
+async fn run_once(
+    services: &Services,
+    args: &PipelineArgs,
+    writers: usize,
+    raw_broker: f64,
+) -> anyhow::Result<(RunReport, Option<f64>)> {
+    let bin_dir = crate::demo::bin_dir()?;
+    let days = (args.orders as i64 * 60 / 86_400) + 5;
+    let sim = SimConfig {
+        seed: args.seed,
+        orders: args.orders,
+        epoch: kingdee_sim::data::days_ago(days),
+        ..SimConfig::default()
+    };
+    let source = [
+        ("window_secs", toml::Value::Integer((days + 2) * 86_400)),
+        (
+            "max_window_rows",
+            toml::Value::Integer(args.orders as i64 + 1),
+        ),
+    ];
+    let file = pipeline_file(args, &std::env::temp_dir().join("conveyor-bench-pipeline"))?;
+    let scenario = Scenario::start(
+        services.clone(),
+        &file,
+        &bin_dir,
+        "bench_pipeline",
+        sim,
+        &source,
+    )
+    .await?;
+    let http_sim = match args.target {
+        TargetKind::Http => {
+            let sim = target_sim::TargetSim::new(target_sim::TargetConfig {
+                key_field: scenario.pipeline.mapping.key_field().to_owned(),
+                version_field: Some(scenario.pipeline.mapping.version_field().to_owned()),
+                latency: Duration::from_millis(args.http_latency_ms),
+                ..target_sim::TargetConfig::default()
+            });
+            let addr = target_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into()).await?;
+            Some((sim, format!("http://{addr}")))
+        }
+        _ => None,
+    };
+    let env: Vec<(&str, &str)> = match &http_sim {
+        Some((_, url)) => vec![("CONVEYOR_HTTP_TARGET_URL", url.as_str())],
+        None => vec![],
+    };
+    let result = measure(
+        &scenario,
+        args,
+        writers,
+        raw_broker,
+        &env,
+        http_sim.as_ref().map(|(s, _)| s),
+    )
+    .await;
+    let keep = result.is_err();
+    if keep {
+        eprintln!("logs kept; schema {} kept", scenario.schema);
+    }
+    scenario.clean_up(keep).await?;
+    result
+}
+
+async fn measure(
+    scenario: &Scenario,
+    args: &PipelineArgs,
+    writers: usize,
+    raw_broker: f64,
+    env: &[(&str, &str)],
+    http_sim: Option<&std::sync::Arc<target_sim::TargetSim>>,
+) -> anyhow::Result<(RunReport, Option<f64>)> {
+    scenario.declare_topology().await?;
+    let expected = scenario.expected_records().len();
+    let mut workers = vec![scenario.spawn_with_env(Worker::Transformer, &[], env)?];
+    for _ in 0..writers {
+        workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
+    }
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    // Wait until every writer serves its metrics (it is connected and set up).
+    let ready_deadline = Instant::now() + Duration::from_secs(60);
+    for worker in &workers {
+        while scrape(&http, worker, "write").await.is_none() {
+            if Instant::now() > ready_deadline {
+                bail!(
+                    "{} did not start:\n{}",
+                    worker.worker.binary(),
+                    worker.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut samples = Samples::default();
+    for worker in &workers {
+        samples.register(worker);
+    }
+    let started = Instant::now();
+    let own_cpu_before = cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
+    let mut fetcher = scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?;
+    samples.register(&fetcher);
+    let mut fetched_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
+    let mut written_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
+    let mut fetched = 0.0_f64;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let seconds = loop {
+        let now = started.elapsed().as_secs_f64();
+        if let Some(n) = scrape(&http, &fetcher, "fetch").await {
+            fetched = fetched.max(n);
+        }
+        let mut written = 0.0;
+        for worker in workers.iter().filter(|w| w.worker == Worker::Writer) {
+            written += scrape(&http, worker, "write").await.unwrap_or(0.0);
+        }
+        fetched_curve.push((now, fetched));
+        written_curve.push((now, written));
+        samples.take_all();
+        if written >= expected as f64 {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > timeout {
+            bail!("{written} of {expected} records written after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    samples.take_all();
+    let own_cpu = cpu_seconds(std::process::id() as i32).unwrap_or(0.0) - own_cpu_before;
+    let fetch_status = fetcher.wait(Duration::from_secs(60)).await?;
+    conveyor_harness::stop_all(&mut workers).await?;
+    if !fetch_status.success() {
+        bail!("the fetcher failed:\n{}", fetcher.log_tail(20));
+    }
+    // The correctness check: the target equals the truth.
+    let exact = match args.target {
+        TargetKind::Postgres => scenario.compare_with_truth().await?.is_exact(),
+        TargetKind::Http => {
+            let held = http_sim
+                .map(|sim| sim.records("records"))
+                .unwrap_or_default();
+            let truth = scenario.expected_records();
+            held.len() == truth.len() && truth.iter().all(|r| held.contains_key(&r.id))
+        }
+        TargetKind::Noop => written_curve.last().map(|(_, n)| *n as usize) == Some(expected),
+    };
+    if !exact {
+        bail!("the target does not equal the truth after the run");
+    }
+    let raw_target = match args.target {
+        TargetKind::Postgres => Some(raw_target(scenario).await?),
+        _ => None,
+    };
+    let records_per_sec = expected as f64 / seconds;
+    let million = expected as f64 / 1e6;
+    let (p50, p99) = latencies(&fetched_curve, &written_curve, expected);
+    Ok((
+        RunReport {
+            writers,
+            seconds,
+            records_per_sec,
+            ratio_to_raw_broker: records_per_sec / raw_broker,
+            ratio_to_raw_target: raw_target.map(|raw| records_per_sec / raw),
+            cpu_secs_per_million: StageFigures {
+                simulator: own_cpu / million,
+                fetcher: samples.cpu(Worker::Fetcher) / million,
+                transformer: samples.cpu(Worker::Transformer) / million,
+                writer: samples.cpu(Worker::Writer) / million,
+            },
+            peak_rss_mib: StageFigures {
+                simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
+                fetcher: samples.rss(Worker::Fetcher),
+                transformer: samples.rss(Worker::Transformer),
+                writer: samples.rss(Worker::Writer),
+            },
+            latency_p50_ms: p50 * 1000.0,
+            latency_p99_ms: p99 * 1000.0,
+            exact,
+        },
+        raw_target,
+    ))
+}
+
+/// The worker's `conveyor_records_out_total` for `stage`, or None while it does not answer.
+async fn scrape(http: &reqwest::Client, worker: &WorkerProcess, stage: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://{}/metrics", worker.http_addr))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let label = format!("stage=\"{stage}\"");
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with("conveyor_records_out_total{") && line.contains(&label))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+/// The last CPU and peak memory readings of each process, by pid.
+#[derive(Default)]
+struct Samples {
+    by_pid: std::collections::HashMap<i32, (Worker, f64, f64)>,
+}
+
+impl Samples {
+    /// Notes a process just started (its pid is known only while it runs).
+    fn register(&mut self, worker: &WorkerProcess) -> i32 {
+        let pid = worker.pid().as_raw();
+        self.by_pid.insert(pid, (worker.worker, 0.0, 0.0));
+        pid
+    }
+
+    /// Reads every registered process (a finished one keeps its last reading).
+    fn take_all(&mut self) {
+        for (pid, entry) in &mut self.by_pid {
+            Self::take(*pid, entry);
+        }
+    }
+
+    fn take(pid: i32, entry: &mut (Worker, f64, f64)) {
+        if let Some(cpu) = cpu_seconds(pid) {
+            entry.1 = entry.1.max(cpu);
+        }
+        if let Some(rss) = peak_rss_mib(pid) {
+            entry.2 = entry.2.max(rss);
+        }
+    }
+
+    fn cpu(&self, worker: Worker) -> f64 {
+        self.by_pid
+            .values()
+            .filter(|v| v.0 == worker)
+            .map(|v| v.1)
+            .sum()
+    }
+
+    fn rss(&self, worker: Worker) -> f64 {
+        self.by_pid
+            .values()
+            .filter(|v| v.0 == worker)
+            .map(|v| v.2)
+            .fold(0.0, f64::max)
+    }
+}
+
+/// utime + stime of a process, seconds.
+fn cpu_seconds(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ: 100 on every Linux this runs on.
+    Some((utime + stime) / 100.0)
+}
+
+/// VmHWM of a process, MiB.
+fn peak_rss_mib(pid: i32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// When a cumulative count first reached `k` (linear between samples).
+fn time_at(curve: &[(f64, f64)], k: f64) -> Option<f64> {
+    let i = curve.iter().position(|&(_, n)| n >= k)?;
+    if i == 0 {
+        return Some(curve[0].0);
+    }
+    let (t0, n0) = curve[i - 1];
+    let (t1, n1) = curve[i];
+    Some(t0 + (t1 - t0) * (k - n0) / (n1 - n0).max(f64::EPSILON))
+}
+
+/// p50 and p99 of fetch → write latency, seconds (first in, first out between the two curves).
+fn latencies(fetched: &[(f64, f64)], written: &[(f64, f64)], records: usize) -> (f64, f64) {
+    let step = (records / 1000).max(1);
+    let mut latency: Vec<f64> = (1..=records)
+        .step_by(step)
+        .filter_map(|k| {
+            let k = k as f64;
+            Some((time_at(written, k)? - time_at(fetched, k)?).max(0.0))
+        })
+        .collect();
+    latency.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latency
+            .get(((latency.len() as f64 * q) as usize).min(latency.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (at(0.50), at(0.99))
+}
+
+/// The raw broker: publish-with-confirms and consume-with-acks over one quorum queue, 1 KiB messages.
+async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64> {
+    let connection = broker::connect(&services.amqp_url, "conveyor-bench-raw").await?;
+    let queue = format!("conveyor-bench-raw-{}", std::process::id());
+    let publish = connection.create_channel().await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    publish
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            arguments,
+        )
+        .await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let consume = connection.create_channel().await?;
+    consume.basic_qos(1000, BasicQosOptions::default()).await?;
+    let mut consumer = consume
+        .basic_consume(
+            queue.as_str().into(),
+            "raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let started = Instant::now();
+    let consuming = tokio::spawn(async move {
+        let mut received = 0;
+        while received < messages {
+            let Some(delivery) = consumer.next().await else {
+                bail!("the raw consumer stopped after {received} messages");
+            };
+            let delivery = delivery?;
+            received += 1;
+            if received % 100 == 0 || received == messages {
+                delivery
+                    .acker
+                    .ack(BasicAckOptions { multiple: true })
+                    .await?;
+            }
+        }
+        anyhow::Ok(())
+    });
+    let body = vec![b'x'; 1024];
+    let mut outstanding = VecDeque::new();
+    for _ in 0..messages {
+        if outstanding.len() >= 1000
+            && let Some(confirm) = outstanding.pop_front()
+        {
+            confirm.await?;
+        }
+        let confirm = publish
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await?;
+        outstanding.push_back(confirm);
+    }
+    for confirm in outstanding {
+        confirm.await?;
+    }
+    consuming.await??;
+    let seconds = started.elapsed().as_secs_f64();
+    // Close the consuming channel first: deleting a queue under a live consumer cancels it from the
+    // broker's side, which the client may meet as an unexpected frame.
+    consume.close(200, "done".into()).await?;
+    publish
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
+    broker::close(&connection).await;
+    Ok(messages as f64 / seconds)
+}
+
+/// The raw target: the run's rows upserted again, into a fresh schema, by the writer's own code.
+async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
+    let client = pg_client(&scenario.services.pg_url).await?;
+    let version = scenario.pipeline.mapping.version_field().to_owned();
+    let key = scenario.pipeline.mapping.key_field().to_owned();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT to_jsonb(t) FROM {} t ORDER BY \"{version}\"",
+                scenario.table()?
+            ),
+            &[],
+        )
+        .await?;
+    let records: Vec<Record> = rows
+        .iter()
+        .map(|row| {
+            let data: serde_json::Value = row.get(0);
+            let id = data[&key].as_str().unwrap_or_default().to_owned();
+            let modify_time = data[&version]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .unwrap_or_else(|| chrono::Utc::now().fixed_offset());
+            Record {
+                id,
+                modify_time,
+                data,
+            }
+        })
+        .collect();
+    let schema = format!("{}_raw", scenario.schema);
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await?;
+    let postgres = PostgresArgs {
+        pg_url: Some(scenario.services.pg_url.clone()),
+        pg_url_file: None,
+        pg_schema: schema.clone(),
+        pg_pool_size: 1,
+        lock_timeout_ms: None,
+    };
+    let pipeline: &Pipeline = &scenario.pipeline;
+    let target = conveyor_writer::open_target(pipeline, &postgres, &Default::default()).await?;
+    let batch = scenario.pipeline.spec.source.page_size.max(1) as usize;
+    let started = Instant::now();
+    for chunk in records.chunks(batch) {
+        target
+            .write(chunk)
+            .await
+            .map_err(|err| anyhow::anyhow!("raw upsert: {err:?}"))?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await?;
+    Ok(records.len() as f64 / seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_the_gap_between_the_curves_first_in_first_out() {
+        // 100 records fetched at t = 0..1 s, each written 0.2 s after it was fetched.
+        let fetched = [(0.0, 0.0), (1.0, 100.0)];
+        let written = [(0.0, 0.0), (0.2, 0.0), (1.2, 100.0)];
+        let (p50, p99) = latencies(&fetched, &written, 100);
+        assert!((p50 - 0.2).abs() < 1e-9, "p50 {p50}");
+        assert!((p99 - 0.2).abs() < 1e-9, "p99 {p99}");
+    }
+
+    #[test]
+    fn a_count_is_reached_between_two_samples() {
+        let curve = [(0.0, 0.0), (1.0, 10.0), (2.0, 30.0)];
+        assert_eq!(time_at(&curve, 20.0), Some(1.5));
+        assert_eq!(time_at(&curve, 31.0), None);
+    }
+
+    #[test]
+    fn this_process_has_cpu_time_and_a_peak_rss() {
+        let pid = std::process::id() as i32;
+        assert!(cpu_seconds(pid).is_some_and(|cpu| cpu >= 0.0));
+        assert!(peak_rss_mib(pid).is_some_and(|rss| rss > 0.0));
+    }
+}
