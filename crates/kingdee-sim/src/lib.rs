@@ -15,6 +15,7 @@ pub mod data;
 pub mod gate;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -90,6 +91,18 @@ pub struct Simulator {
     gate: Mutex<GateState>,
     changes: Mutex<ChangeRates>,
     stats: Stats,
+    /// Bumped by every change to the data, so that cached selections know they are stale.
+    generation: AtomicU64,
+    /// The orders matching the last sales-order query: the pages of one window share it, so a client
+    /// paging through N orders costs the simulator O(N) once, not once per page.
+    selection: Mutex<Option<Selection>>,
+}
+
+/// Indices of the orders matching one window and status, at one data generation.
+struct Selection {
+    key: (Option<String>, Option<String>, Option<String>),
+    generation: u64,
+    indices: Arc<Vec<usize>>,
 }
 
 /// One record of the ground truth.
@@ -142,6 +155,8 @@ impl Simulator {
             changes: Mutex::new(config.changes),
             data: RwLock::new(data),
             stats: Stats::default(),
+            generation: AtomicU64::new(0),
+            selection: Mutex::new(None),
             config,
         })
     }
@@ -223,6 +238,7 @@ impl Simulator {
             data.create_order(now);
             bump(&self.stats.orders_created);
         }
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Every entry line of every sales order, with its order's modify time (a line changes with its
@@ -238,6 +254,44 @@ impl Simulator {
                 })
             })
             .collect()
+    }
+
+    /// The indices of the orders in `window` with `status`, reusing the last selection while the data
+    /// has not changed. Called with the data's read lock held, so the data cannot change meanwhile.
+    fn select_orders(
+        &self,
+        data: &Dataset,
+        window: &Window,
+        status: Option<&str>,
+    ) -> Arc<Vec<usize>> {
+        let key = (
+            window.start.clone(),
+            window.end.clone(),
+            status.map(str::to_owned),
+        );
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut cached = self.selection.lock().expect("selection lock");
+        if let Some(selection) = cached.as_ref()
+            && selection.key == key
+            && selection.generation == generation
+        {
+            return selection.indices.clone();
+        }
+        let indices: Arc<Vec<usize>> = Arc::new(
+            data.orders
+                .iter()
+                .enumerate()
+                .filter(|(_, order)| window.contains(&order.modify_time))
+                .filter(|(_, order)| status.is_none_or(|status| order.bill_status == status))
+                .map(|(index, _)| index)
+                .collect(),
+        );
+        *cached = Some(Selection {
+            key,
+            generation,
+            indices: indices.clone(),
+        });
+        indices
     }
 
     pub fn router(self: &Arc<Self>) -> Router {
@@ -609,16 +663,8 @@ async fn list_sales_orders(
         &headers,
         &query,
         |data, window, paging| {
-            let (count, rows) = paging.take(
-                data.orders
-                    .iter()
-                    .filter(|order| window.contains(&order.modify_time))
-                    .filter(|order| {
-                        status
-                            .as_deref()
-                            .is_none_or(|status| order.bill_status == status)
-                    }),
-            );
+            let indices = sim.select_orders(data, window, status.as_deref());
+            let (count, rows) = paging.take(indices.iter().map(|&index| &data.orders[index]));
             Listing {
                 count,
                 rows,
@@ -781,6 +827,39 @@ mod tests {
         let poisoned = sim.poisoned_orders();
         assert_eq!(poisoned.len(), 10);
         assert_eq!(poisoned[0], sim.truth(Object::SalesOrder)[9].id);
+    }
+
+    #[test]
+    fn a_cached_selection_is_not_served_after_the_data_changed() {
+        let sim = Simulator::new(SimConfig {
+            orders: 50,
+            ..SimConfig::default()
+        });
+        let now = now_local();
+        let window = Window {
+            start: Some(
+                (now - chrono::Duration::minutes(1))
+                    .format(LOCAL_TIME_FORMAT)
+                    .to_string(),
+            ),
+            end: Some(
+                (now + chrono::Duration::minutes(1))
+                    .format(LOCAL_TIME_FORMAT)
+                    .to_string(),
+            ),
+        };
+        let select = || {
+            let data = sim.data.read().unwrap();
+            sim.select_orders(&data, &window, None).len()
+        };
+        assert_eq!(select(), 0, "the generated orders are from 2025");
+        assert_eq!(select(), 0, "served from the cache");
+        sim.set_changes(ChangeRates {
+            modify_per_sec: 5.0,
+            create_per_sec: 0.0,
+        });
+        sim.apply_changes(Duration::from_secs(1), &mut (0.0, 0.0));
+        assert!(select() >= 1, "orders modified just now are in the window");
     }
 
     #[test]
