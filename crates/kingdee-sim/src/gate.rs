@@ -228,23 +228,22 @@ impl IntoResponse for Rejection {
     }
 }
 
-/// Everything the gateway checks on a call. `business` calls also need a token and the router address.
-pub(crate) struct Admission<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub headers: &'a HeaderMap,
-    pub query: &'a [(String, String)],
-    pub business: bool,
-}
-
 impl crate::Simulator {
-    /// Checks a call like the gateway; `Err` is the rejection to send.
-    pub(crate) fn admit(&self, call: Admission<'_>) -> Result<(), Rejection> {
+    /// Checks a call like the gateway; `Err` is the rejection to send. `business` calls also need an
+    /// app-token and the tenant's router address.
+    pub(crate) fn admit(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &HeaderMap,
+        query: &[(String, String)],
+        business: bool,
+    ) -> Result<(), Rejection> {
         let config = &self.config.gateway;
         let stats = &self.stats;
         bump(&stats.calls);
         let header = |name: &str| {
-            call.headers
+            headers
                 .get(name)
                 .and_then(|value| value.to_str().ok())
                 .unwrap_or("")
@@ -271,16 +270,16 @@ impl crate::Simulator {
             return Err(rejected(4006, "timestamp invalid"));
         }
         let expected = SignatureInput {
-            method: call.method,
-            path: call.path,
-            query: call.query,
+            method,
+            path,
+            query,
             nonce: header("X-Api-Nonce"),
             timestamp,
         }
         .signature(&config.client_secret);
         if header("X-Api-Signature") != expected {
             bump(&stats.rejected_signature);
-            tracing::warn!(path = call.path, "signature mismatch");
+            tracing::warn!(path, "signature mismatch");
             return Err(rejected(4008, "signature invalid"));
         }
 
@@ -303,7 +302,7 @@ impl crate::Simulator {
                 .max_calls_in_a_minute
                 .fetch_max(gate.calls.len() as u64, Ordering::Relaxed);
         }
-        if call.business {
+        if business {
             let token = header("app-token");
             if token.is_empty() {
                 bump(&stats.rejected_token);

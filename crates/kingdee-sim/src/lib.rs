@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::data::{Dataset, LOCAL_TIME_FORMAT};
-use crate::gate::{Admission, GateState, GatewayConfig, Stats, StatsSnapshot, bump};
+use crate::gate::{GateState, GatewayConfig, Stats, StatsSnapshot, bump};
 
 /// The largest page the real gateway serves.
 pub const GATEWAY_MAX_PAGE_SIZE: usize = 100;
@@ -378,14 +378,7 @@ async fn authorize(
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    let call = Admission {
-        method: "POST",
-        path: gateway_path::AUTHORIZE,
-        headers: &headers,
-        query: &query,
-        business: false,
-    };
-    if let Err(rejection) = sim.admit(call) {
+    if let Err(rejection) = sim.admit("POST", gateway_path::AUTHORIZE, &headers, &query, false) {
         return rejection.into_response();
     }
     let config = &sim.config.gateway;
@@ -428,14 +421,7 @@ async fn token(
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    let call = Admission {
-        method: "GET",
-        path: gateway_path::TOKEN,
-        headers: &headers,
-        query: &query,
-        business: false,
-    };
-    if let Err(rejection) = sim.admit(call) {
+    if let Err(rejection) = sim.admit("GET", gateway_path::TOKEN, &headers, &query, false) {
         return rejection.into_response();
     }
     let config = &sim.config.gateway;
@@ -555,14 +541,7 @@ async fn list(
     query: &[(String, String)],
     select: impl FnOnce(&Dataset, &Window, &Paging) -> Listing,
 ) -> Response {
-    let call = Admission {
-        method: "GET",
-        path,
-        headers,
-        query,
-        business: true,
-    };
-    if let Err(rejection) = sim.admit(call) {
+    if let Err(rejection) = sim.admit("GET", path, headers, query, true) {
         return rejection.into_response();
     }
     let faults = &sim.config.gateway.faults;

@@ -322,7 +322,19 @@ impl<B: RateBudget> Gateway<B> {
                         last = reason;
                         continue;
                     }
-                    Err(_) => continue,
+                    Err(Answer::TokenRejected { reason }) => {
+                        last = reason;
+                        continue;
+                    }
+                    Err(Answer::TenantMoved) => {
+                        last = "push_app_authorize answered HTTP 502".into();
+                        continue;
+                    }
+                    Err(Answer::StaleSecret) => {
+                        last = "push_app_authorize answered errcode 1030002006".into();
+                        continue;
+                    }
+                    Err(Answer::Data(_)) => unreachable!("authorize returns data as Ok"),
                 }
             }
             let authorization = session.authorization.clone().expect("authorized above");
