@@ -290,6 +290,41 @@ async fn workers_serve_health_readiness_and_metrics() {
     scenario.clean_up(false).await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_sync_whose_window_is_dead_lettered_fails_with_the_reason() {
+    let scenario = scenario("once_refused", orders(10)).await;
+    let secret = "not-the-secret-7f3a";
+    let mut fetcher = scenario
+        .spawn_with_env(
+            Worker::Fetcher,
+            &["--once"],
+            &[("CONVEYOR_KINGDEE_CLIENT_SECRET", secret)],
+        )
+        .unwrap();
+    let status = fetcher.wait(Duration::from_secs(60)).await.unwrap();
+    let log = fetcher.log_tail(10);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("a window was dead-lettered")
+            && log.contains("conveyorctl dlq show sales_orders --stage fetch"),
+        "{log}"
+    );
+    assert!(
+        !log.contains(secret),
+        "the secret must not be logged: {log}"
+    );
+    // Every window was refused for the same reason (the fetcher stops once the first one is).
+    let letters = scenario.peek_dead_letters(Stage::Fetch).await.unwrap();
+    assert!(!letters.is_empty());
+    for letter in &letters {
+        assert_eq!(
+            (letter.class.as_str(), letter.error.as_str()),
+            ("permanent", "gateway refused the call: code 4008")
+        );
+    }
+    scenario.clean_up(false).await.unwrap();
+}
+
 #[test]
 fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
     let dir = std::env::temp_dir().join(format!("conveyor-bad-pipeline-{}", std::process::id()));

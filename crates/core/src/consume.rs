@@ -91,6 +91,9 @@ pub enum Disposition {
 /// A stage's work on one message.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, envelope: Envelope) -> impl Future<Output = Disposition> + Send;
+
+    /// Called once a whole message is in the dead-letter queue (given up on, or refused outright).
+    fn dead_lettered(&self, _failure: &Failure) {}
 }
 
 /// Publishes to one stage's dead-letter queue, with the failure in headers and the payload unchanged.
@@ -504,7 +507,10 @@ impl<H: Handler> Context<H> {
             .send_delivery(delivery, failure, attempts)
             .await
         {
-            Ok(()) => ack(delivery).await,
+            Ok(()) => {
+                self.handler.dead_lettered(failure);
+                ack(delivery).await
+            }
             Err(err) => {
                 tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
                 self.hand_back(delivery).await;

@@ -92,6 +92,8 @@ struct Counters {
     pages: AtomicU64,
     records: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Why the last window this process gave up on was dead-lettered: a `--once` sync cannot finish.
+    window_given_up: std::sync::Mutex<Option<String>>,
 }
 
 /// Pages windows and publishes their records.
@@ -227,11 +229,19 @@ async fn plan_on_schedule(fetcher: &Fetcher, interval: Duration, shutdown: &Canc
     }
 }
 
-/// Waits until no window of the pipeline is left unfinished (by this process or another).
+/// Waits until no window of the pipeline is left unfinished (by this process or another); fails as
+/// soon as this process dead-letters a window, since the sync can then only finish after a replay.
 async fn wait_until_synced(fetcher: &Fetcher, shutdown: &CancellationToken) -> anyhow::Result<()> {
     loop {
         if fetcher.store.pending().await? == 0 {
             return Ok(());
+        }
+        if let Some(reason) = fetcher.counters.window_given_up.lock().unwrap().clone() {
+            anyhow::bail!(
+                "a window was dead-lettered ({reason}); the sync cannot finish until it is replayed: \
+                 see `conveyorctl dlq show {} --stage fetch`",
+                fetcher.pipeline()
+            );
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -487,6 +497,13 @@ impl Handler for Fetcher {
             }
         }
         Disposition::Done
+    }
+
+    fn dead_lettered(&self, failure: &Failure) {
+        // A malformed message is not one of the windows a sync waits for; anything else is.
+        if failure.class != ErrorClass::Malformed {
+            *self.counters.window_given_up.lock().unwrap() = Some(failure.message.clone());
+        }
     }
 }
 

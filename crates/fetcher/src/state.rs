@@ -21,6 +21,24 @@ fn sql(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatabaseEr
     }
 }
 
+/// Takes the pipeline's window lock until the end of `transaction`. Plans and splits hold it while
+/// they publish windows, before they commit them; a fetcher may finish such a window meanwhile, and
+/// finishing takes the lock too, so that it waits for the window's row to be committed before
+/// deleting it.
+async fn lock_windows(
+    transaction: &tokio_postgres::Transaction<'_>,
+    pipeline: &str,
+) -> Result<(), DatabaseError> {
+    transaction
+        .execute(
+            "SELECT pg_advisory_xact_lock(hashtext('conveyor-plan:' || $1))",
+            &[&pipeline],
+        )
+        .await
+        .map_err(sql("taking the window lock"))?;
+    Ok(())
+}
+
 /// What a plan handed out.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -71,13 +89,7 @@ impl SyncStore {
     {
         let mut client = self.database.client().await?;
         let transaction = client.transaction().await.map_err(sql("starting a plan"))?;
-        transaction
-            .execute(
-                "SELECT pg_advisory_xact_lock(hashtext('conveyor-plan:' || $1))",
-                &[&self.pipeline],
-            )
-            .await
-            .map_err(sql("taking the plan lock"))?;
+        lock_windows(&transaction, &self.pipeline).await?;
         let now: DateTime<Utc> = transaction
             .query_one("SELECT clock_timestamp()", &[])
             .await
@@ -151,6 +163,7 @@ impl SyncStore {
             .transaction()
             .await
             .map_err(sql("starting to finish a window"))?;
+        lock_windows(&transaction, &self.pipeline).await?;
         transaction
             .execute(
                 "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
@@ -191,6 +204,7 @@ impl SyncStore {
             .transaction()
             .await
             .map_err(sql("starting a split"))?;
+        lock_windows(&transaction, &self.pipeline).await?;
         transaction
             .execute(
                 "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",

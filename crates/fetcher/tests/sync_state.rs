@@ -1,0 +1,169 @@
+//! The sync state against the real PostgreSQL on 127.0.0.1:5432 (user postgres, database test): a
+//! fetcher that finishes a window the moment it is published, before the plan that publishes it has
+//! committed, still finishes it.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{FixedOffset, Utc};
+use conveyor_core::postgres::Database;
+use conveyor_core::settings::{PostgresArgs, Secret};
+use conveyor_fetcher::state::SyncStore;
+use conveyor_fetcher::window::Window;
+
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A store in a fresh schema of its own; dropped by [`drop_schema`].
+async fn store(name: &str) -> (SyncStore, Database) {
+    let args = PostgresArgs {
+        pg_url: Some(Secret::new("postgres://postgres@127.0.0.1:5432/test")),
+        pg_url_file: None,
+        pg_schema: format!("fetcher_state_{name}_{}", std::process::id()),
+        pg_pool_size: 8,
+        lock_timeout_ms: None,
+    };
+    let database = Database::connect(&args).unwrap();
+    drop_schema(&database).await;
+    let store = SyncStore::open(database.clone(), "orders")
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
+    (store, database)
+}
+
+async fn drop_schema(database: &Database) {
+    let client = database
+        .client()
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            database.schema
+        ))
+        .await
+        .unwrap();
+}
+
+/// A start that makes the first plan three windows of a day: two whole ones and a shorter last one.
+fn three_days_ago() -> chrono::DateTime<FixedOffset> {
+    (Utc::now() - chrono::Duration::days(3) + chrono::Duration::hours(1)).fixed_offset()
+}
+
+/// The fastest possible fetcher: it finishes each window the moment it is published, while the plan
+/// (or split) that publishes it has not committed yet.
+fn finish_at_once(store: &SyncStore, windows: &[Window]) -> Vec<tokio::task::JoinHandle<()>> {
+    windows
+        .iter()
+        .map(|window| {
+            let (store, window) = (store.clone(), *window);
+            tokio::spawn(async move {
+                store.finish(&window).await.unwrap();
+            })
+        })
+        .collect()
+}
+
+/// Gives the finishing fetchers time to reach the database before the publish returns.
+async fn confirmed_slowly() -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_window_finished_while_its_plan_commits_is_done() {
+    let (store, database) = store("finish").await;
+    let finishing = Mutex::new(Vec::new());
+    let plan = store
+        .plan(
+            three_days_ago(),
+            DAY,
+            Duration::ZERO,
+            Duration::ZERO,
+            HOUR,
+            |windows| {
+                finishing
+                    .lock()
+                    .unwrap()
+                    .extend(finish_at_once(&store, &windows));
+                confirmed_slowly()
+            },
+        )
+        .await
+        .unwrap();
+    for finished in finishing.into_inner().unwrap() {
+        finished.await.unwrap();
+    }
+    assert_eq!(plan.windows.len(), 3, "{plan:?}");
+    assert_eq!(store.pending().await.unwrap(), 0, "every window finished");
+    let watermark = store.watermark().await.unwrap().unwrap();
+    assert_eq!(
+        watermark, plan.windows[2].end,
+        "the watermark passed all three"
+    );
+
+    let finishing = Mutex::new(Vec::new());
+    let halves = store
+        .split(&plan.windows[0], |halves| {
+            finishing
+                .lock()
+                .unwrap()
+                .extend(finish_at_once(&store, &halves[..1]));
+            confirmed_slowly()
+        })
+        .await
+        .unwrap();
+    for finished in finishing.into_inner().unwrap() {
+        finished.await.unwrap();
+    }
+    assert_eq!(halves, plan.windows[0].halves());
+    assert_eq!(
+        store.pending().await.unwrap(),
+        1,
+        "the half finished at once is done; the other is pending"
+    );
+    drop_schema(&database).await;
+}
+
+#[tokio::test]
+async fn windows_whose_publish_failed_are_planned_again() {
+    let (store, database) = store("failed").await;
+    let start = three_days_ago();
+    let attempted = Mutex::new(Vec::<Window>::new());
+    let failed = store
+        .plan(
+            start,
+            DAY,
+            Duration::ZERO,
+            Duration::ZERO,
+            HOUR,
+            |windows| {
+                attempted.lock().unwrap().extend(windows);
+                async { anyhow::bail!("broker refused") }
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{failed:#}").contains("broker refused"),
+        "{failed:#}"
+    );
+    assert_eq!(store.pending().await.unwrap(), 0, "nothing recorded");
+    assert_eq!(store.watermark().await.unwrap(), None);
+
+    let again = store
+        .plan(
+            start,
+            DAY,
+            Duration::ZERO,
+            Duration::ZERO,
+            HOUR,
+            |_| async { Ok(()) },
+        )
+        .await
+        .unwrap();
+    let attempted = attempted.into_inner().unwrap();
+    assert_eq!(again.windows[..2], attempted[..2], "the same windows again");
+    assert_eq!(store.pending().await.unwrap(), 3);
+    drop_schema(&database).await;
+}
