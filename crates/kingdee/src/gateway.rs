@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use conveyor_core::metrics::Metrics;
 use conveyor_core::settings::{Secret, SettingsError};
+use conveyor_core::tls::{self, CaBundle};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
@@ -54,6 +55,10 @@ pub struct KingdeeArgs {
         env = "CONVEYOR_KINGDEE_CLIENT_SECRET_FILE"
     )]
     pub client_secret_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) trusted for the gateway's HTTPS besides the public roots (a private CA,
+    /// or a TLS-inspecting proxy).
+    #[arg(long = "kingdee-tls-ca-file", env = "CONVEYOR_KINGDEE_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// The tenant's authorization of the app (outerInstanceId).
     #[arg(
         long = "kingdee-outer-instance-id",
@@ -74,6 +79,8 @@ pub struct Credentials {
     pub client_secret: Secret,
     pub outer_instance_id: String,
     pub account: Option<String>,
+    /// Extra trusted CA certificates for HTTPS (CONVEYOR_KINGDEE_TLS_CA_FILE).
+    pub ca: Option<CaBundle>,
 }
 
 impl KingdeeArgs {
@@ -104,6 +111,10 @@ impl KingdeeArgs {
                 "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID",
             )?,
             account: self.account.clone().filter(|text| !text.is_empty()),
+            ca: CaBundle::load_optional(
+                "CONVEYOR_KINGDEE_TLS_CA_FILE",
+                self.tls_ca_file.as_deref(),
+            )?,
         })
     }
 
@@ -202,10 +213,10 @@ pub struct Gateway<B> {
 
 impl<B: RateBudget> Gateway<B> {
     pub fn new(credentials: Credentials, budget: B, metrics: Metrics, pipeline: &str) -> Self {
-        let http = reqwest::Client::builder()
+        let http = tls::http_client(credentials.ca.as_ref())
             .timeout(Duration::from_secs(30))
             .build()
-            .expect("an HTTP client without TLS settings builds");
+            .expect("an HTTP client with a checked TLS configuration builds");
         Self {
             http,
             credentials,
@@ -554,8 +565,16 @@ impl<B: RateBudget> Gateway<B> {
         let response = match request.send().await {
             Ok(response) => response,
             Err(err) => {
+                // An untrusted certificate stays untrusted: fail at once, saying which setting helps.
+                if let Some(failure) = tls::tls_failure(&err) {
+                    return Ok(Answer::Fatal(format!(
+                        "{}: {}",
+                        self.credentials.base_url,
+                        tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE")
+                    )));
+                }
                 return Ok(Answer::Retry {
-                    reason: format!("request failed: {err}"),
+                    reason: format!("request failed: {}", tls::error_chain(&err)),
                     throttled: false,
                 });
             }
