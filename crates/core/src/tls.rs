@@ -189,17 +189,37 @@ pub fn tls_failure<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a
         if let Some(tls) = err.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        // An io::Error's source() skips the error it wraps: look at that one too.
-        if let Some(tls) = err
+        // An io::Error's source() skips the error it wraps (often another io::Error): step into it.
+        current = match err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
         {
-            return Some(tls);
-        }
-        current = err.source();
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     None
+}
+
+/// Whether the server of an `https://` URL can be trusted, asked once when a process starts, so that
+/// a wrong CA setting stops it with a clear error instead of failing every call. Only a TLS failure is
+/// an error here (its [`advice`]); a server that is down, or answers with any status, is left to the
+/// retries of the calls themselves.
+pub async fn check_server(
+    client: &reqwest::Client,
+    url: &str,
+    ca_setting: &str,
+) -> Result<(), String> {
+    if !url.starts_with("https://") {
+        return Ok(());
+    }
+    match client.head(url).send().await {
+        Err(err) => match tls_failure(&err) {
+            Some(failure) => Err(advice(failure, ca_setting)),
+            None => Ok(()),
+        },
+        Ok(_) => Ok(()),
+    }
 }
 
 /// An error with its causes, `outer: inner: innermost` (reqwest's own message leaves them out).

@@ -142,3 +142,27 @@ impl Drop for TlsProxy {
         self.task.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_client_without_the_ca_sees_an_unknown_issuer() {
+        let dir = std::env::temp_dir().join(format!("conveyor-pki-test-{}", std::process::id()));
+        let pki = TestPki::generate(&dir).unwrap();
+        let upstream = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let proxy = TlsProxy::start(upstream.local_addr().unwrap(), &pki)
+            .await
+            .unwrap();
+        let url = format!("https://localhost:{}/", proxy.addr().port());
+        let client = conveyor_core::tls::http_client(None).build().unwrap();
+        let err = client.head(&url).send().await.unwrap_err();
+        let failure = conveyor_core::tls::tls_failure(&err);
+        assert!(
+            failure.is_some(),
+            "{}",
+            conveyor_core::tls::error_chain(&err)
+        );
+    }
+}

@@ -276,8 +276,23 @@ impl<B: RateBudget> Gateway<B> {
         )))
     }
 
+    /// Refuses a gateway whose HTTPS certificate is not trusted (see [`tls::check_server`]): asked once
+    /// at start, so that a wrong CA setting stops the process instead of failing every call.
+    pub async fn check_tls(&self) -> Result<(), GatewayError> {
+        tls::check_server(
+            &self.http,
+            &self.credentials.base_url,
+            "CONVEYOR_KINGDEE_TLS_CA_FILE",
+        )
+        .await
+        .map_err(|advice| {
+            GatewayError::Permanent(format!("{}: {advice}", self.credentials.base_url))
+        })
+    }
+
     /// Authorizes and fetches a token now, for an operator checking the credentials.
     pub async fn check_token(&self) -> Result<TokenReport, GatewayError> {
+        self.check_tls().await?;
         {
             let mut session = self.session.lock().await;
             session.token = None;
@@ -565,16 +580,13 @@ impl<B: RateBudget> Gateway<B> {
         let response = match request.send().await {
             Ok(response) => response,
             Err(err) => {
-                // An untrusted certificate stays untrusted: fail at once, saying which setting helps.
-                if let Some(failure) = tls::tls_failure(&err) {
-                    return Ok(Answer::Fatal(format!(
-                        "{}: {}",
-                        self.credentials.base_url,
-                        tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE")
-                    )));
-                }
+                // Said plainly, with the setting that helps (the startup check catches it first).
+                let reason = match tls::tls_failure(&err) {
+                    Some(failure) => tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE"),
+                    None => format!("request failed: {}", tls::error_chain(&err)),
+                };
                 return Ok(Answer::Retry {
-                    reason: format!("request failed: {}", tls::error_chain(&err)),
+                    reason,
                     throttled: false,
                 });
             }

@@ -140,12 +140,16 @@ pub enum SetupError {
     Header(String),
     #[error("HTTP client: {0}")]
     Client(String),
+    #[error("HTTP target {0}")]
+    Tls(String),
 }
 
 pub struct HttpTarget {
     client: reqwest::Client,
     spec: HttpTargetSpec,
     base: String,
+    /// The base URL as it may be logged (no user info, no query).
+    endpoint: String,
     method: Method,
     headers: HeaderMap,
     auth: Auth,
@@ -253,11 +257,19 @@ impl HttpTarget {
                 .map_err(|err| SetupError::Client(err.to_string()))?,
             spec: spec.clone(),
             base,
+            endpoint,
             headers,
             auth,
             version_field: version_field.to_owned(),
             permits: Arc::new(Semaphore::new(spec.concurrency)),
         })
+    }
+
+    /// Refuses a target whose HTTPS certificate is not trusted (see [`tls::check_server`]).
+    pub async fn check_tls(&self) -> Result<(), SetupError> {
+        tls::check_server(&self.client, &self.base, "CONVEYOR_HTTP_TARGET_TLS_CA_FILE")
+            .await
+            .map_err(|advice| SetupError::Tls(format!("{}: {advice}", self.endpoint)))
     }
 
     /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
