@@ -168,6 +168,9 @@ async fn amqps_and_https_steps() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A line from the middle of the client key's PEM: never to be printed.
+    let key_pem = std::fs::read_to_string(&pki.client_key_file).unwrap();
+    let key_body = key_pem.lines().nth(1).expect("a PEM body").to_owned();
     for worker in &workers {
         let log = log_of(worker);
         assert!(
@@ -177,6 +180,7 @@ async fn amqps_and_https_steps() {
             worker.log_tail(20)
         );
         assert!(!log.contains(CLIENT_SECRET), "a secret reached a log");
+        assert!(!log.contains(&key_body), "the client key reached a log");
     }
     conveyor_harness::stop_all(&mut workers).await.unwrap();
     scenario.clean_up(false).await.unwrap();

@@ -10,8 +10,8 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::settings::SettingsError;
 
