@@ -142,7 +142,13 @@ impl OwnBroker {
                 broker::connect(&BrokerAddress::new(self.url()), "conveyor-harness").await
             {
                 broker::close(&connection).await;
-                return Ok(());
+                // The TLS listener opens just after the plain one.
+                let tls_open = self
+                    .amqps_port
+                    .is_none_or(|port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+                if tls_open {
+                    return Ok(());
+                }
             }
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
