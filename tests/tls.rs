@@ -184,6 +184,7 @@ async fn amqps_and_https_steps() {
     }
     conveyor_harness::stop_all(&mut workers).await.unwrap();
     scenario.clean_up(false).await.unwrap();
+    let _ = std::fs::remove_dir_all(&pki.dir);
     eprintln!("done after {:?}", started.elapsed());
 }
 
@@ -294,11 +295,12 @@ async fn without_the_ca_steps() {
         "a secret reached the log"
     );
     scenario.clean_up(false).await.unwrap();
+    let _ = std::fs::remove_dir_all(&pki.dir);
     eprintln!("done after {:?}", started.elapsed());
 }
 
 #[test]
-fn a_missing_ca_file_is_refused_naming_the_setting() {
+fn a_missing_ca_file_or_tls_files_with_a_plain_url_are_refused() {
     let missing = PathBuf::from("/nonexistent/conveyor-ca.pem");
     let output = std::process::Command::new(bin_dir().join("conveyorctl"))
         .args(["dlq", "list", "sales_orders"])
@@ -315,4 +317,20 @@ fn a_missing_ca_file_is_refused_naming_the_setting() {
         stderr.contains("CONVEYOR_AMQP_TLS_CA_FILE") && stderr.contains("cannot read"),
         "{stderr}"
     );
+
+    // TLS files with a plain amqp:// URL: the operator expects encryption that would not happen.
+    let pki = fresh_pki("plain");
+    let output = std::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(["dlq", "list", "sales_orders"])
+        .env("CONVEYOR_AMQP_URL", "amqp://guest:guest@localhost:5672/%2f")
+        .env("CONVEYOR_AMQP_TLS_CA_FILE", &pki.ca_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("CONVEYOR_AMQP_URL") && stderr.contains("not amqps://"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&pki.dir);
 }
