@@ -164,5 +164,6 @@ mod tests {
             "{}",
             conveyor_core::tls::error_chain(&err)
         );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
