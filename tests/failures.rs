@@ -134,6 +134,7 @@ async fn broker_restarted_mid_run_loses_nothing_steps() {
         .unwrap_or_else(|err| panic!("this test runs a RabbitMQ node of its own: {err:#}"));
     let services = Services {
         amqp_url: broker.url(),
+        amqp_tls: Default::default(),
         pg_url: services().await.pg_url,
     };
     let scenario = scenario_with(services, "restart", poisoned(5_000)).await;

@@ -286,6 +286,74 @@ fn env_example_documents_every_compose_variable() {
     assert_eq!(documented, used, ".env.example vs docker-compose.yml");
 }
 
+/// docker-compose.yml hands every secret over as a Docker secret, never as a variable: each setting
+/// that carries one is a `*_FILE` pointing into /run/secrets, each secret it mounts is declared, and
+/// ops/secrets.sh makes every declared file (the URLs carrying the passwords beside them), idempotently.
+#[test]
+fn compose_passes_secrets_as_files_that_ops_secrets_sh_makes() {
+    let compose = std::fs::read_to_string(repo_root().join("docker-compose.yml")).unwrap();
+    let (body, declared) = compose
+        .split_once("\nsecrets:\n")
+        .expect("a top-level secrets section");
+    let mut files = std::collections::BTreeMap::new();
+    let mut name = None;
+    for line in declared.lines() {
+        if let Some(secret) = line.strip_prefix("  ").and_then(|l| l.strip_suffix(':')) {
+            name = Some(secret.trim().to_owned());
+        } else if let Some(file) = line.trim().strip_prefix("file: ./ops/secrets/") {
+            files.insert(name.take().expect("a secret's name first"), file.to_owned());
+        }
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for line in body.lines().map(str::trim) {
+        let Some((key, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let secret_setting = key.contains("PASS")
+            || key.contains("SECRET")
+            || ["CONVEYOR_AMQP_URL", "CONVEYOR_PG_URL"].contains(&key);
+        if secret_setting {
+            assert!(
+                key.ends_with("_FILE"),
+                "a secret passed as a variable: {line}"
+            );
+            let mounted = value
+                .strip_prefix("/run/secrets/")
+                .unwrap_or_else(|| panic!("{key} must point into /run/secrets: {line}"));
+            assert!(files.contains_key(mounted), "{mounted} is not declared");
+        }
+    }
+
+    let dir = std::env::temp_dir().join(format!("conveyor-secrets-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("ops")).unwrap();
+    let script = dir.join("ops/secrets.sh");
+    std::fs::copy(repo_root().join("ops/secrets.sh"), &script).unwrap();
+    let run = || {
+        let output = std::process::Command::new("sh")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run();
+    let read = |file: &str| std::fs::read_to_string(dir.join("ops/secrets").join(file)).unwrap();
+    let first: Vec<String> = files.values().map(|file| read(file)).collect();
+    assert!(first.iter().all(|value| !value.is_empty()), "{files:?}");
+    assert!(
+        read("amqp_url.txt").contains(&format!(":{}@rabbitmq:", read("rabbitmq_password.txt")))
+    );
+    assert!(read("pg_url.txt").contains(&format!(":{}@postgres:", read("postgres_password.txt"))));
+    run();
+    let second: Vec<String> = files.values().map(|file| read(file)).collect();
+    assert_eq!(first, second, "a second run keeps the secrets");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Every environment variable (with its default) that a binary's `--help` shows, walking
 /// `conveyorctl`'s subcommands.
 fn settings_in_help(

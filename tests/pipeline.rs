@@ -241,7 +241,7 @@ async fn workers_serve_health_readiness_and_metrics() {
         scenario.spawn(Worker::Transformer, &[]).unwrap(),
         scenario.spawn(Worker::Writer, &[]).unwrap(),
     ];
-    let http = reqwest::Client::new();
+    let http = conveyor_core::tls::http_client(None).build().unwrap();
     for worker in &workers {
         let base = format!("http://{}", worker.http_addr);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

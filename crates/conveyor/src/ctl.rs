@@ -180,8 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: TopologyCommand::Declare { file, broker },
         } => {
             let pipeline = Pipeline::load(&file)?;
-            let url = broker.amqp_url()?;
-            let connection = broker::connect(&url, "conveyorctl").await?;
+            let connection = broker::connect(&broker.address()?, "conveyorctl").await?;
             let topology = Topology::new(&broker, pipeline.name());
             let channel = connection.create_channel().await?;
             topology.declare(&channel).await?;
@@ -238,7 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe { url, timeout_secs } => {
-            let client = reqwest::Client::builder()
+            let client = conveyor_core::tls::http_client(None)
                 .timeout(std::time::Duration::from_secs(timeout_secs))
                 .build()?;
             let response = client.get(&url).send().await?;

@@ -136,7 +136,7 @@ impl Select {
     async fn take(&self) -> anyhow::Result<(Connection, Topology, Vec<(Held, Vec<usize>)>)> {
         let name = pipeline_name(&self.pipeline)?;
         let topology = Topology::new(&self.broker, &name);
-        let connection = broker::connect(&self.broker.amqp_url()?, "conveyorctl").await?;
+        let connection = broker::connect(&self.broker.address()?, "conveyorctl").await?;
         let filter = self.filter();
         let mut taken = Vec::new();
         for (_, queue) in self.queues(&topology) {
@@ -178,7 +178,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::Result<()> {
-    let connection = broker::connect(&broker.amqp_url()?, "conveyorctl").await?;
+    let connection = broker::connect(&broker.address()?, "conveyorctl").await?;
     let mut counts = Vec::new();
     for given in pipelines {
         let name = pipeline_name(given)?;

@@ -63,7 +63,7 @@ pub struct PipelineStatus {
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let mut samples = Vec::new();
-    let http = reqwest::Client::builder()
+    let http = conveyor_core::tls::http_client(None)
         .timeout(std::time::Duration::from_secs(5))
         .build()?;
     for worker in &args.workers {
@@ -82,7 +82,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .await?;
         samples.extend(parse_metrics(&text));
     }
-    let connection = broker::connect(&args.broker.amqp_url()?, "conveyorctl").await?;
+    let connection = broker::connect(&args.broker.address()?, "conveyorctl").await?;
     let channel = connection.create_channel().await?;
     let mut statuses = Vec::new();
     for given in &args.pipelines {

@@ -12,15 +12,17 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::long_string;
-use crate::settings::{BrokerArgs, QueueType, Secret};
+use crate::settings::{BrokerArgs, QueueType, Secret, SettingsError};
+use crate::tls::{self, CaBundle, ClientIdentity};
 
 /// A quorum queue dead-letters a message redelivered this often: a last guard against a message that
 /// keeps crashing its consumer. (RabbitMQ 4 drops such messages unless a dead-letter exchange is set.)
@@ -35,6 +37,8 @@ pub enum BrokerError {
         endpoint: String,
         source: lapin::Error,
     },
+    #[error("cannot connect to RabbitMQ at {endpoint}: {advice}")]
+    Tls { endpoint: String, advice: String },
     #[error("cannot connect to RabbitMQ at {0}: no answer within 30 s")]
     ConnectTimeout(String),
     #[error("{action}: {source}")]
@@ -55,6 +59,61 @@ fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     move |source| BrokerError::Amqp { action, source }
 }
 
+/// Where the broker is and how to trust it: the URL(s), which carry the password, and the TLS
+/// settings of `amqps://` connections. Neither is ever printed.
+#[derive(Clone)]
+pub struct BrokerAddress {
+    url: Secret,
+    tls: OwnedTLSConfig,
+}
+
+impl fmt::Debug for BrokerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BrokerAddress(***)")
+    }
+}
+
+impl BrokerAddress {
+    /// A broker whose `amqps://` certificate the public roots vouch for (or a plain `amqp://` one).
+    pub fn new(url: Secret) -> Self {
+        Self {
+            url,
+            tls: OwnedTLSConfig::default(),
+        }
+    }
+
+    /// A broker trusted through `ca` too, with a client certificate for mutual TLS. TLS files with a
+    /// plain `amqp://` URL are refused: the operator expects encryption that would not happen.
+    pub fn with_tls(
+        url: Secret,
+        ca: Option<CaBundle>,
+        identity: Option<ClientIdentity>,
+    ) -> Result<Self, SettingsError> {
+        if (ca.is_some() || identity.is_some())
+            && broker_urls(&url).any(|one| !one.starts_with("amqps://"))
+        {
+            return Err(SettingsError::new(
+                "CONVEYOR_AMQP_URL",
+                "TLS files are set (CONVEYOR_AMQP_TLS_*), but a broker URL is not amqps://: that connection would not be encrypted",
+            ));
+        }
+        Ok(Self {
+            url,
+            tls: OwnedTLSConfig {
+                identity: identity.map(|identity| OwnedIdentity::PKCS8 {
+                    pem: identity.cert_pem().to_vec(),
+                    key: identity.key_pem().to_vec(),
+                }),
+                cert_chain: ca.map(|ca| ca.pem().to_owned()),
+            },
+        })
+    }
+
+    pub fn url(&self) -> &Secret {
+        &self.url
+    }
+}
+
 /// The brokers of a setting: one AMQP URL, or several separated by commas (the nodes of a cluster,
 /// tried in order). A comma inside a URL must be percent-encoded (`%2C`).
 fn broker_urls(url: &Secret) -> impl Iterator<Item = &str> {
@@ -69,8 +128,12 @@ pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
     let mut shown = Vec::new();
     for one in broker_urls(url) {
         let uri = AMQPUri::from_str(one).map_err(BrokerError::Url)?;
+        let scheme = match uri.scheme {
+            AMQPScheme::AMQPS => "amqps://",
+            AMQPScheme::AMQP => "",
+        };
         shown.push(format!(
-            "{}:{}/{}",
+            "{scheme}{}:{}/{}",
             uri.authority.host, uri.authority.port, uri.vhost
         ));
     }
@@ -82,12 +145,12 @@ pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
 
 /// Connects once, to the first of the brokers (comma-separated URLs) that answers; fails with the
 /// last broker's error. `name` shows in the broker's connection list.
-pub async fn connect(url: &Secret, name: &str) -> Result<Connection, BrokerError> {
+pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, BrokerError> {
     // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
-    endpoint(url)?;
+    endpoint(&address.url)?;
     let mut last_error = None;
-    for one in broker_urls(url) {
-        match connect_one(one, name).await {
+    for one in broker_urls(&address.url) {
+        match connect_one(one, &address.tls, name).await {
             Ok(connection) => return Ok(connection),
             Err(err) => {
                 tracing::debug!(error = %err, "broker not reachable, trying the next");
@@ -98,13 +161,29 @@ pub async fn connect(url: &Secret, name: &str) -> Result<Connection, BrokerError
     Err(last_error.expect("endpoint() proved there is at least one URL"))
 }
 
-async fn connect_one(url: &str, name: &str) -> Result<Connection, BrokerError> {
+async fn connect_one(
+    url: &str,
+    tls: &OwnedTLSConfig,
+    name: &str,
+) -> Result<Connection, BrokerError> {
     let endpoint = endpoint(&Secret::new(url))?;
     let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
     // A broker that takes the TCP connection but never finishes the handshake (still starting, or
     // overloaded) must not hold a worker forever: give up and let the caller retry.
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
-        Ok(connected) => connected.map_err(|source| BrokerError::Connect { endpoint, source }),
+    let connecting = Connection::connect_with_config(url, properties, tls.clone(), runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => match tls::tls_failure(&source) {
+            Some(failure) => Err(BrokerError::Tls {
+                endpoint,
+                advice: tls::advice(failure, "CONVEYOR_AMQP_TLS_CA_FILE"),
+            }),
+            None => Err(BrokerError::Connect { endpoint, source }),
+        },
         Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
     }
 }
@@ -112,17 +191,19 @@ async fn connect_one(url: &str, name: &str) -> Result<Connection, BrokerError> {
 /// The longest a connection attempt (TCP and AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`).
+/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`). A wrong URL
+/// and a TLS failure (a certificate not trusted, a client certificate refused) are not retried:
+/// waiting does not fix a configuration.
 pub async fn connect_with_retry(
-    url: &Secret,
+    address: &BrokerAddress,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Result<Option<Connection>, BrokerError> {
     let mut delay = Duration::from_millis(250);
     loop {
-        match connect(url, name).await {
+        match connect(address, name).await {
             Ok(connection) => return Ok(Some(connection)),
-            Err(err @ BrokerError::Url(_)) => return Err(err),
+            Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => return Err(err),
             Err(err) => {
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable")
             }

@@ -17,3 +17,4 @@ pub mod settings;
 pub mod shutdown;
 pub mod source_time;
 pub mod telemetry;
+pub mod tls;

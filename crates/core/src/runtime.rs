@@ -235,11 +235,11 @@ async fn connect_and_declare(
     topology: &Topology,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(Connection, Publisher)>> {
-    let url = args.broker.amqp_url()?;
-    let endpoint = broker::endpoint(&url)?;
+    let address = args.broker.address()?;
+    let endpoint = broker::endpoint(address.url())?;
     let mut delay = Duration::from_millis(250);
     loop {
-        let Some(connection) = broker::connect_with_retry(&url, name, shutdown).await? else {
+        let Some(connection) = broker::connect_with_retry(&address, name, shutdown).await? else {
             return Ok(None);
         };
         // A broker that is still starting accepts connections before it can declare queues.

@@ -8,6 +8,9 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::broker::BrokerAddress;
+use crate::tls::{CaBundle, ClientIdentity};
+
 /// A value that must never be printed: passwords, tokens, URLs with credentials.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -98,6 +101,16 @@ pub struct BrokerArgs {
     /// File holding the AMQP URL (for Docker secrets), instead of CONVEYOR_AMQP_URL.
     #[arg(long, env = "CONVEYOR_AMQP_URL_FILE")]
     amqp_url_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for amqps:// besides the public roots: a broker whose certificate
+    /// a private CA signed.
+    #[arg(long, env = "CONVEYOR_AMQP_TLS_CA_FILE")]
+    amqp_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM, with its chain) for a broker that requires mutual TLS.
+    #[arg(long, env = "CONVEYOR_AMQP_TLS_CERT_FILE")]
+    amqp_tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of CONVEYOR_AMQP_TLS_CERT_FILE.
+    #[arg(long, env = "CONVEYOR_AMQP_TLS_KEY_FILE")]
+    amqp_tls_key_file: Option<PathBuf>,
     /// Prefix of every exchange and queue name; separate deployments (or tests) on one broker use
     /// different namespaces.
     #[arg(long, env = "CONVEYOR_NAMESPACE", default_value = "conveyor")]
@@ -134,6 +147,9 @@ impl BrokerArgs {
         Self {
             amqp_url: None,
             amqp_url_file: None,
+            amqp_tls_ca_file: None,
+            amqp_tls_cert_file: None,
+            amqp_tls_key_file: None,
             namespace: namespace.into(),
             queue_type: QueueType::Quorum,
             prefetch: 32,
@@ -149,6 +165,40 @@ impl BrokerArgs {
     pub fn with_amqp_url(mut self, url: impl Into<String>) -> Self {
         self.amqp_url = Some(Secret::new(url));
         self
+    }
+
+    /// The TLS files of amqps:// connections: a CA bundle, and a client certificate and key for mutual
+    /// TLS (each optional).
+    pub fn with_tls_files(
+        mut self,
+        ca_file: Option<PathBuf>,
+        cert_file: Option<PathBuf>,
+        key_file: Option<PathBuf>,
+    ) -> Self {
+        self.amqp_tls_ca_file = ca_file;
+        self.amqp_tls_cert_file = cert_file;
+        self.amqp_tls_key_file = key_file;
+        self
+    }
+
+    /// The broker URL(s) with the TLS settings, files read and checked: what a connection needs.
+    pub fn address(&self) -> Result<BrokerAddress, SettingsError> {
+        let url = self.amqp_url()?;
+        let ca = CaBundle::load_optional(
+            "CONVEYOR_AMQP_TLS_CA_FILE",
+            self.amqp_tls_ca_file.as_deref(),
+        )?;
+        let identity = ClientIdentity::load_optional(
+            (
+                "CONVEYOR_AMQP_TLS_CERT_FILE",
+                self.amqp_tls_cert_file.as_deref(),
+            ),
+            (
+                "CONVEYOR_AMQP_TLS_KEY_FILE",
+                self.amqp_tls_key_file.as_deref(),
+            ),
+        )?;
+        BrokerAddress::with_tls(url, ca, identity)
     }
 
     pub fn amqp_url(&self) -> Result<Secret, SettingsError> {

@@ -170,6 +170,7 @@ async fn serve(
         counters: Counters::default(),
         republish_after: Duration::from_secs(cli.republish_after_secs),
     });
+    fetcher.gateway.check_tls().await?;
     let settings = ConsumeSettings {
         topology: runtime.topology.clone(),
         stage: Stage::Fetch,

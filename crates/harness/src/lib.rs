@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 pub mod own_broker;
 pub mod proxy;
+pub mod tls;
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker::{self, Publisher, Stage, Topology};
+use conveyor_core::broker::{self, BrokerAddress, Publisher, Stage, Topology};
 use conveyor_core::pipeline::{Pipeline, TargetSpec};
 use conveyor_core::settings::{BrokerArgs, DEFAULT_AMQP_URL, Secret};
 use kingdee_sim::{Object, SimConfig, Simulator};
@@ -28,12 +29,36 @@ pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 /// Retry tiers of the scenarios' workers: short, so that tests of retries take seconds.
 pub const RETRY_DELAYS_MS: &str = "300,600,1200";
 
-/// The broker and database the harness runs against (from CONVEYOR_AMQP_URL and CONVEYOR_PG_URL, or the
-/// local defaults).
+/// The broker and database the harness runs against (from CONVEYOR_AMQP_URL, CONVEYOR_AMQP_TLS_*
+/// and CONVEYOR_PG_URL, or the local defaults).
 #[derive(Debug, Clone)]
 pub struct Services {
     pub amqp_url: Secret,
+    /// TLS files of an amqps:// broker, handed to every worker as well.
+    pub amqp_tls: AmqpTlsFiles,
     pub pg_url: Secret,
+}
+
+/// The files of CONVEYOR_AMQP_TLS_CA_FILE, CONVEYOR_AMQP_TLS_CERT_FILE and CONVEYOR_AMQP_TLS_KEY_FILE.
+#[derive(Debug, Clone, Default)]
+pub struct AmqpTlsFiles {
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl AmqpTlsFiles {
+    /// The settings as environment variables, for a worker process.
+    pub fn environment(&self) -> Vec<(&'static str, String)> {
+        [
+            ("CONVEYOR_AMQP_TLS_CA_FILE", &self.ca_file),
+            ("CONVEYOR_AMQP_TLS_CERT_FILE", &self.cert_file),
+            ("CONVEYOR_AMQP_TLS_KEY_FILE", &self.key_file),
+        ]
+        .into_iter()
+        .filter_map(|(name, file)| Some((name, file.as_ref()?.display().to_string())))
+        .collect()
+    }
 }
 
 impl Services {
@@ -42,16 +67,43 @@ impl Services {
         let amqp_url = Secret::new(
             std::env::var("CONVEYOR_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.into()),
         );
+        let file = |name: &str| std::env::var_os(name).map(PathBuf::from);
+        let amqp_tls = AmqpTlsFiles {
+            ca_file: file("CONVEYOR_AMQP_TLS_CA_FILE"),
+            cert_file: file("CONVEYOR_AMQP_TLS_CERT_FILE"),
+            key_file: file("CONVEYOR_AMQP_TLS_KEY_FILE"),
+        };
         let pg_url =
             Secret::new(std::env::var("CONVEYOR_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.into()));
-        let connection = broker::connect(&amqp_url, "conveyor-harness").await.with_context(|| {
+        let services = Self {
+            amqp_url,
+            amqp_tls,
+            pg_url,
+        };
+        let connection = broker::connect(&services.broker()?, "conveyor-harness").await.with_context(|| {
             "RabbitMQ is not reachable: start it (ops/services.sh, or `rabbitmq-server -detached`) or set CONVEYOR_AMQP_URL"
         })?;
         broker::close(&connection).await;
-        pg_client(&pg_url).await.with_context(
+        pg_client(&services.pg_url).await.with_context(
             || "PostgreSQL is not reachable: start it (ops/services.sh) or set CONVEYOR_PG_URL",
         )?;
-        Ok(Self { amqp_url, pg_url })
+        Ok(services)
+    }
+
+    /// The broker's address with its TLS settings, files read: for the harness's own connections.
+    pub fn broker(&self) -> anyhow::Result<BrokerAddress> {
+        Ok(self.broker_args("conveyor").address()?)
+    }
+
+    /// Broker settings for `namespace` on these services.
+    pub fn broker_args(&self, namespace: &str) -> BrokerArgs {
+        BrokerArgs::local(namespace)
+            .with_amqp_url(self.amqp_url.expose())
+            .with_tls_files(
+                self.amqp_tls.ca_file.clone(),
+                self.amqp_tls.cert_file.clone(),
+                self.amqp_tls.key_file.clone(),
+            )
     }
 }
 
@@ -274,7 +326,7 @@ impl Scenario {
     /// The environment every worker of this scenario gets.
     pub fn environment(&self) -> HashMap<&'static str, String> {
         let gateway = &self.simulator.config().gateway;
-        HashMap::from([
+        let mut environment = HashMap::from([
             (
                 "CONVEYOR_PIPELINE",
                 self.pipeline.file.display().to_string(),
@@ -304,7 +356,9 @@ impl Scenario {
                 "CONVEYOR_LOG",
                 std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "info".into()),
             ),
-        ])
+        ]);
+        environment.extend(self.services.amqp_tls.environment());
+        environment
     }
 
     /// Gives every worker started from now on the setting `name` = `value` (the last one set wins).
@@ -457,7 +511,7 @@ impl Scenario {
 
     /// Messages waiting in each of the pipeline's queues (work and dead-letter).
     pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u32)>> {
-        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
         let mut depths = Vec::new();
         for queue in self.topology().queues() {
@@ -480,7 +534,7 @@ impl Scenario {
 
     /// Reads every message in a stage's dead-letter queue without removing any.
     pub async fn peek_dead_letters(&self, stage: Stage) -> anyhow::Result<Vec<DeadLetter>> {
-        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let queue = self.topology().dead_letter_queue(stage);
         let held = conveyor_core::dead_letters::Held::take(&connection, &queue, usize::MAX).await?;
         let letters = held.letters.clone();
@@ -497,7 +551,7 @@ impl Scenario {
         body: &[u8],
         properties: BasicProperties,
     ) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let topology = self.topology();
         let channel = connection.create_channel().await?;
         topology.declare(&channel).await?;
@@ -518,7 +572,7 @@ impl Scenario {
     /// doing it first keeps several workers from racing to create the same new quorum queue (a consumer
     /// can reach a quorum queue whose leader is still starting, which closes its connection).
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
         self.topology().declare(&channel).await?;
         broker::close(&connection).await;
@@ -535,14 +589,14 @@ impl Scenario {
             .split(',')
             .map(|ms| ms.parse().expect("RETRY_DELAYS_MS is a list of numbers"))
             .collect();
-        BrokerArgs::local(self.namespace.clone())
-            .with_amqp_url(self.services.amqp_url.expose())
+        self.services
+            .broker_args(&self.namespace)
             .with_retry_delays_ms(delays)
     }
 
     /// Deletes the scenario's queues and exchanges (and its schema unless `keep_schema`).
     pub async fn clean_up(&self, keep_schema: bool) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.amqp_url, "conveyor-harness").await?;
+        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
         let topology = self.topology();
         for queue in topology.queues() {

@@ -10,14 +10,18 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker;
+use conveyor_core::broker::{self, BrokerAddress};
 use conveyor_core::settings::Secret;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::tls::TestPki;
+
 pub struct OwnBroker {
     pub amqp_port: u16,
+    /// The TLS listener's port, when started with [`OwnBroker::start_with_tls`].
+    pub amqps_port: Option<u16>,
     dir: PathBuf,
     node: String,
     dist_port: u16,
@@ -44,10 +48,42 @@ fn free_port() -> std::io::Result<u16> {
 impl OwnBroker {
     /// Starts a fresh node and waits until it takes AMQP connections.
     pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_node(name, None).await
+    }
+
+    /// Starts a fresh node that also listens for amqps:// with the server certificate of `pki`, and
+    /// requires mutual TLS there: a client must show a certificate the test CA signed.
+    pub async fn start_with_tls(name: &str, pki: &TestPki) -> anyhow::Result<Self> {
+        Self::start_node(name, Some(pki)).await
+    }
+
+    async fn start_node(name: &str, pki: Option<&TestPki>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join("conveyor-brokers").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("home"))?;
+        let amqps_port = match pki {
+            Some(pki) => {
+                let port = free_port()?;
+                let path = |file: &Path| file.display().to_string();
+                std::fs::write(
+                    dir.join("rabbitmq.conf"),
+                    [
+                        format!("listeners.ssl.default = {port}"),
+                        format!("ssl_options.cacertfile = {}", path(&pki.ca_file)),
+                        format!("ssl_options.certfile = {}", path(&pki.server_cert_file)),
+                        format!("ssl_options.keyfile = {}", path(&pki.server_key_file)),
+                        "ssl_options.verify = verify_peer".into(),
+                        "ssl_options.fail_if_no_peer_cert = true".into(),
+                        String::new(),
+                    ]
+                    .join("\n"),
+                )?;
+                Some(port)
+            }
+            None => None,
+        };
         let mut own = Self {
+            amqps_port,
             amqp_port: free_port()?,
             dist_port: free_port()?,
             node: format!("conveyor-{name}@localhost"),
@@ -63,6 +99,12 @@ impl OwnBroker {
             "amqp://guest:guest@127.0.0.1:{}/%2f",
             self.amqp_port
         ))
+    }
+
+    /// The node's TLS listener as an amqps:// URL for `localhost` (the name its certificate carries).
+    pub fn amqps_url(&self) -> Option<Secret> {
+        self.amqps_port
+            .map(|port| Secret::new(format!("amqps://guest:guest@localhost:{port}/%2f")))
     }
 
     /// Starts the node again (after [`OwnBroker::stop`]) and waits until it takes connections.
@@ -96,9 +138,17 @@ impl OwnBroker {
         self.child = Some(child);
         let started = Instant::now();
         loop {
-            if let Ok(connection) = broker::connect(&self.url(), "conveyor-harness").await {
+            if let Ok(connection) =
+                broker::connect(&BrokerAddress::new(self.url()), "conveyor-harness").await
+            {
                 broker::close(&connection).await;
-                return Ok(());
+                // The TLS listener opens just after the plain one.
+                let tls_open = self
+                    .amqps_port
+                    .is_none_or(|port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+                if tls_open {
+                    return Ok(());
+                }
             }
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?

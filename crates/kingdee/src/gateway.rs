@@ -14,6 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use conveyor_core::metrics::Metrics;
 use conveyor_core::settings::{Secret, SettingsError};
+use conveyor_core::tls::{self, CaBundle};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
@@ -54,6 +55,10 @@ pub struct KingdeeArgs {
         env = "CONVEYOR_KINGDEE_CLIENT_SECRET_FILE"
     )]
     pub client_secret_file: Option<std::path::PathBuf>,
+    /// CA certificates (PEM) trusted for the gateway's HTTPS besides the public roots (a private CA,
+    /// or a TLS-inspecting proxy).
+    #[arg(long = "kingdee-tls-ca-file", env = "CONVEYOR_KINGDEE_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// The tenant's authorization of the app (outerInstanceId).
     #[arg(
         long = "kingdee-outer-instance-id",
@@ -74,6 +79,8 @@ pub struct Credentials {
     pub client_secret: Secret,
     pub outer_instance_id: String,
     pub account: Option<String>,
+    /// Extra trusted CA certificates for HTTPS (CONVEYOR_KINGDEE_TLS_CA_FILE).
+    pub ca: Option<CaBundle>,
 }
 
 impl KingdeeArgs {
@@ -104,6 +111,10 @@ impl KingdeeArgs {
                 "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID",
             )?,
             account: self.account.clone().filter(|text| !text.is_empty()),
+            ca: CaBundle::load_optional(
+                "CONVEYOR_KINGDEE_TLS_CA_FILE",
+                self.tls_ca_file.as_deref(),
+            )?,
         })
     }
 
@@ -202,10 +213,10 @@ pub struct Gateway<B> {
 
 impl<B: RateBudget> Gateway<B> {
     pub fn new(credentials: Credentials, budget: B, metrics: Metrics, pipeline: &str) -> Self {
-        let http = reqwest::Client::builder()
+        let http = tls::http_client(credentials.ca.as_ref())
             .timeout(Duration::from_secs(30))
             .build()
-            .expect("an HTTP client without TLS settings builds");
+            .expect("an HTTP client with a checked TLS configuration builds");
         Self {
             http,
             credentials,
@@ -265,8 +276,23 @@ impl<B: RateBudget> Gateway<B> {
         )))
     }
 
+    /// Refuses a gateway whose HTTPS certificate is not trusted (see [`tls::check_server`]): asked once
+    /// at start, so that a wrong CA setting stops the process instead of failing every call.
+    pub async fn check_tls(&self) -> Result<(), GatewayError> {
+        tls::check_server(
+            &self.http,
+            &self.credentials.base_url,
+            "CONVEYOR_KINGDEE_TLS_CA_FILE",
+        )
+        .await
+        .map_err(|advice| {
+            GatewayError::Permanent(format!("{}: {advice}", self.credentials.base_url))
+        })
+    }
+
     /// Authorizes and fetches a token now, for an operator checking the credentials.
     pub async fn check_token(&self) -> Result<TokenReport, GatewayError> {
+        self.check_tls().await?;
         {
             let mut session = self.session.lock().await;
             session.token = None;
@@ -554,8 +580,13 @@ impl<B: RateBudget> Gateway<B> {
         let response = match request.send().await {
             Ok(response) => response,
             Err(err) => {
+                // Said plainly, with the setting that helps (the startup check catches it first).
+                let reason = match tls::tls_failure(&err) {
+                    Some(failure) => tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE"),
+                    None => format!("request failed: {}", tls::error_chain(&err)),
+                };
                 return Ok(Answer::Retry {
-                    reason: format!("request failed: {err}"),
+                    reason,
                     throttled: false,
                 });
             }

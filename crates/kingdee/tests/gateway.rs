@@ -23,6 +23,7 @@ async fn start(config: SimConfig) -> (Arc<Simulator>, Gateway<Unlimited>) {
         client_secret: Secret::new(DEMO_CLIENT_SECRET),
         outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
         account: None,
+        ca: None,
     };
     (
         sim,
@@ -245,6 +246,7 @@ async fn wrong_credentials_fail_with_the_gateway_reason() {
         client_secret: Secret::new("not-the-secret"),
         outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
         account: None,
+        ca: None,
     };
     let gateway = Gateway::new(credentials, Unlimited, Metrics::new(), "test");
     let err = gateway.check_token().await.unwrap_err();

@@ -52,11 +52,11 @@ pub async fn open_target(
 ) -> anyhow::Result<Target> {
     Ok(match &pipeline.spec.target {
         TargetSpec::Noop => Target::Noop(NoopTarget::default()),
-        TargetSpec::Http(spec) => Target::Http(Box::new(HttpTarget::new(
-            spec,
-            pipeline.mapping.version_field(),
-            http,
-        )?)),
+        TargetSpec::Http(spec) => {
+            let target = HttpTarget::new(spec, pipeline.mapping.version_field(), http)?;
+            target.check_tls().await?;
+            Target::Http(Box::new(target))
+        }
         TargetSpec::Postgres {
             table,
             migrations,

@@ -122,7 +122,9 @@ fn line_records(count: usize) -> anyhow::Result<Vec<Record>> {
 
 /// One record at a time: ask whether it exists, then POST it.
 async fn naive(base: &str, records: &[Record]) -> anyhow::Result<Duration> {
-    let client = reqwest::Client::new();
+    let client = conveyor_core::tls::http_client(None)
+        .build()
+        .expect("an HTTP client builds");
     let started = Instant::now();
     for record in records {
         let exists = client

@@ -246,7 +246,7 @@ async fn measure(
     for _ in 0..writers {
         workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
     }
-    let http = reqwest::Client::builder()
+    let http = conveyor_core::tls::http_client(None)
         .timeout(Duration::from_secs(2))
         .build()?;
     // Wait until every writer serves its metrics (it is connected and set up).
@@ -470,7 +470,7 @@ fn latencies(fetched: &[(f64, f64)], written: &[(f64, f64)], records: usize) -> 
 
 /// The raw broker: publish-with-confirms and consume-with-acks over one quorum queue, 1 KiB messages.
 async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64> {
-    let connection = broker::connect(&services.amqp_url, "conveyor-bench-raw").await?;
+    let connection = broker::connect(&services.broker()?, "conveyor-bench-raw").await?;
     let queue = format!("conveyor-bench-raw-{}", std::process::id());
     let publish = connection.create_channel().await?;
     let mut arguments = FieldTable::default();

@@ -38,6 +38,9 @@ struct Cli {
     /// The client secret the gateway signs with.
     #[arg(long, env = "KINGDEE_SIM_CLIENT_SECRET", default_value = gate::DEMO_CLIENT_SECRET, hide_default_value = true)]
     client_secret: String,
+    /// File holding the client secret (Docker secrets); wins over KINGDEE_SIM_CLIENT_SECRET.
+    #[arg(long, env = "KINGDEE_SIM_CLIENT_SECRET_FILE")]
+    client_secret_file: Option<std::path::PathBuf>,
     /// The outerInstanceId the gateway knows.
     #[arg(long, env = "KINGDEE_SIM_OUTER_INSTANCE_ID", default_value = gate::DEMO_OUTER_INSTANCE_ID)]
     outer_instance_id: String,
@@ -82,6 +85,18 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     conveyor_core::telemetry::init(conveyor_core::settings::LogFormat::Text, "info")?;
     let cli = Cli::parse();
+    let client_secret = match &cli.client_secret_file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "KINGDEE_SIM_CLIENT_SECRET_FILE: cannot read {}: {err}",
+                    path.display()
+                )
+            })?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        None => cli.client_secret.clone(),
+    };
     let epoch = match cli.epoch_days_ago {
         Some(days) => kingdee_sim::data::days_ago(days),
         None => kingdee_sim::data::default_epoch(),
@@ -95,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         count_always_string: cli.count_as_string,
         gateway: GatewayConfig {
             client_id: cli.client_id,
-            client_secret: cli.client_secret,
+            client_secret,
             outer_instance_id: cli.outer_instance_id,
             token_lifetime: Duration::from_secs(cli.token_lifetime_secs),
             secret_rotation: (cli.secret_rotation_secs > 0)

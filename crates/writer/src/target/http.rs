@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use conveyor_core::envelope::Record;
 use conveyor_core::http_target::{AuthSpec, BodyShape, HttpTargetSpec, IdCheckSpec, OnExists};
 use conveyor_core::settings::{Secret, SettingsError};
+use conveyor_core::tls::{self, CaBundle};
 use futures_util::future::join_all;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -48,6 +49,9 @@ pub struct HttpArgs {
     /// File holding the client secret, instead of CONVEYOR_HTTP_TARGET_CLIENT_SECRET.
     #[arg(long, env = "CONVEYOR_HTTP_TARGET_CLIENT_SECRET_FILE")]
     pub http_target_client_secret_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for the target's HTTPS besides the public roots (a private CA).
+    #[arg(long, env = "CONVEYOR_HTTP_TARGET_TLS_CA_FILE")]
+    pub http_target_tls_ca_file: Option<PathBuf>,
 }
 
 /// How calls get their bearer token.
@@ -136,12 +140,16 @@ pub enum SetupError {
     Header(String),
     #[error("HTTP client: {0}")]
     Client(String),
+    #[error("HTTP target {0}")]
+    Tls(String),
 }
 
 pub struct HttpTarget {
     client: reqwest::Client,
     spec: HttpTargetSpec,
     base: String,
+    /// The base URL as it may be logged (no user info, no query).
+    endpoint: String,
     method: Method,
     headers: HeaderMap,
     auth: Auth,
@@ -232,7 +240,11 @@ impl HttpTarget {
                 HeaderValue::from_str(value).map_err(|err| SetupError::Header(err.to_string()))?;
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
+        let ca = CaBundle::load_optional(
+            "CONVEYOR_HTTP_TARGET_TLS_CA_FILE",
+            args.http_target_tls_ca_file.as_deref(),
+        )?;
+        let client = tls::http_client(ca.as_ref())
             .timeout(Duration::from_secs(spec.timeout_secs))
             .connect_timeout(Duration::from_secs(spec.timeout_secs.min(10)))
             .pool_max_idle_per_host(spec.concurrency)
@@ -245,11 +257,19 @@ impl HttpTarget {
                 .map_err(|err| SetupError::Client(err.to_string()))?,
             spec: spec.clone(),
             base,
+            endpoint,
             headers,
             auth,
             version_field: version_field.to_owned(),
             permits: Arc::new(Semaphore::new(spec.concurrency)),
         })
+    }
+
+    /// Refuses a target whose HTTPS certificate is not trusted (see [`tls::check_server`]).
+    pub async fn check_tls(&self) -> Result<(), SetupError> {
+        tls::check_server(&self.client, &self.base, "CONVEYOR_HTTP_TARGET_TLS_CA_FILE")
+            .await
+            .map_err(|advice| SetupError::Tls(format!("{}: {advice}", self.endpoint)))
     }
 
     /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
@@ -534,7 +554,12 @@ pub fn classify_error(what: &str, error: reqwest::Error) -> WriteError {
         "failed"
     };
     // Without the URL: it may carry credentials in its query.
-    let message = format!("call to {what} {kind}: {}", error.without_url());
+    let error = error.without_url();
+    let cause = match tls::tls_failure(&error) {
+        Some(failure) => tls::advice(failure, "CONVEYOR_HTTP_TARGET_TLS_CA_FILE"),
+        None => tls::error_chain(&error),
+    };
+    let message = format!("call to {what} {kind}: {cause}");
     if connect {
         WriteError::Unavailable(message)
     } else {
