@@ -103,7 +103,7 @@ fn line_records(count: usize) -> anyhow::Result<Vec<Record>> {
     let dataset =
         kingdee_sim::data::Dataset::generate(42, count / 2 + 1, kingdee_sim::data::default_epoch());
     let mut records = Vec::with_capacity(count);
-    for order in &dataset.orders {
+    for order in dataset.orders() {
         let source = serde_json::to_value(order)?;
         for mapped in pipeline.mapping.apply(&source)?.records {
             records.push(Record {

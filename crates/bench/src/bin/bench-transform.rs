@@ -62,7 +62,7 @@ fn main() -> anyhow::Result<()> {
     let dataset =
         kingdee_sim::data::Dataset::generate(42, orders, kingdee_sim::data::default_epoch());
     let records: Vec<Record> = dataset
-        .orders
+        .orders()
         .iter()
         .map(|order| -> anyhow::Result<Record> {
             Ok(Record {
