@@ -65,11 +65,11 @@ fn main() -> anyhow::Result<()> {
         .orders()
         .iter()
         .map(|order| -> anyhow::Result<Record> {
-            Ok(Record {
-                id: order.id.clone(),
-                modify_time: source_time::parse_instant(&order.modify_time.clone().into())?,
-                data: serde_json::to_value(order)?,
-            })
+            Ok(Record::new(
+                order.id.clone(),
+                source_time::parse_instant(&order.modify_time.clone().into())?,
+                &serde_json::to_value(order)?,
+            ))
         })
         .collect::<anyhow::Result<_>>()?;
     let orders_pipeline = Pipeline::parse(Path::new("bench-orders.toml"), ORDERS_PIPELINE)?;
