@@ -18,6 +18,7 @@ name = "bench_orders"
 [source]
 kind = "kingdee"
 path = "/jdy/v2/scm/sal_order"
+start_time = "2025-01-01T00:00:00+08:00"
 [transform]
 key = "id"
 version = "modified_at"
