@@ -76,10 +76,10 @@ pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
         ..MappedBatch::default()
     };
     for record in records {
-        let applied = record
-            .fields()
+        let applied = mapping
+            .parse_source(record.data.get())
             .map_err(|err| format!("record data: {err}"))
-            .and_then(|fields| mapping.apply(&fields).map_err(|err| err.to_string()));
+            .and_then(|source| mapping.apply_owned(source).map_err(|err| err.to_string()));
         match applied {
             Ok(applied) => {
                 batch.filtered += applied.filtered;
