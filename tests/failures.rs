@@ -302,11 +302,11 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
         let records = (0..100)
             .map(|n| {
                 let id = format!("lock-{batch}-{n}");
-                Record {
-                    id: id.clone(),
-                    modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
-                    data: serde_json::json!({"id": id, "bill_no": "XSDD-L", "modify_time": "2025-01-01T08:00:00+08:00"}),
-                }
+                Record::new(
+                    id.clone(),
+                    "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                    &serde_json::json!({"id": id, "bill_no": "XSDD-L", "modify_time": "2025-01-01T08:00:00+08:00"}),
+                )
             })
             .collect();
         let (body, properties) = Envelope {

@@ -175,16 +175,16 @@ async fn malformed_messages_go_to_each_stage_dead_letter_queue() {
     let good_and_bad = Envelope {
         meta: meta.next_stage(),
         records: vec![
-            Record {
-                id: "1".into(),
-                modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
-                data: serde_json::json!({"id": "1", "bill_no": "XSDD-1", "modify_time": "2025-01-01T08:00:00+08:00"}),
-            },
-            Record {
-                id: "2".into(),
-                modify_time: "2025-01-01T08:00:00+08:00".parse().unwrap(),
-                data: serde_json::json!({"id": "2", "modify_time": "2025-01-01T08:00:00+08:00"}),
-            },
+            Record::new(
+                "1".into(),
+                "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                &serde_json::json!({"id": "1", "bill_no": "XSDD-1", "modify_time": "2025-01-01T08:00:00+08:00"}),
+            ),
+            Record::new(
+                "2".into(),
+                "2025-01-01T08:00:00+08:00".parse().unwrap(),
+                &serde_json::json!({"id": "2", "modify_time": "2025-01-01T08:00:00+08:00"}),
+            ),
         ],
     };
     let (body, properties) = good_and_bad.to_amqp();

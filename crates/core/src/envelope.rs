@@ -9,6 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 /// Version of the body's layout; a consumer refuses bodies of a version it does not know.
@@ -22,13 +23,40 @@ pub const HEADER_ATTEMPT: &str = "x-conveyor-attempt";
 pub const HEADER_RECORDS: &str = "x-conveyor-records";
 
 /// One business record: its identity and version at the source, and its fields.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     /// The record's id (the source's id before transformation, the target key after).
     pub id: String,
     /// When the record was last modified; a newer version replaces an older one, never the reverse.
     pub modify_time: DateTime<FixedOffset>,
-    pub data: Value,
+    /// The fields as JSON text (checked to be JSON when the message is read). Stages that only pass
+    /// records on, or hand them to a target that reads JSON, never build a tree of them; the stage that
+    /// looks inside parses them ([`Record::fields`]).
+    pub data: Box<RawValue>,
+}
+
+impl Record {
+    pub fn new(id: String, modify_time: DateTime<FixedOffset>, data: &Value) -> Self {
+        Self {
+            id,
+            modify_time,
+            data: serde_json::value::to_raw_value(data).expect("a JSON tree serializes"),
+        }
+    }
+
+    /// The fields as a JSON tree.
+    pub fn fields(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_str(self.data.get())
+    }
+}
+
+/// The same id, version and JSON text.
+impl PartialEq for Record {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.modify_time == other.modify_time
+            && self.data.get() == other.data.get()
+    }
 }
 
 /// Identity of a message, carried in AMQP properties and headers.
@@ -234,11 +262,11 @@ mod tests {
     fn sample() -> Envelope {
         Envelope {
             meta: Meta::new_trace("orders"),
-            records: vec![Record {
-                id: "839081161182436352".into(),
-                modify_time: DateTime::parse_from_rfc3339("2020-03-02T15:15:59+08:00").unwrap(),
-                data: json!({"bill_no": "XSDD-20200303-00004", "total_amount": "20.2"}),
-            }],
+            records: vec![Record::new(
+                "839081161182436352".into(),
+                DateTime::parse_from_rfc3339("2020-03-02T15:15:59+08:00").unwrap(),
+                &json!({"bill_no": "XSDD-20200303-00004", "total_amount": "20.2"}),
+            )],
         }
     }
 
@@ -280,6 +308,15 @@ mod tests {
             Envelope::from_amqp(
                 "orders",
                 br#"{"schema":1,"records":[{"id":1}]}"#,
+                &properties
+            ),
+            Err(Malformed::Body(_))
+        ));
+        // Record data travels as JSON text, still checked to be JSON.
+        assert!(matches!(
+            Envelope::from_amqp(
+                "orders",
+                br#"{"schema":1,"records":[{"id":"1","modify_time":"2020-03-02T15:15:59+08:00","data":{"a":tru}}]}"#,
                 &properties
             ),
             Err(Malformed::Body(_))

@@ -29,7 +29,9 @@ use conveyor_core::source_time;
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
 use futures_util::StreamExt;
 use serde::Serialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::{SharedBudget, SyncStore};
@@ -341,7 +343,7 @@ impl Fetcher {
                             Failure::new(ErrorClass::Permanent, message)
                         }
                     })?;
-            match Page::from_data(data, number, page_size) {
+            match Page::from_data(&data, number, page_size) {
                 Ok(page) => break page,
                 Err(problem) if attempt < PAGE_ATTEMPTS => {
                     tracing::warn!(problem, "page inconsistent with its count; asking again");
@@ -362,7 +364,7 @@ impl Fetcher {
     async fn publish_page(
         &self,
         meta: &Meta,
-        rows: Vec<Value>,
+        rows: Vec<Box<RawValue>>,
     ) -> Result<Option<PendingConfirm>, Failure> {
         let transient = |err: conveyor_core::broker::BrokerError| {
             Failure::new(ErrorClass::Transient, err.to_string())
@@ -509,35 +511,45 @@ impl Handler for Fetcher {
 }
 
 /// Turns rows into records; rows without a usable id or modify time are returned apart, with the reason.
-fn to_records(source: &SourceSpec, rows: Vec<Value>) -> (Vec<Record>, Vec<(Record, Failure)>) {
+/// Each row's JSON goes on unchanged: only its id and modify time are read.
+fn to_records(
+    source: &SourceSpec,
+    rows: Vec<Box<RawValue>>,
+) -> (Vec<Record>, Vec<(Record, Failure)>) {
     let mut records = Vec::with_capacity(rows.len());
     let mut rejected = Vec::new();
     for row in rows {
-        let id = match row.get(&source.id_field) {
-            Some(Value::String(text)) if !text.is_empty() => Some(text.clone()),
+        let keys = RowKeys::read(source, &row);
+        let id = match keys.id {
+            Some(Value::String(text)) if !text.is_empty() => Some(text),
             Some(Value::Number(number)) => Some(number.to_string()),
             _ => None,
         };
-        let modify_time = row
-            .get(&source.modify_time_field)
-            .map(source_time::parse_instant);
-        let problem = match (&id, modify_time) {
+        let modify_time = keys.modify_time.as_ref().map(source_time::parse_instant);
+        let (id, problem) = match (id, modify_time) {
             (Some(id), Some(Ok(modify_time))) => {
                 records.push(Record {
-                    id: id.clone(),
+                    id,
                     modify_time,
                     data: row,
                 });
                 continue;
             }
-            (None, _) => format!("row has no usable id field {:?}", source.id_field),
-            (_, None) => format!(
-                "row has no modify time field {:?}",
-                source.modify_time_field
+            (None, _) => (
+                None,
+                format!("row has no usable id field {:?}", source.id_field),
             ),
-            (_, Some(Err(err))) => {
-                format!("modify time field {:?}: {err}", source.modify_time_field)
-            }
+            (id, None) => (
+                id,
+                format!(
+                    "row has no modify time field {:?}",
+                    source.modify_time_field
+                ),
+            ),
+            (id, Some(Err(err))) => (
+                id,
+                format!("modify time field {:?}: {err}", source.modify_time_field),
+            ),
         };
         let record = Record {
             id: id.unwrap_or_default(),
@@ -547,4 +559,155 @@ fn to_records(source: &SourceSpec, rows: Vec<Value>) -> (Vec<Record>, Vec<(Recor
         rejected.push((record, Failure::new(ErrorClass::Permanent, problem)));
     }
     (records, rejected)
+}
+
+/// The id and modify time fields of a row, read without building the rest of it (a row that is not an
+/// object has neither).
+#[derive(Debug, Default)]
+struct RowKeys {
+    id: Option<Value>,
+    modify_time: Option<Value>,
+}
+
+impl RowKeys {
+    fn read(source: &SourceSpec, row: &RawValue) -> Self {
+        let mut reader = serde_json::Deserializer::from_str(row.get());
+        (&mut reader)
+            .deserialize_map(RowKeysVisitor(source))
+            .unwrap_or_default()
+    }
+}
+
+struct RowKeysVisitor<'a>(&'a SourceSpec);
+
+impl<'de> Visitor<'de> for RowKeysVisitor<'_> {
+    type Value = RowKeys;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a row object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowKeys, A::Error> {
+        let mut keys = RowKeys::default();
+        // A repeated key counts with its last value, as in a JSON tree.
+        while let Some(key) = map.next_key_seed(KeyOf(self.0))? {
+            match key {
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Id => keys.id = Some(map.next_value()?),
+                Key::ModifyTime => keys.modify_time = Some(map.next_value()?),
+                Key::Both => {
+                    let value: Value = map.next_value()?;
+                    keys.modify_time = Some(value.clone());
+                    keys.id = Some(value);
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// Which of the fields the fetcher reads a key names.
+enum Key {
+    Id,
+    ModifyTime,
+    /// A source whose id field is its modify time field.
+    Both,
+    Other,
+}
+
+/// Reads a key and compares it in place, without allocating it.
+struct KeyOf<'a>(&'a SourceSpec);
+
+impl<'de> DeserializeSeed<'de> for KeyOf<'_> {
+    type Value = Key;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyOf<'_> {
+    type Value = Key;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a field name")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+        Ok(
+            match (key == self.0.id_field, key == self.0.modify_time_field) {
+                (true, true) => Key::Both,
+                (true, false) => Key::Id,
+                (false, true) => Key::ModifyTime,
+                (false, false) => Key::Other,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn source() -> SourceSpec {
+        serde_json::from_value(json!({
+            "kind": "kingdee",
+            "path": "/jdy/v2/scm/sal_order",
+            "start_time": "2025-01-01T00:00:00+08:00",
+        }))
+        .unwrap()
+    }
+
+    fn rows(texts: &[&str]) -> Vec<Box<RawValue>> {
+        texts
+            .iter()
+            .map(|text| RawValue::from_string((*text).to_owned()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn rows_pass_unchanged_and_unusable_ones_are_set_apart_with_the_reason() {
+        let good = r#"{"material_entity":[{"id":"9","modify_time":"x"}],"id":"7", "modify_time":"2025-01-02 03:04:05","n":1.50}"#;
+        let (records, rejected) = to_records(
+            &source(),
+            rows(&[
+                good,
+                r#"{"i\u0064":8,"modify_time":1735750000000}"#,
+                r#"{"id":"","modify_time":"2025-01-02 03:04:05"}"#,
+                r#"{"id":"10"}"#,
+                r#"{"id":"11","modify_time":"soon"}"#,
+                r#"[1,2]"#,
+                r#"{"id":"12","id":"13","modify_time":"2025-01-02 03:04:05"}"#,
+            ]),
+        );
+        let ids: Vec<&str> = records.iter().map(|record| record.id.as_str()).collect();
+        assert_eq!(ids, ["7", "8", "13"]);
+        assert_eq!(
+            records[0].data.get(),
+            good,
+            "the row's JSON is passed on as it came"
+        );
+        assert_eq!(
+            records[0].modify_time.to_rfc3339(),
+            "2025-01-02T03:04:05+08:00"
+        );
+        let reasons: Vec<(&str, &str)> = rejected
+            .iter()
+            .map(|(record, failure)| (record.id.as_str(), failure.message.as_str()))
+            .collect();
+        assert_eq!(reasons.len(), 4);
+        assert!(reasons[0].0.is_empty() && reasons[0].1.contains("no usable id"));
+        assert!(reasons[1] == ("10", r#"row has no modify time field "modify_time""#));
+        assert!(
+            reasons[2].0 == "11"
+                && reasons[2]
+                    .1
+                    .starts_with(r#"modify time field "modify_time""#)
+        );
+        assert!(reasons[3].1.contains("no usable id"));
+        assert_eq!(rejected[3].0.data.get(), "[1,2]");
+    }
 }

@@ -65,17 +65,20 @@ impl Window {
     /// The window as a work item on the fetch queue.
     pub fn to_record(self) -> Record {
         let (start, end) = (self.start.timestamp_millis(), self.end.timestamp_millis());
-        Record {
-            id: format!("window:{start}-{end}"),
-            modify_time: self.start.fixed_offset(),
-            data: json!({"window_start": start, "window_end": end}),
-        }
+        Record::new(
+            format!("window:{start}-{end}"),
+            self.start.fixed_offset(),
+            &json!({"window_start": start, "window_end": end}),
+        )
     }
 
     /// Reads a work item.
     pub fn from_record(record: &Record) -> Result<Self, String> {
+        let data = record
+            .fields()
+            .map_err(|err| format!("work item {:?}: {err}", record.id))?;
         let millis = |field: &str| {
-            record.data[field]
+            data[field]
                 .as_i64()
                 .and_then(DateTime::from_timestamp_millis)
                 .ok_or_else(|| format!("work item {:?} has no valid {field}", record.id))
@@ -129,7 +132,9 @@ mod tests {
         };
         assert_eq!(Window::from_record(&window.to_record()).unwrap(), window);
         let mut broken = window.to_record();
-        broken.data["window_end"] = json!("soon");
+        let mut data = broken.fields().unwrap();
+        data["window_end"] = json!("soon");
+        broken = Record::new(broken.id, broken.modify_time, &data);
         assert!(Window::from_record(&broken).is_err());
     }
 }

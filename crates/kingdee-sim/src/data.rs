@@ -4,10 +4,13 @@
 //! Amounts are computed in cents and written as decimal strings, as the real API writes them, so that the
 //! totals of an order agree exactly with its lines.
 
+use std::sync::OnceLock;
+
 use chrono::{Duration, NaiveDate, NaiveDateTime};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 /// The local time format of the source (China Standard Time).
 pub const LOCAL_TIME_FORMAT: &str = "%Y-%m-%d %H:%M:%S";
@@ -89,7 +92,11 @@ pub struct Material {
 /// Everything the simulator serves.
 #[derive(Debug, Clone)]
 pub struct Dataset {
-    pub orders: Vec<SalesOrder>,
+    /// Changed only through [`Dataset::order_mut`] and the methods below, which keep `rendered` in step.
+    orders: Vec<SalesOrder>,
+    /// Each order's JSON, rendered when first served and dropped when the order changes: a page is then
+    /// mostly a concatenation, instead of serializing every order again for every client that pages it.
+    rendered: Vec<OnceLock<Box<RawValue>>>,
     pub customers: Vec<Customer>,
     pub materials: Vec<Material>,
     generator: Generator,
@@ -289,6 +296,7 @@ impl Dataset {
             orders.push(generator.order(created, modified, &customers, &materials));
         }
         Self {
+            rendered: vec![OnceLock::new(); orders.len()],
             orders,
             customers,
             materials,
@@ -302,13 +310,31 @@ impl Dataset {
             .generator
             .order(now, now, &self.customers, &self.materials);
         self.orders.push(order);
+        self.rendered.push(OnceLock::new());
     }
 
     /// Modifies the order at `index`: its modify time becomes `now` (CST) and its remark changes.
     pub fn modify_order(&mut self, index: usize, now: NaiveDateTime) {
-        let order = &mut self.orders[index];
+        let order = self.order_mut(index);
         order.modify_time = local(now);
         order.remark = format!("修改于 {}", local(now));
+    }
+
+    pub fn orders(&self) -> &[SalesOrder] {
+        &self.orders
+    }
+
+    /// The order at `index`, to change: its rendered JSON is dropped.
+    pub fn order_mut(&mut self, index: usize) -> &mut SalesOrder {
+        self.rendered[index] = OnceLock::new();
+        &mut self.orders[index]
+    }
+
+    /// The order at `index` as JSON, rendered once per version of the order.
+    pub fn order_json(&self, index: usize) -> &RawValue {
+        self.rendered[index].get_or_init(|| {
+            serde_json::value::to_raw_value(&self.orders[index]).expect("orders serialize")
+        })
     }
 
     pub fn random_index(&mut self) -> usize {
@@ -359,6 +385,27 @@ mod tests {
             assert!((lines - total).abs() < 0.001, "{} vs {}", lines, total);
             assert!(order.modify_time >= order.create_time);
         }
+    }
+
+    #[test]
+    fn rendered_orders_follow_their_changes() {
+        let mut data = Dataset::generate(3, 5, default_epoch());
+        let rendered = |data: &Dataset| {
+            serde_json::from_str::<serde_json::Value>(data.order_json(2).get()).unwrap()
+        };
+        assert_eq!(
+            rendered(&data),
+            serde_json::to_value(&data.orders[2]).unwrap()
+        );
+        data.modify_order(2, default_epoch() + Duration::days(400));
+        assert_eq!(rendered(&data)["modify_time"], "2026-02-05 08:00:00");
+        data.order_mut(2).total_amount = "N/A".into();
+        assert_eq!(rendered(&data)["total_amount"], "N/A");
+        data.create_order(default_epoch());
+        assert_eq!(
+            data.order_json(5).get(),
+            serde_json::to_string(&data.orders[5]).unwrap()
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use axum::{Json, Router};
 use chrono::NaiveDateTime;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -141,13 +142,9 @@ impl Simulator {
     pub fn new(config: SimConfig) -> Arc<Self> {
         let mut data = Dataset::generate(config.seed, config.orders, config.epoch);
         if config.poison_every > 0 {
-            for order in data
-                .orders
-                .iter_mut()
-                .skip(config.poison_every - 1)
-                .step_by(config.poison_every)
+            for index in (config.poison_every - 1..data.orders().len()).step_by(config.poison_every)
             {
-                order.total_amount = POISON_AMOUNT.to_owned();
+                data.order_mut(index).total_amount = POISON_AMOUNT.to_owned();
             }
         }
         Arc::new(Self {
@@ -174,7 +171,7 @@ impl Simulator {
         };
         match object {
             Object::SalesOrder => data
-                .orders
+                .orders()
                 .iter()
                 .map(|o| record(&o.id, &o.modify_time))
                 .collect(),
@@ -194,7 +191,7 @@ impl Simulator {
     /// The ids of the sales orders spoiled by `poison_every`.
     pub fn poisoned_orders(&self) -> Vec<String> {
         let data = self.data.read().expect("data lock");
-        data.orders
+        data.orders()
             .iter()
             .filter(|order| order.total_amount == POISON_AMOUNT)
             .map(|order| order.id.clone())
@@ -227,7 +224,7 @@ impl Simulator {
         let mut data = self.data.write().expect("data lock");
         while carry.0 >= 1.0 {
             carry.0 -= 1.0;
-            if !data.orders.is_empty() {
+            if !data.orders().is_empty() {
                 let index = data.random_index();
                 data.modify_order(index, now);
                 bump(&self.stats.orders_modified);
@@ -245,7 +242,7 @@ impl Simulator {
     /// order): the truth of a pipeline that flattens orders into lines.
     pub fn order_lines_truth(&self) -> Vec<TruthRecord> {
         let data = self.data.read().expect("data lock");
-        data.orders
+        data.orders()
             .iter()
             .flat_map(|order| {
                 order.material_entity.iter().map(|line| TruthRecord {
@@ -278,7 +275,7 @@ impl Simulator {
             return selection.indices.clone();
         }
         let indices: Arc<Vec<usize>> = Arc::new(
-            data.orders
+            data.orders()
                 .iter()
                 .enumerate()
                 .filter(|(_, order)| window.contains(&order.modify_time))
@@ -509,27 +506,35 @@ impl Paging {
         })
     }
 
-    /// The matching rows' count and this page of them, serialized (only the page is).
-    fn take<'a, T: Serialize + 'a>(
+    /// The matching rows' count and this page of them, rendered by `render` (only the page is).
+    fn take<T>(
         &self,
-        rows: impl Iterator<Item = &'a T>,
-    ) -> (usize, Vec<Value>) {
-        let matching: Vec<&T> = rows.collect();
+        rows: impl Iterator<Item = T>,
+        render: impl Fn(T) -> Box<RawValue>,
+    ) -> (usize, Vec<Box<RawValue>>) {
+        let matching: Vec<T> = rows.collect();
         let count = matching.len();
         let start = (self.page - 1).saturating_mul(self.size).min(count);
         let end = (start + self.size).min(count);
-        let page = matching[start..end]
-            .iter()
-            .map(|row| serde_json::to_value(row).expect("rows serialize"))
+        let page = matching
+            .into_iter()
+            .skip(start)
+            .take(end - start)
+            .map(render)
             .collect();
         (count, page)
     }
 }
 
+/// A row of a base-data list, serialized as it is served.
+fn render<T: Serialize>(row: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(row).expect("rows serialize")
+}
+
 /// What a list endpoint serves: a page of matching rows and how it writes `count`.
 struct Listing {
     count: usize,
-    rows: Vec<Value>,
+    rows: Vec<Box<RawValue>>,
     count_as_string: bool,
 }
 
@@ -577,8 +582,7 @@ async fn list(
         bump(&sim.stats.injected_faults);
         listing.rows.clear();
     }
-    let bytes =
-        serde_json::to_vec(&page_body(sim, &paging, listing)).expect("JSON values serialize");
+    let bytes = page_body(sim, &paging, listing);
     if truncated {
         bump(&sim.stats.injected_faults);
         return (
@@ -603,8 +607,25 @@ async fn list(
     ([("content-type", "application/json")], bytes).into_response()
 }
 
-/// The response envelope of one page, under the gateway's paging rules.
-fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> Value {
+/// The response envelope of one page, under the gateway's paging rules. Written as a struct rather than
+/// a `json!` tree, so that the rows go out as the bytes they were rendered to.
+fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct PageBody {
+        errcode: u32,
+        description: &'static str,
+        data: PageData,
+    }
+    #[derive(Serialize)]
+    struct PageData {
+        count: Value,
+        page: usize,
+        page_size: usize,
+        total_page: usize,
+        current_page_size: usize,
+        headers: serde_json::Map<String, Value>,
+        rows: Vec<Box<RawValue>>,
+    }
     let paging_size = if sim.config.total_page_from_requested_size {
         paging.requested_size
     } else {
@@ -615,19 +636,20 @@ fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> Value {
     } else {
         Value::from(listing.count)
     };
-    json!({
-        "errcode": 0,
-        "description": "success",
-        "data": {
-            "count": count,
-            "page": paging.page,
-            "page_size": paging.size,
-            "total_page": listing.count.div_ceil(paging_size),
-            "current_page_size": listing.rows.len(),
-            "headers": {},
-            "rows": listing.rows,
-        }
-    })
+    let body = PageBody {
+        errcode: 0,
+        description: "success",
+        data: PageData {
+            count,
+            page: paging.page,
+            page_size: paging.size,
+            total_page: listing.count.div_ceil(paging_size),
+            current_page_size: listing.rows.len(),
+            headers: serde_json::Map::new(),
+            rows: listing.rows,
+        },
+    };
+    serde_json::to_vec(&body).expect("pages serialize")
 }
 
 async fn list_sales_orders(
@@ -643,7 +665,8 @@ async fn list_sales_orders(
         &query,
         |data, window, paging| {
             let indices = sim.select_orders(data, window, status.as_deref());
-            let (count, rows) = paging.take(indices.iter().map(|&index| &data.orders[index]));
+            let (count, rows) =
+                paging.take(indices.iter(), |&index| data.order_json(index).to_owned());
             Listing {
                 count,
                 rows,
@@ -691,6 +714,7 @@ async fn list_base_data<T: BaseData>(
             T::all(data)
                 .iter()
                 .filter(|row| window.contains(row.modify_time())),
+            render,
         );
         Listing {
             count,

@@ -18,6 +18,7 @@ use conveyor_core::tls::{self, CaBundle};
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::Mutex;
 
 use crate::sign::{self, SignatureInput};
@@ -193,9 +194,15 @@ pub struct TokenReport {
 
 /// One outcome of one HTTP exchange.
 enum Answer {
-    Data(Value),
-    Retry { reason: String, throttled: bool },
-    TokenRejected { reason: String },
+    /// The answer's `data` as it came: a list page's rows are passed on without being rebuilt.
+    Data(Box<RawValue>),
+    Retry {
+        reason: String,
+        throttled: bool,
+    },
+    TokenRejected {
+        reason: String,
+    },
     TenantMoved,
     StaleSecret,
     Fatal(String),
@@ -228,7 +235,11 @@ impl<B: RateBudget> Gateway<B> {
     }
 
     /// A signed business GET; returns the response's `data`. Retries what can be retried.
-    pub async fn get(&self, path: &str, query: &[(String, String)]) -> Result<Value, GatewayError> {
+    pub async fn get(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<Box<RawValue>, GatewayError> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -445,10 +456,11 @@ impl<B: RateBudget> Gateway<B> {
             #[serde(default)]
             status: Value,
         }
-        let sets: Vec<AccountSet> = serde_json::from_value(data).map_err(|err| Answer::Retry {
-            reason: format!("push_app_authorize answer: {err}"),
-            throttled: false,
-        })?;
+        let sets: Vec<AccountSet> =
+            serde_json::from_str(data.get()).map_err(|err| Answer::Retry {
+                reason: format!("push_app_authorize answer: {err}"),
+                throttled: false,
+            })?;
         let active: Vec<&AccountSet> = sets
             .iter()
             .filter(|set| set.status == 1 || set.status == "1")
@@ -498,7 +510,12 @@ impl<B: RateBudget> Gateway<B> {
             .exchange(reqwest::Method::GET, TOKEN_PATH, &query, None)
             .await
         {
-            Ok(Answer::Data(data)) => data,
+            Ok(Answer::Data(data)) => {
+                serde_json::from_str::<Value>(data.get()).map_err(|err| Answer::Retry {
+                    reason: format!("token answer: {err}"),
+                    throttled: false,
+                })?
+            }
             Ok(other) => return Err(other),
             Err(err) => return Err(Answer::Fatal(err.to_string())),
         };
@@ -639,18 +656,28 @@ fn read_answer(status: u16, body: &[u8]) -> Answer {
         200..=299 => {}
         _ => return Answer::Fatal(format!("HTTP {status}")),
     }
-    let json: Value = match serde_json::from_slice(body) {
+    /// The fields of an answer the client reads; `data` stays raw JSON, borrowed from the body.
+    #[derive(Deserialize)]
+    struct Envelope<'a> {
+        errcode: Option<Value>,
+        code: Option<Value>,
+        description: Option<Value>,
+        msg: Option<Value>,
+        #[serde(borrow)]
+        data: Option<&'a RawValue>,
+    }
+    let json: Envelope = match serde_json::from_slice(body) {
         Ok(json) => json,
         Err(err) => return retry(format!("unreadable answer: {err}")),
     };
-    match code_of(&json) {
-        Some(0 | 200) => Answer::Data(json["data"].clone()),
+    match code_in([json.errcode.as_ref(), json.code.as_ref()]) {
+        Some(0 | 200) => Answer::Data(json.data.unwrap_or(RawValue::NULL).to_owned()),
         Some(STALE_SECRET) => Answer::StaleSecret,
         Some(2_000_002_000) => retry("business error 2000002000: system error".into()),
         Some(code) => {
-            let description = json["description"]
-                .as_str()
-                .or(json["msg"].as_str())
+            let description = [&json.description, &json.msg]
+                .into_iter()
+                .find_map(|text| text.as_ref()?.as_str())
                 .unwrap_or("");
             Answer::Fatal(format!("business error {code}: {description}"))
         }
@@ -660,10 +687,15 @@ fn read_answer(status: u16, body: &[u8]) -> Answer {
 
 /// The status code of an answer: `errcode` on business calls, `code` on some auth answers.
 fn code_of(json: &Value) -> Option<i64> {
-    ["errcode", "code"].iter().find_map(|field| {
-        json.get(field)
-            .and_then(|code| code.as_i64().or_else(|| code.as_str()?.parse().ok()))
-    })
+    code_in([json.get("errcode"), json.get("code")])
+}
+
+/// The first of `fields` that holds a code, as a number or numeric text.
+fn code_in(fields: [Option<&Value>; 2]) -> Option<i64> {
+    fields
+        .into_iter()
+        .flatten()
+        .find_map(|code| code.as_i64().or_else(|| code.as_str()?.parse().ok()))
 }
 
 /// Exponential backoff with jitter: between half and all of 0.25 s, 0.5 s, 1 s, ... up to 16 s.
@@ -679,7 +711,7 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         assert!(
-            matches!(read_answer(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d["x"] == 1)
+            matches!(read_answer(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
         );
         assert!(matches!(
             read_answer(200, br#"{"code":200,"msg":"ok","data":[]}"#),

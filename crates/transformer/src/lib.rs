@@ -66,11 +66,7 @@ pub struct MappedBatch {
 
 /// An output record as it travels to the writer: keyed by the target key, versioned by the version field.
 fn to_record(output: MappedRecord) -> Record {
-    Record {
-        id: output.id,
-        modify_time: output.version,
-        data: Value::Object(output.data),
-    }
+    Record::new(output.id, output.version, &Value::Object(output.data))
 }
 
 /// Maps every record; a record that fails is set apart with its reason and the rest go on.
@@ -80,7 +76,11 @@ pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
         ..MappedBatch::default()
     };
     for record in records {
-        match mapping.apply(&record.data) {
+        let applied = mapping
+            .parse_source(record.data.get())
+            .map_err(|err| format!("record data: {err}"))
+            .and_then(|source| mapping.apply_owned(source).map_err(|err| err.to_string()));
+        match applied {
             Ok(applied) => {
                 batch.filtered += applied.filtered;
                 batch
@@ -89,7 +89,7 @@ pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
             }
             Err(err) => batch
                 .failed
-                .push((record, Failure::new(ErrorClass::Permanent, err.to_string()))),
+                .push((record, Failure::new(ErrorClass::Permanent, err))),
         }
     }
     batch
@@ -219,12 +219,11 @@ mod tests {
     }
 
     fn order(id: &str, lines: Value) -> Record {
-        Record {
-            id: id.into(),
-            modify_time: conveyor_core::source_time::parse_instant(&json!("2025-01-01 08:00:00"))
-                .unwrap(),
-            data: json!({"id": id, "modify_time": "2025-01-01 08:00:00", "lines": lines}),
-        }
+        Record::new(
+            id.into(),
+            conveyor_core::source_time::parse_instant(&json!("2025-01-01 08:00:00")).unwrap(),
+            &json!({"id": id, "modify_time": "2025-01-01 08:00:00", "lines": lines}),
+        )
     }
 
     #[test]
@@ -256,8 +255,12 @@ mod tests {
     #[test]
     fn preview_reads_rows_or_a_list_response() {
         let rows = json!([
-            order("a", json!([{"id": "a1", "qty": "1"}])).data,
-            order("b", json!([{"id": "b1", "qty": "x"}])).data,
+            order("a", json!([{"id": "a1", "qty": "1"}]))
+                .fields()
+                .unwrap(),
+            order("b", json!([{"id": "b1", "qty": "x"}]))
+                .fields()
+                .unwrap(),
         ]);
         let shown = preview(&lines_mapping(), "id", rows.clone());
         assert_eq!(shown.records.len(), 1);

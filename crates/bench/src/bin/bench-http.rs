@@ -103,20 +103,20 @@ fn line_records(count: usize) -> anyhow::Result<Vec<Record>> {
     let dataset =
         kingdee_sim::data::Dataset::generate(42, count / 2 + 1, kingdee_sim::data::default_epoch());
     let mut records = Vec::with_capacity(count);
-    for order in &dataset.orders {
+    for order in dataset.orders() {
         let source = serde_json::to_value(order)?;
         for mapped in pipeline.mapping.apply(&source)?.records {
-            records.push(Record {
-                id: mapped.id,
-                modify_time: mapped.version,
-                data: Value::Object(mapped.data),
-            });
+            records.push(Record::new(
+                mapped.id,
+                mapped.version,
+                &Value::Object(mapped.data),
+            ));
         }
     }
     records.truncate(count);
     anyhow::ensure!(records.len() == count, "not enough lines generated");
     // Sanity: versions came through.
-    source_time::parse_instant(&records[0].data["modified_at"])?;
+    source_time::parse_instant(&records[0].fields()?["modified_at"])?;
     Ok(records)
 }
 

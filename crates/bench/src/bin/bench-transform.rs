@@ -18,6 +18,7 @@ name = "bench_orders"
 [source]
 kind = "kingdee"
 path = "/jdy/v2/scm/sal_order"
+start_time = "2025-01-01T00:00:00+08:00"
 [transform]
 key = "id"
 version = "modified_at"
@@ -62,14 +63,14 @@ fn main() -> anyhow::Result<()> {
     let dataset =
         kingdee_sim::data::Dataset::generate(42, orders, kingdee_sim::data::default_epoch());
     let records: Vec<Record> = dataset
-        .orders
+        .orders()
         .iter()
         .map(|order| -> anyhow::Result<Record> {
-            Ok(Record {
-                id: order.id.clone(),
-                modify_time: source_time::parse_instant(&order.modify_time.clone().into())?,
-                data: serde_json::to_value(order)?,
-            })
+            Ok(Record::new(
+                order.id.clone(),
+                source_time::parse_instant(&order.modify_time.clone().into())?,
+                &serde_json::to_value(order)?,
+            ))
         })
         .collect::<anyhow::Result<_>>()?;
     let orders_pipeline = Pipeline::parse(Path::new("bench-orders.toml"), ORDERS_PIPELINE)?;

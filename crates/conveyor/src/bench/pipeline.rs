@@ -576,11 +576,7 @@ async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
                 .as_str()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
                 .unwrap_or_else(|| chrono::Utc::now().fixed_offset());
-            Record {
-                id,
-                modify_time,
-                data,
-            }
+            Record::new(id, modify_time, &data)
         })
         .collect();
     let schema = format!("{}_raw", scenario.schema);

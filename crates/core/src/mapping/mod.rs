@@ -9,6 +9,7 @@
 
 pub mod convert;
 pub mod expr;
+mod source;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,6 +22,7 @@ use crate::source_time::{self, kind_of};
 pub use convert::FieldType;
 use convert::{TimeOutput, TimeRules, Zone};
 use expr::Expression;
+use source::SourceFields;
 
 /// The `[transform]` section of a pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +171,7 @@ pub struct Mapping {
     filter: Option<Expression>,
     key: String,
     version: String,
+    source: SourceFields,
 }
 
 /// One mapped record with the identity and version the target needs.
@@ -432,13 +435,50 @@ impl Mapping {
                 )
             }
         };
+        let roots = fields.iter().filter_map(|field| match &field.input {
+            Input::Path(path) if flatten.as_ref().is_none_or(|f| f.alias != path[0]) => {
+                Some(path[0].as_str())
+            }
+            _ => None,
+        });
+        let source = SourceFields::new(roots.chain(flatten.as_ref().map(|f| f.path[0].as_str())));
         Ok(Self {
             fields,
             flatten,
             filter,
             key: spec.key.clone(),
             version: spec.version.clone(),
+            source,
         })
+    }
+
+    /// Parses a source record's JSON for [`Mapping::apply_owned`]: the top-level fields the rules do not
+    /// read are skipped, not built.
+    pub fn parse_source(&self, json: &str) -> Result<Value, serde_json::Error> {
+        self.source.parse(json)
+    }
+
+    /// Like [`Mapping::apply`], taking the record: a field only one rule reads is moved into the
+    /// output rather than copied (when not flattening: then every line reads the record again).
+    pub fn apply_owned(&self, source: Value) -> Result<Applied, FieldError> {
+        let Value::Object(mut rest) = source else {
+            return self.apply(&source);
+        };
+        if self.flatten.is_some() {
+            return self.apply(&Value::Object(rest));
+        }
+        let mut taken = Map::new();
+        for root in &self.source.read_once {
+            if let Some((key, value)) = rest.remove_entry(root) {
+                taken.insert(key, value);
+            }
+        }
+        let mut applied = Applied::default();
+        match self.map_one(&Value::Object(rest), None, &mut taken)? {
+            Some(record) => applied.records.push(record),
+            None => applied.filtered += 1,
+        }
+        Ok(applied)
     }
 
     /// The names of the top-level output fields that are written, in order.
@@ -464,7 +504,7 @@ impl Mapping {
     pub fn apply(&self, source: &Value) -> Result<Applied, FieldError> {
         let mut applied = Applied::default();
         let Some(flatten) = &self.flatten else {
-            match self.map_one(source, None)? {
+            match self.map_one(source, None, &mut Map::new())? {
                 Some(record) => applied.records.push(record),
                 None => applied.filtered += 1,
             }
@@ -487,7 +527,11 @@ impl Mapping {
             applied.filtered += 1;
         }
         for (index, line) in lines.iter().enumerate() {
-            match self.map_one(source, Some((flatten.alias.as_str(), line))) {
+            match self.map_one(
+                source,
+                Some((flatten.alias.as_str(), line)),
+                &mut Map::new(),
+            ) {
                 Ok(Some(record)) => applied.records.push(record),
                 Ok(None) => applied.filtered += 1,
                 Err(err) => {
@@ -511,9 +555,10 @@ impl Mapping {
         &self,
         source: &Value,
         line: Option<(&str, &Value)>,
+        taken: &mut Map<String, Value>,
     ) -> Result<Option<MappedRecord>, FieldError> {
         let mut all = Map::new();
-        map_fields(&self.fields, source, line, &mut all)?;
+        map_fields(&self.fields, source, line, taken, &mut all)?;
         if let Some(filter) = &self.filter
             && !filter.keep(&all).map_err(|reason| FieldError {
                 field: "transform.filter".into(),
@@ -539,11 +584,13 @@ impl Mapping {
     }
 }
 
-/// Maps `fields` of `source` into `out` (flat: a dotted `to` stays one key until [`nest`]).
+/// Maps `fields` of `source` into `out` (flat: a dotted `to` stays one key until [`nest`]). `taken`
+/// holds top-level fields moved out of `source` because one field alone reads each of them.
 fn map_fields(
     fields: &[CompiledField],
     source: &Value,
     line: Option<(&str, &Value)>,
+    taken: &mut Map<String, Value>,
     out: &mut Map<String, Value>,
 ) -> Result<(), FieldError> {
     for field in fields {
@@ -553,11 +600,15 @@ fn map_fields(
         };
         let raw: Cow<Value> = match &field.input {
             Input::Path(path) => {
-                let found = match line {
-                    Some((alias, line)) if path[0] == alias => lookup(line, &path[1..]),
-                    _ => lookup(source, path),
-                };
-                found.map_or(Cow::Owned(Value::Null), Cow::Borrowed)
+                if let Some(root) = taken.remove(&path[0]) {
+                    Cow::Owned(take(root, &path[1..]).unwrap_or(Value::Null))
+                } else {
+                    let found = match line {
+                        Some((alias, line)) if path[0] == alias => lookup(line, &path[1..]),
+                        _ => lookup(source, path),
+                    };
+                    found.map_or(Cow::Owned(Value::Null), Cow::Borrowed)
+                }
             }
             Input::Expr(expression) => Cow::Owned(expression.eval(out).map_err(error)?),
         };
@@ -583,7 +634,7 @@ fn map_fields(
                         let mut mapped = Vec::with_capacity(items.len());
                         for (index, item) in items.iter().enumerate() {
                             let mut element = Map::new();
-                            map_fields(nested, item, None, &mut element)
+                            map_fields(nested, item, None, &mut Map::new(), &mut element)
                                 .map_err(within(Some(index)))?;
                             mapped.push(Value::Object(nest(element, nested)));
                         }
@@ -591,7 +642,8 @@ fn map_fields(
                     }
                     item @ Value::Object(_) => {
                         let mut element = Map::new();
-                        map_fields(nested, item, None, &mut element).map_err(within(None))?;
+                        map_fields(nested, item, None, &mut Map::new(), &mut element)
+                            .map_err(within(None))?;
                         Value::Object(nest(element, nested))
                     }
                     other => {
@@ -678,6 +730,14 @@ fn nest(mut flat: Map<String, Value>, fields: &[CompiledField]) -> Map<String, V
 fn lookup<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter()
         .try_fold(value, |current, part| current.get(part))
+}
+
+/// [`lookup`] on a value that is no longer needed: the found part is moved out.
+fn take(value: Value, path: &[String]) -> Option<Value> {
+    path.iter().try_fold(value, |current, part| match current {
+        Value::Object(mut fields) => fields.remove(part),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

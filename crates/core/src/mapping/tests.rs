@@ -45,8 +45,14 @@ fn order() -> Value {
     })
 }
 
+/// What the transformer does: parse only what the rules read, then apply taking the record.
+fn owned(mapping: &Mapping, source: &Value) -> Result<Applied, FieldError> {
+    mapping.apply_owned(mapping.parse_source(&source.to_string()).unwrap())
+}
+
 fn one(mapping: &Mapping, source: &Value) -> Map<String, Value> {
     let mut applied = mapping.apply(source).unwrap();
+    assert_eq!(owned(mapping, source).unwrap(), applied);
     assert_eq!(applied.records.len(), 1, "{applied:?}");
     applied.records.remove(0).data
 }
@@ -370,4 +376,55 @@ fn compile_errors_name_the_rule_and_the_problem() {
         "transform.version",
         "rfc3339",
     );
+}
+
+#[test]
+fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken() {
+    let mapping = with_base(json!([
+        {"to": "customer_name", "from": "customer.name", "type": "string", "trim": true},
+        {"to": "customer_number", "from": "customer.number", "type": "string"},
+        {"to": "lines", "from": "material_entity"},
+        {"to": "amount", "from": "total_amount", "type": "decimal"},
+        {"to": "again", "from": "total_amount", "type": "string"},
+    ]));
+    let parsed = mapping.parse_source(&order().to_string()).unwrap();
+    let mut read: Vec<&String> = parsed.as_object().unwrap().keys().collect();
+    read.sort();
+    assert_eq!(
+        read,
+        [
+            "customer",
+            "id",
+            "material_entity",
+            "modify_time",
+            "total_amount"
+        ]
+    );
+    let applied = one(&mapping, &order());
+    assert_eq!(applied["lines"], order()["material_entity"]);
+    assert_eq!(applied["customer_name"], json!("客户A"));
+    assert_eq!(
+        (&applied["amount"], &applied["again"]),
+        (&json!("20.20"), &json!("20.20"))
+    );
+    // Failures and records that are not objects come out the same either way.
+    let mut bad = order();
+    bad["total_amount"] = json!("many");
+    assert_eq!(
+        owned(&mapping, &bad).unwrap_err(),
+        mapping.apply(&bad).unwrap_err()
+    );
+    assert_eq!(
+        owned(&mapping, &json!([1])).unwrap_err(),
+        mapping.apply(&json!([1])).unwrap_err()
+    );
+    let duplicate = r#"{"id":"1","id":"2","modify_time":"2020-03-02 15:15:59","skipped":{"deep":[1,{"x":"\u0041"}]}}"#;
+    let applied = mapping
+        .apply_owned(mapping.parse_source(duplicate).unwrap())
+        .unwrap();
+    assert_eq!(
+        applied.records[0].id, "2",
+        "the last of repeated keys, as in a tree"
+    );
+    assert!(mapping.parse_source(r#"{"id":"1"} trailing"#).is_err());
 }

@@ -20,6 +20,7 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::{WriteError, WriteReport, newest_per_id};
@@ -292,7 +293,8 @@ impl HttpTarget {
                 let calls = to_write
                     .chunks(self.spec.batch_size)
                     .map(|chunk| async move {
-                        let rows: Vec<&Value> = chunk.iter().map(|record| &record.data).collect();
+                        let rows: Vec<&RawValue> =
+                            chunk.iter().map(|record| &*record.data).collect();
                         let answer = self
                             .call(
                                 self.method.clone(),

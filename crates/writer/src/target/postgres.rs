@@ -11,7 +11,7 @@ use conveyor_core::envelope::Record;
 use conveyor_core::pipeline::SqlErrorOverrides;
 use conveyor_core::postgres::{Database, DatabaseError, quote};
 use deadpool_postgres::Pool;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 
@@ -96,9 +96,9 @@ impl PostgresTarget {
     /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
     /// and rows go in id order so that concurrent writers lock rows in the same order.
     pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
-        let rows: Vec<&Value> = newest_per_id(records)
+        let rows: Vec<&RawValue> = newest_per_id(records)
             .into_iter()
-            .map(|record| &record.data)
+            .map(|record| &*record.data)
             .collect();
         let client = self
             .pool

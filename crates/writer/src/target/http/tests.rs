@@ -45,11 +45,11 @@ fn target(spec: &HttpTargetSpec, url: &str) -> HttpTarget {
 
 fn record(id: u32, modified: &str) -> Record {
     let modify_time = DateTime::parse_from_rfc3339(modified).unwrap();
-    Record {
-        id: format!("L{id}"),
+    Record::new(
+        format!("L{id}"),
         modify_time,
-        data: json!({"line_id": format!("L{id}"), "modified": modified, "qty": "1.50"}),
-    }
+        &json!({"line_id": format!("L{id}"), "modified": modified, "qty": "1.50"}),
+    )
 }
 
 fn records(count: u32, modified: &str) -> Vec<Record> {
