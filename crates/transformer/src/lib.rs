@@ -66,7 +66,11 @@ pub struct MappedBatch {
 
 /// An output record as it travels to the writer: keyed by the target key, versioned by the version field.
 fn to_record(output: MappedRecord) -> Record {
-    Record::new(output.id, output.version, &Value::Object(output.data))
+    Record {
+        data: output.to_json(),
+        id: output.id,
+        modify_time: output.version,
+    }
 }
 
 /// Maps every record; a record that fails is set apart with its reason and the rest go on.

@@ -16,13 +16,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::source_time::{self, kind_of};
 pub use convert::FieldType;
 use convert::{TimeOutput, TimeRules, Zone};
 use expr::Expression;
-use source::SourceFields;
+pub use source::SourceRecord;
+use source::{SourceFields, Taken};
 
 /// The `[transform]` section of a pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -175,11 +177,44 @@ pub struct Mapping {
 }
 
 /// One mapped record with the identity and version the target needs.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MappedRecord {
     pub id: String,
     pub version: DateTime<FixedOffset>,
     pub data: Map<String, Value>,
+    /// Top-level fields passed on exactly as the source wrote them, beside `data` (only from
+    /// [`Mapping::apply_owned`]): a value no rule looks into is never built into a tree.
+    pub passed: Vec<(String, Box<RawValue>)>,
+}
+
+impl MappedRecord {
+    /// The output record as one JSON object: `data` and the fields passed on.
+    pub fn to_json(&self) -> Box<RawValue> {
+        use serde::ser::{SerializeMap, Serializer};
+        let mut out = Vec::new();
+        let mut serializer = serde_json::Serializer::new(&mut out);
+        let written: Result<(), serde_json::Error> = (|| {
+            let mut map = serializer.serialize_map(Some(self.data.len() + self.passed.len()))?;
+            for (key, value) in &self.data {
+                map.serialize_entry(key, value)?;
+            }
+            for (key, value) in &self.passed {
+                map.serialize_entry(key, value)?;
+            }
+            map.end()
+        })();
+        written.expect("JSON trees and raw JSON serialize");
+        let text = String::from_utf8(out).expect("serde_json writes UTF-8");
+        RawValue::from_string(text).expect("serde_json writes JSON")
+    }
+}
+
+/// The same identity, version and output JSON.
+impl PartialEq for MappedRecord {
+    fn eq(&self, other: &Self) -> bool {
+        let tree = |record: &Self| serde_json::from_str::<Value>(record.to_json().get()).ok();
+        self.id == other.id && self.version == other.version && tree(self) == tree(other)
+    }
 }
 
 /// What one source record became.
@@ -341,6 +376,22 @@ fn compile_fields(
     Ok(fields)
 }
 
+impl CompiledField {
+    /// Whether the value is written exactly as read: no conversion, cleaning, default, nesting or
+    /// check.
+    fn passed_unchanged(&self) -> bool {
+        self.kind == FieldType::Json
+            && !self.required
+            && !self.trim
+            && !self.empty_as_null
+            && self.map.is_none()
+            && self.default.is_none()
+            && self.nested.is_none()
+            && !self.drop
+            && self.to_path.len() == 1
+    }
+}
+
 impl Mapping {
     pub fn compile(spec: &TransformSpec) -> Result<Self, SpecProblem> {
         let mut fields = compile_fields(&spec.fields, "transform.fields", true)?;
@@ -441,7 +492,23 @@ impl Mapping {
             }
             _ => None,
         });
-        let source = SourceFields::new(roots.chain(flatten.as_ref().map(|f| f.path[0].as_str())));
+        let mut source =
+            SourceFields::new(roots.chain(flatten.as_ref().map(|f| f.path[0].as_str())));
+        // A field copied unchanged from a top-level source field no other rule reads travels as raw
+        // JSON — unless records are flattened (every line reads the record again) or an expression
+        // or the filter might read it.
+        let computed = filter.is_some() || fields.iter().any(|f| matches!(f.input, Input::Expr(_)));
+        if flatten.is_none() && !computed {
+            for field in &fields {
+                if let Input::Path(path) = &field.input
+                    && path.len() == 1
+                    && source.read_once.contains(&path[0])
+                    && field.passed_unchanged()
+                {
+                    source.raw.insert(path[0].clone());
+                }
+            }
+        }
         Ok(Self {
             fields,
             flatten,
@@ -453,24 +520,28 @@ impl Mapping {
     }
 
     /// Parses a source record's JSON for [`Mapping::apply_owned`]: the top-level fields the rules do not
-    /// read are skipped, not built.
-    pub fn parse_source(&self, json: &str) -> Result<Value, serde_json::Error> {
+    /// read are skipped, not built, and those passed on unchanged are kept as raw JSON.
+    pub fn parse_source(&self, json: &str) -> Result<SourceRecord, serde_json::Error> {
         self.source.parse(json)
     }
 
     /// Like [`Mapping::apply`], taking the record: a field only one rule reads is moved into the
     /// output rather than copied (when not flattening: then every line reads the record again).
-    pub fn apply_owned(&self, source: Value) -> Result<Applied, FieldError> {
-        let Value::Object(mut rest) = source else {
-            return self.apply(&source);
+    pub fn apply_owned(&self, source: SourceRecord) -> Result<Applied, FieldError> {
+        let SourceRecord { fields, raw } = source;
+        let Value::Object(mut rest) = fields else {
+            return self.apply(&fields);
         };
         if self.flatten.is_some() {
             return self.apply(&Value::Object(rest));
         }
-        let mut taken = Map::new();
+        let mut taken = Taken {
+            raw,
+            ..Taken::default()
+        };
         for root in &self.source.read_once {
             if let Some((key, value)) = rest.remove_entry(root) {
-                taken.insert(key, value);
+                taken.values.insert(key, value);
             }
         }
         let mut applied = Applied::default();
@@ -504,7 +575,7 @@ impl Mapping {
     pub fn apply(&self, source: &Value) -> Result<Applied, FieldError> {
         let mut applied = Applied::default();
         let Some(flatten) = &self.flatten else {
-            match self.map_one(source, None, &mut Map::new())? {
+            match self.map_one(source, None, &mut Taken::default())? {
                 Some(record) => applied.records.push(record),
                 None => applied.filtered += 1,
             }
@@ -530,7 +601,7 @@ impl Mapping {
             match self.map_one(
                 source,
                 Some((flatten.alias.as_str(), line)),
-                &mut Map::new(),
+                &mut Taken::default(),
             ) {
                 Ok(Some(record)) => applied.records.push(record),
                 Ok(None) => applied.filtered += 1,
@@ -555,7 +626,7 @@ impl Mapping {
         &self,
         source: &Value,
         line: Option<(&str, &Value)>,
-        taken: &mut Map<String, Value>,
+        taken: &mut Taken,
     ) -> Result<Option<MappedRecord>, FieldError> {
         let mut all = Map::new();
         map_fields(&self.fields, source, line, taken, &mut all)?;
@@ -580,17 +651,23 @@ impl Mapping {
             all.remove(&field.to);
         }
         let data = nest(all, &self.fields);
-        Ok(Some(MappedRecord { id, version, data }))
+        Ok(Some(MappedRecord {
+            id,
+            version,
+            data,
+            passed: std::mem::take(&mut taken.passed),
+        }))
     }
 }
 
 /// Maps `fields` of `source` into `out` (flat: a dotted `to` stays one key until [`nest`]). `taken`
-/// holds top-level fields moved out of `source` because one field alone reads each of them.
+/// holds top-level fields moved out of `source` because one field alone reads each of them, and
+/// receives the fields passed on as raw JSON.
 fn map_fields(
     fields: &[CompiledField],
     source: &Value,
     line: Option<(&str, &Value)>,
-    taken: &mut Map<String, Value>,
+    taken: &mut Taken,
     out: &mut Map<String, Value>,
 ) -> Result<(), FieldError> {
     for field in fields {
@@ -600,7 +677,11 @@ fn map_fields(
         };
         let raw: Cow<Value> = match &field.input {
             Input::Path(path) => {
-                if let Some(root) = taken.remove(&path[0]) {
+                if let Some(json) = taken.raw.remove(&path[0]) {
+                    taken.passed.push((field.to.clone(), json));
+                    continue;
+                }
+                if let Some(root) = taken.values.remove(&path[0]) {
                     Cow::Owned(take(root, &path[1..]).unwrap_or(Value::Null))
                 } else {
                     let found = match line {
@@ -634,7 +715,7 @@ fn map_fields(
                         let mut mapped = Vec::with_capacity(items.len());
                         for (index, item) in items.iter().enumerate() {
                             let mut element = Map::new();
-                            map_fields(nested, item, None, &mut Map::new(), &mut element)
+                            map_fields(nested, item, None, &mut Taken::default(), &mut element)
                                 .map_err(within(Some(index)))?;
                             mapped.push(Value::Object(nest(element, nested)));
                         }
@@ -642,7 +723,7 @@ fn map_fields(
                     }
                     item @ Value::Object(_) => {
                         let mut element = Map::new();
-                        map_fields(nested, item, None, &mut Map::new(), &mut element)
+                        map_fields(nested, item, None, &mut Taken::default(), &mut element)
                             .map_err(within(None))?;
                         Value::Object(nest(element, nested))
                     }

@@ -379,7 +379,7 @@ fn compile_errors_name_the_rule_and_the_problem() {
 }
 
 #[test]
-fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken() {
+fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken_or_kept_raw() {
     let mapping = with_base(json!([
         {"to": "customer_name", "from": "customer.name", "type": "string", "trim": true},
         {"to": "customer_number", "from": "customer.number", "type": "string"},
@@ -388,20 +388,18 @@ fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken() 
         {"to": "again", "from": "total_amount", "type": "string"},
     ]));
     let parsed = mapping.parse_source(&order().to_string()).unwrap();
-    let mut read: Vec<&String> = parsed.as_object().unwrap().keys().collect();
-    read.sort();
-    assert_eq!(
-        read,
-        [
-            "customer",
-            "id",
-            "material_entity",
-            "modify_time",
-            "total_amount"
-        ]
-    );
+    let read: Vec<&String> = parsed.fields.as_object().unwrap().keys().collect();
+    assert_eq!(read, ["customer", "id", "modify_time", "total_amount"]);
+    let raw: Vec<&String> = parsed.raw.keys().collect();
+    assert_eq!(raw, ["material_entity"], "passed on unchanged: kept raw");
     let applied = one(&mapping, &order());
     assert_eq!(applied["lines"], order()["material_entity"]);
+    let passed = owned(&mapping, &order()).unwrap().records.remove(0).passed;
+    assert_eq!(passed.len(), 1, "the lines travel as raw JSON");
+    assert_eq!(
+        (passed[0].0.as_str(), passed[0].1.get()),
+        ("lines", order()["material_entity"].to_string().as_str())
+    );
     assert_eq!(applied["customer_name"], json!("客户A"));
     assert_eq!(
         (&applied["amount"], &applied["again"]),
