@@ -386,23 +386,11 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
 async fn topology_declare_is_idempotent() {
     let scenario = scenario("topology", orders(10)).await;
     for _ in 0..2 {
-        let output = Command::new(bin_dir().join("conveyorctl"))
-            .args(["topology", "declare"])
-            .arg(sales_orders_pipeline())
-            .env("CONVEYOR_NAMESPACE", &scenario.namespace)
-            .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
-            .env(
-                "CONVEYOR_RETRY_DELAYS_MS",
-                conveyor_harness::RETRY_DELAYS_MS,
-            )
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
+        let pipeline_file = sales_orders_pipeline();
+        let stdout = ctl_ok(
+            &scenario,
+            &["topology", "declare", pipeline_file.to_str().unwrap()],
         );
-        let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             stdout.contains(&format!(
                 "declared {}.sales_orders.write.dlq",

@@ -232,35 +232,16 @@ async fn without_the_ca_steps() {
             )],
         )
         .unwrap();
-    let status = transformer.wait(Duration::from_secs(20)).await.unwrap();
-    let log = log_of(&transformer);
-    assert!(
-        !status.success(),
-        "started without trusting the broker:\n{log}"
-    );
-    assert!(
-        log.contains("unknown issuer") && log.contains("CONVEYOR_AMQP_TLS_CA_FILE"),
-        "the error names the TLS problem and the setting:\n{log}"
-    );
-    assert!(
-        !log.contains(password),
-        "the URL's password reached the log:\n{log}"
-    );
+    assert_refused_at_start(&mut transformer, "CONVEYOR_AMQP_TLS_CA_FILE", password).await;
 
     // With the CA the same address works (conveyorctl shares the connect code).
-    let declared = std::process::Command::new(bin_dir().join("conveyorctl"))
-        .args(["topology", "declare"])
-        .arg(&scenario.pipeline.file)
-        .env("CONVEYOR_NAMESPACE", &scenario.namespace)
+    let pipeline_file = scenario.pipeline.file.to_str().unwrap();
+    let declared = common::ctl_command(&scenario, &["topology", "declare", pipeline_file])
         .env(
             "CONVEYOR_AMQP_URL",
             format!("amqps://guest:guest@localhost:{port}/%2f"),
         )
         .env("CONVEYOR_AMQP_TLS_CA_FILE", &pki.ca_file)
-        .env(
-            "CONVEYOR_RETRY_DELAYS_MS",
-            conveyor_harness::RETRY_DELAYS_MS,
-        )
         .output()
         .unwrap();
     assert!(
@@ -279,24 +260,24 @@ async fn without_the_ca_steps() {
             &[("CONVEYOR_KINGDEE_BASE_URL", source_url.as_str())],
         )
         .unwrap();
-    let status = fetcher.wait(Duration::from_secs(20)).await.unwrap();
-    let log = log_of(&fetcher);
-    assert!(
-        !status.success(),
-        "the fetcher ran without trusting the source:\n{log}"
-    );
-    assert!(
-        log.contains("unknown issuer") && log.contains("CONVEYOR_KINGDEE_TLS_CA_FILE"),
-        "the error names the TLS problem and the setting:\n{log}"
-    );
     let client_secret = &scenario.simulator.config().gateway.client_secret;
-    assert!(
-        !log.contains(client_secret.as_str()),
-        "a secret reached the log"
-    );
+    assert_refused_at_start(&mut fetcher, "CONVEYOR_KINGDEE_TLS_CA_FILE", client_secret).await;
     scenario.clean_up(false).await.unwrap();
     let _ = std::fs::remove_dir_all(&pki.dir);
     eprintln!("done after {:?}", started.elapsed());
+}
+
+/// The worker exits non-zero at once, its log naming the TLS problem and `setting`, never `secret`.
+async fn assert_refused_at_start(worker: &mut WorkerProcess, setting: &str, secret: &str) {
+    let status = worker.wait(Duration::from_secs(20)).await.unwrap();
+    let log = log_of(worker);
+    let binary = worker.worker.binary();
+    assert!(!status.success(), "{binary} started untrusted:\n{log}");
+    assert!(
+        log.contains("unknown issuer") && log.contains(setting),
+        "{binary}: the error names the TLS problem and {setting}:\n{log}"
+    );
+    assert!(!log.contains(secret), "{binary}: a secret reached the log");
 }
 
 #[test]

@@ -85,9 +85,10 @@ pub async fn spawn_ready(scenario: &Scenario, worker: Worker) -> WorkerProcess {
     process
 }
 
-/// Runs `conveyorctl` against the scenario's broker and namespace.
-pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin_dir().join("conveyorctl"))
+/// `conveyorctl` set up for the scenario's broker and namespace (more settings may be added).
+pub fn ctl_command(scenario: &Scenario, args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(bin_dir().join("conveyorctl"));
+    command
         .args(args)
         .env("CONVEYOR_NAMESPACE", &scenario.namespace)
         .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
@@ -95,7 +96,13 @@ pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
             "CONVEYOR_RETRY_DELAYS_MS",
             conveyor_harness::RETRY_DELAYS_MS,
         )
-        .stdin(std::process::Stdio::null())
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// Runs `conveyorctl` against the scenario's broker and namespace.
+pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
+    ctl_command(scenario, args)
         .output()
         .expect("conveyorctl runs")
 }
