@@ -8,6 +8,9 @@
 //! - **CPU s per million records**: utime + stime of each worker process (`/proc/<pid>/stat`), summed per
 //!   stage, over the process's whole life (start-up included); `simulator` is this process's CPU during
 //!   the run, which serves the source (and the HTTP target): not the pipeline's, but on the same cores.
+//! - **broker CPU s per million records**: utime + stime, during the run, of the RabbitMQ node (every
+//!   `beam.smp` process on this machine; none when the broker runs elsewhere): the durability the
+//!   pipeline pays for, on the same cores.
 //! - **peak RSS**: `VmHWM` of `/proc/<pid>/status`, the largest of a stage's processes.
 //! - **fetch → write latency**: from the cumulative counts of records fetched (the fetcher's metrics)
 //!   and written (the writers'), sampled every 25 ms: the k-th record written is taken to be the k-th
@@ -97,6 +100,8 @@ pub struct RunReport {
     pub ratio_to_raw_broker: f64,
     pub ratio_to_raw_target: Option<f64>,
     pub cpu_secs_per_million: StageFigures,
+    /// RabbitMQ's CPU during the run, when it runs on this machine.
+    pub broker_cpu_secs_per_million: Option<f64>,
     pub peak_rss_mib: StageFigures,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
@@ -269,6 +274,7 @@ async fn measure(
     }
     let started = Instant::now();
     let own_cpu_before = cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
+    let broker_cpu_before = local_broker_cpu_seconds();
     let mut fetcher = scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?;
     samples.register(&fetcher);
     let mut fetched_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
@@ -297,6 +303,9 @@ async fn measure(
     };
     samples.take_all();
     let own_cpu = cpu_seconds(std::process::id() as i32).unwrap_or(0.0) - own_cpu_before;
+    let broker_cpu = local_broker_cpu_seconds()
+        .zip(broker_cpu_before)
+        .map(|(after, before)| after - before);
     let fetch_status = fetcher.wait(Duration::from_secs(60)).await?;
     conveyor_harness::stop_all(&mut workers).await?;
     if !fetch_status.success() {
@@ -337,6 +346,7 @@ async fn measure(
                 transformer: samples.cpu(Worker::Transformer) / million,
                 writer: samples.cpu(Worker::Writer) / million,
             },
+            broker_cpu_secs_per_million: broker_cpu.map(|cpu| cpu / million),
             peak_rss_mib: StageFigures {
                 simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
                 fetcher: samples.rss(Worker::Fetcher),
@@ -427,6 +437,23 @@ fn cpu_seconds(pid: i32) -> Option<f64> {
     let stime: f64 = fields.get(12)?.parse().ok()?;
     // USER_HZ: 100 on every Linux this runs on.
     Some((utime + stime) / 100.0)
+}
+
+/// CPU seconds of the RabbitMQ node(s) on this machine (`beam.smp` processes), if there are any.
+fn local_broker_cpu_seconds() -> Option<f64> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "beam.smp"
+            && let Some(cpu) = cpu_seconds(pid)
+        {
+            *total.get_or_insert(0.0) += cpu;
+        }
+    }
+    total
 }
 
 /// VmHWM of a process, MiB.
