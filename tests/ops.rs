@@ -309,9 +309,14 @@ fn compose_passes_secrets_as_files_that_ops_secrets_sh_makes() {
         let Some((key, value)) = line.split_once(": ") else {
             continue;
         };
-        let secret_setting = key.contains("PASS")
-            || key.contains("SECRET")
-            || ["CONVEYOR_AMQP_URL", "CONVEYOR_PG_URL"].contains(&key);
+        // Classified by the setting itself, so that its `_FILE` form is checked as well.
+        let setting = key
+            .strip_suffix("__FILE")
+            .or_else(|| key.strip_suffix("_FILE"))
+            .unwrap_or(key);
+        let secret_setting = setting.contains("PASS")
+            || setting.contains("SECRET")
+            || ["CONVEYOR_AMQP_URL", "CONVEYOR_PG_URL"].contains(&setting);
         if secret_setting {
             assert!(
                 key.ends_with("_FILE"),

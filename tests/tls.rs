@@ -122,10 +122,20 @@ async fn amqps_and_https_steps() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    eprintln!("without a client certificate: {stderr}");
     assert!(
         !refused.status.success(),
         "connected without a client certificate"
+    );
+    // With TLS 1.3 the broker refuses just after the handshake: an alert, or a reset when the alert is
+    // lost on the way.
+    assert!(
+        stderr.contains("cannot connect to RabbitMQ at amqps://localhost")
+            && (stderr.contains("CertificateRequired") || stderr.contains("reset")),
+        "refused for the missing certificate: {stderr}"
+    );
+    assert!(
+        !stderr.contains("guest:guest"),
+        "the password was printed: {stderr}"
     );
     let mut workers = vec![
         scenario.spawn(Worker::Transformer, &[]).unwrap(),
@@ -311,6 +321,22 @@ fn a_missing_ca_file_or_tls_files_with_a_plain_url_are_refused() {
     assert!(!output.status.success());
     assert!(
         stderr.contains("CONVEYOR_AMQP_URL") && stderr.contains("not amqps://"),
+        "{stderr}"
+    );
+    // The same for the source: a CA file with an http:// gateway.
+    let output = std::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(["kingdee", "token"])
+        .env("CONVEYOR_KINGDEE_BASE_URL", "http://127.0.0.1:9")
+        .env("CONVEYOR_KINGDEE_CLIENT_ID", "id")
+        .env("CONVEYOR_KINGDEE_CLIENT_SECRET", "secret")
+        .env("CONVEYOR_KINGDEE_OUTER_INSTANCE_ID", "instance")
+        .env("CONVEYOR_KINGDEE_TLS_CA_FILE", &pki.ca_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("CONVEYOR_KINGDEE_BASE_URL") && stderr.contains("not https://"),
         "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&pki.dir);

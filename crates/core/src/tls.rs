@@ -63,6 +63,25 @@ impl CaBundle {
         path.map(|path| Self::load(setting, path)).transpose()
     }
 
+    /// [`CaBundle::load_optional`] for the HTTPS server at `url` (given by `url_setting`): a CA with an
+    /// `http://` URL is refused, since the operator expects encryption that would not happen.
+    pub fn load_for_https(
+        setting: &str,
+        path: Option<&Path>,
+        url_setting: &str,
+        url: &str,
+    ) -> Result<Option<Self>, SettingsError> {
+        if path.is_some() && !url.starts_with("https://") {
+            return Err(SettingsError::new(
+                url_setting,
+                format!(
+                    "{setting} is set, but the URL is not https://: that connection would not be encrypted"
+                ),
+            ));
+        }
+        Self::load_optional(setting, path)
+    }
+
     /// The bundle as it was read (PEM).
     pub fn pem(&self) -> &str {
         &self.pem
@@ -272,6 +291,28 @@ mod tests {
             CaBundle::load("CONVEYOR_X_CA_FILE", Path::new("/nonexistent/ca.pem")).unwrap_err();
         assert!(err.to_string().contains("cannot read"), "{err}");
         std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_ca_for_a_plain_http_url_is_refused_naming_the_url_setting() {
+        let ca = Some(Path::new("/nonexistent/ca.pem"));
+        let err =
+            CaBundle::load_for_https("X_CA_FILE", ca, "X_URL", "http://api.example").unwrap_err();
+        assert!(err.to_string().contains("X_URL"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("X_CA_FILE is set, but the URL is not https://"),
+            "{err}"
+        );
+        // With https://, the file itself is read (and here found missing).
+        let err =
+            CaBundle::load_for_https("X_CA_FILE", ca, "X_URL", "https://api.example").unwrap_err();
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        assert!(
+            CaBundle::load_for_https("X_CA_FILE", None, "X_URL", "http://api.example")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

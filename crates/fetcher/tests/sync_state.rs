@@ -10,12 +10,15 @@ use conveyor_core::postgres::Database;
 use conveyor_core::settings::{PostgresArgs, Secret};
 use conveyor_fetcher::state::SyncStore;
 use conveyor_fetcher::window::Window;
+use tokio::task::JoinHandle;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// A store in a fresh schema of its own; dropped by [`drop_schema`].
-async fn store(name: &str) -> (SyncStore, Database) {
+/// A store in a fresh schema of its own, for a pipeline of its own (the window lock is database-wide);
+/// dropped by [`drop_schema`].
+async fn store(name: &str) -> (SyncStore, Database, String) {
+    let pipeline = format!("orders_{name}_{}", std::process::id());
     let args = PostgresArgs {
         pg_url: Some(Secret::new("postgres://postgres@127.0.0.1:5432/test")),
         pg_url_file: None,
@@ -25,10 +28,10 @@ async fn store(name: &str) -> (SyncStore, Database) {
     };
     let database = Database::connect(&args).unwrap();
     drop_schema(&database).await;
-    let store = SyncStore::open(database.clone(), "orders")
+    let store = SyncStore::open(database.clone(), &pipeline)
         .await
         .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
-    (store, database)
+    (store, database, pipeline)
 }
 
 async fn drop_schema(database: &Database) {
@@ -52,7 +55,7 @@ fn three_days_ago() -> chrono::DateTime<FixedOffset> {
 
 /// The fastest possible fetcher: it finishes each window the moment it is published, while the plan
 /// (or split) that publishes it has not committed yet.
-fn finish_at_once(store: &SyncStore, windows: &[Window]) -> Vec<tokio::task::JoinHandle<()>> {
+fn finish_at_once(store: &SyncStore, windows: &[Window]) -> Vec<JoinHandle<()>> {
     windows
         .iter()
         .map(|window| {
@@ -64,16 +67,46 @@ fn finish_at_once(store: &SyncStore, windows: &[Window]) -> Vec<tokio::task::Joi
         .collect()
 }
 
-/// Gives the finishing fetchers time to reach the database before the publish returns.
-async fn confirmed_slowly() -> anyhow::Result<()> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    Ok(())
+/// Returns once every finisher has tried: it waits for the pipeline's window lock, or it is done
+/// (without the lock its DELETE finds no committed row and it returns at once). Only then does the
+/// publish return and the plan commit, so the test fails without the lock, every time.
+async fn until_finishers_tried(database: &Database, pipeline: &str, finishers: &[JoinHandle<()>]) {
+    let client = database.client().await.unwrap();
+    for _ in 0..1_000 {
+        // pg_advisory_xact_lock(bigint): objid holds the key's low 32 bits, objsubid is 1.
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND objsubid = 1 \
+                 AND objid::text::bigint = (hashtext('conveyor-plan:' || $1)::bigint & 4294967295)",
+                &[&pipeline],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let done = finishers.iter().filter(|f| f.is_finished()).count() as i64;
+        if waiting + done == finishers.len() as i64 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the finishers never reached the database");
 }
 
 #[tokio::test]
 async fn a_window_finished_while_its_plan_commits_is_done() {
-    let (store, database) = store("finish").await;
+    let (store, database, pipeline) = store("finish").await;
     let finishing = Mutex::new(Vec::new());
+    // The publish of a plan (or split) by a fetcher whose windows are finished the moment they are out.
+    let publish = |windows: Vec<Window>| {
+        let (store, database, pipeline, finishing) = (&store, &database, &pipeline, &finishing);
+        async move {
+            let finishers = finish_at_once(store, &windows);
+            until_finishers_tried(database, pipeline, &finishers).await;
+            finishing.lock().unwrap().extend(finishers);
+            anyhow::Ok(())
+        }
+    };
     let plan = store
         .plan(
             three_days_ago(),
@@ -81,17 +114,12 @@ async fn a_window_finished_while_its_plan_commits_is_done() {
             Duration::ZERO,
             Duration::ZERO,
             HOUR,
-            |windows| {
-                finishing
-                    .lock()
-                    .unwrap()
-                    .extend(finish_at_once(&store, &windows));
-                confirmed_slowly()
-            },
+            publish,
         )
         .await
         .unwrap();
-    for finished in finishing.into_inner().unwrap() {
+    let finishers = std::mem::take(&mut *finishing.lock().unwrap());
+    for finished in finishers {
         finished.await.unwrap();
     }
     assert_eq!(plan.windows.len(), 3, "{plan:?}");
@@ -102,18 +130,12 @@ async fn a_window_finished_while_its_plan_commits_is_done() {
         "the watermark passed all three"
     );
 
-    let finishing = Mutex::new(Vec::new());
     let halves = store
-        .split(&plan.windows[0], |halves| {
-            finishing
-                .lock()
-                .unwrap()
-                .extend(finish_at_once(&store, &halves[..1]));
-            confirmed_slowly()
-        })
+        .split(&plan.windows[0], |halves| publish(halves[..1].to_vec()))
         .await
         .unwrap();
-    for finished in finishing.into_inner().unwrap() {
+    let finishers = std::mem::take(&mut *finishing.lock().unwrap());
+    for finished in finishers {
         finished.await.unwrap();
     }
     assert_eq!(halves, plan.windows[0].halves());
@@ -127,7 +149,7 @@ async fn a_window_finished_while_its_plan_commits_is_done() {
 
 #[tokio::test]
 async fn windows_whose_publish_failed_are_planned_again() {
-    let (store, database) = store("failed").await;
+    let (store, database, _) = store("failed").await;
     let start = three_days_ago();
     let attempted = Mutex::new(Vec::<Window>::new());
     let failed = store

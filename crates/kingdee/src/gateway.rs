@@ -103,8 +103,15 @@ impl KingdeeArgs {
                 "required by a kingdee source",
             )
         })?;
+        let base_url = self.base_url.trim_end_matches('/').to_owned();
         Ok(Credentials {
-            base_url: self.base_url.trim_end_matches('/').to_owned(),
+            ca: CaBundle::load_for_https(
+                "CONVEYOR_KINGDEE_TLS_CA_FILE",
+                self.tls_ca_file.as_deref(),
+                "CONVEYOR_KINGDEE_BASE_URL",
+                &base_url,
+            )?,
+            base_url,
             client_id: required(&self.client_id, "CONVEYOR_KINGDEE_CLIENT_ID")?,
             client_secret,
             outer_instance_id: required(
@@ -112,10 +119,6 @@ impl KingdeeArgs {
                 "CONVEYOR_KINGDEE_OUTER_INSTANCE_ID",
             )?,
             account: self.account.clone().filter(|text| !text.is_empty()),
-            ca: CaBundle::load_optional(
-                "CONVEYOR_KINGDEE_TLS_CA_FILE",
-                self.tls_ca_file.as_deref(),
-            )?,
         })
     }
 
@@ -597,6 +600,8 @@ impl<B: RateBudget> Gateway<B> {
         let response = match request.send().await {
             Ok(response) => response,
             Err(err) => {
+                // The URL carries the app key and signature, which open the account: never shown.
+                let err = err.without_url();
                 // Said plainly, with the setting that helps (the startup check catches it first).
                 let reason = match tls::tls_failure(&err) {
                     Some(failure) => tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE"),
@@ -613,7 +618,7 @@ impl<B: RateBudget> Gateway<B> {
             Ok(body) => body,
             Err(err) => {
                 return Ok(Answer::Retry {
-                    reason: format!("reading the answer: {err}"),
+                    reason: format!("reading the answer: {}", err.without_url()),
                     throttled: false,
                 });
             }

@@ -258,6 +258,29 @@ async fn wrong_credentials_fail_with_the_gateway_reason() {
     assert!(err.to_string().contains("4008"), "{err}");
 }
 
+/// A gateway that cannot be reached: the error gives the reason, never the URL, whose query carries
+/// the app key and the signature that opens the account.
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_gateway_fails_without_showing_the_signed_url() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let credentials = Credentials {
+        base_url: format!("http://{addr}"),
+        client_id: DEMO_CLIENT_ID.into(),
+        client_secret: Secret::new(DEMO_CLIENT_SECRET),
+        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
+        account: None,
+        ca: None,
+    };
+    let gateway = Gateway::new(credentials, Unlimited, Metrics::new(), "test");
+    let err = gateway.check_token().await.unwrap_err().to_string();
+    assert!(err.contains("request failed"), "{err}");
+    for revealing in ["app_signature", "app_key", "client_id", "?", DEMO_CLIENT_ID] {
+        assert!(!err.contains(revealing), "{revealing} shown in: {err}");
+    }
+}
+
 #[tokio::test]
 async fn base_data_lists_write_count_as_a_string() {
     let (sim, gateway) = start(SimConfig {

@@ -85,18 +85,16 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     conveyor_core::telemetry::init(conveyor_core::settings::LogFormat::Text, "info")?;
     let cli = Cli::parse();
-    let client_secret = match &cli.client_secret_file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|err| {
-                anyhow::anyhow!(
-                    "KINGDEE_SIM_CLIENT_SECRET_FILE: cannot read {}: {err}",
-                    path.display()
-                )
-            })?
-            .trim_end_matches(['\r', '\n'])
-            .to_owned(),
-        None => cli.client_secret.clone(),
-    };
+    // The file wins over the variable, which always has a value (the demo's default).
+    let client_secret = conveyor_core::settings::Secret::from_value_or_file(
+        "KINGDEE_SIM_CLIENT_SECRET",
+        None,
+        cli.client_secret_file.as_deref(),
+    )?
+    .map_or_else(
+        || cli.client_secret.clone(),
+        |secret| secret.expose().to_owned(),
+    );
     let epoch = match cli.epoch_days_ago {
         Some(days) => kingdee_sim::data::days_ago(days),
         None => kingdee_sim::data::default_epoch(),

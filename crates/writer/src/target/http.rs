@@ -241,9 +241,11 @@ impl HttpTarget {
                 HeaderValue::from_str(value).map_err(|err| SetupError::Header(err.to_string()))?;
             headers.insert(name, value);
         }
-        let ca = CaBundle::load_optional(
+        let ca = CaBundle::load_for_https(
             "CONVEYOR_HTTP_TARGET_TLS_CA_FILE",
             args.http_target_tls_ca_file.as_deref(),
+            "CONVEYOR_HTTP_TARGET_URL",
+            &base,
         )?;
         let client = tls::http_client(ca.as_ref())
             .timeout(Duration::from_secs(spec.timeout_secs))
