@@ -69,6 +69,13 @@ pub struct PipelineArgs {
     /// Latency of the HTTP target simulator, milliseconds.
     #[arg(long, default_value_t = 5)]
     http_latency_ms: u64,
+    /// The HTTP target's calls in flight per writer (the pipeline setting `concurrency`): 1 models a
+    /// target that takes one call at a time from each client, where writers are the bottleneck.
+    #[arg(long, default_value_t = 8)]
+    http_concurrency: u64,
+    /// Records per call to the HTTP target (the pipeline setting `batch_size`).
+    #[arg(long, default_value_t = 200)]
+    http_batch_size: u64,
     /// Messages of the raw broker ceiling.
     #[arg(long, default_value_t = 20_000)]
     broker_messages: usize,
@@ -89,7 +96,16 @@ pub struct PipelineReport {
     pub raw_broker_msgs_per_sec: f64,
     /// PostgreSQL only.
     pub raw_target_records_per_sec: Option<f64>,
+    /// HTTP only: the target simulator's latency and the writers' settings for it.
+    pub http: Option<HttpSettings>,
     pub runs: Vec<RunReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HttpSettings {
+    pub latency_ms: u64,
+    pub concurrency: u64,
+    pub batch_size: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +150,11 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         raw_broker_msgs_per_sec: raw_broker,
         raw_target_records_per_sec: None,
+        http: (args.target == TargetKind::Http).then_some(HttpSettings {
+            latency_ms: args.http_latency_ms,
+            concurrency: args.http_concurrency,
+            batch_size: args.http_batch_size,
+        }),
         runs: Vec::new(),
     };
     for &writers in &args.writers {
@@ -161,9 +182,11 @@ fn pipeline_file(args: &PipelineArgs, dir: &Path) -> anyhow::Result<PathBuf> {
     let mut table: toml::Table = toml::from_str(&text)?;
     let target: toml::Table = match args.target {
         TargetKind::Noop => toml::from_str("kind = \"noop\"")?,
-        _ => toml::from_str(
-            "kind = \"http\"\npath = \"/api/records\"\nmethod = \"POST\"\nbody = \"batch\"\nbatch_size = 200\nconcurrency = 8",
-        )?,
+        _ => toml::from_str(&format!(
+            "kind = \"http\"\npath = \"/api/records\"\nmethod = \"POST\"\nbody = \"batch\"\n\
+             batch_size = {}\nconcurrency = {}",
+            args.http_batch_size, args.http_concurrency
+        ))?,
     };
     table.insert("target".into(), toml::Value::Table(target));
     std::fs::create_dir_all(dir)?;
