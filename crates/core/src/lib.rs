@@ -8,6 +8,7 @@ pub mod dead_letters;
 pub mod envelope;
 pub mod health;
 pub mod http_target;
+pub mod json;
 pub mod mapping;
 pub mod metrics;
 pub mod pipeline;

@@ -10,6 +10,7 @@
 pub mod state;
 pub mod window;
 
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +21,7 @@ use conveyor_core::consume::{
     self, ConsumeSettings, DeadLetters, Disposition, ErrorClass, Failure, Handler,
 };
 use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_core::json::select_top_level;
 use conveyor_core::metrics::Metrics;
 use conveyor_core::pipeline::SourceSpec;
 use conveyor_core::postgres::Database;
@@ -29,7 +31,6 @@ use conveyor_core::source_time;
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
 use futures_util::StreamExt;
 use serde::Serialize;
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -571,80 +572,37 @@ struct RowKeys {
 
 impl RowKeys {
     fn read(source: &SourceSpec, row: &RawValue) -> Self {
-        let mut reader = serde_json::Deserializer::from_str(row.get());
-        (&mut reader)
-            .deserialize_map(RowKeysVisitor(source))
-            .unwrap_or_default()
-    }
-}
-
-struct RowKeysVisitor<'a>(&'a SourceSpec);
-
-impl<'de> Visitor<'de> for RowKeysVisitor<'_> {
-    type Value = RowKeys;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("a row object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RowKeys, A::Error> {
+        let selected = select_top_level(row.get(), |key| {
+            let field = match (key == source.id_field, key == source.modify_time_field) {
+                (true, true) => Field::Both,
+                (true, false) => Field::Id,
+                (false, true) => Field::ModifyTime,
+                (false, false) => return None,
+            };
+            Some((field, PhantomData::<Value>))
+        });
         let mut keys = RowKeys::default();
         // A repeated key counts with its last value, as in a JSON tree.
-        while let Some(key) = map.next_key_seed(KeyOf(self.0))? {
-            match key {
-                Key::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-                Key::Id => keys.id = Some(map.next_value()?),
-                Key::ModifyTime => keys.modify_time = Some(map.next_value()?),
-                Key::Both => {
-                    let value: Value = map.next_value()?;
+        for (field, value) in selected.unwrap_or_default() {
+            match field {
+                Field::Id => keys.id = Some(value),
+                Field::ModifyTime => keys.modify_time = Some(value),
+                Field::Both => {
                     keys.modify_time = Some(value.clone());
                     keys.id = Some(value);
                 }
             }
         }
-        Ok(keys)
+        keys
     }
 }
 
 /// Which of the fields the fetcher reads a key names.
-enum Key {
+enum Field {
     Id,
     ModifyTime,
     /// A source whose id field is its modify time field.
     Both,
-    Other,
-}
-
-/// Reads a key and compares it in place, without allocating it.
-struct KeyOf<'a>(&'a SourceSpec);
-
-impl<'de> DeserializeSeed<'de> for KeyOf<'_> {
-    type Value = Key;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
-        deserializer.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeyOf<'_> {
-    type Value = Key;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("a field name")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
-        Ok(
-            match (key == self.0.id_field, key == self.0.modify_time_field) {
-                (true, true) => Key::Both,
-                (true, false) => Key::Id,
-                (false, true) => Key::ModifyTime,
-                (false, false) => Key::Other,
-            },
-        )
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use conveyor_core::http_target::HttpTargetSpec;
 use conveyor_core::pipeline::Pipeline;
 use conveyor_core::source_time;
 use conveyor_writer::target::http::{HttpArgs, HttpTarget};
-use serde_json::{Value, json};
+use serde_json::json;
 use target_sim::{TargetConfig, TargetSim};
 
 const LATENCY: Duration = Duration::from_millis(5);
@@ -106,11 +106,11 @@ fn line_records(count: usize) -> anyhow::Result<Vec<Record>> {
     for order in dataset.orders() {
         let source = serde_json::to_value(order)?;
         for mapped in pipeline.mapping.apply(&source)?.records {
-            records.push(Record::new(
-                mapped.id,
-                mapped.version,
-                &Value::Object(mapped.data),
-            ));
+            records.push(Record {
+                data: mapped.to_json(),
+                id: mapped.id,
+                modify_time: mapped.version,
+            });
         }
     }
     records.truncate(count);

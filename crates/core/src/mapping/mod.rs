@@ -176,19 +176,22 @@ pub struct Mapping {
     source: SourceFields,
 }
 
-/// One mapped record with the identity and version the target needs.
+/// One mapped record with the identity and version the target needs. Its output fields are read
+/// with [`MappedRecord::to_json`]: part of them may be held as raw JSON beside the built ones.
 #[derive(Debug, Clone)]
 pub struct MappedRecord {
     pub id: String,
     pub version: DateTime<FixedOffset>,
-    pub data: Map<String, Value>,
+    /// The output fields built as a tree: all of them but those in `passed`.
+    data: Map<String, Value>,
     /// Top-level fields passed on exactly as the source wrote them, beside `data` (only from
     /// [`Mapping::apply_owned`]): a value no rule looks into is never built into a tree.
-    pub passed: Vec<(String, Box<RawValue>)>,
+    passed: Vec<(String, Box<RawValue>)>,
 }
 
 impl MappedRecord {
-    /// The output record as one JSON object: `data` and the fields passed on.
+    /// The output record as one JSON object: every output field, those built as a tree and those
+    /// passed on as raw JSON. The one way to read the whole output.
     pub fn to_json(&self) -> Box<RawValue> {
         use serde::ser::{SerializeMap, Serializer};
         let mut out = Vec::new();

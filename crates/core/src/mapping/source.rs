@@ -3,11 +3,13 @@
 //! field passed on unchanged stays raw JSON.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use crate::json::select_top_level;
 
 /// The top-level source fields a mapping reads, and those among them that one rule alone reads.
 #[derive(Debug, Clone, Default)]
@@ -58,36 +60,25 @@ impl SourceFields {
                 raw: BTreeMap::new(),
             });
         }
-        let mut reader = serde_json::Deserializer::from_str(json);
-        let record = (&mut reader).deserialize_map(Kept(self))?;
-        reader.end()?;
-        Ok(record)
-    }
-}
-
-struct Kept<'a>(&'a SourceFields);
-
-impl<'de> Visitor<'de> for Kept<'_> {
-    type Value = SourceRecord;
-
-    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        formatter.write_str("a record object")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let selected = select_top_level(json, |key| {
+            if self.raw.contains(key) {
+                Some((key.to_owned(), Read::Raw))
+            } else if self.read.contains(key) {
+                Some((key.to_owned(), Read::Parsed))
+            } else {
+                None
+            }
+        })?;
         let mut fields = Map::new();
         let mut raw = BTreeMap::new();
         // A repeated key counts with its last value, as in a whole tree.
-        while let Some(key) = map.next_key_seed(KeptKey(self.0))? {
-            match key {
-                Key::Parsed(key) => {
-                    fields.insert(key, map.next_value()?);
+        for (key, field) in selected {
+            match field {
+                Field::Parsed(value) => {
+                    fields.insert(key, value);
                 }
-                Key::Raw(key) => {
-                    raw.insert(key, map.next_value()?);
-                }
-                Key::Skipped => {
-                    map.next_value::<IgnoredAny>()?;
+                Field::Raw(value) => {
+                    raw.insert(key, value);
                 }
             }
         }
@@ -98,37 +89,25 @@ impl<'de> Visitor<'de> for Kept<'_> {
     }
 }
 
-enum Key {
-    Parsed(String),
-    Raw(String),
-    Skipped,
+/// How a kept field is read: parsed into a tree, or kept as raw JSON.
+enum Read {
+    Parsed,
+    Raw,
 }
 
-/// A key, allocated only when it is kept.
-struct KeptKey<'a>(&'a SourceFields);
-
-impl<'de> DeserializeSeed<'de> for KeptKey<'_> {
-    type Value = Key;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_str(self)
-    }
+/// A kept field as [`Read`] read it.
+enum Field {
+    Parsed(Value),
+    Raw(Box<RawValue>),
 }
 
-impl<'de> Visitor<'de> for KeptKey<'_> {
-    type Value = Key;
+impl<'de> DeserializeSeed<'de> for Read {
+    type Value = Field;
 
-    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
-        formatter.write_str("a field name")
-    }
-
-    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
-        Ok(if self.0.raw.contains(key) {
-            Key::Raw(key.to_owned())
-        } else if self.0.read.contains(key) {
-            Key::Parsed(key.to_owned())
-        } else {
-            Key::Skipped
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Field, D::Error> {
+        Ok(match self {
+            Read::Parsed => Field::Parsed(Value::deserialize(deserializer)?),
+            Read::Raw => Field::Raw(Box::<RawValue>::deserialize(deserializer)?),
         })
     }
 }
