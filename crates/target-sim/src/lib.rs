@@ -16,13 +16,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use chrono::DateTime;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -93,9 +95,15 @@ pub struct Stats {
     pub tokens_issued: AtomicU64,
 }
 
+/// Seed of the injected failures' dice.
+const ROLLS_SEED: u64 = 7;
+
 /// The simulator's state.
 pub struct TargetSim {
     config: TargetConfig,
+    /// The dice of the injected failures: the n-th roll is the same in every run, so a test's share of
+    /// failures is what it asked for, not luck.
+    rolls: Mutex<ChaCha8Rng>,
     collections: Mutex<HashMap<String, BTreeMap<String, Value>>>,
     idempotency: Mutex<HashMap<String, (StatusCode, Value)>>,
     tokens: Mutex<HashMap<String, Instant>>,
@@ -106,11 +114,17 @@ impl TargetSim {
     pub fn new(config: TargetConfig) -> Arc<Self> {
         Arc::new(Self {
             config,
+            rolls: Mutex::new(ChaCha8Rng::seed_from_u64(ROLLS_SEED)),
             collections: Mutex::default(),
             idempotency: Mutex::default(),
             tokens: Mutex::default(),
             stats: Stats::default(),
         })
+    }
+
+    /// The next roll of the dice, in [0, 1).
+    fn roll(&self) -> f64 {
+        self.rolls.lock().expect("no panics while locked").random()
     }
 
     /// Every record of a collection, by key.
@@ -145,10 +159,7 @@ impl TargetSim {
         if !self.config.latency.is_zero() {
             tokio::time::sleep(self.config.latency).await;
         }
-        let (roll_429, roll_5xx) = {
-            let mut rng = rand::rng();
-            (rng.random::<f64>(), rng.random::<f64>())
-        };
+        let (roll_429, roll_5xx) = (self.roll(), self.roll());
         if roll_429 < self.config.rate_429 {
             self.stats.injected_429.fetch_add(1, Ordering::Relaxed);
             return Err(fail(StatusCode::TOO_MANY_REQUESTS, "slow down"));
@@ -199,8 +210,7 @@ impl TargetSim {
         {
             return Err(format!("{field} has a value this system does not accept"));
         }
-        if self.config.rate_invalid > 0.0 && rand::rng().random::<f64>() < self.config.rate_invalid
-        {
+        if self.config.rate_invalid > 0.0 && self.roll() < self.config.rate_invalid {
             return Err("refused by a validation rule".into());
         }
         Ok(key)
@@ -448,4 +458,20 @@ pub async fn spawn(sim: Arc<TargetSim>, addr: SocketAddr) -> std::io::Result<Soc
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tests that ask for a share of failures and check they met one rely on the dice being the same
+    /// every run: the first calls of every simulator see the same rolls, among them a low one.
+    #[test]
+    fn every_simulator_rolls_the_same_dice() {
+        let rolls = |sim: &TargetSim| (0..20).map(|_| sim.roll()).collect::<Vec<_>>();
+        let first = rolls(&TargetSim::new(TargetConfig::default()));
+        assert_eq!(first, rolls(&TargetSim::new(TargetConfig::default())));
+        assert!(first.iter().all(|roll| (0.0..1.0).contains(roll)));
+        assert!(first.iter().any(|roll| *roll < 0.1), "{first:?}");
+    }
 }
