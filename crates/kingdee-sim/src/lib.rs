@@ -26,7 +26,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::NaiveDateTime;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -97,6 +98,9 @@ pub struct Simulator {
     /// The orders matching the last sales-order query: the pages of one window share it, so a client
     /// paging through N orders costs the simulator O(N) once, not once per page.
     selection: Mutex<Option<Selection>>,
+    /// The dice of the injected faults, seeded from the data's seed: the n-th list call rolls the
+    /// same in every run, so a test's share of faults is what it asked for, not luck.
+    fault_dice: Mutex<ChaCha8Rng>,
 }
 
 /// Indices of the orders matching one window and status, at one data generation.
@@ -154,6 +158,7 @@ impl Simulator {
             stats: Stats::default(),
             generation: AtomicU64::new(0),
             selection: Mutex::new(None),
+            fault_dice: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed)),
             config,
         })
     }
@@ -551,8 +556,8 @@ async fn list(
     }
     let faults = &sim.config.gateway.faults;
     let (server_error, slow, dropped, truncated, empty) = {
-        let mut rng = rand::rng();
-        let mut draw = |rate: f64| rng.random_bool(rate.clamp(0.0, 1.0));
+        let mut dice = sim.fault_dice.lock().expect("dice lock");
+        let mut draw = |rate: f64| dice.random_bool(rate.clamp(0.0, 1.0));
         (
             draw(faults.server_error),
             draw(faults.slow),
