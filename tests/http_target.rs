@@ -121,17 +121,7 @@ async fn start(prefix: &str, orders: usize, target: TargetConfig) -> Run {
         scenario.spawn_with_env(Worker::Writer, &[], &env).unwrap(),
         scenario.spawn_with_env(Worker::Writer, &[], &env).unwrap(),
     ];
-    // Every line of every order, versioned by its order's modify time.
-    let truth = scenario
-        .simulator
-        .order_lines_truth()
-        .into_iter()
-        .map(|line| {
-            let instant =
-                conveyor_core::source_time::parse_instant(&line.modify_time.into()).unwrap();
-            (line.id, instant.to_utc().to_rfc3339())
-        })
-        .collect();
+    let truth = scenario.expected_order_lines();
     Run {
         scenario,
         sim,

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -145,16 +144,7 @@ async fn amqps_and_https_steps() {
     ];
     scenario.run_fetcher_once(LIMIT).await.unwrap();
 
-    let truth: BTreeMap<String, String> = scenario
-        .simulator
-        .order_lines_truth()
-        .into_iter()
-        .map(|line| {
-            let instant =
-                conveyor_core::source_time::parse_instant(&line.modify_time.into()).unwrap();
-            (line.id, instant.to_utc().to_rfc3339())
-        })
-        .collect();
+    let truth = scenario.expected_order_lines();
     assert!(truth.len() > 300, "{} lines", truth.len());
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -452,6 +452,20 @@ impl Scenario {
             .collect()
     }
 
+    /// What a target of order lines must hold: every line of every order, by line id, versioned by its
+    /// order's modify time (RFC 3339, UTC).
+    pub fn expected_order_lines(&self) -> std::collections::BTreeMap<String, String> {
+        self.simulator
+            .order_lines_truth()
+            .into_iter()
+            .map(|line| {
+                let instant = conveyor_core::source_time::parse_instant(&line.modify_time.into())
+                    .expect("the simulator writes valid times");
+                (line.id, instant.to_utc().to_rfc3339())
+            })
+            .collect()
+    }
+
     /// Waits until the target holds as many rows as the truth has records, or `timeout` passes.
     pub async fn wait_for_target(&self, timeout: Duration) -> anyhow::Result<Duration> {
         let client = pg_client(&self.services.pg_url).await?;

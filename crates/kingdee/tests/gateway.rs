@@ -12,19 +12,24 @@ use kingdee_sim::gate::{
 };
 use kingdee_sim::{Object, SimConfig, Simulator};
 
+/// The demo account's credentials for a gateway at `addr`, signing with `secret`.
+fn credentials(addr: std::net::SocketAddr, secret: &str) -> Credentials {
+    Credentials {
+        base_url: format!("http://{addr}"),
+        client_id: DEMO_CLIENT_ID.into(),
+        client_secret: Secret::new(secret),
+        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
+        account: None,
+        ca: None,
+    }
+}
+
 async fn start(config: SimConfig) -> (Arc<Simulator>, Gateway<Unlimited>) {
     let sim = Simulator::new(config);
     let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let credentials = Credentials {
-        base_url: format!("http://{addr}"),
-        client_id: DEMO_CLIENT_ID.into(),
-        client_secret: Secret::new(DEMO_CLIENT_SECRET),
-        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-        account: None,
-        ca: None,
-    };
+    let credentials = credentials(addr, DEMO_CLIENT_SECRET);
     (
         sim,
         Gateway::new(credentials, Unlimited, Metrics::new(), "test"),
@@ -245,14 +250,7 @@ async fn wrong_credentials_fail_with_the_gateway_reason() {
     let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let credentials = Credentials {
-        base_url: format!("http://{addr}"),
-        client_id: DEMO_CLIENT_ID.into(),
-        client_secret: Secret::new("not-the-secret"),
-        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-        account: None,
-        ca: None,
-    };
+    let credentials = credentials(addr, "not-the-secret");
     let gateway = Gateway::new(credentials, Unlimited, Metrics::new(), "test");
     let err = gateway.check_token().await.unwrap_err();
     assert!(err.to_string().contains("4008"), "{err}");
@@ -265,14 +263,7 @@ async fn an_unreachable_gateway_fails_without_showing_the_signed_url() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let credentials = Credentials {
-        base_url: format!("http://{addr}"),
-        client_id: DEMO_CLIENT_ID.into(),
-        client_secret: Secret::new(DEMO_CLIENT_SECRET),
-        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-        account: None,
-        ca: None,
-    };
+    let credentials = credentials(addr, DEMO_CLIENT_SECRET);
     let gateway = Gateway::new(credentials, Unlimited, Metrics::new(), "test");
     let err = gateway.check_token().await.unwrap_err().to_string();
     assert!(err.contains("request failed"), "{err}");
