@@ -155,6 +155,24 @@ impl SyncStore {
         Ok(Plan { windows })
     }
 
+    /// Takes the window lock for `transaction`, then deletes `window`'s row (`action` names it in errors).
+    async fn remove_window(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        window: &Window,
+        action: &'static str,
+    ) -> Result<(), DatabaseError> {
+        lock_windows(transaction, &self.pipeline).await?;
+        transaction
+            .execute(
+                "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
+                &[&self.pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql(action))?;
+        Ok(())
+    }
+
     /// Records a window as finished (every record of it confirmed by the broker) and moves the
     /// watermark up to the oldest unfinished window. Returns the watermark.
     pub async fn finish(&self, window: &Window) -> Result<Option<DateTime<Utc>>, DatabaseError> {
@@ -163,14 +181,8 @@ impl SyncStore {
             .transaction()
             .await
             .map_err(sql("starting to finish a window"))?;
-        lock_windows(&transaction, &self.pipeline).await?;
-        transaction
-            .execute(
-                "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
-                &[&self.pipeline, &window.start, &window.end],
-            )
-            .await
-            .map_err(sql("finishing a window"))?;
+        self.remove_window(&transaction, window, "finishing a window")
+            .await?;
         let watermark = transaction
             .query_opt(
                 "UPDATE conveyor_sync_state SET updated_at = now(), watermark = GREATEST(watermark, \
@@ -204,14 +216,8 @@ impl SyncStore {
             .transaction()
             .await
             .map_err(sql("starting a split"))?;
-        lock_windows(&transaction, &self.pipeline).await?;
-        transaction
-            .execute(
-                "DELETE FROM conveyor_sync_windows WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
-                &[&self.pipeline, &window.start, &window.end],
-            )
-            .await
-            .map_err(sql("removing a split window"))?;
+        self.remove_window(&transaction, window, "removing a split window")
+            .await?;
         for half in &halves {
             transaction
                 .execute(
