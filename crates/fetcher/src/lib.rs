@@ -28,7 +28,7 @@ use conveyor_core::postgres::Database;
 use conveyor_core::runtime::WorkerRuntime;
 use conveyor_core::settings::{PostgresArgs, WorkerArgs};
 use conveyor_core::source_time;
-use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, Page};
+use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, ListData, Page};
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -332,19 +332,19 @@ impl Fetcher {
         // A page that disagrees with its own count is asked for again; it is never taken as it is.
         let mut attempt = 0;
         let page = loop {
-            let data =
-                self.gateway
-                    .get(&self.source.path, &query)
-                    .await
-                    .map_err(|err| match err {
-                        GatewayError::Transient(message) => {
-                            Failure::new(ErrorClass::Transient, message)
-                        }
-                        GatewayError::Permanent(message) => {
-                            Failure::new(ErrorClass::Permanent, message)
-                        }
-                    })?;
-            match Page::from_data(&data, number, page_size) {
+            let data = self
+                .gateway
+                .get::<ListData>(&self.source.path, &query)
+                .await
+                .map_err(|err| match err {
+                    GatewayError::Transient(message) => {
+                        Failure::new(ErrorClass::Transient, message)
+                    }
+                    GatewayError::Permanent(message) => {
+                        Failure::new(ErrorClass::Permanent, message)
+                    }
+                })?;
+            match Page::from_list(data, number, page_size) {
                 Ok(page) => break page,
                 Err(problem) if attempt < PAGE_ATTEMPTS => {
                     tracing::warn!(problem, "page inconsistent with its count; asking again");

@@ -17,6 +17,7 @@ use conveyor_core::settings::{Secret, SettingsError};
 use conveyor_core::tls::{self, CaBundle};
 use rand::Rng;
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::Mutex;
@@ -196,9 +197,9 @@ pub struct TokenReport {
 }
 
 /// One outcome of one HTTP exchange.
-enum Answer {
-    /// The answer's `data` as it came: a list page's rows are passed on without being rebuilt.
-    Data(Box<RawValue>),
+enum Answer<T = Box<RawValue>> {
+    /// The answer's `data`, read in the same pass as the rest of the answer.
+    Data(T),
     Retry {
         reason: String,
         throttled: bool,
@@ -237,12 +238,13 @@ impl<B: RateBudget> Gateway<B> {
         }
     }
 
-    /// A signed business GET; returns the response's `data`. Retries what can be retried.
-    pub async fn get(
+    /// A signed business GET; returns the response's `data` read as `T`. Retries what can be
+    /// retried, including an answer whose data is not a `T`.
+    pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(String, String)],
-    ) -> Result<Box<RawValue>, GatewayError> {
+    ) -> Result<T, GatewayError> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -510,7 +512,7 @@ impl<B: RateBudget> Gateway<B> {
             ),
         ];
         let data = match self
-            .exchange(reqwest::Method::GET, TOKEN_PATH, &query, None)
+            .exchange::<Box<RawValue>>(reqwest::Method::GET, TOKEN_PATH, &query, None)
             .await
         {
             Ok(Answer::Data(data)) => {
@@ -547,13 +549,13 @@ impl<B: RateBudget> Gateway<B> {
     }
 
     /// One signed HTTP exchange, read into an [`Answer`]. Errors only for a failing rate budget.
-    async fn exchange(
+    async fn exchange<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
         query: &[(String, String)],
         ticket: Option<&Ticket>,
-    ) -> Result<Answer, GatewayError> {
+    ) -> Result<Answer<T>, GatewayError> {
         let waited = self
             .budget
             .acquire()
@@ -627,8 +629,8 @@ impl<B: RateBudget> Gateway<B> {
     }
 }
 
-/// Interprets an HTTP status and body.
-fn read_answer(status: u16, body: &[u8]) -> Answer {
+/// Interprets an HTTP status and body; a successful answer's `data` is read as `T`.
+fn read_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Answer<T> {
     let retry = |reason: String| Answer::Retry {
         reason,
         throttled: false,
@@ -661,32 +663,58 @@ fn read_answer(status: u16, body: &[u8]) -> Answer {
         200..=299 => {}
         _ => return Answer::Fatal(format!("HTTP {status}")),
     }
-    /// The fields of an answer the client reads; `data` stays raw JSON, borrowed from the body.
-    #[derive(Deserialize)]
-    struct Envelope<'a> {
-        errcode: Option<Value>,
-        code: Option<Value>,
-        description: Option<Value>,
-        msg: Option<Value>,
-        #[serde(borrow)]
-        data: Option<&'a RawValue>,
+    match serde_json::from_slice::<Reply<T>>(body) {
+        Ok(reply) => match reply.refusal() {
+            Some(refusal) => refusal,
+            None => match reply.data {
+                Some(data) => Answer::Data(data),
+                None => retry("answer has no data".into()),
+            },
+        },
+        // A failed call's data is often not what a successful one's is: its code says which it was.
+        Err(err) => match serde_json::from_slice::<Reply<IgnoredAny>>(body) {
+            Ok(reply) => reply
+                .refusal()
+                .unwrap_or_else(|| retry(format!("unreadable data: {err}"))),
+            Err(_) => retry(format!("unreadable answer: {err}")),
+        },
     }
-    let json: Envelope = match serde_json::from_slice(body) {
-        Ok(json) => json,
-        Err(err) => return retry(format!("unreadable answer: {err}")),
-    };
-    match code_in([json.errcode.as_ref(), json.code.as_ref()]) {
-        Some(0 | 200) => Answer::Data(json.data.unwrap_or(RawValue::NULL).to_owned()),
-        Some(STALE_SECRET) => Answer::StaleSecret,
-        Some(2_000_002_000) => retry("business error 2000002000: system error".into()),
-        Some(code) => {
-            let description = [&json.description, &json.msg]
-                .into_iter()
-                .find_map(|text| text.as_ref()?.as_str())
-                .unwrap_or("");
-            Answer::Fatal(format!("business error {code}: {description}"))
+}
+
+/// The fields of an answer the client reads.
+#[derive(Deserialize)]
+struct Reply<T> {
+    errcode: Option<Value>,
+    code: Option<Value>,
+    description: Option<Value>,
+    msg: Option<Value>,
+    data: Option<T>,
+}
+
+impl<D> Reply<D> {
+    /// What the answer's code means when it is not a success; `None` for a success.
+    fn refusal<T>(&self) -> Option<Answer<T>> {
+        let retry = |reason: String| {
+            Some(Answer::Retry {
+                reason,
+                throttled: false,
+            })
+        };
+        match code_in([self.errcode.as_ref(), self.code.as_ref()]) {
+            Some(0 | 200) => None,
+            Some(STALE_SECRET) => Some(Answer::StaleSecret),
+            Some(2_000_002_000) => retry("business error 2000002000: system error".into()),
+            Some(code) => {
+                let description = [&self.description, &self.msg]
+                    .into_iter()
+                    .find_map(|text| text.as_ref()?.as_str())
+                    .unwrap_or("");
+                Some(Answer::Fatal(format!(
+                    "business error {code}: {description}"
+                )))
+            }
+            None => retry("answer has no errcode".into()),
         }
-        None => retry("answer has no errcode".into()),
     }
 }
 
@@ -716,51 +744,90 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         assert!(
-            matches!(read_answer(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
+            matches!(read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
         );
         assert!(matches!(
-            read_answer(200, br#"{"code":200,"msg":"ok","data":[]}"#),
+            read_answer::<Box<RawValue>>(200, br#"{"code":200,"msg":"ok","data":[]}"#),
             Answer::Data(_)
         ));
         assert!(matches!(
-            read_answer(429, b""),
+            read_answer::<Box<RawValue>>(429, b""),
             Answer::Retry {
                 throttled: true,
                 ..
             }
         ));
         assert!(matches!(
-            read_answer(519, br#"{"code":4011}"#),
+            read_answer::<Box<RawValue>>(519, br#"{"code":4011}"#),
             Answer::TokenRejected { .. }
         ));
         assert!(matches!(
-            read_answer(519, br#"{"errcode":"4010"}"#),
+            read_answer::<Box<RawValue>>(519, br#"{"errcode":"4010"}"#),
             Answer::TokenRejected { .. }
         ));
         assert!(matches!(
-            read_answer(519, br#"{"code":4008}"#),
+            read_answer::<Box<RawValue>>(519, br#"{"code":4008}"#),
             Answer::Fatal(_)
         ));
         assert!(matches!(
-            read_answer(519, br#"{"code":5007}"#),
+            read_answer::<Box<RawValue>>(519, br#"{"code":5007}"#),
             Answer::Retry {
                 throttled: true,
                 ..
             }
         ));
-        assert!(matches!(read_answer(502, b""), Answer::TenantMoved));
-        assert!(matches!(read_answer(503, b""), Answer::Retry { .. }));
         assert!(matches!(
-            read_answer(200, br#"{"errcode":1030002006}"#),
-            Answer::StaleSecret
+            read_answer::<Box<RawValue>>(502, b""),
+            Answer::TenantMoved
         ));
         assert!(matches!(
-            read_answer(200, br#"{"errcode":0,"data":{"#),
+            read_answer::<Box<RawValue>>(503, b""),
             Answer::Retry { .. }
         ));
         assert!(matches!(
-            read_answer(200, br#"{"errcode":1030002003,"description":"not found"}"#),
+            read_answer::<Box<RawValue>>(200, br#"{"errcode":1030002006}"#),
+            Answer::StaleSecret
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"#),
+            Answer::Retry { .. }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(
+                200,
+                br#"{"errcode":1030002003,"description":"not found"}"#
+            ),
             Answer::Fatal(_)
+        ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Rows {
+        rows: Vec<u32>,
+    }
+
+    #[test]
+    fn data_is_read_as_the_call_expects_and_refusals_still_read_with_other_data() {
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":[1,2]}}"#),
+            Answer::Data(Rows { rows }) if rows == [1, 2]
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":"many"}}"#),
+            Answer::Retry { reason, .. } if reason.starts_with("unreadable data")
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":null}"#),
+            Answer::Retry { reason, .. } if reason == "answer has no data"
+        ));
+        // A business error whose data is not a list is still the business error.
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":1030002003,"description":"not found","data":"x"}"#),
+            Answer::Fatal(reason) if reason.contains("not found")
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":1030002006,"data":{}}"#),
+            Answer::StaleSecret
         ));
     }
 

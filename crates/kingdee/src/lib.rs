@@ -6,4 +6,4 @@ pub mod list;
 pub mod sign;
 
 pub use gateway::{Credentials, Gateway, GatewayError, KingdeeArgs, RateBudget, Unlimited};
-pub use list::Page;
+pub use list::{ListData, Page};

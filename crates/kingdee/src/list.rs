@@ -23,8 +23,10 @@ impl Count {
     }
 }
 
+/// The `data` of a list response as it is read off the wire (the gateway reads it in the same pass as
+/// the rest of the answer); [`Page::from_list`] checks it.
 #[derive(Debug, Deserialize)]
-struct ListData {
+pub struct ListData {
     count: Count,
     total_page: Count,
     #[serde(default)]
@@ -42,12 +44,9 @@ pub struct Page {
 }
 
 impl Page {
-    /// Reads the `data` of a list response and checks that page `page` of size `page_size` holds as
-    /// many rows as `count` says: a short page is an error, never a success, since trusting it would
-    /// skip rows silently.
-    pub fn from_data(data: &RawValue, page: u64, page_size: u64) -> Result<Self, String> {
-        let data: ListData =
-            serde_json::from_str(data.get()).map_err(|err| format!("list data: {err}"))?;
+    /// Checks that page `page` of size `page_size` holds as many rows as `count` says: a short page is
+    /// an error, never a success, since trusting it would skip rows silently.
+    pub fn from_list(data: ListData, page: u64, page_size: u64) -> Result<Self, String> {
         let parsed = Self {
             count: data.count.value("count")?,
             total_page: data.total_page.value("total_page")?,
@@ -83,29 +82,29 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
-    fn data(rows: usize, count: Value, total_page: u64) -> Box<RawValue> {
+    fn data(rows: usize, count: Value, total_page: u64) -> ListData {
         let data = json!({"count": count, "total_page": total_page, "rows": vec![json!({}); rows]});
-        serde_json::value::to_raw_value(&data).unwrap()
+        serde_json::from_value(data).unwrap()
     }
 
     #[test]
     fn full_and_last_pages_pass() {
-        assert!(Page::from_data(&data(100, json!(250), 3), 1, 100).is_ok());
-        assert!(Page::from_data(&data(50, json!(250), 3), 3, 100).is_ok());
-        assert!(Page::from_data(&data(0, json!(0), 0), 1, 100).is_ok());
+        assert!(Page::from_list(data(100, json!(250), 3), 1, 100).is_ok());
+        assert!(Page::from_list(data(50, json!(250), 3), 3, 100).is_ok());
+        assert!(Page::from_list(data(0, json!(0), 0), 1, 100).is_ok());
     }
 
     #[test]
     fn count_may_be_a_string() {
-        let page = Page::from_data(&data(3, json!("3"), 1), 1, 100).unwrap();
+        let page = Page::from_list(data(3, json!("3"), 1), 1, 100).unwrap();
         assert_eq!(page.count, 3);
     }
 
     #[test]
     fn short_pages_and_miscounted_totals_fail() {
-        assert!(Page::from_data(&data(99, json!(250), 3), 1, 100).is_err());
+        assert!(Page::from_list(data(99, json!(250), 3), 1, 100).is_err());
         // The capped-page quirk: 100 rows served for a page_size of 500 while total_page says 1.
-        assert!(Page::from_data(&data(100, json!(250), 1), 1, 500).is_err());
-        assert!(Page::from_data(&data(1, json!("many"), 1), 1, 100).is_err());
+        assert!(Page::from_list(data(100, json!(250), 1), 1, 500).is_err());
+        assert!(Page::from_list(data(1, json!("many"), 1), 1, 100).is_err());
     }
 }
