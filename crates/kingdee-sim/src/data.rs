@@ -337,6 +337,13 @@ impl Dataset {
         })
     }
 
+    /// Renders every order not rendered yet, so that serving them later costs only the copying.
+    pub fn render_all(&self) {
+        for index in 0..self.orders.len() {
+            self.order_json(index);
+        }
+    }
+
     pub fn random_index(&mut self) -> usize {
         self.generator.rng.random_range(0..self.orders.len().max(1))
     }

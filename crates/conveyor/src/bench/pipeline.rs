@@ -270,6 +270,7 @@ async fn measure(
 ) -> anyhow::Result<(RunReport, Option<f64>)> {
     scenario.declare_topology().await?;
     let expected = scenario.expected_records().len();
+    scenario.simulator.render_orders();
     let mut workers = vec![scenario.spawn_with_env(Worker::Transformer, &[], env)?];
     for _ in 0..writers {
         workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
