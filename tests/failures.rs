@@ -340,6 +340,14 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
             letter.error
         );
         assert_eq!(letter.record_ids.len(), 100);
+        // The batch travels compressed and is shown as the JSON it holds.
+        let payload = letter.payload.as_deref().unwrap_or_default();
+        assert!(
+            payload.starts_with(r#"{"schema":1"#) && payload.contains("XSDD-L"),
+            "{}",
+            &payload[..payload.len().min(200)]
+        );
+        assert!(letter.body.len() < payload.len() / 2);
         assert_eq!(letter.original_routing_key, "sales_orders.write");
         assert!(letter.first_failed_at <= letter.last_failed_at);
     }

@@ -123,7 +123,7 @@ impl DeadLetters {
         failure: &Failure,
         attempts: u32,
     ) -> Result<(), BrokerError> {
-        let record_ids = record_ids_in(&delivery.data);
+        let record_ids = record_ids_in(&delivery.data, &delivery.properties);
         let (exchange, routing_key) = original_route(delivery);
         let properties = self.with_failure(
             delivery.properties.clone(),
@@ -150,7 +150,7 @@ impl DeadLetters {
         let Some((queue, delay)) = self.topology.retry_tier(self.stage, retry) else {
             return Ok(false);
         };
-        let record_ids = record_ids_in(&delivery.data);
+        let record_ids = record_ids_in(&delivery.data, &delivery.properties);
         let (exchange, routing_key) = original_route(delivery);
         let mut properties = self.with_failure(
             delivery.properties.clone(),
@@ -293,7 +293,7 @@ fn original_route(delivery: &Delivery) -> (String, String) {
 }
 
 /// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
-fn record_ids_in(body: &[u8]) -> Vec<String> {
+fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Ids {
         records: Vec<IdOnly>,
@@ -302,7 +302,9 @@ fn record_ids_in(body: &[u8]) -> Vec<String> {
     struct IdOnly {
         id: String,
     }
-    serde_json::from_slice::<Ids>(body)
+    crate::envelope::decode_body(body, properties)
+        .ok()
+        .and_then(|body| serde_json::from_slice::<Ids>(&body).ok())
         .map(|ids| ids.records.into_iter().map(|record| record.id).collect())
         .unwrap_or_default()
 }
@@ -627,10 +629,12 @@ mod tests {
 
     #[test]
     fn record_ids_are_read_from_a_batch_body() {
-        assert_eq!(
-            record_ids_in(br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#),
-            ["a", "b"]
-        );
-        assert!(record_ids_in(b"garbage").is_empty());
+        let plain = BasicProperties::default();
+        let body = br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#;
+        assert_eq!(record_ids_in(body, &plain), ["a", "b"]);
+        assert!(record_ids_in(b"garbage", &plain).is_empty());
+        let compressed = lz4_flex::block::compress_prepend_size(body);
+        let lz4 = plain.with_content_encoding(crate::envelope::LZ4.into());
+        assert_eq!(record_ids_in(&compressed, &lz4), ["a", "b"]);
     }
 }

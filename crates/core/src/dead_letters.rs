@@ -5,6 +5,7 @@
 //! confirmed elsewhere (a replay) or the operator asked for it to go (a purge). Whatever is not removed
 //! is handed back to the queue, in order, when the reading ends.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, Utc};
@@ -18,7 +19,7 @@ use crate::consume::{
     HEADER_ERROR, HEADER_ERROR_CLASS, HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT,
     HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_RECORD_IDS, HEADER_STAGE, header,
 };
-use crate::envelope::{HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_TRACE_ID};
+use crate::envelope::{HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_TRACE_ID, decode_body};
 
 /// Counts a replayed message carries: how often it was replayed (it keeps no failure headers).
 pub const HEADER_REPLAYS: &str = "x-conveyor-replays";
@@ -41,7 +42,8 @@ pub struct DeadLetter {
     pub record_ids: Vec<String>,
     pub trace_id: String,
     pub message_id: String,
-    /// The payload as text when it is UTF-8 (it is kept byte for byte in the queue either way).
+    /// The payload as text when it is UTF-8, decompressed if it travels compressed (it is kept byte
+    /// for byte in the queue either way).
     pub payload: Option<String>,
     /// The payload in hex when it is not UTF-8.
     pub payload_hex: Option<String>,
@@ -59,11 +61,13 @@ impl DeadLetter {
         let time = |name: &str| {
             header(properties, name).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         };
-        let (payload, payload_hex) = match std::str::from_utf8(data) {
+        // Shown decompressed when it can be; kept byte for byte for replays either way.
+        let shown = decode_body(data, properties).unwrap_or(Cow::Borrowed(data));
+        let (payload, payload_hex) = match std::str::from_utf8(&shown) {
             Ok(text) => (Some(text.to_owned()), None),
             Err(_) => (
                 None,
-                Some(data.iter().map(|b| format!("{b:02x}")).collect()),
+                Some(shown.iter().map(|b| format!("{b:02x}")).collect()),
             ),
         };
         Self {
@@ -142,6 +146,9 @@ impl DeadLetter {
         }
         if let Some(kind) = original.content_type() {
             properties = properties.with_content_type(kind.clone());
+        }
+        if let Some(encoding) = original.content_encoding() {
+            properties = properties.with_content_encoding(encoding.clone());
         }
         if let Some(timestamp) = original.timestamp() {
             properties = properties.with_timestamp(*timestamp);

@@ -3,6 +3,13 @@
 //! The body is JSON (`{"schema":1,"records":[...]}`); the message's identity lives in AMQP properties and
 //! headers, so that operators and tools can read it without parsing the body: message id (uuid), the
 //! pipeline, a trace id that follows the records through every stage, and the attempt count.
+//!
+//! Bodies of [`COMPRESS_FROM_BYTES`] or more travel lz4-compressed, said by the AMQP content encoding
+//! `lz4` (an lz4 block after its little-endian u32 length). The broker's work grows with the bytes it
+//! stores and copies, and a page of similar records shrinks about four times; small bodies, such as a
+//! dead-lettered record, stay plain so that they read as they are in the broker's own tools.
+
+use std::borrow::Cow;
 
 use chrono::{DateTime, FixedOffset};
 use lapin::BasicProperties;
@@ -16,6 +23,10 @@ use uuid::Uuid;
 pub const SCHEMA_VERSION: u32 = 1;
 /// The largest body a worker accepts; larger ones are dead-lettered as malformed.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Bodies of this size or more are published lz4-compressed.
+pub const COMPRESS_FROM_BYTES: usize = 4 * 1024;
+/// The AMQP content encoding of a compressed body.
+pub const LZ4: &str = "lz4";
 
 pub const HEADER_PIPELINE: &str = "x-conveyor-pipeline";
 pub const HEADER_TRACE_ID: &str = "x-conveyor-trace-id";
@@ -119,17 +130,61 @@ pub enum Malformed {
     Body(String),
     #[error("body has schema version {0}, this worker reads version {SCHEMA_VERSION}")]
     SchemaVersion(u32),
+    #[error("body has content encoding {0:?}; this worker reads plain and {LZ4:?} bodies")]
+    Encoding(String),
+    #[error("body does not decompress: {0}")]
+    Compression(String),
+}
+
+/// A body as published: compressed when it is large enough to be worth it.
+fn encode_body(json: Vec<u8>, properties: BasicProperties) -> (Vec<u8>, BasicProperties) {
+    if json.len() < COMPRESS_FROM_BYTES {
+        return (json, properties);
+    }
+    (
+        lz4_flex::block::compress_prepend_size(&json),
+        properties.with_content_encoding(LZ4.into()),
+    )
+}
+
+/// A delivery's body as JSON bytes: decompressed when its content encoding says so. The size a
+/// compressed body claims is checked before anything is allocated for it.
+pub fn decode_body<'a>(
+    body: &'a [u8],
+    properties: &BasicProperties,
+) -> Result<Cow<'a, [u8]>, Malformed> {
+    match properties.content_encoding().as_ref().map(|e| e.as_str()) {
+        None | Some("" | "identity") => Ok(Cow::Borrowed(body)),
+        Some(LZ4) => {
+            let (size, block) = lz4_flex::block::uncompressed_size(body)
+                .map_err(|err| Malformed::Compression(err.to_string()))?;
+            if size > MAX_BODY_BYTES {
+                return Err(Malformed::Oversize(size));
+            }
+            let json = lz4_flex::block::decompress(block, size)
+                .map_err(|err| Malformed::Compression(err.to_string()))?;
+            if json.len() != size {
+                return Err(Malformed::Compression(format!(
+                    "{} bytes where the header says {size}",
+                    json.len()
+                )));
+            }
+            Ok(Cow::Owned(json))
+        }
+        Some(other) => Err(Malformed::Encoding(other.to_owned())),
+    }
 }
 
 impl Envelope {
-    /// The body and AMQP properties to publish: persistent, JSON, with identity headers.
+    /// The body and AMQP properties to publish: persistent, JSON (compressed when large), with
+    /// identity headers.
     pub fn to_amqp(&self) -> (Vec<u8>, BasicProperties) {
-        let body = serde_json::to_vec(&Body {
+        let json = serde_json::to_vec(&Body {
             schema: SCHEMA_VERSION,
             records: &self.records,
         })
         .expect("records serialize: their values are JSON already");
-        (body, self.meta.properties(self.records.len()))
+        encode_body(json, self.meta.properties(self.records.len()))
     }
 
     /// Reads a delivery's body and properties, checking it belongs to `pipeline`.
@@ -148,6 +203,8 @@ impl Envelope {
                 found: meta.pipeline,
             });
         }
+        let body = decode_body(body, properties)?;
+        let body = body.as_ref();
         #[derive(Deserialize)]
         struct SchemaOnly {
             schema: u32,
@@ -278,6 +335,61 @@ mod tests {
         assert_eq!(
             Envelope::from_amqp("orders", &body, &properties).unwrap(),
             envelope
+        );
+    }
+
+    #[test]
+    fn large_bodies_travel_compressed_and_small_ones_plain() {
+        let small = sample();
+        let (body, properties) = small.to_amqp();
+        assert_eq!(properties.content_encoding(), &None);
+        assert!(body.starts_with(b"{"));
+
+        let mut large = sample();
+        large.records = vec![large.records[0].clone(); 100];
+        let (body, properties) = large.to_amqp();
+        assert_eq!(
+            properties.content_encoding().as_ref().map(|e| e.as_str()),
+            Some(LZ4)
+        );
+        let plain = decode_body(&body, &properties).unwrap();
+        assert!(plain.len() >= COMPRESS_FROM_BYTES);
+        assert!(
+            body.len() * 4 < plain.len(),
+            "{} of {}",
+            body.len(),
+            plain.len()
+        );
+        assert_eq!(
+            Envelope::from_amqp("orders", &body, &properties).unwrap(),
+            large
+        );
+    }
+
+    #[test]
+    fn compressed_bodies_are_checked_before_they_are_trusted() {
+        let (_, properties) = sample().to_amqp();
+        let lz4 = properties.clone().with_content_encoding(LZ4.into());
+        // A body that claims 4 GiB is refused before anything is allocated for it.
+        let bomb = u32::MAX.to_le_bytes();
+        assert_eq!(
+            Envelope::from_amqp("orders", &bomb, &lz4),
+            Err(Malformed::Oversize(u32::MAX as usize))
+        );
+        let mut truncated = lz4_flex::block::compress_prepend_size(&[b'x'; 9000]);
+        truncated.truncate(truncated.len() / 2);
+        assert!(matches!(
+            Envelope::from_amqp("orders", &truncated, &lz4),
+            Err(Malformed::Compression(_))
+        ));
+        assert!(matches!(
+            Envelope::from_amqp("orders", b"{}", &lz4),
+            Err(Malformed::Compression(_))
+        ));
+        let gzip = properties.with_content_encoding("gzip".into());
+        assert_eq!(
+            Envelope::from_amqp("orders", b"{}", &gzip),
+            Err(Malformed::Encoding("gzip".into()))
         );
     }
 

@@ -3,10 +3,11 @@
 //!
 //! Run: `cargo run --release -p conveyor-bench --bin bench-transform [ORDERS]`
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_core::envelope::{Envelope, Meta, Record, decode_body};
 use conveyor_core::pipeline::Pipeline;
 use conveyor_core::source_time;
 use conveyor_transformer::map_records;
@@ -88,19 +89,26 @@ fn main() -> anyhow::Result<()> {
             .to_amqp()
         })
         .collect();
-    let bytes: usize = messages.iter().map(|(body, _)| body.len()).sum();
+    // The floor reads the bodies as JSON; the transformer also decompresses and compresses them.
+    let plain: Vec<Vec<u8>> = messages
+        .iter()
+        .map(|(body, properties)| decode_body(body, properties).map(Cow::into_owned))
+        .collect::<Result<_, _>>()?;
+    let bytes: usize = plain.iter().map(Vec::len).sum();
+    let compressed: usize = messages.iter().map(|(body, _)| body.len()).sum();
     println!(
-        "{} records in {} messages, {:.0} bytes per record as JSON",
+        "{} records in {} messages, {:.0} bytes per record as JSON, {:.0} compressed",
         records.len(),
         messages.len(),
-        bytes as f64 / records.len() as f64
+        bytes as f64 / records.len() as f64,
+        compressed as f64 / records.len() as f64
     );
 
     // The floor and each transformer run take turns, five rounds after a warm-up, and each keeps its
     // best (least disturbed) time: the ratio stays fair when other work shares the machine.
     let floor = || {
         let mut out = 0;
-        for (body, _) in &messages {
+        for body in &plain {
             let value: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
             out += serde_json::to_vec(&value).expect("serializes").len();
         }
