@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use conveyor_core::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
+/// Every conveyor binary allocates through mimalloc (see the workspace's Cargo.toml for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod bench;
 pub mod ctl;
 pub mod demo;

@@ -12,6 +12,10 @@ use conveyor_core::pipeline::Pipeline;
 use conveyor_core::source_time;
 use conveyor_transformer::map_records;
 
+/// The workers' allocator, so that the figures are theirs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A realistic mapping of orders: renames, exact decimals, CST times to RFC 3339 and epoch ms, a US date,
 /// a value map, trimming, entry lines kept nested and mapped field by field, and a computed field.
 const ORDERS_PIPELINE: &str = r#"
