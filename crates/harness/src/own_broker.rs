@@ -16,6 +16,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
+use crate::free_port;
 use crate::tls::TestPki;
 
 pub struct OwnBroker {
@@ -37,12 +38,6 @@ fn server_binary() -> PathBuf {
         return debian.to_owned();
     }
     "rabbitmq-server".into()
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
 }
 
 impl OwnBroker {
