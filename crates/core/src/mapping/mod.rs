@@ -15,7 +15,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, FixedOffset};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -193,22 +193,26 @@ impl MappedRecord {
     /// The output record as one JSON object: every output field, those built as a tree and those
     /// passed on as raw JSON. The one way to read the whole output.
     pub fn to_json(&self) -> Box<RawValue> {
-        use serde::ser::{SerializeMap, Serializer};
-        let mut out = Vec::new();
-        let mut serializer = serde_json::Serializer::new(&mut out);
-        let written: Result<(), serde_json::Error> = (|| {
-            let mut map = serializer.serialize_map(Some(self.data.len() + self.passed.len()))?;
-            for (key, value) in &self.data {
-                map.serialize_entry(key, value)?;
-            }
-            for (key, value) in &self.passed {
-                map.serialize_entry(key, value)?;
-            }
-            map.end()
-        })();
-        written.expect("JSON trees and raw JSON serialize");
-        let text = String::from_utf8(out).expect("serde_json writes UTF-8");
-        RawValue::from_string(text).expect("serde_json writes JSON")
+        // Written straight into raw JSON: serde_json's own output is not parsed again to check it.
+        serde_json::value::to_raw_value(&Fields(self)).expect("JSON trees and raw JSON serialize")
+    }
+}
+
+/// A record's output fields as one JSON object.
+struct Fields<'a>(&'a MappedRecord);
+
+impl Serialize for Fields<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let record = self.0;
+        let mut map = serializer.serialize_map(Some(record.data.len() + record.passed.len()))?;
+        for (key, value) in &record.data {
+            map.serialize_entry(key, value)?;
+        }
+        for (key, value) in &record.passed {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
     }
 }
 
