@@ -35,7 +35,7 @@ use futures_util::StreamExt as _;
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
@@ -568,7 +568,7 @@ async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64>
                     .await?;
             }
         }
-        anyhow::Ok(())
+        anyhow::Ok(consumer)
     });
     let body = vec![b'x'; 1024];
     let mut outstanding = VecDeque::new();
@@ -592,10 +592,15 @@ async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64>
     for confirm in outstanding {
         confirm.await?;
     }
-    consuming.await??;
+    let consumer = consuming.await??;
     let seconds = started.elapsed().as_secs_f64();
-    // Close the consuming channel first: deleting a queue under a live consumer cancels it from the
-    // broker's side, which the client may meet as an unexpected frame.
+    // Cancel the consumer, then close its channel, then delete the queue: a consumer dropped while
+    // still active cancels itself in the background, which can meet the channel closing; a queue
+    // deleted under a live consumer cancels it from the broker's side, an unexpected frame.
+    consume
+        .basic_cancel("raw".into(), BasicCancelOptions::default())
+        .await?;
+    drop(consumer);
     consume.close(200, "done".into()).await?;
     publish
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
