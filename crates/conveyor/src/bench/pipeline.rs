@@ -8,6 +8,7 @@
 //! - **CPU s per million records**: utime + stime of each worker process (`/proc/<pid>/stat`), summed per
 //!   stage, over the process's whole life (start-up included); `simulator` is this process's CPU during
 //!   the run, which serves the source (and the HTTP target): not the pipeline's, but on the same cores.
+//!   It renders its orders before the clock starts, so that what it spends is serving pages.
 //! - **broker CPU s per million records**: utime + stime, during the run, of the RabbitMQ node (every
 //!   `beam.smp` process on this machine; none when the broker runs elsewhere): the durability the
 //!   pipeline pays for, on the same cores.
