@@ -250,12 +250,7 @@ fn dashboard_queries_are_valid_promql() {
         .output()
         .expect("promtool runs (apt-get install prometheus)");
     std::fs::remove_file(&file).ok();
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    succeeded("promtool check rules", output);
 }
 
 /// `.env.example` lists exactly the variables docker-compose.yml reads, each with the compose file's
@@ -339,11 +334,7 @@ fn compose_passes_secrets_as_files_that_ops_secrets_sh_makes() {
             .arg(&script)
             .output()
             .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeeded(&script.display().to_string(), output);
     };
     run();
     let read = |file: &str| std::fs::read_to_string(dir.join("ops/secrets").join(file)).unwrap();
@@ -639,11 +630,7 @@ async fn a_list_of_brokers_fails_over_to_the_next() {
             .stdin(std::process::Stdio::null())
             .output()
             .expect("conveyorctl runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        succeeded("conveyorctl dlq list over a list of brokers", output);
         let only_dead = std::process::Command::new(bin_dir().join("conveyorctl"))
             .args(["dlq", "list", "sales_orders"])
             .envs(scenario.environment())

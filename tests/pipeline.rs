@@ -375,11 +375,7 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
         .arg(sales_orders_pipeline())
         .output()
         .unwrap();
-    assert!(
-        valid.status.success(),
-        "{}",
-        String::from_utf8_lossy(&valid.stderr)
-    );
+    succeeded("conveyorctl check", valid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,12 +415,7 @@ fn conveyorctl_kingdee_sign_prints_the_string_to_sign_then_the_signature() {
         .args(["--nonce", "4427456950", "--timestamp", "1670305063559"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
+    let stdout = succeeded("conveyorctl kingdee sign", output);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines,
@@ -458,12 +449,7 @@ async fn conveyorctl_kingdee_token_says_whether_the_credentials_work() {
             .output()
     };
     let good = token(DEMO_CLIENT_SECRET).await.unwrap();
-    assert!(
-        good.status.success(),
-        "{}",
-        String::from_utf8_lossy(&good.stderr)
-    );
-    assert!(String::from_utf8_lossy(&good.stdout).contains(DEMO_ACCOUNT));
+    assert!(succeeded("conveyorctl kingdee token", good).contains(DEMO_ACCOUNT));
 
     let bad = token("wrong-secret-value").await.unwrap();
     assert!(!bad.status.success());

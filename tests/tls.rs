@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::{bin_dir, repo_root, services, within};
+use common::{bin_dir, repo_root, services, succeeded, within};
 use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::tls::{TestPki, TlsProxy};
 use conveyor_harness::{AmqpTlsFiles, Scenario, Services, Worker, WorkerProcess};
@@ -244,11 +244,7 @@ async fn without_the_ca_steps() {
         .env("CONVEYOR_AMQP_TLS_CA_FILE", &pki.ca_file)
         .output()
         .unwrap();
-    assert!(
-        declared.status.success(),
-        "conveyorctl over amqps with the CA: {}",
-        String::from_utf8_lossy(&declared.stderr)
-    );
+    succeeded("conveyorctl over amqps with the CA", declared);
 
     // The source's CA is missing: the fetcher (over the plain shared broker) stops at its start.
     let source_proxy = TlsProxy::start(sim_addr(&scenario), &pki).await.unwrap();

@@ -109,10 +109,15 @@ pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
 
 /// Runs `conveyorctl`, asserts it succeeded, returns its standard output.
 pub fn ctl_ok(scenario: &Scenario, args: &[&str]) -> String {
-    let output = ctl(scenario, args);
+    succeeded(&format!("conveyorctl {args:?}"), ctl(scenario, args))
+}
+
+/// Asserts that a command (`what`) succeeded, showing what it printed when it did not; returns its
+/// standard output.
+pub fn succeeded(what: &str, output: std::process::Output) -> String {
     assert!(
         output.status.success(),
-        "conveyorctl {args:?} failed: {}{}",
+        "{what} failed: {}{}",
         String::from_utf8_lossy(&output.stderr),
         String::from_utf8_lossy(&output.stdout)
     );
