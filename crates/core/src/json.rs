@@ -40,18 +40,31 @@ where
         formatter.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut selected = Vec::new();
-        while let Some(picked) = map.next_key_seed(KeyOf(&mut self.0))? {
-            match picked {
-                Some((tag, seed)) => selected.push((tag, map.next_value_seed(seed)?)),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        select_entries(map, self.0)
+    }
+}
+
+/// The entries of an object being read (`map`) that `select` picks, as [`select_top_level`] reads
+/// them: for a [`Visitor`] that keeps part of an object at any depth.
+pub fn select_entries<'de, A, K, S>(
+    mut map: A,
+    mut select: impl FnMut(&str) -> Option<(K, S)>,
+) -> Result<Vec<(K, S::Value)>, A::Error>
+where
+    A: MapAccess<'de>,
+    S: DeserializeSeed<'de>,
+{
+    let mut selected = Vec::new();
+    while let Some(picked) = map.next_key_seed(KeyOf(&mut select))? {
+        match picked {
+            Some((tag, seed)) => selected.push((tag, map.next_value_seed(seed)?)),
+            None => {
+                map.next_value::<IgnoredAny>()?;
             }
         }
-        Ok(selected)
     }
+    Ok(selected)
 }
 
 /// Reads a key and hands it to the selector in place: borrowed from the input, or from the

@@ -1,7 +1,9 @@
 //! The transformer alone on one core: records/s of a realistic mapping of Kingdee sales orders (about
 //! 1 KiB each), beside plain serde_json parse-and-serialize of the same message bodies in the same run.
 //!
-//! Run: `cargo run --release -p conveyor-bench --bin bench-transform [ORDERS]`
+//! Run: `cargo run --release -p conveyor-bench --bin bench-transform [ORDERS]`; with
+//! `CONVEYOR_BENCH_PROFILE=NAME` (a pipeline's name) it runs only that mapping, over and over, for a
+//! profiler to watch.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -145,6 +147,19 @@ fn main() -> anyhow::Result<()> {
         &|| transform(&lines_pipeline),
         &|| transform(&demo_pipeline),
     ];
+    if let Ok(name) = std::env::var("CONVEYOR_BENCH_PROFILE") {
+        let pipeline = [&orders_pipeline, &lines_pipeline, &demo_pipeline]
+            .into_iter()
+            .find(|pipeline| pipeline.name() == name)
+            .ok_or_else(|| anyhow::anyhow!("CONVEYOR_BENCH_PROFILE: no mapping named {name:?}"))?;
+        let started = Instant::now();
+        for _ in 0..30 {
+            std::hint::black_box(transform(pipeline));
+        }
+        let rate = 30.0 * records.len() as f64 / started.elapsed().as_secs_f64();
+        println!("{name}: {rate:.0} source records/s");
+        return Ok(());
+    }
     let mut best = [Duration::MAX; 4];
     let mut outputs = [0; 4];
     for round in 0..6 {

@@ -24,7 +24,7 @@ pub use convert::FieldType;
 use convert::{TimeOutput, TimeRules, Zone};
 use expr::Expression;
 pub use source::SourceRecord;
-use source::{SourceFields, Taken};
+use source::{Shape, SourceFields, Taken};
 
 /// The `[transform]` section of a pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -383,7 +383,28 @@ fn compile_fields(
     Ok(fields)
 }
 
+/// Every source path `fields` read, with what they read at its end: a field mapped field by field
+/// reads only what its own fields read.
+fn reads(fields: &[CompiledField]) -> impl Iterator<Item = (&[String], Shape)> {
+    fields.iter().filter_map(|field| match &field.input {
+        Input::Path(path) => Some((path.as_slice(), field.shape())),
+        Input::Expr(_) => None,
+    })
+}
+
 impl CompiledField {
+    /// What of its source value the field reads.
+    fn shape(&self) -> Shape {
+        let Some(nested) = &self.nested else {
+            return Shape::Whole;
+        };
+        let mut shape = Shape::Fields(BTreeMap::new());
+        for (path, inner) in reads(nested) {
+            shape.merge(Shape::along(path, inner));
+        }
+        shape
+    }
+
     /// Whether the value is written exactly as read: no conversion, cleaning, default, nesting or
     /// check.
     fn passed_unchanged(&self) -> bool {
@@ -493,14 +514,23 @@ impl Mapping {
                 )
             }
         };
-        let roots = fields.iter().filter_map(|field| match &field.input {
-            Input::Path(path) if flatten.as_ref().is_none_or(|f| f.alias != path[0]) => {
-                Some(path[0].as_str())
+        let mut source = match &flatten {
+            None => SourceFields::new(reads(&fields)),
+            Some(flatten) => {
+                // Paths through the alias read each line; the others read the record.
+                let (of_lines, of_record): (Vec<_>, Vec<_>) =
+                    reads(&fields).partition(|(path, _)| path[0] == flatten.alias);
+                let mut line = Shape::Fields(BTreeMap::new());
+                for (path, shape) in of_lines {
+                    line.merge(Shape::along(&path[1..], shape));
+                }
+                SourceFields::new(
+                    of_record
+                        .into_iter()
+                        .chain([(flatten.path.as_slice(), line)]),
+                )
             }
-            _ => None,
-        });
-        let mut source =
-            SourceFields::new(roots.chain(flatten.as_ref().map(|f| f.path[0].as_str())));
+        };
         // A field copied unchanged from a top-level source field no other rule reads travels as raw
         // JSON — unless records are flattened (every line reads the record again) or an expression
         // or the filter might read it.

@@ -140,6 +140,7 @@ fn lines_mapping(filter: Option<&str>) -> Mapping {
 #[test]
 fn flatten_lines_with_parent_fields() {
     let applied = lines_mapping(None).apply(&order()).unwrap();
+    assert_eq!(owned(&lines_mapping(None), &order()).unwrap(), applied);
     assert_eq!(applied.filtered, 0);
     let ids: Vec<&str> = applied.records.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["L1", "L2"], "the line id is the key");
@@ -425,4 +426,63 @@ fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken_or
         "the last of repeated keys, as in a tree"
     );
     assert!(mapping.parse_source(r#"{"id":"1"} trailing"#).is_err());
+}
+
+#[test]
+fn entry_lines_are_parsed_for_the_fields_their_rules_read() {
+    let kept = |mapping: &Mapping, source: &str| -> Value {
+        mapping.parse_source(source).unwrap().fields["material_entity"].clone()
+    };
+    let nested = with_base(json!([
+        {"to": "lines", "from": "material_entity", "fields": [
+            {"to": "line_id", "from": "id", "type": "string"},
+            {"to": "material", "from": "material.number", "type": "string"},
+        ]},
+    ]));
+    let source = r#"{"id":"1","modify_time":"2020-03-02 15:15:59","material_entity":[
+        {"id":"L1","qty":"2","material":{"number":"M-1","name":"x"},"skip":[1,{"a":"\u0041"}]},
+        {"id":"L2","id":"L3"},
+        7
+    ]}"#;
+    assert_eq!(
+        kept(&nested, source),
+        json!([{"id": "L1", "material": {"number": "M-1"}}, {"id": "L3"}, 7]),
+        "only the fields the line rules read, the last of repeated keys, other values whole"
+    );
+    let source: Value = serde_json::from_str(source).unwrap();
+    let mut source_without_the_number = source.clone();
+    source_without_the_number["material_entity"][2] = json!({"id": "L4"});
+    for record in [&order(), &source_without_the_number] {
+        one(&nested, record);
+    }
+    assert_eq!(
+        owned(&nested, &source).unwrap(),
+        nested.apply(&source).unwrap(),
+        "a line that is not an object maps the same either way"
+    );
+
+    let flattened = lines_mapping(None);
+    assert_eq!(
+        kept(&flattened, &order().to_string()),
+        json!([
+            {"id": "L1", "seq": 1, "qty": "2", "price": "3.10"},
+            {"id": "L2", "seq": 2, "qty": "1", "price": "14.00"},
+        ]),
+        "flattened lines: the fields read through the alias"
+    );
+    let whole = with_base(json!([
+        {"to": "lines", "from": "material_entity", "fields": [{"to": "id", "type": "string"}]},
+        {"to": "first", "from": "material_entity", "type": "json", "drop": true},
+    ]));
+    assert_eq!(
+        kept(&whole, &order().to_string()),
+        order()["material_entity"],
+        "a rule that reads the lines whole gets them whole"
+    );
+    assert!(
+        nested
+            .parse_source(r#"{"id":"1","material_entity":[{"id":"L1","skip":[1,]}]}"#)
+            .is_err(),
+        "skipped parts of lines are still checked to be JSON"
+    );
 }
