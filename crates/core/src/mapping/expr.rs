@@ -4,6 +4,7 @@
 //! decimals: `qty * price` on money is computed in `rust_decimal`, and a literal like `0.13` is a
 //! decimal too. An expression sees the output fields declared before it, by their names.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -63,7 +64,7 @@ impl Expression {
     }
 
     /// Evaluates the expression over the output fields produced so far.
-    pub fn eval(&self, fields: &Map<String, Value>) -> Result<Value, String> {
+    pub fn eval(&self, fields: &impl Fields) -> Result<Value, String> {
         thread_local! {
             // Reused between records: a fresh scope per record costs more than the evaluation.
             static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
@@ -71,7 +72,8 @@ impl Expression {
         let result = SCOPE.with_borrow_mut(|scope| {
             scope.clear();
             for (name, kind) in &self.inputs {
-                let value = fields.get(name).unwrap_or(&Value::Null);
+                let value = fields.field(name);
+                let value = value.as_deref().unwrap_or(&Value::Null);
                 scope.push_dynamic(name.as_str(), to_dynamic(value, *kind));
             }
             engine().eval_ast_with_scope::<Dynamic>(scope, &self.ast)
@@ -80,7 +82,7 @@ impl Expression {
     }
 
     /// Evaluates a filter: true keeps the record.
-    pub fn keep(&self, fields: &Map<String, Value>) -> Result<bool, String> {
+    pub fn keep(&self, fields: &impl Fields) -> Result<bool, String> {
         match self.eval(fields)? {
             Value::Bool(keep) => Ok(keep),
             other => Err(format!(
@@ -92,6 +94,17 @@ impl Expression {
 }
 
 /// A run-time error without the values Rhai puts into some messages (`Division by zero: 20.20 / 0`).
+/// The fields an expression reads, by name.
+pub trait Fields {
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>>;
+}
+
+impl Fields for Map<String, Value> {
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
+        self.get(name).map(Cow::Borrowed)
+    }
+}
+
 fn describe(error: &EvalAltResult) -> String {
     match error {
         EvalAltResult::ErrorArithmetic(_, at) => {

@@ -13,18 +13,19 @@ mod source;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 
 use crate::source_time::{self, kind_of};
 pub use convert::FieldType;
 use convert::{TimeOutput, TimeRules, Zone};
 use expr::Expression;
 pub use source::SourceRecord;
-use source::{Shape, SourceFields, Taken};
+use source::{Parsed, Shape, Slot, SlotRef, SourceFields};
 
 /// The `[transform]` section of a pipeline file.
 #[derive(Debug, Clone, Deserialize)]
@@ -156,7 +157,41 @@ struct CompiledField {
     default: Option<Value>,
     time: TimeRules,
     drop: bool,
-    nested: Option<Vec<CompiledField>>,
+    nested: Option<FieldList>,
+    /// Where a top-level field finds its source field in a parsed record.
+    slot: Option<SlotRef>,
+}
+
+/// Compiled fields, and where the written ones go in the output object.
+#[derive(Debug, Clone)]
+struct FieldList {
+    fields: Vec<CompiledField>,
+    layout: Layout,
+}
+
+/// The written fields of an output object in the order they are declared, a dotted name nested in
+/// objects: built once, so that a record's output is written from its values without a map.
+#[derive(Debug, Clone, Default)]
+struct Layout(Vec<(String, Place)>);
+
+#[derive(Debug, Clone)]
+enum Place {
+    /// The value of the field at this index.
+    Field(usize),
+    Object(Layout),
+}
+
+/// The value a field gave one record.
+#[derive(Debug, Clone)]
+enum Out {
+    Value(Value),
+    /// Passed on exactly as the source wrote it (only from [`Mapping::apply_owned`]): a value no
+    /// rule looks into is never built into a tree.
+    Raw(Box<RawValue>),
+    /// Entry lines mapped field by field, each with its own values.
+    Lines(Vec<Vec<Out>>),
+    /// An object mapped field by field.
+    Line(Vec<Out>),
 }
 
 #[derive(Debug, Clone)]
@@ -168,51 +203,181 @@ struct Flatten {
 /// Compiled rules, ready to apply to records.
 #[derive(Debug, Clone)]
 pub struct Mapping {
-    fields: Vec<CompiledField>,
+    fields: Arc<FieldList>,
     flatten: Option<Flatten>,
     filter: Option<Expression>,
     key: String,
     version: String,
+    /// Indexes of the key and version fields.
+    key_at: usize,
+    version_at: usize,
     source: SourceFields,
 }
 
 /// One mapped record with the identity and version the target needs. Its output fields are read
-/// with [`MappedRecord::to_json`]: part of them may be held as raw JSON beside the built ones.
+/// with [`MappedRecord::to_json`].
 #[derive(Debug, Clone)]
 pub struct MappedRecord {
     pub id: String,
     pub version: DateTime<FixedOffset>,
-    /// The output fields built as a tree: all of them but those in `passed`.
-    data: Map<String, Value>,
-    /// Top-level fields passed on exactly as the source wrote them, beside `data` (only from
-    /// [`Mapping::apply_owned`]): a value no rule looks into is never built into a tree.
-    passed: Vec<(String, Box<RawValue>)>,
+    /// The value of each field, in the order of `fields`.
+    values: Vec<Out>,
+    fields: Arc<FieldList>,
 }
 
 impl MappedRecord {
-    /// The output record as one JSON object: every output field, those built as a tree and those
-    /// passed on as raw JSON. The one way to read the whole output.
+    /// The output record as one JSON object, its fields in the order they are declared. The one
+    /// way to read the whole output.
     pub fn to_json(&self) -> Box<RawValue> {
         // Written straight into raw JSON: serde_json's own output is not parsed again to check it.
-        serde_json::value::to_raw_value(&Fields(self)).expect("JSON trees and raw JSON serialize")
+        serde_json::value::to_raw_value(&Written {
+            layout: &self.fields.layout,
+            fields: &self.fields.fields,
+            values: &self.values,
+        })
+        .expect("JSON trees and raw JSON serialize")
     }
 }
 
-/// A record's output fields as one JSON object.
-struct Fields<'a>(&'a MappedRecord);
+/// An output object: the values of `fields` placed by `layout`.
+struct Written<'a> {
+    layout: &'a Layout,
+    fields: &'a [CompiledField],
+    values: &'a [Out],
+}
 
-impl Serialize for Fields<'_> {
+impl Serialize for Written<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let record = self.0;
-        let mut map = serializer.serialize_map(Some(record.data.len() + record.passed.len()))?;
-        for (key, value) in &record.data {
-            map.serialize_entry(key, value)?;
-        }
-        for (key, value) in &record.passed {
-            map.serialize_entry(key, value)?;
+        let mut map = serializer.serialize_map(Some(self.layout.0.len()))?;
+        for (name, place) in &self.layout.0 {
+            match place {
+                Place::Field(index) => map.serialize_entry(
+                    name,
+                    &Written1 {
+                        field: &self.fields[*index],
+                        value: &self.values[*index],
+                    },
+                )?,
+                Place::Object(layout) => map.serialize_entry(
+                    name,
+                    &Written {
+                        layout,
+                        fields: self.fields,
+                        values: self.values,
+                    },
+                )?,
+            }
         }
         map.end()
+    }
+}
+
+/// One field's value as JSON.
+struct Written1<'a> {
+    field: &'a CompiledField,
+    value: &'a Out,
+}
+
+impl Serialize for Written1<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let object = |values| Written {
+            layout: self
+                .field
+                .nested
+                .as_ref()
+                .map_or(&EMPTY, |nested| &nested.layout),
+            fields: self
+                .field
+                .nested
+                .as_ref()
+                .map_or(&[], |nested| &nested.fields),
+            values,
+        };
+        match self.value {
+            Out::Value(value) => value.serialize(serializer),
+            Out::Raw(json) => json.serialize(serializer),
+            Out::Line(values) => object(values).serialize(serializer),
+            Out::Lines(lines) => serializer.collect_seq(lines.iter().map(|values| object(values))),
+        }
+    }
+}
+
+static EMPTY: Layout = Layout(Vec::new());
+
+impl Out {
+    fn is_null(&self) -> bool {
+        matches!(self, Out::Value(Value::Null))
+    }
+
+    /// The value as a JSON tree, for expressions and the record's identity.
+    fn tree<'a>(&'a self, field: &CompiledField) -> Cow<'a, Value> {
+        match self {
+            Out::Value(value) => Cow::Borrowed(value),
+            other => Cow::Owned(
+                serde_json::to_value(Written1 {
+                    field,
+                    value: other,
+                })
+                .unwrap_or(Value::Null),
+            ),
+        }
+    }
+}
+
+/// The values of a record's top-level fields so far, by name: what expressions and the filter read.
+struct Outputs<'a> {
+    fields: &'a [CompiledField],
+    values: &'a [Out],
+}
+
+impl expr::Fields for Outputs<'_> {
+    fn field(&self, name: &str) -> Option<Cow<'_, Value>> {
+        let (field, value) = self
+            .fields
+            .iter()
+            .zip(self.values)
+            .find(|(field, _)| field.to_path.len() == 1 && field.to == name)?;
+        Some(value.tree(field))
+    }
+}
+
+impl FieldList {
+    /// Places every written field; `at` names the list in the pipeline file.
+    fn new(fields: Vec<CompiledField>, at: &str) -> Result<Self, SpecProblem> {
+        let mut layout = Layout::default();
+        for (index, field) in fields.iter().enumerate().filter(|(_, field)| !field.drop) {
+            let (last, parents) = field.to_path.split_last().expect("a path has a name");
+            let mut object = &mut layout;
+            for parent in parents {
+                let position = match object.0.iter().position(|(name, _)| name == parent) {
+                    Some(position) => position,
+                    None => {
+                        object
+                            .0
+                            .push((parent.clone(), Place::Object(Layout::default())));
+                        object.0.len() - 1
+                    }
+                };
+                object = match &mut object.0[position].1 {
+                    Place::Object(inner) => inner,
+                    Place::Field(_) => {
+                        return Err(problem(
+                            format!("{at}[{index}].to"),
+                            format!("{parent:?} is both a field and an object of fields"),
+                        ));
+                    }
+                };
+            }
+            if object.0.iter().any(|(name, _)| name == last) {
+                return Err(problem(
+                    format!("{at}[{index}].to"),
+                    format!("{last:?} is both a field and an object of fields"),
+                ));
+            }
+            object.0.push((last.clone(), Place::Field(index)));
+        }
+        Ok(Self { fields, layout })
     }
 }
 
@@ -349,7 +514,10 @@ fn compile_fields(
                     "trim, empty_as_null and map apply to values, not to mapped lines",
                 ));
             }
-            Some(nested) => Some(compile_fields(nested, &at("fields"), false)?),
+            Some(nested) => Some(FieldList::new(
+                compile_fields(nested, &at("fields"), false)?,
+                &at("fields"),
+            )?),
             None => None,
         };
         fields.push(CompiledField {
@@ -366,6 +534,7 @@ fn compile_fields(
             time,
             drop: spec.drop,
             nested,
+            slot: None,
         });
     }
     // A nested output name must not also be a plain one (`customer` and `customer.name`).
@@ -399,7 +568,7 @@ impl CompiledField {
             return Shape::Whole;
         };
         let mut shape = Shape::Fields(BTreeMap::new());
-        for (path, inner) in reads(nested) {
+        for (path, inner) in reads(&nested.fields) {
             shape.merge(Shape::along(path, inner));
         }
         shape
@@ -514,6 +683,13 @@ impl Mapping {
                 )
             }
         };
+        let position = |name: &str| {
+            fields
+                .iter()
+                .position(|field| field.to == name)
+                .expect("checked above")
+        };
+        let (key_at, version_at) = (position(&spec.key), position(&spec.version));
         let mut source = match &flatten {
             None => SourceFields::new(reads(&fields)),
             Some(flatten) => {
@@ -539,19 +715,27 @@ impl Mapping {
             for field in &fields {
                 if let Input::Path(path) = &field.input
                     && path.len() == 1
-                    && source.read_once.contains(&path[0])
                     && field.passed_unchanged()
                 {
-                    source.raw.insert(path[0].clone());
+                    source.keep_raw(&path[0]);
                 }
             }
         }
+        for field in &mut fields {
+            if let Input::Path(path) = &field.input
+                && flatten.as_ref().is_none_or(|f| f.alias != path[0])
+            {
+                field.slot = source.slot(&path[0]);
+            }
+        }
         Ok(Self {
-            fields,
+            fields: Arc::new(FieldList::new(fields, "transform.fields")?),
             flatten,
             filter,
             key: spec.key.clone(),
             version: spec.version.clone(),
+            key_at,
+            version_at,
             source,
         })
     }
@@ -565,24 +749,19 @@ impl Mapping {
     /// Like [`Mapping::apply`], taking the record: a field only one rule reads is moved into the
     /// output rather than copied (when not flattening: then every line reads the record again).
     pub fn apply_owned(&self, source: SourceRecord) -> Result<Applied, FieldError> {
-        let SourceRecord { fields, raw } = source;
-        let Value::Object(mut rest) = fields else {
-            return self.apply(&fields);
+        let mut slots = match source.0 {
+            Parsed::Slots(slots) => slots,
+            Parsed::Whole(value) => return self.apply(&value),
         };
         if self.flatten.is_some() {
-            return self.apply(&Value::Object(rest));
-        }
-        let mut taken = Taken {
-            raw,
-            ..Taken::default()
-        };
-        for root in &self.source.read_once {
-            if let Some((key, value)) = rest.remove_entry(root) {
-                taken.values.insert(key, value);
-            }
+            let tree = self.source.tree(slots).map_err(|err| FieldError {
+                field: "record".into(),
+                reason: err.to_string(),
+            })?;
+            return self.apply(&tree);
         }
         let mut applied = Applied::default();
-        match self.map_one(&Value::Object(rest), None, &mut taken)? {
+        match self.map_one(&Value::Null, None, &mut slots)? {
             Some(record) => applied.records.push(record),
             None => applied.filtered += 1,
         }
@@ -591,12 +770,7 @@ impl Mapping {
 
     /// The names of the top-level output fields that are written, in order.
     pub fn output_fields(&self) -> impl Iterator<Item = &str> {
-        let mut seen = BTreeSet::new();
-        self.fields
-            .iter()
-            .filter(|field| !field.drop)
-            .map(|field| field.to_path[0].as_str())
-            .filter(move |name| seen.insert(*name))
+        self.fields.layout.0.iter().map(|(name, _)| name.as_str())
     }
 
     pub fn key_field(&self) -> &str {
@@ -612,7 +786,7 @@ impl Mapping {
     pub fn apply(&self, source: &Value) -> Result<Applied, FieldError> {
         let mut applied = Applied::default();
         let Some(flatten) = &self.flatten else {
-            match self.map_one(source, None, &mut Taken::default())? {
+            match self.map_one(source, None, &mut [])? {
                 Some(record) => applied.records.push(record),
                 None => applied.filtered += 1,
             }
@@ -635,11 +809,7 @@ impl Mapping {
             applied.filtered += 1;
         }
         for (index, line) in lines.iter().enumerate() {
-            match self.map_one(
-                source,
-                Some((flatten.alias.as_str(), line)),
-                &mut Taken::default(),
-            ) {
+            match self.map_one(source, Some((flatten.alias.as_str(), line)), &mut []) {
                 Ok(Some(record)) => applied.records.push(record),
                 Ok(None) => applied.filtered += 1,
                 Err(err) => {
@@ -663,50 +833,52 @@ impl Mapping {
         &self,
         source: &Value,
         line: Option<(&str, &Value)>,
-        taken: &mut Taken,
+        slots: &mut [Slot],
     ) -> Result<Option<MappedRecord>, FieldError> {
-        let mut all = Map::new();
-        map_fields(&self.fields, source, line, taken, &mut all)?;
+        let fields = &self.fields.fields;
+        let values = map_fields(fields, source, line, slots)?;
         if let Some(filter) = &self.filter
-            && !filter.keep(&all).map_err(|reason| FieldError {
-                field: "transform.filter".into(),
-                reason,
-            })?
+            && !filter
+                .keep(&Outputs {
+                    fields,
+                    values: &values,
+                })
+                .map_err(|reason| FieldError {
+                    field: "transform.filter".into(),
+                    reason,
+                })?
         {
             return Ok(None);
         }
-        let id = match &all[&self.key] {
+        let id = match &*values[self.key_at].tree(&fields[self.key_at]) {
             Value::String(text) => text.clone(),
             other => other.to_string(),
         };
         let version =
-            source_time::parse_instant(&all[&self.version]).map_err(|err| FieldError {
-                field: self.version.clone(),
-                reason: err.to_string(),
-            })?;
-        for field in self.fields.iter().filter(|field| field.drop) {
-            all.remove(&field.to);
-        }
-        let data = nest(all, &self.fields);
+            source_time::parse_instant(&values[self.version_at].tree(&fields[self.version_at]))
+                .map_err(|err| FieldError {
+                    field: self.version.clone(),
+                    reason: err.to_string(),
+                })?;
         Ok(Some(MappedRecord {
             id,
             version,
-            data,
-            passed: std::mem::take(&mut taken.passed),
+            values,
+            fields: Arc::clone(&self.fields),
         }))
     }
 }
 
-/// Maps `fields` of `source` into `out` (flat: a dotted `to` stays one key until [`nest`]). `taken`
-/// holds top-level fields moved out of `source` because one field alone reads each of them, and
-/// receives the fields passed on as raw JSON.
+/// The value of each of `fields` for a record, in their order: read from the top-level fields in
+/// `slots` (see [`SourceFields::parse`]; a field one rule alone reads is taken), else from the
+/// tree `source` (of a line, when flattening).
 fn map_fields(
     fields: &[CompiledField],
     source: &Value,
     line: Option<(&str, &Value)>,
-    taken: &mut Taken,
-    out: &mut Map<String, Value>,
-) -> Result<(), FieldError> {
+    slots: &mut [Slot],
+) -> Result<Vec<Out>, FieldError> {
+    let mut values = Vec::with_capacity(fields.len());
     for field in fields {
         let error = |reason: String| FieldError {
             field: field.to.clone(),
@@ -714,21 +886,42 @@ fn map_fields(
         };
         let raw: Cow<Value> = match &field.input {
             Input::Path(path) => {
-                if let Some(json) = taken.raw.remove(&path[0]) {
-                    taken.passed.push((field.to.clone(), json));
-                    continue;
-                }
-                if let Some(root) = taken.values.remove(&path[0]) {
-                    Cow::Owned(take(root, &path[1..]).unwrap_or(Value::Null))
-                } else {
-                    let found = match line {
-                        Some((alias, line)) if path[0] == alias => lookup(line, &path[1..]),
-                        _ => lookup(source, path),
-                    };
-                    found.map_or(Cow::Owned(Value::Null), Cow::Borrowed)
+                let slot = field
+                    .slot
+                    .and_then(|at| Some((at.alone, slots.get_mut(at.index)?)));
+                match slot {
+                    Some((true, slot)) => match std::mem::take(slot) {
+                        Slot::Raw(json) => {
+                            values.push(Out::Raw(json));
+                            continue;
+                        }
+                        Slot::Value(root) => {
+                            Cow::Owned(take(root, &path[1..]).unwrap_or(Value::Null))
+                        }
+                        Slot::Missing => Cow::Owned(Value::Null),
+                    },
+                    Some((false, Slot::Value(root))) => {
+                        lookup(root, &path[1..]).map_or(Cow::Owned(Value::Null), Cow::Borrowed)
+                    }
+                    // Kept raw only for a rule that reads it alone.
+                    Some((false, Slot::Missing | Slot::Raw(_))) => Cow::Owned(Value::Null),
+                    None => {
+                        let found = match line {
+                            Some((alias, line)) if path[0] == alias => lookup(line, &path[1..]),
+                            _ => lookup(source, path),
+                        };
+                        found.map_or(Cow::Owned(Value::Null), Cow::Borrowed)
+                    }
                 }
             }
-            Input::Expr(expression) => Cow::Owned(expression.eval(out).map_err(error)?),
+            Input::Expr(expression) => Cow::Owned(
+                expression
+                    .eval(&Outputs {
+                        fields,
+                        values: &values,
+                    })
+                    .map_err(error)?,
+            ),
         };
         let value = match &field.nested {
             // Lines kept nested are read in place, never copied whole.
@@ -746,23 +939,21 @@ fn map_fields(
                         reason: err.reason,
                     }
                 };
+                let nested = &nested.fields;
                 match raw {
-                    Value::Null => Value::Null,
+                    Value::Null => Out::Value(Value::Null),
                     Value::Array(items) => {
-                        let mut mapped = Vec::with_capacity(items.len());
+                        let mut lines = Vec::with_capacity(items.len());
                         for (index, item) in items.iter().enumerate() {
-                            let mut element = Map::new();
-                            map_fields(nested, item, None, &mut Taken::default(), &mut element)
-                                .map_err(within(Some(index)))?;
-                            mapped.push(Value::Object(nest(element, nested)));
+                            lines.push(
+                                map_fields(nested, item, None, &mut [])
+                                    .map_err(within(Some(index)))?,
+                            );
                         }
-                        Value::Array(mapped)
+                        Out::Lines(lines)
                     }
                     item @ Value::Object(_) => {
-                        let mut element = Map::new();
-                        map_fields(nested, item, None, &mut Taken::default(), &mut element)
-                            .map_err(within(None))?;
-                        Value::Object(nest(element, nested))
+                        Out::Line(map_fields(nested, item, None, &mut []).map_err(within(None))?)
                     }
                     other => {
                         return Err(error(format!(
@@ -772,10 +963,10 @@ fn map_fields(
                     }
                 }
             }
-            None => match clean(field, raw.into_owned()).map_err(error)? {
+            None => Out::Value(match clean(field, raw.into_owned()).map_err(error)? {
                 Value::Null => Value::Null,
                 value => convert::convert(value, field.kind, &field.time).map_err(error)?,
-            },
+            }),
         };
         if value.is_null() && field.required {
             return Err(error(match &field.input {
@@ -785,9 +976,9 @@ fn map_fields(
                 Input::Expr(_) => "required, but the expression gave null".into(),
             }));
         }
-        out.insert(field.to.clone(), value);
+        values.push(value);
     }
-    Ok(())
+    Ok(values)
 }
 
 /// Cleaning before conversion: trim, empty to null, the value map, then the default.
@@ -821,28 +1012,6 @@ fn clean(field: &CompiledField, value: Value) -> Result<Value, String> {
         value = default.clone();
     }
     Ok(value)
-}
-
-/// Turns dotted output names into nested objects.
-fn nest(mut flat: Map<String, Value>, fields: &[CompiledField]) -> Map<String, Value> {
-    for field in fields.iter().filter(|field| field.to_path.len() > 1) {
-        let Some(value) = flat.remove(&field.to) else {
-            continue;
-        };
-        let (last, parents) = field.to_path.split_last().expect("a path has a name");
-        let mut at = &mut flat;
-        for parent in parents {
-            let slot = at
-                .entry(parent.clone())
-                .or_insert_with(|| Value::Object(Map::new()));
-            if !slot.is_object() {
-                *slot = Value::Object(Map::new());
-            }
-            at = slot.as_object_mut().expect("made an object above");
-        }
-        at.insert(last.clone(), value);
-    }
-    flat
 }
 
 fn lookup<'a>(value: &'a Value, path: &[String]) -> Option<&'a Value> {

@@ -3,7 +3,7 @@
 //! field read by one rule alone is moved into the output, never copied, and a field passed on
 //! unchanged stays raw JSON.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -51,30 +51,52 @@ impl Shape {
     }
 }
 
-/// The top-level source fields a mapping reads (with what of each), and those among them that one
-/// rule alone reads.
+/// The top-level source fields a mapping reads: each has a slot in a parsed record.
 #[derive(Debug, Clone, Default)]
 pub(super) struct SourceFields {
-    pub(super) read: BTreeMap<String, Shape>,
-    pub(super) read_once: BTreeSet<String>,
-    /// Fields of `read_once` that their rule writes unchanged: kept as raw JSON, never parsed.
-    pub(super) raw: BTreeSet<String>,
+    slots: BTreeMap<String, usize>,
+    roots: Vec<Root>,
+}
+
+/// A top-level source field the rules read.
+#[derive(Debug, Clone)]
+struct Root {
+    name: String,
+    /// What of it the rules read.
+    shape: Shape,
+    /// One rule alone reads it: the value is moved into the output, never copied.
+    alone: bool,
+    /// Its rule writes it unchanged: kept as raw JSON, never parsed.
+    raw: bool,
+}
+
+/// Where a rule finds its top-level source field in a parsed record.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SlotRef {
+    pub(super) index: usize,
+    /// Whether this rule alone reads the field, and may take it.
+    pub(super) alone: bool,
 }
 
 /// A source record parsed for [`super::Mapping::apply_owned`].
 #[derive(Debug)]
-pub struct SourceRecord {
-    pub(super) fields: Value,
-    pub(super) raw: BTreeMap<String, Box<RawValue>>,
+pub struct SourceRecord(pub(super) Parsed);
+
+#[derive(Debug)]
+pub(super) enum Parsed {
+    /// An object: the value of each field the rules read, by slot.
+    Slots(Vec<Slot>),
+    /// Anything else, whole, to fail as it would.
+    Whole(Value),
 }
 
-/// What [`super::map_fields`] may take instead of reading the record: fields moved out of it, fields
-/// kept raw, and the raw fields it passed on.
+/// A top-level field of a parsed record.
 #[derive(Debug, Default)]
-pub(super) struct Taken {
-    pub(super) values: Map<String, Value>,
-    pub(super) raw: BTreeMap<String, Box<RawValue>>,
-    pub(super) passed: Vec<(String, Box<RawValue>)>,
+pub(super) enum Slot {
+    #[default]
+    Missing,
+    Value(Value),
+    Raw(Box<RawValue>),
 }
 
 impl SourceFields {
@@ -82,57 +104,109 @@ impl SourceFields {
     pub(super) fn new<'a>(reads: impl IntoIterator<Item = (&'a [String], Shape)>) -> Self {
         let mut fields = Self::default();
         for (path, shape) in reads {
-            let (root, rest) = path.split_first().expect("a path has a name");
+            let (name, rest) = path.split_first().expect("a path has a name");
             let shape = Shape::along(rest, shape);
-            match fields.read.get_mut(root) {
-                Some(known) => {
-                    known.merge(shape);
-                    fields.read_once.remove(root);
+            match fields.slots.get(name) {
+                Some(&index) => {
+                    let root = &mut fields.roots[index];
+                    root.shape.merge(shape);
+                    root.alone = false;
                 }
                 None => {
-                    fields.read.insert(root.clone(), shape);
-                    fields.read_once.insert(root.clone());
+                    fields.slots.insert(name.clone(), fields.roots.len());
+                    fields.roots.push(Root {
+                        name: name.clone(),
+                        shape,
+                        alone: true,
+                        raw: false,
+                    });
                 }
             }
         }
         fields
     }
 
-    /// Parses a record's JSON, keeping the fields in `read` (an object with every other field
-    /// left out; those in `raw` as raw JSON). What is not an object is parsed whole, to fail as it
-    /// would.
+    /// Where the top-level field `name` is kept, if the rules read it.
+    pub(super) fn slot(&self, name: &str) -> Option<SlotRef> {
+        let index = *self.slots.get(name)?;
+        Some(SlotRef {
+            index,
+            alone: self.roots[index].alone,
+        })
+    }
+
+    /// Keeps the field `name`, which one rule alone reads, as raw JSON.
+    pub(super) fn keep_raw(&mut self, name: &str) {
+        if let Some(&index) = self.slots.get(name) {
+            self.roots[index].raw = self.roots[index].alone;
+        }
+    }
+
+    /// Parses a record's JSON, keeping the fields the rules read (of each, what they read), every
+    /// other field skipped unparsed. What is not an object is parsed whole, to fail as it would.
     pub(super) fn parse(&self, json: &str) -> Result<SourceRecord, serde_json::Error> {
         if !json.trim_start().starts_with('{') {
-            return Ok(SourceRecord {
-                fields: serde_json::from_str(json)?,
-                raw: BTreeMap::new(),
-            });
+            return Ok(SourceRecord(Parsed::Whole(serde_json::from_str(json)?)));
         }
         let selected = select_top_level(json, |key| {
-            if self.raw.contains(key) {
-                Some((key.to_owned(), Read::Raw))
-            } else {
-                let (key, shape) = self.read.get_key_value(key)?;
-                Some((key.clone(), Read::Parsed(shape)))
-            }
+            let index = *self.slots.get(key)?;
+            let root = &self.roots[index];
+            Some((
+                index,
+                if root.raw {
+                    Read::Raw
+                } else {
+                    Read::Parsed(&root.shape)
+                },
+            ))
         })?;
-        let mut fields = Map::new();
-        let mut raw = BTreeMap::new();
+        let mut slots: Vec<Slot> = std::iter::repeat_with(Slot::default)
+            .take(self.roots.len())
+            .collect();
         // A repeated key counts with its last value, as in a whole tree.
-        for (key, field) in selected {
-            match field {
-                Field::Parsed(value) => {
-                    fields.insert(key, value);
+        for (index, field) in selected {
+            slots[index] = match field {
+                Field::Parsed(value) => Slot::Value(value),
+                Field::Raw(value) => Slot::Raw(value),
+            };
+        }
+        Ok(SourceRecord(Parsed::Slots(slots)))
+    }
+
+    /// A parsed record as a tree of the fields the rules read, for rules that read it more than once.
+    pub(super) fn tree(&self, slots: Vec<Slot>) -> Result<Value, serde_json::Error> {
+        let mut fields = Map::new();
+        for (root, slot) in self.roots.iter().zip(slots) {
+            let value = match slot {
+                Slot::Missing => continue,
+                Slot::Value(value) => value,
+                Slot::Raw(json) => serde_json::from_str(json.get())?,
+            };
+            fields.insert(root.name.clone(), value);
+        }
+        Ok(Value::Object(fields))
+    }
+}
+
+#[cfg(test)]
+impl SourceFields {
+    /// What a parsed record kept: the fields parsed, and the names of those kept raw.
+    pub(super) fn kept(&self, record: SourceRecord) -> (Map<String, Value>, Vec<&str>) {
+        let Parsed::Slots(slots) = record.0 else {
+            panic!("not an object");
+        };
+        let mut parsed = Map::new();
+        let mut raw = Vec::new();
+        for (root, slot) in self.roots.iter().zip(slots) {
+            match slot {
+                Slot::Missing => {}
+                Slot::Value(value) => {
+                    parsed.insert(root.name.clone(), value);
                 }
-                Field::Raw(value) => {
-                    raw.insert(key, value);
-                }
+                Slot::Raw(_) => raw.push(root.name.as_str()),
             }
         }
-        Ok(SourceRecord {
-            fields: Value::Object(fields),
-            raw,
-        })
+        (parsed, raw)
     }
 }
 

@@ -1,7 +1,7 @@
 //! One test (at least) per kind of rule, on records shaped like Kingdee's sales orders.
 
 use super::*;
-use serde_json::json;
+use serde_json::{Map, json};
 
 fn spec(value: Value) -> TransformSpec {
     serde_json::from_value(value).unwrap()
@@ -54,7 +54,18 @@ fn one(mapping: &Mapping, source: &Value) -> Map<String, Value> {
     let mut applied = mapping.apply(source).unwrap();
     assert_eq!(owned(mapping, source).unwrap(), applied);
     assert_eq!(applied.records.len(), 1, "{applied:?}");
-    applied.records.remove(0).data
+    tree(&applied.records.remove(0))
+}
+
+/// What [`Mapping::parse_source`] keeps of a record: the fields parsed, and the names of those
+/// kept raw.
+fn kept<'a>(mapping: &'a Mapping, json: &str) -> (Map<String, Value>, Vec<&'a str>) {
+    mapping.source.kept(mapping.parse_source(json).unwrap())
+}
+
+/// A record's output as a JSON object.
+fn tree(record: &MappedRecord) -> Map<String, Value> {
+    serde_json::from_str(record.to_json().get()).unwrap()
 }
 
 #[test]
@@ -145,15 +156,15 @@ fn flatten_lines_with_parent_fields() {
     let ids: Vec<&str> = applied.records.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, ["L1", "L2"], "the line id is the key");
     for record in &applied.records {
-        assert_eq!(record.data["order_id"], json!("839081161182436352"));
+        assert_eq!(tree(record)["order_id"], json!("839081161182436352"));
         assert_eq!(
             record.version.to_rfc3339(),
             "2020-03-02T15:15:59+08:00",
             "the version is the parent's modify time"
         );
     }
-    assert_eq!(applied.records[0].data["amount"], json!("6.2"));
-    assert_eq!(applied.records[1].data["seq"], json!(2));
+    assert_eq!(tree(&applied.records[0])["amount"], json!("6.2"));
+    assert_eq!(tree(&applied.records[1])["seq"], json!(2));
 
     let mut empty = order();
     empty["material_entity"] = json!([]);
@@ -388,18 +399,25 @@ fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken_or
         {"to": "amount", "from": "total_amount", "type": "decimal"},
         {"to": "again", "from": "total_amount", "type": "string"},
     ]));
-    let parsed = mapping.parse_source(&order().to_string()).unwrap();
-    let read: Vec<&String> = parsed.fields.as_object().unwrap().keys().collect();
+    let (parsed, raw) = kept(&mapping, &order().to_string());
+    let read: Vec<&String> = parsed.keys().collect();
     assert_eq!(read, ["customer", "id", "modify_time", "total_amount"]);
-    let raw: Vec<&String> = parsed.raw.keys().collect();
     assert_eq!(raw, ["material_entity"], "passed on unchanged: kept raw");
     let applied = one(&mapping, &order());
     assert_eq!(applied["lines"], order()["material_entity"]);
-    let passed = owned(&mapping, &order()).unwrap().records.remove(0).passed;
-    assert_eq!(passed.len(), 1, "the lines travel as raw JSON");
+    let record = owned(&mapping, &order()).unwrap().records.remove(0);
+    let passed: Vec<&str> = record
+        .values
+        .iter()
+        .filter_map(|value| match value {
+            Out::Raw(json) => Some(json.get()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        (passed[0].0.as_str(), passed[0].1.get()),
-        ("lines", order()["material_entity"].to_string().as_str())
+        passed,
+        [order()["material_entity"].to_string()],
+        "the lines travel as raw JSON"
     );
     assert_eq!(applied["customer_name"], json!("客户A"));
     assert_eq!(
@@ -431,7 +449,7 @@ fn records_are_parsed_for_the_fields_read_and_fields_one_rule_reads_are_taken_or
 #[test]
 fn entry_lines_are_parsed_for_the_fields_their_rules_read() {
     let kept = |mapping: &Mapping, source: &str| -> Value {
-        mapping.parse_source(source).unwrap().fields["material_entity"].clone()
+        kept(mapping, source).0["material_entity"].clone()
     };
     let nested = with_base(json!([
         {"to": "lines", "from": "material_entity", "fields": [
@@ -484,5 +502,42 @@ fn entry_lines_are_parsed_for_the_fields_their_rules_read() {
             .parse_source(r#"{"id":"1","material_entity":[{"id":"L1","skip":[1,]}]}"#)
             .is_err(),
         "skipped parts of lines are still checked to be JSON"
+    );
+}
+
+#[test]
+fn output_fields_are_written_in_the_order_declared_and_nested_by_dotted_names() {
+    let mapping = with_base(json!([
+        {"to": "customer.number", "from": "customer_number", "type": "string"},
+        {"to": "total", "from": "total_amount", "type": "decimal"},
+        {"to": "customer.name", "from": "customer.name", "type": "string", "trim": true},
+        {"to": "status", "from": "bill_status", "drop": true},
+        {"to": "lines", "from": "material_entity", "fields": [
+            {"to": "qty", "type": "decimal"},
+            {"to": "material.number", "from": "material_number"},
+        ]},
+    ]));
+    let json = mapping.apply(&order()).unwrap().records[0].to_json();
+    assert_eq!(
+        json.get(),
+        r#"{"id":"839081161182436352","modified":"2020-03-02T15:15:59+08:00","customer":{"number":"CUST-001","name":"客户A"},"total":"20.20","lines":[{"qty":"2","material":{"number":"M-1"}},{"qty":"1","material":{"number":"M-2"}}]}"#
+    );
+    assert_eq!(
+        mapping.output_fields().collect::<Vec<_>>(),
+        ["id", "modified", "customer", "total", "lines"]
+    );
+    let clash = Mapping::compile(&spec(
+        json!({"key": "id", "version": "modified", "fields": [
+            {"to": "id", "type": "string"},
+            {"to": "modified", "from": "modify_time", "type": "datetime"},
+            {"to": "a.b", "from": "bill_no"},
+            {"to": "a.b.c", "from": "bill_no"},
+        ]}),
+    ))
+    .unwrap_err();
+    assert_eq!(clash.field, "transform.fields[3].to");
+    assert!(
+        clash.problem.contains("both a field and an object"),
+        "{clash:?}"
     );
 }
