@@ -253,6 +253,53 @@ fn dashboard_queries_are_valid_promql() {
     succeeded("promtool check rules", output);
 }
 
+/// The README's quick start names one command for all the tests; CI runs exactly it, and it needs nothing
+/// run before it: it starts the services itself, then runs every test of the workspace.
+#[test]
+fn ci_runs_exactly_the_readme_test_command() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let quick_start = readme
+        .split("## Quick start")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .expect("the quick start has a sh block");
+    let test_commands: Vec<&str> = quick_start
+        .lines()
+        .filter(|line| line.contains("# all the tests"))
+        .map(|line| line.split('#').next().unwrap().trim())
+        .collect();
+    assert_eq!(test_commands, ["ops/test.sh"], "{quick_start}");
+    let ci = std::fs::read_to_string(repo_root().join(".ci/run")).unwrap();
+    let ci_commands: Vec<&str> = ci
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    assert_eq!(
+        ci_commands.last(),
+        Some(&test_commands[0]),
+        ".ci/run must end by running the README's test command"
+    );
+    assert!(
+        !ci.contains("cargo test"),
+        ".ci/run runs the tests only through the README's command"
+    );
+    let script = std::fs::read_to_string(repo_root().join("ops/test.sh")).unwrap();
+    let steps: Vec<&str> = script
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    assert_eq!(
+        steps[steps.len() - 2..],
+        [
+            "ops/services.sh",
+            "exec cargo test --workspace --locked \"$@\""
+        ],
+        "ops/test.sh starts the services, then runs every test"
+    );
+}
+
 /// `.env.example` lists exactly the variables docker-compose.yml reads, each with the compose file's
 /// default.
 #[test]

@@ -39,6 +39,38 @@ async fn two_writers_land_exactly_the_source() {
     scenario.clean_up(false).await.unwrap();
 }
 
+/// The README's demo (`ops/demo.sh` runs `conveyorctl demo`), small, on the debug binaries, in a schema and
+/// namespace of its own: it must end with its "ok" line and exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_lands_the_source_and_stops_cleanly() {
+    let services = services().await;
+    let name = format!("demo_{:08x}", rand::random::<u32>());
+    let output = tokio::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(["demo", "--orders", "2000", "--timeout-secs", "100"])
+        .args(["--schema", &name, "--namespace", &name])
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stdout = succeeded("conveyorctl demo", output);
+    for expected in [
+        "records in the simulator:  2000",
+        &format!("rows in \"{name}\".\"sales_orders\": 2000"),
+        "missing: 0, unexpected: 0, wrong version: 0",
+        "3 of 3 workers stopped cleanly on SIGTERM",
+        "ok: the target equals the source",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+    conveyor_harness::pg_client(&services.pg_url)
+        .await
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA \"{name}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writer_killed_mid_batch_loses_nothing() {
     let scenario = scenario("kill", orders(5_000)).await;

@@ -26,6 +26,10 @@ pub struct DemoArgs {
     /// PostgreSQL schema the records land in (reset at the start, kept afterwards for a look).
     #[arg(long, default_value = "conveyor_demo")]
     schema: String,
+    /// Prefix of the demo's exchanges and queues (deleted at the end), so that a demo never meets
+    /// another pipeline's messages.
+    #[arg(long, default_value = "conveyor-demo")]
+    namespace: String,
     /// Give up if the records have not all landed after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
@@ -51,7 +55,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         services,
         &args.pipeline,
         &bin_dir,
-        "conveyor-demo",
+        &args.namespace,
         &args.schema,
         sim,
         &[],
