@@ -444,12 +444,19 @@ async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_
         args.extend(extra);
         args.into_iter().map(str::to_owned).collect::<Vec<_>>()
     };
+    // Read once nothing is in flight: a write's ack, and its count, come just after the write.
     let status_of = |scenario: &Scenario| {
         let args = status_args(&[]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = ctl_ok(scenario, &args);
-        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
-        parsed[0].clone()
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let out = ctl_ok(scenario, &args);
+            let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+            if parsed[0]["in_flight"] == 0 || std::time::Instant::now() > deadline {
+                return parsed[0].clone();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
     let status = status_of(&scenario);
     assert_eq!(status["fetched"], total, "{status}");

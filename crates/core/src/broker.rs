@@ -239,6 +239,13 @@ impl Stage {
     pub fn has_work_queue(self) -> bool {
         true
     }
+
+    /// Whether the stage's messages carry records. The fetch stage's carry modify-time windows (work
+    /// items): the records it fetches enter the pipeline at the transform queue, and the accounting
+    /// (`conveyor_records_settled_total`, `conveyorctl status`) starts there.
+    pub fn carries_records(self) -> bool {
+        self != Stage::Fetch
+    }
 }
 
 impl fmt::Display for Stage {

@@ -134,7 +134,13 @@ impl DeadLetters {
             attempts,
         );
         self.publish(&delivery.data, properties).await?;
-        self.count(failure, record_ids.len().max(1));
+        self.count_message(failure);
+        // A malformed message never entered the pipeline through conveyor (its body could not be
+        // read as a batch), so whatever ids it seems to hold are not counted as records; nor are the
+        // windows of the fetch stage's messages.
+        if failure.class != ErrorClass::Malformed && self.stage.carries_records() {
+            self.count_records(failure, record_ids.len());
+        }
         Ok(())
     }
 
@@ -219,7 +225,8 @@ impl DeadLetters {
             confirm.wait().await?;
         }
         for (_, failure) in &failed {
-            self.count(failure, 1);
+            self.count_message(failure);
+            self.count_records(failure, 1);
         }
         Ok(())
     }
@@ -235,14 +242,25 @@ impl DeadLetters {
             .await
     }
 
-    fn count(&self, failure: &Failure, records: usize) {
+    fn labels<'a>(&'a self, failure: &Failure) -> [&'a str; 3] {
+        [
+            self.topology.pipeline(),
+            self.stage.as_str(),
+            failure.class.as_str(),
+        ]
+    }
+
+    fn count_message(&self, failure: &Failure) {
+        self.metrics
+            .messages_dead_lettered
+            .with_label_values(&self.labels(failure))
+            .inc();
+    }
+
+    fn count_records(&self, failure: &Failure, records: usize) {
         self.metrics
             .records_dead_lettered
-            .with_label_values(&[
-                self.topology.pipeline(),
-                self.stage.as_str(),
-                failure.class.as_str(),
-            ])
+            .with_label_values(&self.labels(failure))
             .inc_by(records as u64);
     }
 
@@ -462,22 +480,18 @@ impl<H: Handler> Context<H> {
                 .with_label_values(&labels)
                 .observe(now.saturating_sub(*published) as f64);
         }
+        // The records of a readable message (none for a malformed one: it is counted as a message).
+        let mut records = None;
         let disposition =
             match Envelope::from_amqp(&self.pipeline, &delivery.data, &delivery.properties) {
                 Ok(envelope) => {
-                    let records = envelope.records.len() as u64;
-                    self.metrics
-                        .records_in
-                        .with_label_values(&labels)
-                        .inc_by(records);
-                    let replayed = headers_of(&delivery.properties)
-                        .inner()
-                        .contains_key(crate::dead_letters::HEADER_REPLAYS);
-                    if replayed && envelope.meta.attempt == 0 {
+                    let count = envelope.records.len() as u64;
+                    records = Some(count);
+                    if self.stage.carries_records() {
                         self.metrics
-                            .records_replayed
+                            .records_in
                             .with_label_values(&labels)
-                            .inc_by(records);
+                            .inc_by(count);
                     }
                     self.handler.handle(envelope).await
                 }
@@ -486,7 +500,7 @@ impl<H: Handler> Context<H> {
                     malformed.to_string(),
                 )),
             };
-        match disposition {
+        let settled = match disposition {
             Disposition::Done => ack(&delivery).await,
             Disposition::DeadLetter(failure) => {
                 let attempts = attempt_of(&delivery) + 1;
@@ -497,12 +511,41 @@ impl<H: Handler> Context<H> {
                 if let Err(err) = delivery.acker.nack(requeue()).await {
                     tracing::debug!(error = %err, "could not release a message; the broker redelivers it when the channel closes");
                 }
+                false
             }
+        };
+        if settled
+            && self.stage.carries_records()
+            && let Some(records) = records
+        {
+            self.count_settled(&delivery, records);
         }
         timer.observe_duration();
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, failure: &Failure, attempts: u32) {
+    /// Counts the records of a message acked for good. A replayed message's records entered the
+    /// stage again: they count as replayed at the same moment, so that a replay is added to what
+    /// entered the stage exactly when it is added to what the stage settled (counted at its first
+    /// try instead, a replayed message handed back unstarted at a shutdown would be counted by no one).
+    fn count_settled(&self, delivery: &Delivery, records: u64) {
+        let labels = [self.pipeline.as_str(), self.stage.as_str()];
+        self.metrics
+            .records_settled
+            .with_label_values(&labels)
+            .inc_by(records);
+        let replayed = headers_of(&delivery.properties)
+            .inner()
+            .contains_key(crate::dead_letters::HEADER_REPLAYS);
+        if replayed {
+            self.metrics
+                .records_replayed
+                .with_label_values(&labels)
+                .inc_by(records);
+        }
+    }
+
+    /// Dead-letters a whole message and acks it; `false` if it went back to its queue instead.
+    async fn dead_letter(&self, delivery: &Delivery, failure: &Failure, attempts: u32) -> bool {
         tracing::warn!(class = failure.class.as_str(), attempts, error = %failure.message, "dead-lettering a message");
         match self
             .dead_letters
@@ -516,13 +559,15 @@ impl<H: Handler> Context<H> {
             Err(err) => {
                 tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
                 self.hand_back(delivery).await;
+                false
             }
         }
     }
 
     /// Sends a copy to the next retry tier and acks the original once the copy is confirmed; after the
-    /// last attempt, dead-letters it as transient with the last error.
-    async fn retry(&self, delivery: &Delivery, failure: Failure) {
+    /// last attempt, dead-letters it as transient with the last error. `true` only when the message
+    /// was settled for good (dead-lettered); a retry copy is still the same records on their way.
+    async fn retry(&self, delivery: &Delivery, failure: Failure) -> bool {
         let tries = attempt_of(delivery) + 1;
         if tries >= self.max_attempts {
             let failure = Failure::new(
@@ -537,11 +582,15 @@ impl<H: Handler> Context<H> {
             .send_retry(delivery, &failure, tries)
             .await
         {
-            Ok(true) => ack(delivery).await,
+            Ok(true) => {
+                ack(delivery).await;
+                false
+            }
             Ok(false) => self.dead_letter(delivery, &failure, tries).await,
             Err(err) => {
                 tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
                 self.hand_back(delivery).await;
+                false
             }
         }
     }
@@ -584,10 +633,19 @@ pub fn retry_delay(previous_deliveries: u32) -> Duration {
     Duration::from_millis(base_ms / 2 + jitter_ms)
 }
 
-async fn ack(delivery: &Delivery) {
-    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+/// Acks a delivery; `false` if the ack could not be sent (the broker then redelivers the message).
+async fn ack(delivery: &Delivery) -> bool {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => true,
         // The work is durable already; the broker redelivers the message and idempotence absorbs it.
-        tracing::warn!(error = %err, "ack failed; the message will be redelivered");
+        Ok(false) => {
+            tracing::warn!("ack not sent (its channel is gone); the message will be redelivered");
+            false
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "ack failed; the message will be redelivered");
+            false
+        }
     }
 }
 

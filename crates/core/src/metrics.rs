@@ -3,6 +3,7 @@
 //! Names follow `conveyor_<what>_<unit>[_total]`; labels are bounded: `pipeline` and `stage` come from
 //! configuration, `class` and `outcome` from fixed sets. No label ever carries a record id or a message.
 
+use crate::broker::Stage;
 use prometheus::{
     CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -12,19 +13,35 @@ use prometheus::{
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Records taken in by a stage (fetched from the source, or received from a queue).
+    /// Records taken in by a stage (fetched from the source, or received from a queue: every delivery,
+    /// a retry's or a redelivery's too). A throughput figure; the accounting uses `records_settled`.
     pub records_in: IntCounterVec,
-    /// Records a stage passed on (published to the next queue, or written to the target).
+    /// Records a stage passed on (published to the next queue, or written to the target), in the
+    /// stage's output units: a transformer that flattens orders into lines counts lines.
     pub records_out: IntCounterVec,
-    /// Records (or whole messages, counted by their records) sent to a dead-letter queue, by class.
+    /// Records of a stage's input sent to a dead-letter queue, by class: those of a whole message
+    /// given up on, or refused one by one. A message that cannot be read (`malformed`) counts in
+    /// `messages_dead_lettered` only: it never entered the pipeline through conveyor.
     pub records_dead_lettered: IntCounterVec,
+    /// Messages a stage sent to its dead-letter queue, by class: whole messages (malformed ones
+    /// included) and single refused records alike. The fetch stage's given-up windows count here.
+    pub messages_dead_lettered: IntCounterVec,
     /// Records sent to a retry queue to be tried again after a delay (counted once per retry).
     pub records_retried: IntCounterVec,
-    /// Records that came back from a dead-letter queue by `conveyorctl dlq replay` (counted once, at
-    /// the first try after the replay): they re-enter the pipeline, so the accounting adds them in.
+    /// Records of messages that came back from a dead-letter queue by `conveyorctl dlq replay`,
+    /// counted when the stage settles them: they entered the stage again, so the accounting adds
+    /// them to what entered it.
     pub records_replayed: IntCounterVec,
-    /// Records a stage dropped on purpose (a rule filtered them out): accounted for, not lost.
+    /// Records a stage dropped on purpose (a rule filtered them out): accounted for, not lost. In the
+    /// transformer's output units (an order without lines counts 1).
     pub records_filtered: IntCounterVec,
+    /// Records of a stage's input whose message the stage finished with for good: acked after their
+    /// output was published or written (some perhaps filtered) or after they were dead-lettered; not
+    /// when handed to a retry queue or back to the work queue. Counted in the units of the stage's own
+    /// queue, so that what entered a stage (what the stage before published into its queue, plus
+    /// replays) less what it settled is exactly what is still in its queues or its workers' hands.
+    /// Only stages whose messages carry records (transform, write) count it.
+    pub records_settled: IntCounterVec,
     /// Time to handle one message (or, for the fetcher, one source page), end to end.
     pub message_duration: HistogramVec,
     /// Time from a message's publishing (its AMQP timestamp, whole seconds) to a worker taking it:
@@ -67,6 +84,8 @@ pub const DOCUMENTED: &[&str] = &[
     "conveyor_records_retried_total",
     "conveyor_records_filtered_total",
     "conveyor_records_replayed_total",
+    "conveyor_records_settled_total",
+    "conveyor_messages_dead_lettered_total",
     "conveyor_messages_in_hand",
     "conveyor_queue_messages",
     "conveyor_message_duration_seconds",
@@ -86,7 +105,9 @@ pub const DOCUMENTED: &[&str] = &[
 /// configuration (`pipeline`) or from the fixed sets below, never from data.
 pub const LABELS: &[&str] = &["pipeline", "stage", "class", "outcome", "queue"];
 
+/// Classes of dead-lettered records; messages also count `malformed`.
 const ERROR_CLASSES: &[&str] = &["permanent", "transient"];
+const MESSAGE_ERROR_CLASSES: &[&str] = &["malformed", "permanent", "transient"];
 const QUEUE_KINDS: &[&str] = &["work", "retry", "dead_letter"];
 const SOURCE_OUTCOMES: &[&str] = &["ok", "retried", "failed"];
 const WINDOW_OUTCOMES: &[&str] = &["done", "split", "restarted"];
@@ -143,6 +164,11 @@ impl Metrics {
                 "Records sent to a dead-letter queue",
                 &["pipeline", "stage", "class"],
             ),
+            messages_dead_lettered: counter(
+                "conveyor_messages_dead_lettered_total",
+                "Messages sent to a dead-letter queue",
+                &["pipeline", "stage", "class"],
+            ),
             records_retried: counter(
                 "conveyor_records_retried_total",
                 "Records sent to a retry queue to be tried again",
@@ -156,6 +182,11 @@ impl Metrics {
             records_filtered: counter(
                 "conveyor_records_filtered_total",
                 "Records dropped on purpose by a rule",
+                PIPELINE_STAGE,
+            ),
+            records_settled: counter(
+                "conveyor_records_settled_total",
+                "Records of a stage's input it finished with for good",
                 PIPELINE_STAGE,
             ),
             message_duration: histogram(
@@ -252,6 +283,13 @@ impl Metrics {
             self.records_dead_lettered
                 .with_label_values(&[pipeline, stage, class]);
         }
+        for class in MESSAGE_ERROR_CLASSES {
+            self.messages_dead_lettered
+                .with_label_values(&[pipeline, stage, class]);
+        }
+        if carries_records(stage) {
+            self.records_settled.with_label_values(&pipeline_stage);
+        }
         self.message_duration.with_label_values(&pipeline_stage);
         self.message_queued.with_label_values(&pipeline_stage);
         self.ready.with_label_values(&pipeline_stage);
@@ -290,6 +328,13 @@ impl Metrics {
             .expect("text encoding into a Vec cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
     }
+}
+
+/// Whether a stage's messages carry records (see [`Stage::carries_records`]).
+fn carries_records(stage: &str) -> bool {
+    Stage::ALL
+        .into_iter()
+        .any(|known| known.as_str() == stage && known.carries_records())
 }
 
 impl Default for Metrics {
