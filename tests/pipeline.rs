@@ -551,14 +551,66 @@ async fn lines_run(prefix: &str, sim_orders: usize, target: target_sim::TargetCo
 
 impl LinesRun {
     fn spawn_writer(&self) -> WorkerProcess {
+        self.spawn_writer_with(&[])
+    }
+
+    /// A writer with more settings (e.g. its prefetch, its drain timeout).
+    fn spawn_writer_with(&self, settings: &[(&str, &str)]) -> WorkerProcess {
         let env: Vec<(&str, &str)> = self
             .target_env
             .iter()
             .map(|(name, value)| (*name, value.as_str()))
+            .chain(settings.iter().copied())
             .collect();
         self.scenario
             .spawn_with_env(Worker::Writer, &[], &env)
             .unwrap()
+    }
+
+    /// The lines the target holds that the truth does not, or holds at another version; and those it
+    /// lacks.
+    fn differences(&self) -> Vec<String> {
+        let truth = self.scenario.expected_order_lines();
+        let held = self.sim.records(LINES_COLLECTION);
+        let mut problems: Vec<String> = truth
+            .iter()
+            .filter(|(id, version)| {
+                held.get(*id)
+                    .and_then(|record| record["modified_at"].as_str())
+                    != Some(version.as_str())
+            })
+            .map(|(id, _)| format!("missing or wrong version: {id}"))
+            .collect();
+        problems.extend(
+            held.keys()
+                .filter(|id| !truth.contains_key(*id))
+                .map(|id| format!("unexpected: {id}")),
+        );
+        problems
+    }
+
+    /// Waits until the target holds exactly the truth.
+    async fn wait_until_target_equals_truth(&self, workers: &[&WorkerProcess]) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let problems = self.differences();
+            if problems.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let logs: Vec<String> = workers
+                    .iter()
+                    .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
+                    .collect();
+                panic!(
+                    "the target differs from the truth ({} problems, first {:?})\n{}",
+                    problems.len(),
+                    &problems[..problems.len().min(5)],
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -756,6 +808,157 @@ async fn status_flags_records_purged_behind_the_pipelines_back() {
         assert!(
             stdout.contains("UNACCOUNTED") && stdout.contains("at write"),
             "{stdout}"
+        );
+        stop_all(&mut workers).await;
+    })
+    .await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// SIGTERM to a writer that holds messages while its target is slow (every call takes 300 ms): it takes
+/// no new work, finishes and acks what it holds well within the drain timeout, and exits 0; a new writer
+/// finishes the run, and the target ends with exactly the truth, no line lost and none written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_slow_writer_and_another_finishes_the_run() {
+    let run = lines_run(
+        "drain",
+        3_000,
+        target_sim::TargetConfig {
+            latency: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .await;
+    let scenario = &run.scenario;
+    let drain_timeout = Duration::from_secs(15);
+    within(TIMEOUT, async {
+        step("everything fetched and transformed before the first writer starts");
+        let transformer = spawn_ready(scenario, Worker::Transformer).await;
+        run_fetcher_once(scenario).await;
+        let lines = scenario.expected_order_lines().len();
+        loop {
+            let published = metric(&transformer, "conveyor_records_out_total", &[]).await;
+            if published as usize == lines {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let drain = drain_timeout.as_secs().to_string();
+        let mut writer = run.spawn_writer_with(&[
+            ("CONVEYOR_PREFETCH", "4"),
+            ("CONVEYOR_DRAIN_TIMEOUT_SECS", drain.as_str()),
+        ]);
+        step("SIGTERM once the writer holds messages and has written some lines");
+        loop {
+            let held = metric(&writer, "conveyor_messages_in_hand", &[]).await;
+            let written = run.sim.records(LINES_COLLECTION).len();
+            assert!(
+                written < lines,
+                "the writer finished before it could be stopped"
+            );
+            if held > 0.0 && written > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stopping = std::time::Instant::now();
+        writer.terminate().unwrap();
+        let status = writer.wait(drain_timeout).await.unwrap();
+        let took = stopping.elapsed();
+        let log = std::fs::read_to_string(&writer.log).unwrap();
+        assert!(status.success(), "{status}:\n{}", writer.log_tail(20));
+        assert!(
+            log.contains("finishing the messages in hand"),
+            "it held messages when stopped:\n{}",
+            writer.log_tail(20)
+        );
+        assert!(!log.contains("drain timeout"), "{}", writer.log_tail(20));
+        let written_at_stop = run.sim.records(LINES_COLLECTION).len();
+        eprintln!("the writer stopped in {took:?}, {written_at_stop} of {lines} lines written");
+        assert!(
+            written_at_stop < lines,
+            "stopped with work left for another writer"
+        );
+
+        step("a new writer finishes the run");
+        let mut workers = vec![transformer, run.spawn_writer()];
+        let refs: Vec<&WorkerProcess> = workers.iter().collect();
+        run.wait_until_target_equals_truth(&refs).await;
+        wait_for_empty_work_queues(scenario).await;
+        let stats = &run.sim.stats;
+        let count = |counter: &std::sync::atomic::AtomicU64| {
+            counter.load(std::sync::atomic::Ordering::Relaxed) as usize
+        };
+        assert_eq!(count(&stats.created), lines, "every line created once");
+        assert_eq!(
+            (count(&stats.updated), count(&stats.stale)),
+            (0, 0),
+            "no line written twice: what the first writer held it finished and acked"
+        );
+        stop_all(&mut workers).await;
+    })
+    .await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// When the drain timeout runs out (every call to the target takes 3 s, the writer may drain for 1 s),
+/// the writer exits all the same, with 0 and a warning, leaving its messages unacked: the broker
+/// redelivers them, and a new writer lands them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_timeout_that_runs_out_leaves_the_messages_to_be_redelivered() {
+    let run = lines_run(
+        "drain_out",
+        200,
+        target_sim::TargetConfig {
+            latency: Duration::from_secs(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let scenario = &run.scenario;
+    within(TIMEOUT, async {
+        let transformer = spawn_ready(scenario, Worker::Transformer).await;
+        run_fetcher_once(scenario).await;
+        let lines = scenario.expected_order_lines().len();
+        let mut writer = run.spawn_writer_with(&[("CONVEYOR_DRAIN_TIMEOUT_SECS", "1")]);
+        step("SIGTERM while the writer holds messages it cannot finish within 1 s");
+        loop {
+            if metric(&writer, "conveyor_messages_in_hand", &[]).await > 0.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let held = metric(&writer, "conveyor_messages_in_hand", &[]).await;
+        let stopping = std::time::Instant::now();
+        writer.terminate().unwrap();
+        let status = writer.wait(Duration::from_secs(15)).await.unwrap();
+        let took = stopping.elapsed();
+        assert!(status.success(), "{status}:\n{}", writer.log_tail(20));
+        assert!(
+            took < Duration::from_secs(3),
+            "it gave up after its drain timeout (1 s), not after the writes (3 s): {took:?}"
+        );
+        let log = std::fs::read_to_string(&writer.log).unwrap();
+        assert!(
+            log.contains("drain timeout: exiting with work unfinished"),
+            "{}",
+            writer.log_tail(20)
+        );
+        assert_eq!(
+            run.sim.records(LINES_COLLECTION).len(),
+            0,
+            "nothing was written yet"
+        );
+
+        step("the broker redelivers what it held; a new writer lands every line");
+        let mut workers = vec![transformer, run.spawn_writer()];
+        let refs: Vec<&WorkerProcess> = workers.iter().collect();
+        run.wait_until_target_equals_truth(&refs).await;
+        wait_for_empty_work_queues(scenario).await;
+        let taken = metric(&workers[1], "conveyor_records_in_total", &[]).await;
+        assert_eq!(
+            taken as usize, lines,
+            "the new writer took every line, the {held} message(s) held by the first one included"
         );
         stop_all(&mut workers).await;
     })
