@@ -620,3 +620,268 @@ async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_
     stop_all(&mut workers).await;
     scenario.clean_up(false).await.unwrap();
 }
+
+/// A message its consumer never acks (it dies on it every time) is dead-lettered by the broker itself
+/// at the work queue's delivery limit, without conveyor's failure headers: `dlq show` and `list` present
+/// it with the class `broker` and the broker's reason, and a replay lands it. Reading a dead-letter
+/// queue again and again drops nothing: it carries a delivery limit no reading reaches (RabbitMQ 4.0 to
+/// 4.2 count each hand-back of a read letter as a delivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed() {
+    within(
+        TEST_LIMIT,
+        a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed_steps(),
+    )
+    .await;
+}
+
+async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed_steps() {
+    use conveyor_core::broker::{self, DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT};
+    use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let scenario = scenario("delivery_limit", orders(10)).await;
+    scenario.declare_topology().await.unwrap();
+    let modified = "2025-03-01T08:00:00+08:00";
+    let record = |id: &str| {
+        Record::new(
+            id.into(),
+            modified.parse().unwrap(),
+            &serde_json::json!({"id": id, "bill_no": format!("XSDD-{id}"), "modify_time": modified}),
+        )
+    };
+    let meta = Meta::new_trace("sales_orders");
+    let (body, properties) = Envelope {
+        meta: meta.next_stage(),
+        records: vec![record("dl-1"), record("dl-2")],
+    }
+    .to_amqp();
+    scenario
+        .publish_raw(Stage::Write, &body, properties)
+        .await
+        .unwrap();
+
+    step("a consumer that fails on the message every time hands it back until the broker gives up");
+    let connection = broker::connect(&scenario.services.broker().unwrap(), "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let work_queue = scenario.topology().queue(Stage::Write);
+    let mut deliveries = 0;
+    while let Some(message) = channel
+        .basic_get(
+            work_queue.as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+    {
+        deliveries += 1;
+        assert!(deliveries <= 3 * DELIVERY_LIMIT, "never dead-lettered");
+        // A reject counts as a failed delivery on every RabbitMQ version (4.3 counts no nack).
+        channel
+            .basic_reject(
+                message.delivery.delivery_tag,
+                BasicRejectOptions { requeue: true },
+            )
+            .await
+            .unwrap();
+    }
+    assert!(deliveries >= DELIVERY_LIMIT, "delivered {deliveries} times");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while dead_letter_count(&scenario, Stage::Write).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    step("dlq show and list present it with the broker's reason");
+    let shown: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &scenario,
+        &["dlq", "show", "sales_orders", "--stage", "write", "--json"],
+    ))
+    .unwrap();
+    let letters = shown.as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{shown:#}");
+    let letter = &letters[0];
+    assert_eq!(letter["class"], "broker", "{letter:#}");
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!(
+            "delivery_limit: redelivered {DELIVERY_LIMIT} times without an ack (the delivery limit of {work_queue})"
+        )),
+        "{error}"
+    );
+    assert_eq!(letter["stage"], "write");
+    assert_eq!(letter["pipeline"], "sales_orders");
+    assert_eq!(letter["record_ids"], serde_json::json!(["dl-1", "dl-2"]));
+    assert_eq!(letter["original_routing_key"], "sales_orders.write");
+    assert_eq!(letter["trace_id"], meta.trace_id.to_string());
+    assert!(letter["last_failed_at"].is_string(), "{letter:#}");
+    let text = ctl_ok(
+        &scenario,
+        &["dlq", "show", "sales_orders", "--class", "broker"],
+    );
+    assert!(
+        text.contains("class:    broker") && text.contains("delivery_limit: redelivered"),
+        "{text}"
+    );
+    let none = ctl_ok(
+        &scenario,
+        &[
+            "dlq",
+            "show",
+            "sales_orders",
+            "--class",
+            "permanent",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&none).unwrap(),
+        serde_json::json!([])
+    );
+    let list: serde_json::Value = serde_json::from_str(&ctl_ok(
+        &scenario,
+        &["dlq", "list", "sales_orders", "--json"],
+    ))
+    .unwrap();
+    let write = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["stage"] == "write")
+        .unwrap();
+    assert_eq!(
+        (
+            &write["messages"],
+            &write["records"],
+            &write["by_class"]["broker"]
+        ),
+        (&1.into(), &2.into(), &1.into()),
+        "{list:#}"
+    );
+
+    step("reading the dead-letter queue again and again drops nothing");
+    for _ in 0..DELIVERY_LIMIT + 5 {
+        assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 1);
+    }
+    let dead_letter_queue = scenario.topology().dead_letter_queue(Stage::Write);
+    let declare = |limit: Option<u32>| {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        if let Some(limit) = limit {
+            arguments.insert("x-delivery-limit".into(), AMQPValue::LongUInt(limit));
+        }
+        let connection = &connection;
+        let queue = dead_letter_queue.clone();
+        async move {
+            let channel = connection.create_channel().await.unwrap();
+            let options = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), options, arguments)
+                .await
+                .map(|_| ())
+                .map_err(|err| err.to_string())
+        }
+    };
+    declare(Some(DEAD_LETTER_DELIVERY_LIMIT))
+        .await
+        .expect("the dead-letter queue has the delivery limit");
+    let without = declare(None).await.unwrap_err();
+    assert!(
+        without.contains("inequivalent arg 'x-delivery-limit'"),
+        "{without}"
+    );
+    broker::close(&connection).await;
+
+    step("replayed, it lands");
+    let mut writer = spawn_ready(&scenario, Worker::Writer).await;
+    let replayed = ctl_ok(
+        &scenario,
+        &["dlq", "replay", "sales_orders", "--class", "broker"],
+    );
+    assert!(
+        replayed.contains("replayed 1 message(s) with 2 record(s)"),
+        "{replayed}"
+    );
+    let client = pg_client(&scenario.services.pg_url).await.unwrap();
+    let table = scenario.table().unwrap();
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let landed: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE id IN ('dl-1', 'dl-2')"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if landed == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            writer.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+    stop_all(std::slice::from_mut(&mut writer)).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Dead-letter queues an earlier conveyor declared without a delivery limit stop neither
+/// `conveyorctl topology declare` nor a worker: they are taken as they are, with a warning that says
+/// how to give them one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_queues_of_an_earlier_version_are_taken_as_they_are() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let scenario = scenario("legacy_dlq", orders(10)).await;
+    let connection = conveyor_core::broker::connect(&scenario.services.broker().unwrap(), "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for stage in Stage::ALL {
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let queue = scenario.topology().dead_letter_queue(stage);
+        channel
+            .queue_declare(queue.as_str().into(), options, arguments)
+            .await
+            .unwrap();
+    }
+    conveyor_core::broker::close(&connection).await;
+
+    let pipeline_file = sales_orders_pipeline();
+    let output = ctl(
+        &scenario,
+        &["topology", "declare", pipeline_file.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let stdout = succeeded("conveyorctl topology declare", output);
+    assert!(stdout.contains(".sales_orders.write.dlq"), "{stdout}");
+    assert!(
+        stderr.contains("declared by an earlier conveyor without a delivery limit")
+            && stderr.contains("set_policy"),
+        "{stderr}"
+    );
+    let mut transformer = spawn_ready(&scenario, Worker::Transformer).await;
+    stop_all(std::slice::from_mut(&mut transformer)).await;
+    scenario.clean_up(false).await.unwrap();
+}

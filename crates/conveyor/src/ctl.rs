@@ -182,8 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pipeline = Pipeline::load(&file)?;
             let connection = broker::connect(&broker.address()?, "conveyorctl").await?;
             let topology = Topology::new(&broker, pipeline.name());
-            let channel = connection.create_channel().await?;
-            topology.declare(&channel).await?;
+            topology.declare(&connection).await?;
             broker::close(&connection).await;
             for queue in topology.queues() {
                 println!("declared {queue}");

@@ -101,6 +101,8 @@ enum ClassArg {
     Malformed,
     Permanent,
     Transient,
+    /// Dead-lettered by the broker itself (redelivered past its work queue's delivery limit).
+    Broker,
 }
 
 impl Select {
@@ -111,6 +113,7 @@ impl Select {
                     ClassArg::Malformed => "malformed",
                     ClassArg::Permanent => "permanent",
                     ClassArg::Transient => "transient",
+                    ClassArg::Broker => dead_letters::BROKER_CLASS,
                 }
                 .to_owned()
             }),

@@ -28,6 +28,13 @@ use crate::tls::{self, CaBundle, ClientIdentity};
 /// keeps crashing its consumer. (RabbitMQ 4 drops such messages unless a dead-letter exchange is set.)
 pub const DELIVERY_LIMIT: u32 = 20;
 
+/// The delivery limit of the dead-letter queues: more than any reading will reach. `conveyorctl dlq`
+/// reads a letter by taking it and handing it back, and on RabbitMQ 4.0 to 4.2 every hand-back counts
+/// as a delivery, so that the default limit of quorum queues (20) would drop a letter, with no
+/// dead-letter exchange to catch it, after its twentieth reading. RabbitMQ 4 also takes -1 for no
+/// limit, but 3.x refuses nothing and would dead-letter at once: a large number works on both.
+pub const DEAD_LETTER_DELIVERY_LIMIT: u32 = i32::MAX as u32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("invalid AMQP URL (CONVEYOR_AMQP_URL): {0}")]
@@ -355,8 +362,27 @@ impl Topology {
     }
 
     /// Declares exchanges, queues and bindings. Idempotent: every worker calls it at start, with the same
-    /// arguments (a queue redeclared with other arguments is refused by the broker).
-    pub async fn declare(&self, channel: &Channel) -> Result<(), BrokerError> {
+    /// arguments (a queue redeclared with other arguments is refused by the broker; the one exception,
+    /// a dead-letter queue an earlier conveyor declared without its delivery limit, is taken as it is).
+    pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
+        let mut channel = connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a channel to declare the topology"))?;
+        let declared = self.declare_on(connection, &mut channel).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, "declared".into()),
+        )
+        .await;
+        declared
+    }
+
+    async fn declare_on(
+        &self,
+        connection: &Connection,
+        channel: &mut Channel,
+    ) -> Result<(), BrokerError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -374,7 +400,7 @@ impl Topology {
         }
         for stage in Stage::ALL {
             let dead_letters = self.dead_letter_queue(stage);
-            self.declare_queue(channel, &dead_letters, self.queue_arguments())
+            self.declare_dead_letter_queue(connection, channel, &dead_letters)
                 .await?;
             self.bind(channel, &dead_letters, &self.dead_letter_exchange(), stage)
                 .await?;
@@ -420,6 +446,55 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// Declares a dead-letter queue with [`DEAD_LETTER_DELIVERY_LIMIT`] (quorum queues). One declared by
+    /// an earlier conveyor, without a limit, is refused so by the broker ("inequivalent arg"), which
+    /// closes the channel: it is then taken as it is on a new channel, with a warning that says how to
+    /// give it the limit.
+    async fn declare_dead_letter_queue(
+        &self,
+        connection: &Connection,
+        channel: &mut Channel,
+        queue: &str,
+    ) -> Result<(), BrokerError> {
+        let mut arguments = self.queue_arguments();
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongUInt(DEAD_LETTER_DELIVERY_LIMIT),
+            );
+        }
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(queue.into(), options, arguments)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(err) if declared_without_delivery_limit(&err) => {
+                tracing::warn!(
+                    queue,
+                    "this dead-letter queue was declared by an earlier conveyor without a delivery limit: on \
+                     RabbitMQ 4.0 to 4.2 a letter read 20 times (conveyorctl dlq) is dropped. Give it one by a \
+                     policy, e.g. rabbitmqctl set_policy conveyor-dead-letters '\\.dlq$' \
+                     '{{\"delivery-limit\":{DEAD_LETTER_DELIVERY_LIMIT}}}' --apply-to quorum_queues, or delete it \
+                     once empty so that it is declared anew"
+                );
+                *channel = connection
+                    .create_channel()
+                    .await
+                    .map_err(amqp("opening a channel to declare the topology"))?;
+                self.declare_queue(channel, queue, self.queue_arguments())
+                    .await
+            }
+            Err(source) => Err(BrokerError::Amqp {
+                action: format!("declaring queue {queue}"),
+                source,
+            }),
+        }
     }
 
     /// On quorum queues, the broker dead-letters with confirms inside itself, so nothing is lost on
@@ -479,6 +554,12 @@ impl Topology {
             .await
             .map_err(amqp(format!("binding queue {queue}")))
     }
+}
+
+/// Whether a queue declaration was refused because the queue exists without `x-delivery-limit`.
+fn declared_without_delivery_limit(err: &lapin::Error) -> bool {
+    let message = err.to_string();
+    message.contains("inequivalent arg 'x-delivery-limit'") && message.contains("current is none")
 }
 
 /// Publishes on a channel in confirm mode. Cheap to clone; many publishes may be in flight at once.

@@ -311,7 +311,7 @@ fn original_route(delivery: &Delivery) -> (String, String) {
 }
 
 /// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
-fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
+pub(crate) fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Ids {
         records: Vec<IdOnly>,

@@ -3,7 +3,14 @@
 //! A dead-letter queue is read by taking every message with `basic.get` and holding it unacknowledged:
 //! nothing leaves the queue until a message is acked, and a message is acked only after its copy is
 //! confirmed elsewhere (a replay) or the operator asked for it to go (a purge). Whatever is not removed
-//! is handed back to the queue, in order, when the reading ends.
+//! is handed back to the queue, in order, when the reading ends. (Every hand-back counts as a delivery
+//! on RabbitMQ 4.0 to 4.2: the dead-letter queues carry a delivery limit no reading reaches, see
+//! [`crate::broker::DEAD_LETTER_DELIVERY_LIMIT`].)
+//!
+//! Most letters are conveyor's own, with the failure in its headers. A letter the broker dead-lettered
+//! itself (a message redelivered past its work queue's delivery limit, because its consumer died on it
+//! every time) has none of them, or stale ones from an earlier retry: it is read from the broker's
+//! `x-death` header, with the class `broker` and the broker's reason.
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -14,15 +21,94 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::broker::{BrokerError, Publisher, Stage, Topology};
+use crate::broker::{BrokerError, DELIVERY_LIMIT, Publisher, Stage, Topology};
 use crate::consume::{
     HEADER_ERROR, HEADER_ERROR_CLASS, HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT,
     HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_RECORD_IDS, HEADER_STAGE, header,
+    headers_of, record_ids_in,
 };
-use crate::envelope::{HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_TRACE_ID, decode_body};
+use crate::envelope::{
+    HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_TRACE_ID, decode_body, header_text, header_u32,
+};
 
 /// Counts a replayed message carries: how often it was replayed (it keeps no failure headers).
 pub const HEADER_REPLAYS: &str = "x-conveyor-replays";
+
+/// The class of a letter the broker dead-lettered itself.
+pub const BROKER_CLASS: &str = "broker";
+
+/// The broker's own dead-lettering of a message, from its `x-death` header: a queue's delivery limit
+/// (or a rejection, or a length limit) made the broker move it to the dead-letter exchange. A retry
+/// tier's delay running out (`expired`) is conveyor's own way back to the work queue, not a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BrokerDeath {
+    reason: String,
+    /// The queue the broker took it from.
+    queue: String,
+    exchange: String,
+    routing_key: Option<String>,
+    /// How often it was dead-lettered so from that queue.
+    count: u32,
+    time: Option<DateTime<FixedOffset>>,
+}
+
+impl BrokerDeath {
+    /// The most recent dead-lettering, if the broker's was the last thing that happened to the message.
+    fn read(properties: &BasicProperties) -> Option<Self> {
+        let headers = headers_of(properties).inner();
+        let Some(AMQPValue::FieldArray(deaths)) = headers.get("x-death") else {
+            return None;
+        };
+        // RabbitMQ keeps the most recent event first.
+        let Some(AMQPValue::FieldTable(latest)) = deaths.as_slice().first() else {
+            return None;
+        };
+        let field = |name: &str| latest.inner().get(name);
+        let text = |name: &str| field(name).and_then(header_text).unwrap_or_default();
+        let reason = text("reason");
+        if reason.is_empty() || reason == "expired" {
+            return None;
+        }
+        let routing_key = match field("routing-keys") {
+            Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(header_text),
+            _ => None,
+        };
+        let time = match field("time") {
+            Some(AMQPValue::Timestamp(seconds)) => {
+                DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)
+                    .map(|time| time.fixed_offset())
+            }
+            _ => None,
+        };
+        Some(Self {
+            reason,
+            queue: text("queue"),
+            exchange: text("exchange"),
+            routing_key,
+            count: field("count").and_then(header_u32).unwrap_or(1),
+            time,
+        })
+    }
+
+    /// The reason as an operator reads it: the broker's word first.
+    fn describe(&self) -> String {
+        let what = match self.reason.as_str() {
+            "delivery_limit" => format!(
+                "redelivered {DELIVERY_LIMIT} times without an ack (the delivery limit of {}), so the \
+                 broker dead-lettered it: its consumer failed on it every time (a crash, or a lost \
+                 connection)",
+                self.queue
+            ),
+            _ => format!("dead-lettered by the broker from {}", self.queue),
+        };
+        let times = if self.count > 1 {
+            format!(" ({} times)", self.count)
+        } else {
+            String::new()
+        };
+        format!("{}: {what}{times}", self.reason)
+    }
+}
 
 /// One message of a dead-letter queue with its failure details.
 #[derive(Debug, Clone, Serialize)]
@@ -30,7 +116,8 @@ pub struct DeadLetter {
     pub queue: String,
     pub pipeline: String,
     pub stage: String,
-    /// `malformed`, `permanent` or `transient`.
+    /// `malformed`, `permanent` or `transient` (conveyor's), or `broker` for a letter the broker
+    /// dead-lettered itself.
     pub class: String,
     pub error: String,
     /// Tries made before it was dead-lettered.
@@ -61,6 +148,23 @@ impl DeadLetter {
         let time = |name: &str| {
             header(properties, name).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         };
+        // The stage of a letter without conveyor's headers: that of its queue, `{ns}.{pipeline}.{stage}.dlq`.
+        let stage = header(properties, HEADER_STAGE).unwrap_or_else(|| {
+            queue
+                .strip_suffix(".dlq")
+                .and_then(|work| work.rsplit('.').next())
+                .unwrap_or_default()
+                .to_owned()
+        });
+        let record_ids = match header(properties, HEADER_RECORD_IDS) {
+            Some(ids) => ids
+                .split(',')
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            None => record_ids_in(data, properties),
+        };
+        let kept = |name: &str| header(properties, name).filter(|value| !value.is_empty());
         // Shown decompressed when it can be; kept byte for byte for replays either way.
         let shown = decode_body(data, properties).unwrap_or(Cow::Borrowed(data));
         let (payload, payload_hex) = match std::str::from_utf8(&shown) {
@@ -70,10 +174,10 @@ impl DeadLetter {
                 Some(shown.iter().map(|b| format!("{b:02x}")).collect()),
             ),
         };
-        Self {
+        let mut letter = Self {
             queue: queue.to_owned(),
             pipeline: text(HEADER_PIPELINE),
-            stage: text(HEADER_STAGE),
+            stage,
             class: text(HEADER_ERROR_CLASS),
             error: text(HEADER_ERROR),
             attempts: text(HEADER_ATTEMPT).parse().unwrap_or(0),
@@ -81,11 +185,7 @@ impl DeadLetter {
             last_failed_at: time(HEADER_LAST_FAILED_AT),
             original_exchange: text(HEADER_ORIGINAL_EXCHANGE),
             original_routing_key: text(HEADER_ORIGINAL_ROUTING_KEY),
-            record_ids: text(HEADER_RECORD_IDS)
-                .split(',')
-                .filter(|id| !id.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            record_ids,
             trace_id: text(HEADER_TRACE_ID),
             message_id: properties
                 .message_id()
@@ -97,7 +197,20 @@ impl DeadLetter {
             body: data.to_vec(),
             properties: properties.clone(),
             delivery_tag,
+        };
+        // The broker's dead-lettering came last: its reason is the letter's, whatever conveyor's
+        // headers say of an earlier retry. The original route is conveyor's, if a retry kept it.
+        if let Some(death) = BrokerDeath::read(properties) {
+            letter.class = BROKER_CLASS.to_owned();
+            letter.error = death.describe();
+            letter.last_failed_at = death.time.or(letter.last_failed_at);
+            letter.first_failed_at = letter.first_failed_at.or(death.time);
+            if kept(HEADER_ORIGINAL_ROUTING_KEY).is_none() {
+                letter.original_exchange = death.exchange;
+                letter.original_routing_key = death.routing_key.unwrap_or_default();
+            }
         }
+        letter
     }
 
     /// The properties of a replayed copy: the original identity and headers, without the failure
@@ -117,9 +230,13 @@ impl DeadLetter {
             HEADER_REPLAYS,
             "x-death",
             "x-delivery-count",
+            "x-acquired-count",
             "x-first-death-exchange",
             "x-first-death-queue",
             "x-first-death-reason",
+            "x-last-death-exchange",
+            "x-last-death-queue",
+            "x-last-death-reason",
         ];
         if let Some(original) = self.properties.headers() {
             for (name, value) in original.inner() {
@@ -326,7 +443,8 @@ impl QueueCounts {
             ..Default::default()
         };
         for letter in letters {
-            counts.records += letter.record_ids.len().max(1);
+            // A letter that could not be read (malformed) holds no records it could be counted by.
+            counts.records += letter.record_ids.len();
             *counts.by_class.entry(letter.class.clone()).or_default() += 1;
         }
         counts
@@ -386,6 +504,130 @@ mod tests {
                 ..Default::default()
             }
             .matches(&letter)
+        );
+    }
+
+    fn death(reason: &str, queue: &str, routing_key: &str, time: u64) -> AMQPValue {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), long_string(reason));
+        death.insert("queue".into(), long_string(queue));
+        death.insert("exchange".into(), long_string("ns"));
+        death.insert(
+            "routing-keys".into(),
+            AMQPValue::FieldArray(vec![long_string(routing_key)].into()),
+        );
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert("time".into(), AMQPValue::Timestamp(time));
+        AMQPValue::FieldTable(death)
+    }
+
+    const BATCH: &[u8] = br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#;
+
+    #[test]
+    fn a_letter_the_broker_dead_lettered_gets_the_brokers_reason() {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_PIPELINE.into(), long_string("p"));
+        headers.insert(HEADER_TRACE_ID.into(), long_string("t-1"));
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![death(
+                    "delivery_limit",
+                    "ns.p.write",
+                    "p.write",
+                    1_800_000_000,
+                )]
+                .into(),
+            ),
+        );
+        headers.insert("x-first-death-reason".into(), long_string("delivery_limit"));
+        let properties = BasicProperties::default().with_headers(headers);
+        let letter = DeadLetter::read("ns.p.write.dlq", BATCH, &properties, 1);
+        assert_eq!(letter.class, BROKER_CLASS);
+        assert!(
+            letter
+                .error
+                .starts_with("delivery_limit: redelivered 20 times without an ack (the delivery limit of ns.p.write)"),
+            "{}",
+            letter.error
+        );
+        assert_eq!(letter.stage, "write", "from its queue's name");
+        assert_eq!(letter.record_ids, ["a", "b"], "from its body");
+        assert_eq!(
+            (
+                letter.original_exchange.as_str(),
+                letter.original_routing_key.as_str()
+            ),
+            ("ns", "p.write")
+        );
+        let at = letter.last_failed_at.unwrap().to_rfc3339();
+        assert_eq!(at, "2027-01-15T08:00:00+00:00");
+        assert_eq!(letter.first_failed_at, letter.last_failed_at);
+        assert!(
+            Filter {
+                class: Some(BROKER_CLASS.into()),
+                record_id: Some("b".into()),
+                ..Default::default()
+            }
+            .matches(&letter)
+        );
+        let replayed = letter.replay_properties();
+        assert_eq!(header(&replayed, "x-first-death-reason"), None);
+        assert_eq!(header(&replayed, HEADER_TRACE_ID).as_deref(), Some("t-1"));
+    }
+
+    #[test]
+    fn the_last_death_decides_whose_letter_it_is() {
+        // Retried once (the retry tier expired back into the work queue), then redelivered past the
+        // limit: the broker's reason, conveyor's original route.
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_ERROR_CLASS.into(), long_string("transient"));
+        headers.insert(HEADER_ERROR.into(), long_string("a lock timed out"));
+        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), long_string("ns"));
+        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), long_string("p.write"));
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![
+                    death("delivery_limit", "ns.p.write", "p.write", 1_800_000_100),
+                    death(
+                        "expired",
+                        "ns.p.write.retry.1s",
+                        "ns.p.write.retry.1s",
+                        1_800_000_000,
+                    ),
+                ]
+                .into(),
+            ),
+        );
+        let properties = BasicProperties::default().with_headers(headers.clone());
+        let letter = DeadLetter::read("ns.p.write.dlq", BATCH, &properties, 1);
+        assert_eq!(letter.class, BROKER_CLASS);
+        assert!(
+            letter.error.starts_with("delivery_limit:"),
+            "{}",
+            letter.error
+        );
+        assert_eq!(letter.original_routing_key, "p.write");
+
+        // Retried, then dead-lettered by conveyor: conveyor's reason stands.
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(
+                vec![death(
+                    "expired",
+                    "ns.p.write.retry.1s",
+                    "ns.p.write.retry.1s",
+                    1,
+                )]
+                .into(),
+            ),
+        );
+        let properties = BasicProperties::default().with_headers(headers);
+        let letter = DeadLetter::read("ns.p.write.dlq", BATCH, &properties, 1);
+        assert_eq!(
+            (letter.class.as_str(), letter.error.as_str()),
+            ("transient", "a lock timed out")
         );
     }
 

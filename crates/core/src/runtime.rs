@@ -244,12 +244,7 @@ async fn connect_and_declare(
         };
         // A broker that is still starting accepts connections before it can declare queues.
         let declared = async {
-            let channel = connection
-                .create_channel()
-                .await
-                .context("opening a channel to declare the topology")?;
-            topology.declare(&channel).await?;
-            let _ = channel.close(200, "declared".into()).await;
+            topology.declare(&connection).await?;
             anyhow::Ok(Publisher::open(&connection).await?)
         }
         .await;

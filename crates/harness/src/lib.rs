@@ -568,8 +568,7 @@ impl Scenario {
     ) -> anyhow::Result<()> {
         let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
         let topology = self.topology();
-        let channel = connection.create_channel().await?;
-        topology.declare(&channel).await?;
+        topology.declare(&connection).await?;
         let publisher = Publisher::open(&connection).await?;
         publisher
             .publish(
@@ -588,8 +587,7 @@ impl Scenario {
     /// can reach a quorum queue whose leader is still starting, which closes its connection).
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
         let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
-        let channel = connection.create_channel().await?;
-        self.topology().declare(&channel).await?;
+        self.topology().declare(&connection).await?;
         broker::close(&connection).await;
         Ok(())
     }
