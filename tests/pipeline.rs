@@ -614,21 +614,32 @@ impl LinesRun {
     }
 }
 
-/// `conveyorctl status --json` over `workers`: whether it succeeded, the pipeline's status, and what it
-/// printed on standard error.
-fn status(
+/// `conveyorctl status` of the scenario's pipeline over `workers`, as text or `--json`.
+fn status_command(
     scenario: &conveyor_harness::Scenario,
     workers: &[&WorkerProcess],
-) -> (bool, serde_json::Value, String) {
+    json: bool,
+) -> std::process::Output {
     let mut args = vec!["status".to_owned(), scenario.pipeline.name().to_owned()];
-    args.push("--json".into());
+    if json {
+        args.push("--json".into());
+    }
     args.extend(
         workers
             .iter()
             .map(|worker| format!("--worker=http://{}", worker.http_addr)),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let output = ctl(scenario, &args);
+    ctl(scenario, &args)
+}
+
+/// `conveyorctl status --json` over `workers`: whether it succeeded, the pipeline's status, and what it
+/// printed on standard error.
+fn status(
+    scenario: &conveyor_harness::Scenario,
+    workers: &[&WorkerProcess],
+) -> (bool, serde_json::Value, String) {
+    let output = status_command(scenario, workers, true);
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let parsed: serde_json::Value = serde_json::from_str(&stdout)
@@ -732,13 +743,7 @@ async fn status_accounts_for_flattened_records_stage_by_stage() {
         );
 
         // The text report says so too.
-        let mut args = vec!["status".to_owned(), scenario.pipeline.name().to_owned()];
-        args.extend(
-            all.iter()
-                .map(|w| format!("--worker=http://{}", w.http_addr)),
-        );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let text = ctl_ok(scenario, &args);
+        let text = succeeded("conveyorctl status", status_command(scenario, &all, false));
         assert!(
             text.contains("ok: every record that entered a stage is settled"),
             "{text}"
@@ -796,13 +801,7 @@ async fn status_flags_records_purged_behind_the_pipelines_back() {
             stderr.contains("unaccounted for") && stderr.contains(&format!("{lines} at write")),
             "{stderr}"
         );
-        let mut args = vec!["status".to_owned(), scenario.pipeline.name().to_owned()];
-        args.extend(
-            all.iter()
-                .map(|w| format!("--worker=http://{}", w.http_addr)),
-        );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let text = ctl(scenario, &args);
+        let text = status_command(scenario, &all, false);
         let stdout = String::from_utf8_lossy(&text.stdout);
         assert!(!text.status.success());
         assert!(
