@@ -32,7 +32,7 @@ pub const DELIVERY_LIMIT: u32 = 20;
 /// reads a letter by taking it and handing it back, and on RabbitMQ 4.0 to 4.2 every hand-back counts
 /// as a delivery, so that the default limit of quorum queues (20) would drop a letter, with no
 /// dead-letter exchange to catch it, after its twentieth reading. RabbitMQ 4 also takes -1 for no
-/// limit, but 3.x refuses nothing and would dead-letter at once: a large number works on both.
+/// limit; 3.x accepts -1 as well but documents no such meaning: a large number means the same on both.
 pub const DEAD_LETTER_DELIVERY_LIMIT: u32 = i32::MAX as u32;
 
 #[derive(Debug, thiserror::Error)]
