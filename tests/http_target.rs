@@ -1,46 +1,40 @@
 //! End to end into an HTTP target: sales orders flattened into their entry lines by the declarative
 //! rules, written by the real worker binaries through RabbitMQ into the target simulator (a real HTTP
-//! server with token authentication, injected 429s and 5xx), ending equal to the ground truth.
+//! server with token authentication, required headers, injected 429s and 5xx, and outages), ending
+//! equal to the ground truth, field by field.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::{TIMEOUT, bin_dir, repo_root};
 use conveyor_core::broker::Stage;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
-use target_sim::{TargetConfig, TargetSim};
+use serde_json::{Value, json};
+use target_sim::{StatusCode, TargetConfig, TargetSim};
 
-const TIMEOUT: Duration = Duration::from_secs(120);
 const COLLECTION: &str = "sales_order_lines";
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_conveyor-writer"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_owned()
-}
-
-/// What the target holds that the truth does not say, or says otherwise.
-fn differences(truth: &BTreeMap<String, String>, sim: &TargetSim) -> Vec<String> {
+/// What the target holds that the truth does not say, or says otherwise (field by field).
+fn differences(truth: &BTreeMap<String, Value>, sim: &TargetSim) -> Vec<String> {
     let held = sim.records(COLLECTION);
     let mut problems = Vec::new();
-    for (id, modified) in truth {
-        match held
-            .get(id)
-            .and_then(|record| record["modified_at"].as_str())
-        {
-            None => problems.push(format!("missing {id}")),
-            Some(found) if found != modified => {
-                problems.push(format!("{id}: version {found}, expected {modified}"))
+    for (id, expected) in truth {
+        let Some(record) = held.get(id) else {
+            problems.push(format!("missing {id}"));
+            continue;
+        };
+        for (field, value) in expected.as_object().expect("expected lines are objects") {
+            if record.get(field) != Some(value) {
+                problems.push(format!(
+                    "{id}: {field} is {}, expected {value}",
+                    record.get(field).unwrap_or(&Value::Null)
+                ));
             }
-            Some(_) => {}
         }
     }
     for id in held.keys().filter(|id| !truth.contains_key(*id)) {
@@ -49,8 +43,82 @@ fn differences(truth: &BTreeMap<String, String>, sim: &TargetSim) -> Vec<String>
     problems
 }
 
+/// The lines the target must hold, derived here from the Kingdee simulator's own data (not through
+/// any code of the pipeline), as ops/pipelines/sales_order_lines_http.toml maps them: by line id, the
+/// fields the mapping selects, renames, nests, converts and computes.
+fn expected_lines(scenario: &Scenario) -> BTreeMap<String, Value> {
+    let config = scenario.simulator.config();
+    let data = kingdee_sim::data::Dataset::generate(config.seed, config.orders, config.epoch);
+    let versions = scenario.expected_order_lines();
+    let mut lines = BTreeMap::new();
+    for order in data.orders() {
+        let [year, month, day]: [&str; 3] = order
+            .bill_date
+            .split('-')
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("bill dates are yyyy-MM-dd");
+        // China Standard Time, 8 hours ahead of UTC.
+        let created_ms =
+            chrono::NaiveDateTime::parse_from_str(&order.create_time, "%Y-%m-%d %H:%M:%S")
+                .expect("a local time")
+                .and_utc()
+                .timestamp_millis()
+                - 8 * 3_600_000;
+        for line in &order.material_entity {
+            let label = format!("{}#{}", order.bill_no, line.seq);
+            lines.insert(
+                line.id.clone(),
+                json!({
+                    "line_id": line.id,
+                    "order_id": order.id,
+                    "bill_no": order.bill_no,
+                    "seq": line.seq,
+                    "bill_date": format!("{month}/{day}/{year}"),
+                    "status": match order.bill_status.as_str() {
+                        "C" => "audited",
+                        _ => "draft",
+                    },
+                    "customer": {
+                        "number": order.customer_number,
+                        "name": order.customer_name.trim(),
+                    },
+                    "material_number": line.material_number,
+                    "qty": line.qty,
+                    "price": line.price,
+                    "tax_rate": line.cess,
+                    "amount": line.amount,
+                    "gross_amount": gross(&line.amount, &line.cess),
+                    "label": label,
+                    "created_at_ms": created_ms,
+                    "modified_at": versions[&line.id],
+                }),
+            );
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        versions.len(),
+        "the same lines as the simulator's truth"
+    );
+    lines
+}
+
+/// `amount + amount * tax_rate / 100` in exact decimals, written without trailing zeros: the amount
+/// has two decimals, the rate none, so the result is a whole number of ten-thousandths.
+fn gross(amount: &str, tax_rate: &str) -> String {
+    let cents: i64 = amount
+        .replace('.', "")
+        .parse()
+        .expect("an amount with cents");
+    let rate: i64 = tax_rate.parse().expect("a whole tax rate");
+    let units = cents * (100 + rate);
+    let text = format!("{}.{:04}", units / 10_000, units % 10_000);
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
 async fn wait_until_equal(
-    truth: &BTreeMap<String, String>,
+    truth: &BTreeMap<String, Value>,
     sim: &TargetSim,
     workers: &[WorkerProcess],
 ) {
@@ -77,21 +145,38 @@ async fn wait_until_equal(
 }
 
 /// A running scenario of the lines pipeline: the Kingdee simulator, the target simulator, a
-/// transformer and two writers, and the truth (line id → version, in UTC as the pipeline writes it).
+/// transformer and two writers, and the truth (line id → the line as the target must hold it).
 struct Run {
     scenario: Scenario,
     sim: Arc<TargetSim>,
     workers: Vec<WorkerProcess>,
-    truth: BTreeMap<String, String>,
+    truth: BTreeMap<String, Value>,
 }
 
 const CLIENT_SECRET: &str = "e2e-client-secret";
 
-async fn start(prefix: &str, orders: usize, target: TargetConfig) -> Run {
+/// Starts a run of the lines pipeline; `pipeline_extra` is TOML appended to the pipeline file (e.g. a
+/// `[target.errors]` table), `writer_env` settings the writers get on top of the scenario's.
+async fn start(
+    prefix: &str,
+    orders: usize,
+    target: TargetConfig,
+    pipeline_extra: &str,
+    writer_env: &[(&str, &str)],
+) -> Run {
     let services = Services::check()
         .await
         .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"));
-    let pipeline = repo_root().join("ops/pipelines/sales_order_lines_http.toml");
+    let mut pipeline = repo_root().join("ops/pipelines/sales_order_lines_http.toml");
+    if !pipeline_extra.is_empty() {
+        let text = std::fs::read_to_string(&pipeline).unwrap();
+        let dir = std::env::temp_dir()
+            .join("conveyor-harness")
+            .join(format!("{prefix}-pipeline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        pipeline = dir.join("sales_order_lines_http.toml");
+        std::fs::write(&pipeline, format!("{text}\n{pipeline_extra}\n")).unwrap();
+    }
     let sim_config = SimConfig {
         seed: 11,
         orders,
@@ -104,24 +189,27 @@ async fn start(prefix: &str, orders: usize, target: TargetConfig) -> Run {
         key_field: "line_id".into(),
         version_field: Some("modified_at".into()),
         client: Some(("conveyor-e2e".into(), CLIENT_SECRET.into())),
+        // The pipeline file's headers must reach the target with every call.
+        required_headers: vec![("x-source-system".into(), "kingdee".into())],
         ..target
     });
     let addr = target_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
     let url = format!("http://{addr}");
-    let env = [
+    let mut env = vec![
         ("CONVEYOR_HTTP_TARGET_URL", url.as_str()),
         ("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e"),
         ("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET),
     ];
+    env.extend_from_slice(writer_env);
     scenario.declare_topology().await.unwrap();
     let workers = vec![
         scenario.spawn(Worker::Transformer, &[]).unwrap(),
         scenario.spawn_with_env(Worker::Writer, &[], &env).unwrap(),
         scenario.spawn_with_env(Worker::Writer, &[], &env).unwrap(),
     ];
-    let truth = scenario.expected_order_lines();
+    let truth = expected_lines(&scenario);
     Run {
         scenario,
         sim,
@@ -183,6 +271,8 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
             token_ttl: Duration::from_secs(2),
             ..TargetConfig::default()
         },
+        "",
+        &[],
     )
     .await;
     let Run {
@@ -227,6 +317,11 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
         sim.stats.tokens_issued.load(Ordering::Relaxed) >= 2,
         "each writer got a token"
     );
+    assert_eq!(
+        sim.stats.missing_headers.load(Ordering::Relaxed),
+        0,
+        "every call carried the pipeline file's headers"
+    );
     assert!(
         scenario
             .peek_dead_letters(Stage::Write)
@@ -240,8 +335,31 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lines_the_target_refuses_are_dead_lettered_alone() {
+    refused_lines_are_dead_lettered_alone("http_refused", StatusCode::UNPROCESSABLE_ENTITY, "")
+        .await;
+}
+
+/// A 500 is transient by default (retried, and at last dead-lettered as "gave up" with its whole
+/// batch); this pipeline file says the target's 500 means a record it chokes on: each such line is
+/// dead-lettered at once on its own, and the rest of its batch is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_file_decides_that_a_500_refuses_the_record() {
+    refused_lines_are_dead_lettered_alone(
+        "http_500",
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "[target.errors]\npermanent = [500]",
+    )
+    .await;
+}
+
+/// The target refuses every 40th line with `status`, wherever it falls in a batch: exactly those are
+/// dead-lettered, each on its own, as permanent; every other line lands.
+async fn refused_lines_are_dead_lettered_alone(
+    prefix: &str,
+    status: StatusCode,
+    pipeline_extra: &str,
+) {
     const ORDERS: usize = 300;
-    // The target refuses every 40th line as invalid (422), wherever it falls in a batch.
     let all_lines = kingdee_sim::Simulator::new(SimConfig {
         seed: 11,
         orders: ORDERS,
@@ -254,15 +372,18 @@ async fn lines_the_target_refuses_are_dead_lettered_alone() {
         .map(|line| line.id.clone())
         .collect();
     let run = start(
-        "http_refused",
+        prefix,
         ORDERS,
         TargetConfig {
             invalid_when: refused
                 .iter()
-                .map(|id| ("line_id".to_owned(), serde_json::json!(id)))
+                .map(|id| ("line_id".to_owned(), json!(id)))
                 .collect(),
+            invalid_status: status,
             ..TargetConfig::default()
         },
+        pipeline_extra,
+        &[],
     )
     .await;
     let mut expected = run.truth.clone();
@@ -283,8 +404,78 @@ async fn lines_the_target_refuses_are_dead_lettered_alone() {
         assert_eq!(letter.record_ids.len(), 1, "each refused line on its own");
         assert_eq!(letter.class, "permanent");
         assert_eq!(letter.stage, "write");
-        assert!(letter.error.contains("422"), "{}", letter.error);
+        assert!(letter.error.contains(status.as_str()), "{}", letter.error);
     }
+    run.finish().await;
+}
+
+/// The target's gateway answers 503 to every call (its probe included) for a few seconds: the writers
+/// hold back (not ready), nothing is dead-lettered although a message may be tried only 3 times, and
+/// when the target answers again everything lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_answering_503_to_everything_holds_the_writers_back() {
+    let run = start(
+        "http_outage",
+        300,
+        TargetConfig::default(),
+        "[target.errors]\nunavailable_after = 2",
+        &[("CONVEYOR_MAX_ATTEMPTS", "3")],
+    )
+    .await;
+    let writers = &run.workers[1..];
+    for writer in writers {
+        common::wait_ready(writer, true, TIMEOUT).await;
+    }
+    run.sim.set_outage(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let began = Instant::now();
+    run.scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+    for writer in writers {
+        common::wait_ready(writer, false, Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(began.elapsed())).await;
+    assert!(run.sim.records(COLLECTION).is_empty());
+    assert!(
+        run.scenario
+            .peek_dead_letters(Stage::Write)
+            .await
+            .unwrap()
+            .is_empty(),
+        "no good record is dead-lettered while the target is down"
+    );
+    let mut in_hand = 0.0;
+    for writer in writers {
+        in_hand += common::metric(writer, "conveyor_messages_in_hand", &[]).await;
+    }
+    let queued: u32 = run
+        .scenario
+        .queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(queue, _)| !queue.ends_with(".dlq"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        in_hand + f64::from(queued) > 0.0,
+        "the batches wait (held {in_hand}, queued {queued})"
+    );
+    let refused = run.sim.stats.outage_answers.load(Ordering::Relaxed);
+    eprintln!("calls answered 503 during the outage: {refused}");
+
+    run.sim.set_outage(None);
+    for writer in writers {
+        common::wait_ready(writer, true, Duration::from_secs(30)).await;
+    }
+    wait_until_equal(&run.truth, &run.sim, &run.workers).await;
+    wait_until_quiet(&run.scenario, &run.sim).await;
+    assert!(differences(&run.truth, &run.sim).is_empty());
+    assert!(
+        run.scenario
+            .peek_dead_letters(Stage::Write)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     run.finish().await;
 }
 

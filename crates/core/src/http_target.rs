@@ -34,6 +34,40 @@ pub struct HttpTargetSpec {
     pub auth: AuthSpec,
     #[serde(default)]
     pub id_check: IdCheckSpec,
+    /// How the target's answers are classified, overriding the built-in classes, and when a target
+    /// failing call after call counts as down.
+    #[serde(default)]
+    pub errors: HttpErrorOverrides,
+}
+
+/// `[target.errors]` of an HTTP target: HTTP statuses (400 to 599) to treat otherwise than the built-in
+/// classification, and the breaker's threshold.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpErrorOverrides {
+    /// Statuses retried later (with backoff, up to the attempt limit), e.g. a 404 of a target that
+    /// learns of referenced records a little later.
+    #[serde(default)]
+    pub transient: Vec<u16>,
+    /// Statuses that dead-letter the record at once, e.g. a 500 a target answers for records it chokes
+    /// on. A 409 listed in either list no longer counts as "already exists".
+    #[serde(default)]
+    pub permanent: Vec<u16>,
+    /// Calls in a row that get no answer (refused, timed out) or one saying that the service is
+    /// unavailable (429, 502, 503, 504), after which the target counts as down: the writer's circuit
+    /// breaker then holds back all writes until the target answers again.
+    #[serde(default = "default_unavailable_after")]
+    pub unavailable_after: u32,
+}
+
+impl Default for HttpErrorOverrides {
+    fn default() -> Self {
+        Self {
+            transient: Vec::new(),
+            permanent: Vec::new(),
+            unavailable_after: default_unavailable_after(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -107,6 +141,9 @@ fn default_timeout() -> u64 {
 fn default_concurrency() -> usize {
     8
 }
+fn default_unavailable_after() -> u32 {
+    5
+}
 fn default_idempotency_header() -> String {
     "Idempotency-Key".into()
 }
@@ -163,6 +200,31 @@ impl HttpTargetSpec {
         {
             return err("auth.path", "must start with '/'");
         }
+        let errors = &self.errors;
+        for (list, statuses) in [
+            ("transient", &errors.transient),
+            ("permanent", &errors.permanent),
+        ] {
+            if let Some(bad) = statuses.iter().find(|s| !(400..=599).contains(*s)) {
+                return Err((
+                    format!("target.errors.{list}"),
+                    format!("{bad} is not an HTTP error status (400 to 599)"),
+                ));
+            }
+        }
+        if let Some(both) = errors
+            .transient
+            .iter()
+            .find(|status| errors.permanent.contains(status))
+        {
+            return Err((
+                "target.errors.permanent".into(),
+                format!("{both} is also listed as transient"),
+            ));
+        }
+        if !(1..=1000).contains(&errors.unavailable_after) {
+            return err("errors.unavailable_after", "must be 1 to 1000");
+        }
         match &self.id_check {
             IdCheckSpec::Upsert => {}
             IdCheckSpec::IdempotencyKey { header } => {
@@ -200,5 +262,71 @@ impl HttpTargetSpec {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::pipeline::{Pipeline, PipelineError, TargetSpec};
+
+    const LINES: &str = include_str!("../../../ops/pipelines/sales_order_lines_http.toml");
+
+    fn with_errors(errors: &str) -> Result<Pipeline, PipelineError> {
+        let text = format!("{LINES}\n[target.errors]\n{errors}\n");
+        Pipeline::parse(Path::new("ops/pipelines/lines.toml"), &text)
+    }
+
+    #[test]
+    fn status_overrides_load_and_bad_ones_are_named() {
+        let pipeline =
+            with_errors("transient = [404, 409]\npermanent = [500]\nunavailable_after = 3")
+                .unwrap();
+        let TargetSpec::Http(spec) = &pipeline.spec.target else {
+            panic!("an http target");
+        };
+        assert_eq!(spec.errors.transient, [404, 409]);
+        assert_eq!(spec.errors.permanent, [500]);
+        assert_eq!(spec.errors.unavailable_after, 3);
+        let TargetSpec::Http(spec) = with_errors("").unwrap().spec.target else {
+            panic!("an http target");
+        };
+        assert!(spec.errors.transient.is_empty() && spec.errors.permanent.is_empty());
+        assert_eq!(spec.errors.unavailable_after, 5);
+
+        for (errors, field, problem) in [
+            (
+                "transient = [200]",
+                "target.errors.transient",
+                "200 is not an HTTP error status",
+            ),
+            (
+                "permanent = [404, 99]",
+                "target.errors.permanent",
+                "99 is not an HTTP error status",
+            ),
+            (
+                "transient = [503]\npermanent = [503]",
+                "target.errors.permanent",
+                "503 is also listed as transient",
+            ),
+            (
+                "unavailable_after = 0",
+                "target.errors.unavailable_after",
+                "1 to 1000",
+            ),
+            ("transient = [\"5xx\"]", "target", "invalid type"),
+            ("retry = [503]", "target", "unknown field `retry`"),
+        ] {
+            let err = with_errors(errors).unwrap_err();
+            let message = err.to_string();
+            assert_eq!(err.field, field, "{message}");
+            assert!(
+                message.starts_with("pipeline file ops/pipelines/lines.toml: "),
+                "{message}"
+            );
+            assert!(message.contains(problem), "{message}");
+        }
     }
 }

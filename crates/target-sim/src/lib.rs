@@ -7,12 +7,15 @@
 //! 4xx validation errors on demand, so that tests and benchmarks meet the failures real targets have.
 //!
 //! Writes are upserts in which a newer version wins (when a version field is configured), or, with
-//! `insert_only`, refused with 409 when the key exists. An `Idempotency-Key` header seen before is
-//! answered as the first time and not applied again.
+//! `insert_only`, refused with 409 when the key exists (per record in a batch's answer, or the whole
+//! batch with `conflict_fails_batch`). An `Idempotency-Key` header seen before is answered as the
+//! first time and not applied again. It can require headers of every call, and be switched into an
+//! outage (`PUT /admin/outage`, or [`TargetSim::set_outage`]) in which every call but the admin ones
+//! is answered with one status, as a target behind a gateway whose backend is down.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,14 +23,17 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Form, Json, Router};
 use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+
+/// The statuses of [`TargetConfig`] and [`TargetSim::set_outage`].
+pub use axum::http::StatusCode;
 
 /// How the simulated target behaves.
 #[derive(Debug, Clone)]
@@ -39,6 +45,9 @@ pub struct TargetConfig {
     pub version_field: Option<String>,
     /// Refuse a write of an existing key with 409 instead of updating (POST only; PUT updates).
     pub insert_only: bool,
+    /// With `insert_only`: a batch holding a key that exists is refused whole with 409 and nothing of
+    /// it is applied, as APIs that insert a batch in one transaction do.
+    pub conflict_fails_batch: bool,
     /// Added to every API call.
     pub latency: Duration,
     /// Share of API calls answered 429 Too Many Requests (0 to 1).
@@ -47,8 +56,14 @@ pub struct TargetConfig {
     pub rate_5xx: f64,
     /// Share of written records refused as invalid (422); a batch holding one is refused whole.
     pub rate_invalid: f64,
-    /// Records in which a (field, value) of this list is found are always refused as invalid (422).
+    /// Records in which a (field, value) of this list is found are always refused as invalid.
     pub invalid_when: Vec<(String, Value)>,
+    /// The status of a refusal of an invalid record (422 by default; some APIs answer 400, or 500 for
+    /// records they choke on).
+    pub invalid_status: StatusCode,
+    /// Headers (name, value) every API call must carry; a call without them is refused
+    /// with 400.
+    pub required_headers: Vec<(String, String)>,
     /// Require `Authorization: Bearer` with this fixed token.
     pub static_token: Option<String>,
     /// Require tokens issued by `/oauth/token` to these client credentials (id, secret).
@@ -63,11 +78,14 @@ impl Default for TargetConfig {
             key_field: "id".into(),
             version_field: None,
             insert_only: false,
+            conflict_fails_batch: false,
             latency: Duration::ZERO,
             rate_429: 0.0,
             rate_5xx: 0.0,
             rate_invalid: 0.0,
             invalid_when: Vec::new(),
+            invalid_status: StatusCode::UNPROCESSABLE_ENTITY,
+            required_headers: Vec::new(),
             static_token: None,
             client: None,
             token_ttl: Duration::from_secs(3600),
@@ -91,6 +109,10 @@ pub struct Stats {
     pub injected_429: AtomicU64,
     pub injected_5xx: AtomicU64,
     pub refused_invalid: AtomicU64,
+    /// Calls refused because a required header was missing or wrong.
+    pub missing_headers: AtomicU64,
+    /// Calls answered with the outage's status.
+    pub outage_answers: AtomicU64,
     pub unauthorized: AtomicU64,
     pub tokens_issued: AtomicU64,
 }
@@ -107,6 +129,8 @@ pub struct TargetSim {
     collections: Mutex<HashMap<String, BTreeMap<String, Value>>>,
     idempotency: Mutex<HashMap<String, (StatusCode, Value)>>,
     tokens: Mutex<HashMap<String, Instant>>,
+    /// The status every call is answered with during an outage; 0 when there is none.
+    outage: AtomicU16,
     pub stats: Stats,
 }
 
@@ -118,6 +142,7 @@ impl TargetSim {
             collections: Mutex::default(),
             idempotency: Mutex::default(),
             tokens: Mutex::default(),
+            outage: AtomicU16::new(0),
             stats: Stats::default(),
         })
     }
@@ -142,20 +167,50 @@ impl TargetSim {
         self.tokens.lock().expect("no panics while locked").clear();
     }
 
+    /// Starts an outage in which every call but the admin ones is answered with `status` (e.g. 503),
+    /// or ends it (`None`).
+    pub fn set_outage(&self, status: Option<StatusCode>) {
+        let code = status.map_or(0, |status| status.as_u16());
+        self.outage.store(code, Ordering::Relaxed);
+        if code == 0 {
+            tracing::info!("target-sim outage over");
+        } else {
+            tracing::info!(status = code, "target-sim outage begins");
+        }
+    }
+
+    /// The outage's answer, if there is one now.
+    fn outage(&self) -> Option<Response> {
+        let code = self.outage.load(Ordering::Relaxed);
+        match StatusCode::from_u16(code) {
+            Ok(status) if code != 0 => {
+                self.stats.outage_answers.fetch_add(1, Ordering::Relaxed);
+                Some(fail(status, "the service is down"))
+            }
+            _ => None,
+        }
+    }
+
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
+            .route("/", get(root))
             .route("/api/{collection}", post(write_many))
             .route("/api/{collection}/{key}", get(exists).put(put_one))
             .route("/oauth/token", post(token))
             .route("/admin/stats", get(stats))
+            .route("/admin/outage", put(start_outage).delete(end_outage))
             .route("/admin/{collection}", get(admin_records))
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self.clone())
     }
 
-    /// Latency, then the injected failures of an API call, then the token check.
+    /// The outage, latency, then the injected failures of an API call, then the required headers and
+    /// the token check.
     async fn gate(&self, headers: &HeaderMap) -> Result<(), Response> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(response) = self.outage() {
+            return Err(response);
+        }
         if !self.config.latency.is_zero() {
             tokio::time::sleep(self.config.latency).await;
         }
@@ -167,6 +222,15 @@ impl TargetSim {
         if roll_5xx < self.config.rate_5xx {
             self.stats.injected_5xx.fetch_add(1, Ordering::Relaxed);
             return Err(fail(StatusCode::SERVICE_UNAVAILABLE, "try again later"));
+        }
+        if let Some((name, _)) = self.config.required_headers.iter().find(|(name, value)| {
+            headers.get(name.as_str()).and_then(|v| v.to_str().ok()) != Some(value.as_str())
+        }) {
+            self.stats.missing_headers.fetch_add(1, Ordering::Relaxed);
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                &format!("header {name} is missing or wrong"),
+            ));
         }
         if self.config.static_token.is_none() && self.config.client.is_none() {
             return Ok(());
@@ -237,6 +301,21 @@ impl TargetSim {
             records.insert(key, record);
         }
         outcome
+    }
+
+    /// Which of `keys` the collection holds.
+    fn existing_keys<'a>(
+        &self,
+        collection: &str,
+        keys: impl Iterator<Item = &'a String>,
+    ) -> Vec<String> {
+        let collections = self.collections.lock().expect("no panics while locked");
+        let Some(records) = collections.get(collection) else {
+            return Vec::new();
+        };
+        keys.filter(|key| records.contains_key(*key))
+            .cloned()
+            .collect()
     }
 
     fn is_newer(&self, record: &Value, held: &Value) -> bool {
@@ -323,6 +402,19 @@ async fn write_many(
             }
         }
     }
+    if sim.config.insert_only && sim.config.conflict_fails_batch && !single {
+        let existing = sim.existing_keys(&collection, keyed.iter().map(|(key, _)| key));
+        if !existing.is_empty() {
+            sim.stats
+                .conflicts
+                .fetch_add(existing.len() as u64, Ordering::Relaxed);
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({"error": "the batch holds keys that exist", "keys": existing})),
+            )
+                .into_response();
+        }
+    }
     let mut outcomes = Vec::with_capacity(keyed.len());
     for (key, record) in keyed {
         let outcome = sim.apply(&collection, key.clone(), record, sim.config.insert_only);
@@ -346,7 +438,7 @@ async fn write_many(
 fn fail_record(sim: &TargetSim, index: usize, key: &str, reason: &str) -> Response {
     sim.stats.refused_invalid.fetch_add(1, Ordering::Relaxed);
     (
-        StatusCode::UNPROCESSABLE_ENTITY,
+        sim.config.invalid_status,
         Json(json!({"error": "validation failed", "index": index, "key": key, "reason": reason})),
     )
         .into_response()
@@ -411,6 +503,9 @@ struct TokenRequest {
 /// `POST /oauth/token` (form-encoded client credentials): a bearer token with its lifetime.
 async fn token(State(sim): Sim, Form(request): Form<TokenRequest>) -> Response {
     sim.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(response) = sim.outage() {
+        return response;
+    }
     if !sim.config.latency.is_zero() {
         tokio::time::sleep(sim.config.latency).await;
     }
@@ -433,6 +528,34 @@ async fn token(State(sim): Sim, Form(request): Form<TokenRequest>) -> Response {
         "expires_in": sim.config.token_ttl.as_secs(),
     }))
     .into_response()
+}
+
+/// `GET` or `HEAD /`: what a client's probe of the base URL meets (200, or the outage's status).
+async fn root(State(sim): Sim) -> Response {
+    sim.outage()
+        .unwrap_or_else(|| "target-sim\n".into_response())
+}
+
+#[derive(Deserialize)]
+struct Outage {
+    status: u16,
+}
+
+/// `PUT /admin/outage` with `{"status": 503}`: every call but the admin ones is answered so from now.
+async fn start_outage(State(sim): Sim, Json(outage): Json<Outage>) -> Response {
+    match StatusCode::from_u16(outage.status) {
+        Ok(status) if (400..=599).contains(&status.as_u16()) => {
+            sim.set_outage(Some(status));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => fail(StatusCode::BAD_REQUEST, "status must be 400 to 599"),
+    }
+}
+
+/// `DELETE /admin/outage`: the outage is over.
+async fn end_outage(State(sim): Sim) -> Response {
+    sim.set_outage(None);
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn stats(State(sim): Sim) -> Response {

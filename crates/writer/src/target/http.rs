@@ -2,17 +2,23 @@
 //! with a bounded number of calls in flight per writer process.
 //!
 //! Writes stay idempotent by the pipeline's id check: the target's own upsert (a 409 "already exists"
-//! counts as written), an idempotency-key header per record, or an existence check before writing.
-//! Every answer and transport error is sorted into transient (retry) or permanent (the data is at
-//! fault) in [`classify_status`] and [`classify_error`]. Credentials come from the environment and are
-//! never logged.
+//! for one record counts as written; a 409 for a batch splits it), an idempotency-key header per
+//! record, or an existence check before writing. Every answer and transport error is sorted into
+//! transient (retry) or permanent (the data is at fault) in one place, [`class_of`] (with the pipeline
+//! file's `[target.errors]` overrides) and [`classify_error`]. Calls that get no answer, or one saying
+//! that the service is unavailable (429, 502, 503, 504), one after another make the target
+//! unavailable, so that the writer's circuit breaker holds back instead of retrying, and at last
+//! dead-lettering, good records. Credentials come from the environment and are never logged.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use conveyor_core::envelope::Record;
-use conveyor_core::http_target::{AuthSpec, BodyShape, HttpTargetSpec, IdCheckSpec, OnExists};
+use conveyor_core::http_target::{
+    AuthSpec, BodyShape, HttpErrorOverrides, HttpTargetSpec, IdCheckSpec, OnExists,
+};
 use conveyor_core::settings::{Secret, SettingsError};
 use conveyor_core::tls::{self, CaBundle};
 use futures_util::future::join_all;
@@ -72,61 +78,6 @@ enum Auth {
 const TOKEN_MARGIN: Duration = Duration::from_secs(30);
 
 impl Auth {
-    async fn token(
-        &self,
-        client: &reqwest::Client,
-        renew: bool,
-    ) -> Result<Option<Secret>, WriteError> {
-        let (url, client_id, client_secret, cached) = match self {
-            Auth::None => return Ok(None),
-            Auth::Static(token) => return Ok(Some(token.clone())),
-            Auth::Endpoint {
-                url,
-                client_id,
-                client_secret,
-                cached,
-            } => (url, client_id, client_secret, cached),
-        };
-        let mut cached = cached.lock().await;
-        if !renew
-            && let Some((token, until)) = cached.as_ref()
-            && Instant::now() < *until
-        {
-            return Ok(Some(token.clone()));
-        }
-        #[derive(serde::Deserialize)]
-        struct Granted {
-            access_token: String,
-            #[serde(default)]
-            expires_in: Option<u64>,
-        }
-        let response = client
-            .post(url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", client_id.as_str()),
-                ("client_secret", client_secret.expose()),
-            ])
-            .send()
-            .await
-            .map_err(|err| classify_error("token endpoint", err))?;
-        let status = response.status();
-        if !status.is_success() {
-            // Refused credentials are an operator's problem, never the records': retry, never dead-letter.
-            return Err(WriteError::Transient(format!(
-                "token endpoint answered {status}: check CONVEYOR_HTTP_TARGET_CLIENT_ID and _SECRET"
-            )));
-        }
-        let granted: Granted = response.json().await.map_err(|err| {
-            WriteError::Transient(format!("token endpoint answered no token: {err}"))
-        })?;
-        let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(300));
-        let token = Secret::new(granted.access_token);
-        let margin = TOKEN_MARGIN.min(lifetime / 4);
-        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
-        Ok(Some(token))
-    }
-
     fn renewable(&self) -> bool {
         matches!(self, Auth::Endpoint { .. })
     }
@@ -158,6 +109,9 @@ pub struct HttpTarget {
     version_field: String,
     /// Calls in flight, across every message this process handles at once.
     permits: Arc<Semaphore>,
+    /// Calls in a row that got no answer, or one saying that the service is unavailable: from
+    /// `errors.unavailable_after` on the target counts as down. Any other answer resets it.
+    failing: AtomicU32,
 }
 
 /// What one call did.
@@ -265,6 +219,7 @@ impl HttpTarget {
             auth,
             version_field: version_field.to_owned(),
             permits: Arc::new(Semaphore::new(spec.concurrency)),
+            failing: AtomicU32::new(0),
         })
     }
 
@@ -275,12 +230,16 @@ impl HttpTarget {
             .map_err(|advice| SetupError::Tls(format!("{}: {advice}", self.endpoint)))
     }
 
-    /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
-    /// Whether the target answers at all (any HTTP status will do): the circuit breaker's probe.
+    /// Whether the target answers as up: the circuit breaker's probe, a `HEAD` of the base URL. Any
+    /// answer will do but one saying that the service is unavailable (see [`is_down`]).
     pub async fn ping(&self) -> bool {
-        self.client.head(&self.base).send().await.is_ok()
+        match self.client.head(&self.base).send().await {
+            Ok(response) => !is_down(response.status()),
+            Err(_) => false,
+        }
     }
 
+    /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
     pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
         let newest = newest_per_id(records);
         // Older versions of an id in the same batch are stale by definition.
@@ -294,20 +253,8 @@ impl HttpTarget {
             BodyShape::Batch => {
                 let calls = to_write
                     .chunks(self.spec.batch_size)
-                    .map(|chunk| async move {
-                        let rows: Vec<&RawValue> =
-                            chunk.iter().map(|record| &*record.data).collect();
-                        let answer = self
-                            .call(
-                                self.method.clone(),
-                                &self.url(&self.spec.path, None),
-                                &rows,
-                                None,
-                            )
-                            .await;
-                        (chunk.len() as u64, answer)
-                    });
-                join_all(calls).await
+                    .map(|chunk| self.write_batch(chunk));
+                join_all(calls).await.into_iter().flatten().collect()
             }
             BodyShape::Record => {
                 let calls = to_write.iter().map(|record| async move {
@@ -349,6 +296,35 @@ impl HttpTarget {
         merge(report, answers)
     }
 
+    /// One batch call. A 409 for a batch of several records says that some record in it exists, not
+    /// which, nor whether the others were written: its records are then sent one per call (still as a
+    /// batch, of one), so that only a 409 for a single record counts as written.
+    async fn write_batch(&self, chunk: &[&Record]) -> Vec<(u64, Result<Answer, WriteError>)> {
+        let answer = self.post_batch(chunk).await;
+        if chunk.len() == 1 || !matches!(answer, Ok(Answer::AlreadyThere)) {
+            return vec![(chunk.len() as u64, answer)];
+        }
+        tracing::debug!(
+            records = chunk.len(),
+            "target answered 409 for a batch: sending its records one by one"
+        );
+        let calls = chunk
+            .iter()
+            .map(|record| async move { (1, self.post_batch(std::slice::from_ref(record)).await) });
+        join_all(calls).await
+    }
+
+    async fn post_batch(&self, records: &[&Record]) -> Result<Answer, WriteError> {
+        let rows: Vec<&RawValue> = records.iter().map(|record| &*record.data).collect();
+        self.call(
+            self.method.clone(),
+            &self.url(&self.spec.path, None),
+            &rows,
+            None,
+        )
+        .await
+    }
+
     /// Asks the target about each record (concurrently); returns the records still to write, and
     /// writes the updates of existing ones.
     async fn check_existing<'a>(
@@ -374,15 +350,18 @@ impl HttpTarget {
                 )
                 .await?;
             match response.status() {
-                StatusCode::NOT_FOUND => Ok(None),
+                StatusCode::NOT_FOUND => {
+                    self.served();
+                    Ok(None)
+                }
                 status if status.is_success() => {
+                    self.served();
                     let held: Value = response.json().await.unwrap_or(Value::Null);
                     Ok(Some(held))
                 }
-                status => Err(classify_status(
-                    status,
-                    &response.text().await.unwrap_or_default(),
-                )),
+                status => {
+                    Err(self.sort_failure(status, &response.text().await.unwrap_or_default()))
+                }
             }
         });
         let held = join_all(checks).await;
@@ -448,15 +427,112 @@ impl HttpTarget {
         let response = self.send(method, url, Some(body), header).await?;
         let status = response.status();
         if status.is_success() {
+            self.served();
             return Ok(Answer::Applied);
         }
-        if status == StatusCode::CONFLICT {
+        if class_of(status, &self.spec.errors) == StatusClass::Exists {
+            self.served();
             return Ok(Answer::AlreadyThere);
         }
-        Err(classify_status(
-            status,
-            &response.text().await.unwrap_or_default(),
-        ))
+        Err(self.sort_failure(status, &response.text().await.unwrap_or_default()))
+    }
+
+    /// Sorts an answer that is not a success ([`classify_status`]) and keeps count of the calls that
+    /// find the target unavailable.
+    fn sort_failure(&self, status: StatusCode, body: &str) -> WriteError {
+        let error = classify_status(status, body, &self.spec.errors);
+        if class_of(status, &self.spec.errors) == StatusClass::Unavailable {
+            self.failed(error)
+        } else {
+            self.served();
+            error
+        }
+    }
+
+    /// A call got an answer from a target that serves (whatever it says about the data).
+    fn served(&self) {
+        self.failing.store(0, Ordering::Relaxed);
+    }
+
+    /// A call got no answer (refused, timed out, broken) or one saying that the service is unavailable
+    /// (429, 502, 503, 504). From `errors.unavailable_after` such calls in a row on, the target counts
+    /// as down: the error becomes [`WriteError::Unavailable`], on which the writer's circuit breaker
+    /// holds back every write until the target's probe answers again (and the first such failure
+    /// after that opens it again).
+    fn failed(&self, error: WriteError) -> WriteError {
+        let in_a_row = self
+            .failing
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        match error {
+            WriteError::Transient(message) if in_a_row >= self.spec.errors.unavailable_after => {
+                WriteError::Unavailable(format!(
+                    "{in_a_row} calls in a row failed, the last: {message}"
+                ))
+            }
+            error => error,
+        }
+    }
+
+    /// The bearer token of the next call, if the target wants one: the static token, or the token
+    /// endpoint's, cached until shortly before it expires (`renew` fetches a new one regardless).
+    async fn token(&self, renew: bool) -> Result<Option<Secret>, WriteError> {
+        let (url, client_id, client_secret, cached) = match &self.auth {
+            Auth::None => return Ok(None),
+            Auth::Static(token) => return Ok(Some(token.clone())),
+            Auth::Endpoint {
+                url,
+                client_id,
+                client_secret,
+                cached,
+            } => (url, client_id, client_secret, cached),
+        };
+        let mut cached = cached.lock().await;
+        if !renew
+            && let Some((token, until)) = cached.as_ref()
+            && Instant::now() < *until
+        {
+            return Ok(Some(token.clone()));
+        }
+        #[derive(serde::Deserialize)]
+        struct Granted {
+            access_token: String,
+            #[serde(default)]
+            expires_in: Option<u64>,
+        }
+        let response = self
+            .client
+            .post(url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", client_secret.expose()),
+            ])
+            .send()
+            .await
+            .map_err(|err| self.failed(classify_error("token endpoint", err)))?;
+        let status = response.status();
+        if !status.is_success() {
+            // Refused credentials are an operator's problem, never the records': retry, never
+            // dead-letter. A token endpoint that cannot serve counts as the target unavailable.
+            if is_down(status) {
+                return Err(self.failed(WriteError::Transient(format!(
+                    "token endpoint answered {status}"
+                ))));
+            }
+            self.served();
+            return Err(WriteError::Transient(format!(
+                "token endpoint answered {status}: check CONVEYOR_HTTP_TARGET_CLIENT_ID and _SECRET"
+            )));
+        }
+        let granted: Granted = response.json().await.map_err(|err| {
+            WriteError::Transient(format!("token endpoint answered no token: {err}"))
+        })?;
+        let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(300));
+        let token = Secret::new(granted.access_token);
+        let margin = TOKEN_MARGIN.min(lifetime / 4);
+        *cached = Some((token.clone(), Instant::now() + lifetime - margin));
+        Ok(Some(token))
     }
 
     /// Sends a request under a concurrency permit, with a bearer token when configured; after a 401 it
@@ -479,7 +555,7 @@ impl HttpTarget {
                 .client
                 .request(method.clone(), url)
                 .headers(self.headers.clone());
-            if let Some(token) = self.auth.token(&self.client, renew).await? {
+            if let Some(token) = self.token(renew).await? {
                 request = request.bearer_auth(token.expose());
             }
             if let Some((name, value)) = &header {
@@ -491,7 +567,7 @@ impl HttpTarget {
             let response = request
                 .send()
                 .await
-                .map_err(|err| classify_error(&self.spec.path, err))?;
+                .map_err(|err| self.failed(classify_error(&self.spec.path, err)))?;
             if response.status() == StatusCode::UNAUTHORIZED && self.auth.renewable() && !renew {
                 renew = true;
                 continue;
@@ -501,53 +577,116 @@ impl HttpTarget {
     }
 }
 
-/// Adds the answers of calls (each for a number of records) to a report. Any transient failure makes
-/// the whole write transient (it is retried, and idempotence absorbs what already landed); otherwise any
-/// permanent one makes it permanent, so that the writer finds the bad records one by one.
+/// Adds the answers of calls (each for a number of records) to a report. An unavailable target makes
+/// the whole write unavailable (the breaker holds back); otherwise any transient failure makes it
+/// transient (it is retried, and idempotence absorbs what already landed); otherwise any permanent one
+/// makes it permanent, so that the writer finds the bad records one by one.
 fn merge(
     mut report: WriteReport,
     answers: Vec<(u64, Result<Answer, WriteError>)>,
 ) -> Result<WriteReport, WriteError> {
-    let mut permanent = None;
+    let severity = |err: &WriteError| match err {
+        WriteError::Unavailable(_) => 2,
+        WriteError::Transient(_) => 1,
+        WriteError::Permanent(_) => 0,
+    };
+    let mut failure: Option<WriteError> = None;
     for (records, answer) in answers {
         match answer {
             Ok(Answer::Applied) => report.applied += records,
             Ok(Answer::AlreadyThere) => report.stale += records,
-            Err(err @ (WriteError::Transient(_) | WriteError::Unavailable(_))) => return Err(err),
-            Err(err @ WriteError::Permanent(_)) => permanent = Some(err),
+            Err(err) => {
+                if failure
+                    .as_ref()
+                    .is_none_or(|worst| severity(&err) > severity(worst))
+                {
+                    failure = Some(err);
+                }
+            }
         }
     }
-    match permanent {
+    match failure {
         Some(err) => Err(err),
         None => Ok(report),
     }
 }
 
-/// Sorts an HTTP answer that is not a success: 408, 425, 429 and 5xx are transient, and so are 401
-/// and 403 (credentials are the operator's to fix, never a reason to drop records); any other 4xx
-/// means the target refuses the data: permanent.
-pub fn classify_status(status: StatusCode, body: &str) -> WriteError {
-    let body: String = body.chars().take(300).collect();
-    let message = format!("target answered {status}: {}", body.trim());
-    let transient = status.is_server_error()
-        || matches!(
-            status,
-            StatusCode::REQUEST_TIMEOUT
-                | StatusCode::TOO_EARLY
-                | StatusCode::TOO_MANY_REQUESTS
-                | StatusCode::UNAUTHORIZED
-                | StatusCode::FORBIDDEN
-        );
-    if transient {
-        WriteError::Transient(message)
-    } else {
-        WriteError::Permanent(message)
+/// What an answer other than a success means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClass {
+    /// 409: the target holds the record already. Counts as written when the call was for one record;
+    /// a batch answered so is split.
+    Exists,
+    /// The service says it cannot serve now ([`is_down`]: 429, 502, 503, 504): retry later. Calls
+    /// answered so, or not at all, in a row make the target unavailable (the breaker holds back).
+    Unavailable,
+    /// This call failed for now (408, 425, 500 and other 5xx, the file's `transient`): retry later.
+    Transient,
+    /// Credentials refused: retry later (they are the operator's to fix, never a reason to drop
+    /// records), though the target itself serves.
+    Credentials,
+    /// The target refuses the data: dead-letter.
+    Permanent,
+}
+
+/// The one place where the HTTP target's answers are sorted: the pipeline file's `[target.errors]`
+/// say what is permanent or transient first; then 429, 502, 503 and 504 say the service is
+/// unavailable; 409 that the record exists; 408, 425 and other 5xx are transient; 401 and 403 are
+/// credentials; any other status means that the target refuses the data.
+pub fn class_of(status: StatusCode, overrides: &HttpErrorOverrides) -> StatusClass {
+    let code = status.as_u16();
+    if overrides.permanent.contains(&code) {
+        return StatusClass::Permanent;
+    }
+    if is_down(status) {
+        return StatusClass::Unavailable;
+    }
+    if overrides.transient.contains(&code) {
+        return StatusClass::Transient;
+    }
+    match status {
+        StatusCode::CONFLICT => StatusClass::Exists,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => StatusClass::Credentials,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY => StatusClass::Transient,
+        status if status.is_server_error() => StatusClass::Transient,
+        _ => StatusClass::Permanent,
     }
 }
 
+/// The error of an answer that is not a success, by [`class_of`]: transient (credentials too) or
+/// permanent (a 409 too, where it is not taken as "already exists").
+pub fn classify_status(
+    status: StatusCode,
+    body: &str,
+    overrides: &HttpErrorOverrides,
+) -> WriteError {
+    let body: String = body.chars().take(300).collect();
+    let message = format!("target answered {status}: {}", body.trim());
+    match class_of(status, overrides) {
+        StatusClass::Unavailable | StatusClass::Transient | StatusClass::Credentials => {
+            WriteError::Transient(message)
+        }
+        StatusClass::Exists | StatusClass::Permanent => WriteError::Permanent(message),
+    }
+}
+
+/// Whether an answer says that the service is unavailable, so that the target counts as down when calls
+/// get it one after another, and the breaker's probe keeps waiting: 429, 502, 503 and 504. Any other
+/// answer, 404 or 500 included, means that something serves there (a 500 for some records must not
+/// hold back the writing of the others).
+pub fn is_down(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
 /// Sorts a transport error: a refused connection means the target is down altogether (the writer's
-/// circuit breaker holds back); timeouts and anything else the client reports are transient, since no
-/// answer about the data came back.
+/// circuit breaker holds back at once); timeouts and anything else the client reports are transient,
+/// since no answer about the data came back (and count towards `errors.unavailable_after`).
 pub fn classify_error(what: &str, error: reqwest::Error) -> WriteError {
     let connect = error.is_connect() && !error.is_timeout();
     let kind = if error.is_timeout() {

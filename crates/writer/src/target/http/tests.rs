@@ -1,6 +1,7 @@
 //! The HTTP target against the target simulator as a real HTTP server on a loopback port.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
@@ -320,21 +321,380 @@ async fn calls_in_flight_are_limited() {
 
 #[test]
 fn statuses_are_sorted_in_one_place() {
-    for status in [408, 425, 429, 500, 502, 503, 504, 401, 403] {
-        let status = StatusCode::from_u16(status).unwrap();
-        assert!(
-            matches!(classify_status(status, ""), WriteError::Transient(_)),
-            "{status}"
-        );
+    let none = HttpErrorOverrides::default();
+    let class = |status: u16, overrides: &HttpErrorOverrides| {
+        class_of(StatusCode::from_u16(status).unwrap(), overrides)
+    };
+    for status in [429, 502, 503, 504] {
+        assert_eq!(class(status, &none), StatusClass::Unavailable, "{status}");
+    }
+    for status in [408, 425, 500, 501, 505] {
+        assert_eq!(class(status, &none), StatusClass::Transient, "{status}");
+    }
+    for status in [401, 403] {
+        assert_eq!(class(status, &none), StatusClass::Credentials, "{status}");
     }
     for status in [400, 404, 413, 422] {
+        assert_eq!(class(status, &none), StatusClass::Permanent, "{status}");
+    }
+    assert_eq!(class(409, &none), StatusClass::Exists);
+    for status in [408, 429, 503, 401, 403] {
         let status = StatusCode::from_u16(status).unwrap();
         assert!(
-            matches!(classify_status(status, ""), WriteError::Permanent(_)),
+            matches!(classify_status(status, "", &none), WriteError::Transient(_)),
             "{status}"
         );
     }
+    for status in [400, 409, 422] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert!(
+            matches!(classify_status(status, "", &none), WriteError::Permanent(_)),
+            "{status}"
+        );
+    }
+
+    // The pipeline file's overrides come first: a 404 of a target that learns of referenced
+    // records late is worth retrying; a 500 a target answers for a record it chokes on is not.
+    let overrides = HttpErrorOverrides {
+        transient: vec![404, 409, 503],
+        permanent: vec![500, 401, 502],
+        ..HttpErrorOverrides::default()
+    };
+    assert_eq!(class(404, &overrides), StatusClass::Transient);
+    assert_eq!(class(409, &overrides), StatusClass::Transient);
+    assert_eq!(class(500, &overrides), StatusClass::Permanent);
+    assert_eq!(class(401, &overrides), StatusClass::Permanent);
+    // 503 says the service is unavailable, transient listed or not; a 502 the file calls permanent
+    // is permanent.
+    assert_eq!(class(503, &overrides), StatusClass::Unavailable);
+    assert_eq!(class(502, &overrides), StatusClass::Permanent);
+    assert_eq!(class(422, &overrides), StatusClass::Permanent);
+    assert!(matches!(
+        classify_status(StatusCode::NOT_FOUND, "", &overrides),
+        WriteError::Transient(_)
+    ));
+    assert!(matches!(
+        classify_status(StatusCode::INTERNAL_SERVER_ERROR, "", &overrides),
+        WriteError::Permanent(_)
+    ));
+
+    // The breaker's probe: only answers saying the service is unavailable keep it open.
+    for (status, down) in [
+        (503, true),
+        (502, true),
+        (504, true),
+        (429, true),
+        (404, false),
+    ] {
+        assert_eq!(
+            is_down(StatusCode::from_u16(status).unwrap()),
+            down,
+            "{status}"
+        );
+    }
+    assert!(!is_down(StatusCode::INTERNAL_SERVER_ERROR));
     assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+}
+
+#[tokio::test]
+async fn the_pipeline_files_overrides_decide_what_a_refusal_means() {
+    // The target answers 500 for the record it chokes on: transient by default (retried, in the
+    // end dead-lettered as "gave up"), permanent where the file says so (dead-lettered at once).
+    let (_sim, url) = sim(TargetConfig {
+        invalid_when: vec![("line_id".into(), json!("L1"))],
+        invalid_status: StatusCode::INTERNAL_SERVER_ERROR,
+        ..TargetConfig::default()
+    })
+    .await;
+    let result = target(&spec(json!({})), &url).write(&records(3, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Transient(ref m)) if m.contains("500")),
+        "{result:?}"
+    );
+    let overridden = spec(json!({"errors": {"permanent": [500]}}));
+    let result = target(&overridden, &url).write(&records(3, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Permanent(ref m)) if m.contains("500")),
+        "{result:?}"
+    );
+
+    // And the other way round: a 422 made transient.
+    let (_sim, url) = sim(TargetConfig {
+        invalid_when: vec![("line_id".into(), json!("L1"))],
+        ..TargetConfig::default()
+    })
+    .await;
+    let overridden = spec(json!({"errors": {"transient": [422]}}));
+    let result = target(&overridden, &url).write(&records(3, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Transient(ref m)) if m.contains("422")),
+        "{result:?}"
+    );
+
+    // A 409 listed in the overrides is no longer "already exists".
+    let (sim, url) = sim(TargetConfig {
+        insert_only: true,
+        ..TargetConfig::default()
+    })
+    .await;
+    let overridden = spec(json!({"body": "record", "errors": {"permanent": [409]}}));
+    let writer = target(&overridden, &url);
+    writer.write(&records(1, NEW)).await.unwrap();
+    let result = writer.write(&records(1, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Permanent(ref m)) if m.contains("409")),
+        "{result:?}"
+    );
+    assert_eq!(sim.stats.conflicts.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_target_failing_call_after_call_becomes_unavailable() {
+    let (sim, url) = sim(TargetConfig::default()).await;
+    let failing = spec(json!({"body": "record", "errors": {"unavailable_after": 3}}));
+    let writer = target(&failing, &url);
+    assert!(writer.ping().await);
+    writer.write(&records(1, NEW)).await.unwrap();
+
+    // The target's gateway answers 503 to everything (switched on as an operator of the simulator
+    // binary would): the first calls are transient, then the target is unavailable.
+    let admin = tls::http_client(None).build().unwrap();
+    let outage = admin
+        .put(format!("{url}/admin/outage"))
+        .json(&json!({"status": 503}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(outage.status(), StatusCode::NO_CONTENT);
+    for _ in 0..2 {
+        let result = writer.write(&records(1, NEW)).await;
+        assert!(
+            matches!(result, Err(WriteError::Transient(ref m)) if m.contains("503")),
+            "{result:?}"
+        );
+    }
+    let result = writer.write(&records(1, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Unavailable(ref m)) if m.contains("3 calls in a row") && m.contains("503")),
+        "{result:?}"
+    );
+    assert!(!writer.ping().await, "the probe sees the outage");
+    assert!(matches!(
+        writer.write(&records(1, NEW)).await,
+        Err(WriteError::Unavailable(_))
+    ));
+
+    let over = admin
+        .delete(format!("{url}/admin/outage"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(over.status(), StatusCode::NO_CONTENT);
+    assert!(writer.ping().await, "the probe sees the target back");
+    writer.write(&records(2, NEW)).await.unwrap();
+    // The answers broke the run of failures: one failure is transient again.
+    sim.set_outage(Some(StatusCode::BAD_GATEWAY));
+    assert!(matches!(
+        writer.write(&records(1, NEW)).await,
+        Err(WriteError::Transient(_))
+    ));
+    // Any answer from a target that serves breaks the run: a refusal of the data, refused
+    // credentials, a 500 (which a target may answer for some records only: it must not hold back
+    // the writing of the others).
+    for answer in [
+        StatusCode::UNPROCESSABLE_ENTITY,
+        StatusCode::UNAUTHORIZED,
+        StatusCode::INTERNAL_SERVER_ERROR,
+    ] {
+        sim.set_outage(Some(answer));
+        let result = writer.write(&records(1, NEW)).await;
+        assert!(
+            matches!(
+                result,
+                Err(WriteError::Transient(_) | WriteError::Permanent(_))
+            ),
+            "{answer}: {result:?}"
+        );
+        // Without the reset, the second of these would be the third failure in a row.
+        sim.set_outage(Some(StatusCode::SERVICE_UNAVAILABLE));
+        for _ in 0..2 {
+            let result = writer.write(&records(1, NEW)).await;
+            assert!(
+                matches!(result, Err(WriteError::Transient(_))),
+                "after {answer}: {result:?}"
+            );
+        }
+    }
+    sim.set_outage(Some(StatusCode::INTERNAL_SERVER_ERROR));
+    assert!(writer.ping().await, "a 500 to the probe: something serves");
+    assert!(sim.stats.outage_answers.load(Relaxed) >= 8);
+
+    // Calls that time out count alike: two concurrent calls of one write, both timed out.
+    let (_slow_sim, url) = self::sim(TargetConfig {
+        latency: Duration::from_millis(1500),
+        ..TargetConfig::default()
+    })
+    .await;
+    let slow =
+        spec(json!({"body": "record", "timeout_secs": 1, "errors": {"unavailable_after": 2}}));
+    let result = target(&slow, &url).write(&records(2, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Unavailable(ref m)) if m.contains("timed out")),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_answered_409_is_split_and_only_records_already_there_count_as_written() {
+    // The target inserts a batch in one transaction: one key that exists fails it whole with 409.
+    let (sim, url) = sim(TargetConfig {
+        insert_only: true,
+        conflict_fails_batch: true,
+        ..TargetConfig::default()
+    })
+    .await;
+    let target = target(&spec(json!({"batch_size": 50})), &url);
+    let report = target.write(&records(3, OLD)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (3, 0));
+    // L0 to L2 exist: the batch of L0 to L5 is refused whole, split, and the new L3 to L5 land.
+    let report = target.write(&records(6, OLD)).await.unwrap();
+    assert_eq!(
+        (report.applied, report.stale),
+        (3, 3),
+        "only the records answered 409 on their own count as written"
+    );
+    let held = sim.records(COLLECTION);
+    assert_eq!(
+        held.keys().collect::<Vec<_>>(),
+        ["L0", "L1", "L2", "L3", "L4", "L5"]
+    );
+    // A batch of one answered 409 is that record's own 409.
+    let report = target.write(&records(1, OLD)).await.unwrap();
+    assert_eq!((report.applied, report.stale), (0, 1));
+}
+
+#[tokio::test]
+async fn a_static_bearer_token_is_sent() {
+    let (sim, url) = sim(TargetConfig {
+        static_token: Some("static-token-1".into()),
+        ..TargetConfig::default()
+    })
+    .await;
+    let bearer = spec(json!({"auth": {"kind": "bearer"}}));
+    let with_token = |token: &str| HttpArgs {
+        http_target_url: Some(url.clone()),
+        http_target_token: Some(Secret::new(token)),
+        ..HttpArgs::default()
+    };
+    let target = HttpTarget::new(&bearer, "modified", &with_token("static-token-1")).unwrap();
+    assert_eq!(target.write(&records(3, NEW)).await.unwrap().applied, 3);
+    assert_eq!(sim.records(COLLECTION).len(), 3);
+    assert_eq!(sim.stats.unauthorized.load(Relaxed), 0);
+
+    // From a file (a mounted secret), trimmed of its line end.
+    let file = std::env::temp_dir().join(format!("conveyor-token-{}", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &file,
+        "static-token-1
+",
+    )
+    .unwrap();
+    let from_file = HttpArgs {
+        http_target_url: Some(url.clone()),
+        http_target_token_file: Some(file.clone()),
+        ..HttpArgs::default()
+    };
+    let target = HttpTarget::new(&bearer, "modified", &from_file).unwrap();
+    let written = target.write(&records(4, NEW)).await;
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(written.unwrap().applied, 4);
+    assert_eq!(sim.stats.unauthorized.load(Relaxed), 0);
+
+    let wrong = HttpTarget::new(&bearer, "modified", &with_token("stale-token")).unwrap();
+    let err = wrong.write(&records(1, NEW)).await.unwrap_err();
+    assert!(
+        matches!(err, WriteError::Transient(ref m) if m.contains("401")),
+        "{err:?}"
+    );
+    assert!(!err.to_string().contains("stale-token"), "{err}");
+}
+
+#[tokio::test]
+async fn headers_from_the_pipeline_file_reach_the_target() {
+    let (sim, url) = sim(TargetConfig {
+        required_headers: vec![
+            ("x-source-system".into(), "kingdee".into()),
+            ("x-tenant".into(), "t-001".into()),
+        ],
+        ..TargetConfig::default()
+    })
+    .await;
+    let with_headers =
+        spec(json!({"headers": {"X-Source-System": "kingdee", "X-Tenant": "t-001"}}));
+    let report = target(&with_headers, &url)
+        .write(&records(3, NEW))
+        .await
+        .unwrap();
+    assert_eq!(report.applied, 3);
+    let exists = spec(json!({
+        "headers": {"X-Source-System": "kingdee", "X-Tenant": "t-001"},
+        "id_check": {"mode": "exists", "path": format!("/api/{COLLECTION}/{{key}}"), "on_exists": "update"},
+    }));
+    let report = target(&exists, &url).write(&records(4, NEW)).await.unwrap();
+    assert_eq!(
+        (report.applied, report.stale),
+        (1, 3),
+        "checks carry them too"
+    );
+    assert_eq!(sim.stats.missing_headers.load(Relaxed), 0);
+
+    let without = spec(json!({"headers": {"X-Source-System": "kingdee"}}));
+    let result = target(&without, &url).write(&records(1, NEW)).await;
+    assert!(
+        matches!(result, Err(WriteError::Permanent(ref m)) if m.contains("x-tenant")),
+        "{result:?}"
+    );
+    assert_eq!(sim.stats.missing_headers.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn tokens_are_renewed_before_they_expire() {
+    // Tokens live 2 s; the target renews a token a quarter of its life before it expires.
+    let (sim, url) = sim(TargetConfig {
+        client: Some(("conveyor".into(), "s3cret-value".into())),
+        token_ttl: Duration::from_secs(2),
+        ..TargetConfig::default()
+    })
+    .await;
+    let spec = spec(json!({"auth": {"kind": "token_endpoint", "path": "/oauth/token"}}));
+    let args = HttpArgs {
+        http_target_url: Some(url.clone()),
+        http_target_client_id: Some("conveyor".into()),
+        http_target_client_secret: Some(Secret::new("s3cret-value")),
+        ..HttpArgs::default()
+    };
+    let target = HttpTarget::new(&spec, "modified", &args).unwrap();
+    let started = Instant::now();
+    target.write(&records(2, NEW)).await.unwrap();
+    target.write(&records(2, NEW)).await.unwrap();
+    assert_eq!(sim.stats.tokens_issued.load(Relaxed), 1, "cached");
+    // 1.6 s on: the first token is still valid for 0.4 s, but inside its margin.
+    tokio::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
+    target.write(&records(2, NEW)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "too slow to tell"
+    );
+    assert_eq!(
+        sim.stats.tokens_issued.load(Relaxed),
+        2,
+        "renewed before it expired"
+    );
+    assert_eq!(
+        sim.stats.unauthorized.load(Relaxed),
+        0,
+        "no call met an expired token"
+    );
 }
 
 #[test]
