@@ -964,3 +964,34 @@ async fn a_drain_timeout_that_runs_out_leaves_the_messages_to_be_redelivered() {
     .await;
     scenario.clean_up(false).await.unwrap();
 }
+
+/// A test that fails drops its scenario without cleaning up: the queues go anyway, so that failed
+/// runs do not pile up quorum queues (and their open files) in the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_dropped_without_clean_up_deletes_its_queues() {
+    let scenario = scenario("dropped", orders(10)).await;
+    scenario.declare_topology().await.unwrap();
+    let services = scenario.services.clone();
+    let queue = scenario.topology().queue(Stage::Write);
+    assert!(
+        scenario.queue_depths().await.is_ok(),
+        "the topology is declared"
+    );
+    drop(scenario);
+    let connection = conveyor_core::broker::connect(&services.broker().unwrap(), "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let found = channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await;
+    assert!(found.is_err(), "{queue} is still there");
+    conveyor_core::broker::close(&connection).await;
+}

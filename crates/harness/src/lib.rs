@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod own_broker;
@@ -261,6 +262,33 @@ pub struct Scenario {
     pub extra_env: Vec<(String, String)>,
     bin_dir: PathBuf,
     log_dir: PathBuf,
+    /// Set by [`Scenario::clean_up`]; a scenario dropped without it (a test that failed) still
+    /// deletes its queues, which would otherwise pile up in the broker run after run.
+    cleaned: AtomicBool,
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if self.cleaned.load(Ordering::Relaxed) {
+            return;
+        }
+        // Drop may run inside the test's runtime, which must not be blocked on: a thread of its own.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let removed = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| runtime.block_on(self.clean_up(false)));
+                if let Err(err) = removed {
+                    eprintln!(
+                        "scenario {}: its queues were not deleted: {err:#}",
+                        self.namespace
+                    );
+                }
+            });
+        });
+    }
 }
 
 impl Scenario {
@@ -321,6 +349,7 @@ impl Scenario {
             extra_env: Vec::new(),
             bin_dir: bin_dir.to_owned(),
             log_dir,
+            cleaned: AtomicBool::new(false),
         })
     }
 
@@ -625,6 +654,7 @@ impl Scenario {
                 .with_context(|| format!("deleting exchange {exchange}"))?;
         }
         broker::close(&connection).await;
+        self.cleaned.store(true, Ordering::Relaxed);
         if !keep_schema {
             let client = pg_client(&self.services.pg_url).await?;
             client
