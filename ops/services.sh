@@ -3,7 +3,13 @@
 # RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 with a database "test"; and that the
 # tools the tests call (promtool, docker-compose) are installed.
 # Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
+# With --remove-test-queues it also deletes the queues that killed test runs left in the local
+# RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`): ops/test.sh does,
+# before the tests start.
 set -euo pipefail
+
+remove_test_queues=
+[ "${1:-}" = --remove-test-queues ] && remove_test_queues=1
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -37,7 +43,14 @@ if ! port_open 5672; then
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   if ! port_open 5672; then
     log "starting RabbitMQ"
-    rabbitmq-server -detached
+    if [ "$(id -u)" = 0 ] && [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+      # Debian's wrapper starts it through su, which resets the open-files limit to 1024: each
+      # quorum queue holds files open, and a broker out of file handles stops taking connections.
+      (cd /var/lib/rabbitmq &&
+        su rabbitmq -s /bin/sh -c "ulimit -n $(ulimit -Hn); /usr/lib/rabbitmq/bin/rabbitmq-server -detached")
+    else
+      rabbitmq-server -detached
+    fi
   fi
   wait_for_port RabbitMQ 5672
 fi
@@ -47,6 +60,17 @@ if command -v rabbitmqctl >/dev/null; then
     rabbitmqctl -q await_startup >/dev/null 2>&1 && break
     sleep 1
   done
+fi
+
+if [ -n "$remove_test_queues" ] && [ -z "${CONVEYOR_AMQP_URL:-}" ] && command -v rabbitmqctl >/dev/null; then
+  # A test deletes its queues when it ends, also when it fails; a test process that was killed
+  # cannot. One call to the node, as rabbitmqctl starts slowly.
+  removed=$(rabbitmqctl -q eval '
+    Leftover = [Q || Q <- rabbit_amqqueue:list(),
+                     re:run(element(4, amqqueue:get_name(Q)), "^[a-z0-9_]+_[0-9a-f]{10}\\.") =/= nomatch],
+    [rabbit_amqqueue:delete(Q, false, false, <<"conveyor-tests">>) || Q <- Leftover],
+    length(Leftover).' 2>&1) || log "could not remove queues left by earlier test runs: $removed"
+  if [ "${removed:-0}" != 0 ]; then log "removed $removed queues left by earlier test runs"; fi
 fi
 
 # PostgreSQL

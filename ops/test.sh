@@ -5,5 +5,5 @@
 # This is the README's test command, and what CI (.ci/run) runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ops/services.sh
+ops/services.sh --remove-test-queues
 exec cargo test --workspace --locked "$@"

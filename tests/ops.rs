@@ -296,7 +296,7 @@ fn ci_runs_exactly_the_readme_test_command() {
     assert_eq!(
         steps[steps.len() - 2..],
         [
-            "ops/services.sh",
+            "ops/services.sh --remove-test-queues",
             "exec cargo test --workspace --locked \"$@\""
         ],
         "ops/test.sh starts the services, then runs every test"
