@@ -4,8 +4,9 @@
 # tools the tests call (promtool, docker-compose) are installed.
 # Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
 # With --remove-test-queues it also deletes the queues that killed test runs left in the local
-# RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`): ops/test.sh does,
-# before the tests start.
+# RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`, with no consumer):
+# ops/test.sh does, before the tests start; a test run going on at the same time would lose its
+# queues, so run one ops/test.sh at a time per broker.
 set -euo pipefail
 
 remove_test_queues=
@@ -47,7 +48,9 @@ if ! port_open 5672; then
       # Debian's wrapper starts it through su, which resets the open-files limit to 1024: each
       # quorum queue holds files open, and a broker out of file handles stops taking connections.
       (cd /var/lib/rabbitmq &&
-        su rabbitmq -s /bin/sh -c "ulimit -n $(ulimit -Hn); /usr/lib/rabbitmq/bin/rabbitmq-server -detached")
+        su rabbitmq -s /bin/sh -c 'ulimit -n "$(ulimit -Hn)" ||
+          echo "services: RabbitMQ keeps an open-files limit of $(ulimit -n)" >&2
+          exec /usr/lib/rabbitmq/bin/rabbitmq-server -detached')
     else
       rabbitmq-server -detached
     fi
@@ -67,9 +70,13 @@ if [ -n "$remove_test_queues" ] && [ -z "${CONVEYOR_AMQP_URL:-}" ] && command -v
   # cannot. One call to the node, as rabbitmqctl starts slowly.
   removed=$(rabbitmqctl -q eval '
     Leftover = [Q || Q <- rabbit_amqqueue:list(),
-                     re:run(element(4, amqqueue:get_name(Q)), "^[a-z0-9_]+_[0-9a-f]{10}\\.") =/= nomatch],
+                     re:run(element(4, amqqueue:get_name(Q)), "^[a-z0-9_]+_[0-9a-f]{10}\\.") =/= nomatch,
+                     rabbit_amqqueue:consumers(Q) =:= []],
     [rabbit_amqqueue:delete(Q, false, false, <<"conveyor-tests">>) || Q <- Leftover],
-    length(Leftover).' 2>&1) || log "could not remove queues left by earlier test runs: $removed"
+    length(Leftover).' 2>&1) || {
+    log "could not remove queues left by earlier test runs: $removed"
+    removed=0
+  }
   if [ "${removed:-0}" != 0 ]; then log "removed $removed queues left by earlier test runs"; fi
 fi
 

@@ -44,7 +44,8 @@ async fn two_writers_land_exactly_the_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_lands_the_source_and_stops_cleanly() {
     let services = services().await;
-    let name = format!("demo_{:08x}", rand::random::<u32>());
+    // Named like the harness's namespaces, so that ops/test.sh removes its queues if it is killed.
+    let name = format!("demo_{:010x}", rand::random::<u64>() >> 24);
     let output = tokio::process::Command::new(bin_dir().join("conveyorctl"))
         .args(["demo", "--orders", "2000", "--timeout-secs", "100"])
         .args(["--schema", &name, "--namespace", &name])
@@ -972,6 +973,7 @@ async fn a_scenario_dropped_without_clean_up_deletes_its_queues() {
     let scenario = scenario("dropped", orders(10)).await;
     scenario.declare_topology().await.unwrap();
     let services = scenario.services.clone();
+    let schema = scenario.schema.clone();
     let queue = scenario.topology().queue(Stage::Write);
     assert!(
         scenario.queue_depths().await.is_ok(),
@@ -994,4 +996,11 @@ async fn a_scenario_dropped_without_clean_up_deletes_its_queues() {
         .await;
     assert!(found.is_err(), "{queue} is still there");
     conveyor_core::broker::close(&connection).await;
+    // The schema is kept, for a look at what went wrong; this test has nothing to look at.
+    conveyor_harness::pg_client(&services.pg_url)
+        .await
+        .unwrap()
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
 }

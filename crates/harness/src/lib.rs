@@ -263,7 +263,8 @@ pub struct Scenario {
     bin_dir: PathBuf,
     log_dir: PathBuf,
     /// Set by [`Scenario::clean_up`]; a scenario dropped without it (a test that failed) still
-    /// deletes its queues, which would otherwise pile up in the broker run after run.
+    /// deletes its queues, which would otherwise pile up in the broker run after run. Its schema is
+    /// kept, for a look at what went wrong.
     cleaned: AtomicBool,
 }
 
@@ -279,7 +280,13 @@ impl Drop for Scenario {
                     .enable_all()
                     .build()
                     .map_err(anyhow::Error::from)
-                    .and_then(|runtime| runtime.block_on(self.clean_up(false)));
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            tokio::time::timeout(Duration::from_secs(15), self.clean_up(true))
+                                .await
+                                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within 15 s")))
+                        })
+                    });
                 if let Err(err) = removed {
                     eprintln!(
                         "scenario {}: its queues were not deleted: {err:#}",
