@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::broker::{BrokerError, DELIVERY_LIMIT, Publisher, Stage, Topology};
 use crate::consume::{
-    HEADER_ERROR, HEADER_ERROR_CLASS, HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT,
+    ErrorClass, HEADER_ERROR, HEADER_ERROR_CLASS, HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT,
     HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_RECORD_IDS, HEADER_STAGE, header,
     headers_of, record_ids_in,
 };
@@ -443,8 +443,11 @@ impl QueueCounts {
             ..Default::default()
         };
         for letter in letters {
-            // A letter that could not be read (malformed) holds no records it could be counted by.
-            counts.records += letter.record_ids.len();
+            // A malformed letter is counted as a message: records never entered through it, even
+            // when its body could be read (another pipeline's, another schema version).
+            if letter.class != ErrorClass::Malformed.as_str() {
+                counts.records += letter.record_ids.len();
+            }
             *counts.by_class.entry(letter.class.clone()).or_default() += 1;
         }
         counts
@@ -468,6 +471,17 @@ mod tests {
             .with_headers(headers)
             .with_expiration("500".into());
         DeadLetter::read("ns.p.write.dlq", b"{}", &properties, 1)
+    }
+
+    #[test]
+    fn counts_records_of_letters_but_not_of_malformed_messages() {
+        let letters = [
+            letter("permanent", "a,b", "2026-01-02T03:04:05+00:00"),
+            letter("malformed", "c", "2026-01-02T03:04:05+00:00"),
+        ];
+        let counts = QueueCounts::of("p", Stage::Write, "ns.p.write.dlq", &letters);
+        assert_eq!((counts.messages, counts.records), (2, 2));
+        assert_eq!(counts.by_class["malformed"], 1);
     }
 
     #[test]
