@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{TIMEOUT, bin_dir, repo_root};
+use common::{TIMEOUT, bin_dir, repo_root, wait_until_no_problems};
 use conveyor_core::broker::Stage;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
@@ -122,26 +122,7 @@ async fn wait_until_equal(
     sim: &TargetSim,
     workers: &[WorkerProcess],
 ) {
-    let started = Instant::now();
-    loop {
-        let problems = differences(truth, sim);
-        if problems.is_empty() {
-            return;
-        }
-        if started.elapsed() > TIMEOUT {
-            let logs: Vec<String> = workers
-                .iter()
-                .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
-                .collect();
-            panic!(
-                "the target differs from the truth after {TIMEOUT:?} ({} problems, first: {:?})\n{}",
-                problems.len(),
-                &problems[..problems.len().min(5)],
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_no_problems(workers, || differences(truth, sim)).await;
 }
 
 /// A running scenario of the lines pipeline: the Kingdee simulator, the target simulator, a

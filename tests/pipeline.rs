@@ -592,26 +592,7 @@ impl LinesRun {
 
     /// Waits until the target holds exactly the truth.
     async fn wait_until_target_equals_truth(&self, workers: &[&WorkerProcess]) {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let problems = self.differences();
-            if problems.is_empty() {
-                return;
-            }
-            if tokio::time::Instant::now() > deadline {
-                let logs: Vec<String> = workers
-                    .iter()
-                    .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
-                    .collect();
-                panic!(
-                    "the target differs from the truth ({} problems, first {:?})\n{}",
-                    problems.len(),
-                    &problems[..problems.len().min(5)],
-                    logs.join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_no_problems(workers.iter().copied(), || self.differences()).await;
     }
 }
 

@@ -155,13 +155,42 @@ pub async fn run_fetcher_once(scenario: &Scenario) {
     scenario.run_fetcher_once(TIMEOUT).await.unwrap();
 }
 
+/// The last lines of each worker's log, for a failure message.
+pub fn logs_of<'a>(workers: impl IntoIterator<Item = &'a WorkerProcess>) -> String {
+    workers
+        .into_iter()
+        .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Waits until `problems` finds none; after [`TIMEOUT`] fails with the first of them and the
+/// workers' logs.
+pub async fn wait_until_no_problems<'a>(
+    workers: impl IntoIterator<Item = &'a WorkerProcess>,
+    mut problems: impl FnMut() -> Vec<String>,
+) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let found = problems();
+        if found.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "the target differs from the truth after {TIMEOUT:?} ({} problems, first: {:?})\n{}",
+                found.len(),
+                &found[..found.len().min(5)],
+                logs_of(workers)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn assert_target_equals_truth(scenario: &Scenario, workers: &[WorkerProcess]) {
     if let Err(err) = scenario.wait_for_target(TIMEOUT).await {
-        let logs: Vec<String> = workers
-            .iter()
-            .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(20)))
-            .collect();
-        panic!("{err:#}\n{}", logs.join("\n"));
+        panic!("{err:#}\n{}", logs_of(workers));
     }
     let comparison = scenario.compare_with_truth().await.unwrap();
     assert!(
