@@ -2,20 +2,21 @@
 //! injected 5xx, records modified and created during the run, two fetcher processes. The target must end
 //! equal to the simulator's ground truth, with no call refused for its signature and no minute over
 //! the call budget.
+//!
+//! Then one test per promise, each made to fail if the promise were not kept: two fetcher processes
+//! keep one call budget (the simulator times every call); tokens revoked or expired mid-sync are
+//! replaced once; a client whose budget is above the gateway's limit backs off from 429s; rows moved
+//! between two pages of a window are not skipped; the named account set is the one used.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
-use conveyor_harness::{Scenario, Services, Worker};
+use common::bin_dir;
+use conveyor_harness::{Comparison, Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::gate::{Faults, GatewayConfig};
-use kingdee_sim::{ChangeRates, SimConfig};
-
-fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_conveyor-fetcher"))
-        .parent()
-        .expect("binaries live in a directory")
-        .to_owned()
-}
+use kingdee_sim::{ChangeRates, PagingChange, PagingChangeKind, SimConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_fetchers_sync_a_changing_source_through_a_strict_gateway() {
@@ -133,5 +134,438 @@ async fn two_fetchers_sync_a_changing_source_through_a_strict_gateway() {
             worker.log_tail(20)
         );
     }
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// A scenario of the sales-orders pipeline with `source` overrides.
+async fn scenario(prefix: &str, sim: SimConfig, source: &[(&str, toml::Value)]) -> Scenario {
+    Scenario::start(
+        common::services().await,
+        &common::sales_orders_pipeline(),
+        &bin_dir(),
+        prefix,
+        sim,
+        source,
+    )
+    .await
+    .expect("scenario starts")
+}
+
+/// A backlog of `orders` (at most 2,000) whose modify times are all older than a day: all of it is
+/// there for the first plan, and no window with rows in it can still gain late rows, so each is paged
+/// once unless rows move.
+fn old_backlog(seed: u64, orders: usize) -> SimConfig {
+    assert!(orders <= 2_000);
+    SimConfig {
+        seed,
+        orders,
+        // Created one after another (at most 2 minutes apart: under 2.8 days for 2,000) from 7 days ago,
+        // each modified within 3 days of its creation.
+        epoch: kingdee_sim::data::days_ago(7),
+        ..SimConfig::default()
+    }
+}
+
+/// Windows of 12 hours, pages of `page_size` rows (so that windows have several), 2 s of lag, 5 s of
+/// overlap.
+fn half_day_windows(page_size: i64) -> Vec<(&'static str, toml::Value)> {
+    vec![
+        ("window_secs", toml::Value::Integer(12 * 3600)),
+        ("page_size", toml::Value::Integer(page_size)),
+        ("lag_secs", toml::Value::Integer(2)),
+        ("overlap_secs", toml::Value::Integer(5)),
+    ]
+}
+
+/// Waits until the target equals the truth or `timeout` passes; the last comparison.
+async fn until_exact(scenario: &Scenario, timeout: Duration) -> Comparison {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let comparison = scenario.compare_with_truth().await.unwrap();
+        if comparison.is_exact() || tokio::time::Instant::now() > deadline {
+            return comparison;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn assert_exact(scenario: &Scenario, comparison: &Comparison, workers: &[&WorkerProcess]) {
+    let logs: Vec<String> = workers
+        .iter()
+        .map(|w| format!("--- {}\n{}", w.worker.binary(), w.log_tail(15)))
+        .collect();
+    let truth = scenario.expected_records();
+    let modified = |id: &String| {
+        let record = truth.iter().find(|record| &record.id == id);
+        (id.clone(), record.map(|record| record.modify_time.clone()))
+    };
+    let missing: Vec<_> = comparison.missing.iter().map(modified).collect();
+    let wrong_version: Vec<_> = comparison.wrong_version.iter().map(modified).collect();
+    assert!(
+        comparison.is_exact(),
+        "target differs from the truth: missing {missing:?}, unexpected {:?}, wrong version \
+         {wrong_version:?} (ids with their modify times in the truth); simulator: {:?}\n{}",
+        comparison.unexpected,
+        scenario.simulator.stats(),
+        logs.join("\n")
+    );
+}
+
+/// Waits for a `--once` fetcher to succeed; returns its summary (the JSON line it prints last).
+async fn summary_of(fetcher: &mut WorkerProcess) -> serde_json::Value {
+    let status = fetcher.wait(Duration::from_secs(120)).await.unwrap();
+    assert!(
+        status.success(),
+        "fetcher failed:\n{}",
+        fetcher.log_tail(30)
+    );
+    let log = std::fs::read_to_string(&fetcher.log).unwrap();
+    let line = log
+        .lines()
+        .rev()
+        .find(|line| line.starts_with("{\"windows\""))
+        .unwrap_or_else(|| panic!("no summary in:\n{}", fetcher.log_tail(10)));
+    serde_json::from_str(line).unwrap()
+}
+
+async fn stop(workers: Vec<WorkerProcess>) {
+    let mut workers = workers;
+    conveyor_harness::stop_all(&mut workers).await.unwrap();
+}
+
+/// Lines of a worker's log that contain `text`.
+fn log_lines(worker: &WorkerProcess, text: &str) -> usize {
+    std::fs::read_to_string(&worker.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(text))
+        .count()
+}
+
+/// The spans over which the tests below check a budget's pacing.
+fn pacing_windows() -> [Duration; 3] {
+    [
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    ]
+}
+
+/// Two fetcher processes share the work of a backlog and its call budget: the simulator, which has no
+/// limit of its own here, times every call, and the calls keep the budget in any span of 0.5, 1 and
+/// 2 s and take at least as long as the budget needs for them. Without the shared budget (or with one
+/// per process) the same sync breaks both checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fetcher_processes_keep_one_call_budget() {
+    // One call every 102 ms: the ~60 calls of this sync take about six seconds.
+    const BUDGET: u32 = 600;
+    let mut source = half_day_windows(50);
+    source.push(("calls_per_minute", toml::Value::Integer(i64::from(BUDGET))));
+    let scenario = scenario("budget", old_backlog(31, 2_000), &source).await;
+    let started = std::time::Instant::now();
+    let mut fetchers = [
+        scenario.spawn(Worker::Fetcher, &["--once"]).unwrap(),
+        scenario.spawn(Worker::Fetcher, &["--once"]).unwrap(),
+    ];
+    let mut summaries = Vec::new();
+    for fetcher in &mut fetchers {
+        summaries.push(summary_of(fetcher).await);
+    }
+    let elapsed = started.elapsed();
+
+    let arrivals = scenario.simulator.call_arrivals();
+    let stats = scenario.simulator.stats();
+    assert!(
+        (40..=100).contains(&arrivals.len()),
+        "a sync of a few seconds: {} calls",
+        arrivals.len()
+    );
+    assert_eq!(
+        stats.tokens_issued, 2,
+        "one token for each process: {stats:?}"
+    );
+    for summary in &summaries {
+        assert!(
+            summary["pages"].as_u64().unwrap() > 0,
+            "both processes paged windows: {summaries:?}"
+        );
+    }
+    let breaches = kingdee_sim::gate::budget_breaches(&arrivals, BUDGET, &pacing_windows());
+    assert!(
+        breaches.is_empty(),
+        "the budget was broken: {breaches:?}; arrivals: {arrivals:?}"
+    );
+    let least = Duration::from_secs_f64((arrivals.len() - 1) as f64 * 60.0 / f64::from(BUDGET));
+    assert!(elapsed >= least, "{elapsed:?} < {least:?}");
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Waits until the simulator has admitted `calls` calls.
+async fn until_calls(scenario: &Scenario, calls: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while scenario.simulator.stats().calls < calls {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            scenario.simulator.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The gateway drops its tokens in the middle of a sync — once revoked (4010), once expired early
+/// (4011) — although the client's copy says it has most of its life left: each time the fetcher fetches
+/// one new token, retries the refused calls and the target ends whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_goes_on_after_its_token_is_revoked_and_expired() {
+    let mut source = half_day_windows(50);
+    // About 6 s for the sync: time to drop the tokens twice while it runs.
+    source.push(("calls_per_minute", toml::Value::Integer(600)));
+    let scenario = scenario("tokens", old_backlog(32, 2_000), &source).await;
+    let writers = [
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    until_calls(&scenario, 12).await;
+    scenario.simulator.revoke_tokens();
+    until_calls(&scenario, 28).await;
+    scenario.simulator.expire_tokens();
+    let summary = summary_of(&mut fetcher).await;
+
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&fetcher, &writers[0], &writers[1]],
+    );
+    let stats = scenario.simulator.stats();
+    assert_eq!(stats.tokens_invalidated, 2, "{stats:?}");
+    assert!(
+        stats.rejected_token >= 2,
+        "calls were refused for their token: {stats:?}"
+    );
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 3),
+        "one new token after each drop, and no new authorization: {stats:?}"
+    );
+    assert!(summary["records"].as_u64().unwrap() >= 2_000, "{summary}");
+    stop(writers.into()).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// A budget above what the gateway allows (here 10 calls in any second): the simulator answers 429,
+/// the fetcher backs off with jitter and retries, and the target still ends whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_over_the_gateway_limit_backs_off_and_ends_whole() {
+    let sim = SimConfig {
+        gateway: GatewayConfig {
+            calls_per_minute: 600,
+            rate_window: Duration::from_secs(1),
+            ..GatewayConfig::default()
+        },
+        ..old_backlog(33, 2_000)
+    };
+    let mut source = half_day_windows(50);
+    source.push(("calls_per_minute", toml::Value::Integer(60_000)));
+    let scenario = scenario("throttled", sim, &source).await;
+    let writers = [
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    summary_of(&mut fetcher).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&fetcher, &writers[0], &writers[1]],
+    );
+    let stats = scenario.simulator.stats();
+    assert!(
+        stats.rate_limited > 0,
+        "the gateway answered 429: {stats:?}"
+    );
+    assert!(
+        scenario
+            .simulator
+            .most_calls_within(Duration::from_millis(999))
+            <= 10,
+        "{stats:?}"
+    );
+    assert!(
+        log_lines(&fetcher, "HTTP 429") > 0,
+        "the fetcher saw the 429s:\n{}",
+        fetcher.log_tail(20)
+    );
+    stop(writers.into()).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Starts the transformer, the writer and a fetcher that plans every second.
+async fn pipeline(scenario: &Scenario) -> Vec<WorkerProcess> {
+    vec![
+        common::spawn_ready(scenario, Worker::Transformer).await,
+        common::spawn_ready(scenario, Worker::Writer).await,
+        scenario.spawn(Worker::Fetcher, &[]).unwrap(),
+    ]
+}
+
+/// Between page 1 and page 2 of a window the simulator moves the first row: once it leaves the window
+/// (the count drops), once it is modified inside the window and listed again at the end (the count
+/// stays the same). Either way every later row shifts one place up and the first row of page 2 slides
+/// onto page 1, already read. The fetcher sees the count change, or the row coming twice, pages the
+/// window again, and the target ends whole — which a naive pager does not (see
+/// crates/kingdee/tests/gateway.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_moved_between_two_pages_are_not_skipped() {
+    let scenario = scenario("moved", old_backlog(34, 800), &half_day_windows(25)).await;
+    for kind in [PagingChangeKind::Leave, PagingChangeKind::MoveToEnd] {
+        scenario.simulator.arm_paging_change(PagingChange {
+            after_page: 1,
+            kind,
+        });
+    }
+    let workers = pipeline(&scenario).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(&scenario, &comparison, &workers.iter().collect::<Vec<_>>());
+    let stats = scenario.simulator.stats();
+    assert_eq!(stats.paging_changes, 2, "both rows were moved: {stats:?}");
+    let fetcher = &workers[2];
+    assert!(
+        log_lines(fetcher, "the window's count changed") >= 1
+            && log_lines(fetcher, "a row came twice") >= 1,
+        "the fetcher paged again for each:\n{}",
+        fetcher.log_tail(30)
+    );
+    assert_eq!(
+        log_lines(fetcher, "late rows may still enter"),
+        0,
+        "no window here could gain late rows"
+    );
+    stop(workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Between page 1 and page 2 of the plan's newest window, a row leaves it while a late row enters it:
+/// the count stays the same and no row comes twice, yet the first row of page 2 slid onto page 1. Rows
+/// may still appear late in that window (its end is within lag + overlap of now), so the fetcher pages
+/// it until two passes agree. One `--once` run, whose next plan would re-read the window as overlap,
+/// must on its own leave the target holding every record up to its watermark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_leaving_while_a_late_one_enters_is_not_skipped() {
+    let sim = SimConfig {
+        seed: 35,
+        orders: 400,
+        // Every order created and modified as the simulator starts: all in the plan's newest window.
+        epoch: kingdee_sim::data::days_ago(0),
+        ..SimConfig::default()
+    };
+    let source = [
+        ("window_secs", toml::Value::Integer(86_400)),
+        ("page_size", toml::Value::Integer(50)),
+        ("lag_secs", toml::Value::Integer(2)),
+        ("overlap_secs", toml::Value::Integer(30)),
+    ];
+    let scenario = scenario("late", sim, &source).await;
+    scenario.simulator.arm_paging_change(PagingChange {
+        after_page: 1,
+        kind: PagingChangeKind::LeaveAndEnter,
+    });
+    let writers = [
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    // Past the lag (and the second the orders' times are written in), so that the plan takes them in.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let summary = summary_of(&mut fetcher).await;
+    let stats = scenario.simulator.stats();
+    assert_eq!(stats.paging_changes, 1, "{stats:?}");
+    assert!(
+        log_lines(&fetcher, "late rows may still enter") >= 2,
+        "a second pass differed from the first, a third agreed:\n{}",
+        fetcher.log_tail(30)
+    );
+
+    // Everything modified up to the watermark is in the target; only the row that left the window
+    // (modified after the watermark, for the next run) is still at its old version.
+    let watermark = chrono::DateTime::parse_from_rfc3339(summary["watermark"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&chrono::FixedOffset::east_opt(8 * 3600).unwrap())
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let comparison = loop {
+        let comparison = scenario.compare_with_truth().await.unwrap();
+        if (comparison.missing.is_empty() && comparison.wrong_version.len() <= 1)
+            || tokio::time::Instant::now() > deadline
+        {
+            break comparison;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let truth = scenario.expected_records();
+    let after_watermark: Vec<&String> = truth
+        .iter()
+        .filter(|record| record.modify_time > watermark)
+        .map(|record| &record.id)
+        .collect();
+    assert_eq!(
+        after_watermark.len(),
+        1,
+        "the row that left: {after_watermark:?}"
+    );
+    assert!(
+        comparison.missing.is_empty()
+            && comparison.unexpected.is_empty()
+            && comparison
+                .wrong_version
+                .iter()
+                .all(|id| after_watermark.contains(&id)),
+        "the target misses records modified before the watermark {watermark}: {comparison:?}\n{}",
+        fetcher.log_tail(20)
+    );
+    stop(writers.into()).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// The tenant has three active account sets; CONVEYOR_KINGDEE_ACCOUNT names one, and the fetcher syncs
+/// through it. `conveyorctl kingdee token` names the choices when the name matches none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_set_named_in_the_settings_is_the_one_read() {
+    let sim = SimConfig {
+        gateway: GatewayConfig {
+            other_accounts: vec!["华东账套".into(), "华南账套".into()],
+            ..GatewayConfig::default()
+        },
+        ..old_backlog(36, 300)
+    };
+    let mut scenario = scenario("account", sim, &half_day_windows(100)).await;
+    scenario.set_env("CONVEYOR_KINGDEE_ACCOUNT", "华南账套");
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let summary = summary_of(&mut fetcher).await;
+    assert_eq!(summary["records"].as_u64(), Some(300), "{summary}");
+    assert_eq!(scenario.simulator.token_accounts(), ["华南账套"]);
+
+    let token = |account: &str| {
+        common::ctl_command(&scenario, &["kingdee", "token"])
+            .envs(scenario.environment())
+            .env("CONVEYOR_KINGDEE_ACCOUNT", account)
+            .output()
+            .expect("conveyorctl runs")
+    };
+    let chosen = common::succeeded("conveyorctl kingdee token", token("华东账套"));
+    assert!(chosen.contains("account set \"华东账套\""), "{chosen}");
+    let refused = token("西北账套");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("\"西北账套\" named by CONVEYOR_KINGDEE_ACCOUNT is not among")
+            && said.contains("\"华东账套\"")
+            && said.contains("\"华南账套\""),
+        "{said}"
+    );
     scenario.clean_up(false).await.unwrap();
 }

@@ -3,13 +3,25 @@
 //!
 //! Windows are work items on the pipeline's fetch queue, so any number of fetcher processes share them;
 //! the call budget is shared through PostgreSQL, so it holds in total. A window is finished — and the
-//! watermark may pass it — only after every page of it is confirmed by the broker. A window whose row
-//! count changes while it is paged (rows modified meanwhile move out of it and shift the pages) is paged
-//! again from the start, since the shift would silently skip rows ("漏单").
+//! watermark may pass it — only after every page of it is confirmed by the broker.
+//!
+//! Rows that move while a window is paged would shift the pages and silently skip a row ("漏单"), so a
+//! pass over a window counts only if it saw a steady window:
+//! - every page reports the `count` of the first (a row that left or entered changes it), and
+//! - no row comes twice (a row modified within the window and listed again further on, while the
+//!   `count` stays the same);
+//!
+//! otherwise the window is paged again from the start. One case shows in neither: a row leaving while
+//! another enters between the same two pages. Rows enter a window already planned only when they
+//! become visible late, which the sync allows for up to `lag_secs + overlap_secs` after their modify
+//! time; so a window of several pages that ends within that span of now is paged until two passes in
+//! a row return the same ids. Older windows cannot gain rows, and one pass of them is enough; each plan
+//! puts its last `overlap_secs` in windows of their own, so that only they may need the second pass.
 
 pub mod state;
 pub mod window;
 
+use std::collections::HashSet;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -362,15 +374,20 @@ impl Fetcher {
     }
 
     /// Publishes one page's records (and dead-letters its unusable rows); returns the pending confirm.
+    /// The records' ids are added to the pass's `seen`.
     async fn publish_page(
         &self,
         meta: &Meta,
         rows: Vec<Box<RawValue>>,
+        seen: &mut PassIds,
     ) -> Result<Option<PendingConfirm>, Failure> {
         let transient = |err: conveyor_core::broker::BrokerError| {
             Failure::new(ErrorClass::Transient, err.to_string())
         };
         let (records, rejected) = to_records(&self.source, rows);
+        for record in &records {
+            seen.add(&record.id);
+        }
         if !rejected.is_empty() {
             self.counters
                 .dead_lettered
@@ -407,6 +424,21 @@ impl Fetcher {
         Ok(Some(confirm))
     }
 
+    /// Whether rows may still become visible in `window` late: its end is within `lag_secs +
+    /// overlap_secs` of now, the span the sync allows late rows.
+    fn may_gain_rows(&self, window: &Window) -> bool {
+        let allowance = Duration::from_secs(
+            self.source
+                .lag_secs
+                .saturating_add(self.source.overlap_secs),
+        );
+        let allowance = chrono::Duration::from_std(allowance).unwrap_or(chrono::Duration::MAX);
+        window
+            .end
+            .checked_add_signed(allowance)
+            .is_none_or(|until| chrono::Utc::now() <= until)
+    }
+
     /// Pages through a window and publishes every page; finishes it once all are confirmed.
     async fn sync_window(&self, meta: &Meta, window: Window) -> Result<(), Failure> {
         let transient =
@@ -417,6 +449,8 @@ impl Fetcher {
                 .with_label_values(&[self.pipeline(), name])
                 .inc();
         };
+        // The ids of the last steady pass, while the window needs two alike (see the module's note).
+        let mut previous: Option<HashSet<String>> = None;
         for _ in 0..WINDOW_RESTARTS {
             let first = self.page(&window, 1).await?;
             if first.count > self.source.max_window_rows && window.splittable() {
@@ -434,20 +468,26 @@ impl Fetcher {
                 return Ok(());
             }
             let (count, total_page) = (first.count, first.total_page);
+            let two_passes = total_page > 1 && self.may_gain_rows(&window);
+            let mut seen = PassIds::default();
             let mut confirms = Vec::new();
-            confirms.extend(self.publish_page(meta, first.rows).await?);
+            confirms.extend(self.publish_page(meta, first.rows, &mut seen).await?);
             // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
             let mut pages = futures_util::stream::iter(2..=total_page)
                 .map(|number| self.page(&window, number))
                 .buffered(PAGES_IN_FLIGHT);
-            let mut moved = false;
+            let mut moved = None;
             while let Some(page) = pages.next().await {
                 let page = page?;
                 if page.count != count {
-                    moved = true;
+                    moved = Some("the window's count changed");
                     break;
                 }
-                confirms.extend(self.publish_page(meta, page.rows).await?);
+                confirms.extend(self.publish_page(meta, page.rows, &mut seen).await?);
+                if seen.repeated {
+                    moved = Some("a row came twice");
+                    break;
+                }
             }
             drop(pages);
             for confirm in confirms {
@@ -456,9 +496,23 @@ impl Fetcher {
                     .await
                     .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
             }
-            if moved {
-                tracing::info!(?window, "rows moved while paging; paging the window again");
+            if let Some(reason) = moved {
+                tracing::info!(
+                    ?window,
+                    reason,
+                    "rows moved while paging; paging the window again"
+                );
                 outcome("restarted");
+                previous = None;
+                continue;
+            }
+            if two_passes && previous.as_ref() != Some(&seen.ids) {
+                tracing::info!(
+                    ?window,
+                    "late rows may still enter the window; paging it again to compare"
+                );
+                outcome("verifying");
+                previous = Some(seen.ids);
                 continue;
             }
             let watermark = self
@@ -480,6 +534,21 @@ impl Fetcher {
             ErrorClass::Transient,
             format!("rows kept moving while paging {window:?}; will try the window again later"),
         ))
+    }
+}
+
+/// The ids one pass over a window published, and whether one came twice.
+#[derive(Debug, Default)]
+struct PassIds {
+    ids: HashSet<String>,
+    repeated: bool,
+}
+
+impl PassIds {
+    fn add(&mut self, id: &str) {
+        if !self.ids.insert(id.to_owned()) {
+            self.repeated = true;
+        }
     }
 }
 

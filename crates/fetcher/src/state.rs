@@ -71,9 +71,10 @@ impl SyncStore {
     }
 
     /// Hands out the windows from where the last plan ended (less `overlap`) up to now less `lag`, cut
-    /// into `width`, plus pending windows published longer than `republish_after` ago. The first plan
-    /// starts at `start`. `publish` must make every window durable in the broker before it returns:
-    /// the plan commits only then.
+    /// into `width` with the last `overlap` apart (see [`Window::cover_with_tail`]), plus pending
+    /// windows published longer than `republish_after` ago. The first plan starts at `start`.
+    /// `publish` must make every window durable in the broker before it returns: the plan commits only
+    /// then.
     pub async fn plan<F, Fut>(
         &self,
         start: DateTime<FixedOffset>,
@@ -111,7 +112,8 @@ impl SyncStore {
         }
         .trunc_subsecs(3);
         let to = (now - lag).trunc_subsecs(3);
-        let fresh = Window::cover(from, to, width);
+        // The last `overlap` is where rows may still appear late: in windows of its own.
+        let fresh = Window::cover_with_tail(from, to, width, overlap);
         for window in &fresh {
             transaction
                 .execute(

@@ -28,6 +28,26 @@ impl Window {
         windows
     }
 
+    /// Like [`Window::cover`], with the last `tail` of the range (at most all of it) in windows of its
+    /// own: the plan's tail is where late rows may still appear, and paging it apart keeps the older
+    /// windows — which no row can enter any more — from being paged twice (see the fetcher's note).
+    pub fn cover_with_tail(
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        width: Duration,
+        tail: Duration,
+    ) -> Vec<Window> {
+        let tail = chrono::Duration::from_std(tail).unwrap_or(chrono::Duration::MAX);
+        let cut = to
+            .checked_sub_signed(tail)
+            .unwrap_or(from)
+            .max(from)
+            .min(to);
+        let mut windows = Self::cover(from, cut, width);
+        windows.extend(Self::cover(cut, to, width));
+        windows
+    }
+
     /// The two halves, for a window with too many rows to page through in one go.
     pub fn halves(&self) -> [Window; 2] {
         let middle = self.start + (self.end - self.start) / 2;
@@ -112,6 +132,34 @@ mod tests {
             assert_eq!(pair[0].end, pair[1].start);
         }
         assert!(Window::cover(at(10), at(10), Duration::from_secs(5)).is_empty());
+    }
+
+    #[test]
+    fn the_tail_of_a_range_is_a_window_of_its_own() {
+        let windows = Window::cover_with_tail(
+            at(0),
+            at(250),
+            Duration::from_secs(100),
+            Duration::from_secs(30),
+        );
+        let bounds: Vec<(i64, i64)> = windows
+            .iter()
+            .map(|w| (w.start.timestamp(), w.end.timestamp()))
+            .collect();
+        assert_eq!(bounds, [(0, 100), (100, 200), (200, 220), (220, 250)]);
+        // A tail as long as the range (or longer) is the whole range; no tail is plain cover.
+        let all = Window::cover_with_tail(at(0), at(50), Duration::from_secs(100), Duration::MAX);
+        assert_eq!(
+            all,
+            [Window {
+                start: at(0),
+                end: at(50)
+            }]
+        );
+        assert_eq!(
+            Window::cover_with_tail(at(0), at(250), Duration::from_secs(100), Duration::ZERO),
+            Window::cover(at(0), at(250), Duration::from_secs(100))
+        );
     }
 
     #[test]

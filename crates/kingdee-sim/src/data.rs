@@ -320,6 +320,15 @@ impl Dataset {
         order.remark = format!("修改于 {}", local(now));
     }
 
+    /// Moves the order at `index` to the end of the list, as a list ordered by modify time would after
+    /// a modification: the orders after it shift one place up.
+    pub fn move_to_end(&mut self, index: usize) {
+        let order = self.orders.remove(index);
+        let rendered = self.rendered.remove(index);
+        self.orders.push(order);
+        self.rendered.push(rendered);
+    }
+
     pub fn orders(&self) -> &[SalesOrder] {
         &self.orders
     }

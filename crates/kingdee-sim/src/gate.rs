@@ -26,8 +26,13 @@ pub struct GatewayConfig {
     pub client_id: String,
     pub client_secret: String,
     pub outer_instance_id: String,
-    /// Name of the active account set (an inactive one is returned beside it).
+    /// Name of the active account set whose data the simulator serves (an inactive one is returned
+    /// beside it).
     pub account_name: String,
+    /// More active account sets the tenant authorized the app for, by name: push_app_authorize returns
+    /// them too, each with its own app_key and app_secret, and the token call accepts each. A client
+    /// must pick the one it is configured for; [`crate::Simulator::token_accounts`] tells which it took.
+    pub other_accounts: Vec<String>,
     /// The tenant's data centre, expected in X-GW-Router-Addr.
     pub domain: String,
     /// How long an app-token is valid.
@@ -36,6 +41,10 @@ pub struct GatewayConfig {
     pub secret_rotation: Option<Duration>,
     /// Calls allowed per account set in any 60 seconds (0: no limit).
     pub calls_per_minute: u32,
+    /// The span the limit is counted over: `calls_per_minute` × span ÷ 60 s calls (at least one) in any
+    /// such span. 60 s as the gateway documents it; a test shortens it so that calls above the limit meet
+    /// 429s within seconds rather than after a minute's worth of calls.
+    pub rate_window: Duration,
     /// How far X-Api-TimeStamp may be from the simulator's clock.
     pub timestamp_window: Duration,
     pub faults: Faults,
@@ -64,10 +73,12 @@ impl Default for GatewayConfig {
             client_secret: DEMO_CLIENT_SECRET.to_owned(),
             outer_instance_id: DEMO_OUTER_INSTANCE_ID.to_owned(),
             account_name: DEMO_ACCOUNT.to_owned(),
+            other_accounts: Vec::new(),
             domain: "https://tf.jdy.com".to_owned(),
             token_lifetime: Duration::from_secs(2 * 3600),
             secret_rotation: None,
             calls_per_minute: 0,
+            rate_window: Duration::from_secs(60),
             timestamp_window: Duration::from_secs(300),
             faults: Faults::default(),
         }
@@ -91,10 +102,15 @@ pub struct Stats {
     pub max_calls_in_a_minute: AtomicU64,
     pub orders_modified: AtomicU64,
     pub orders_created: AtomicU64,
+    /// Times every app-token was revoked or expired on demand ([`crate::Simulator::revoke_tokens`]).
+    pub tokens_invalidated: AtomicU64,
+    /// Rows moved between two pages of a list query ([`crate::Simulator::arm_paging_change`]).
+    pub paging_changes: AtomicU64,
 }
 
 /// A copy of [`Stats`] that serializes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StatsSnapshot {
     pub calls: u64,
     pub rejected_client: u64,
@@ -110,6 +126,8 @@ pub struct StatsSnapshot {
     pub max_calls_in_a_minute: u64,
     pub orders_modified: u64,
     pub orders_created: u64,
+    pub tokens_invalidated: u64,
+    pub paging_changes: u64,
 }
 
 impl Stats {
@@ -130,6 +148,8 @@ impl Stats {
             max_calls_in_a_minute: read(&self.max_calls_in_a_minute),
             orders_modified: read(&self.orders_modified),
             orders_created: read(&self.orders_created),
+            tokens_invalidated: read(&self.tokens_invalidated),
+            paging_changes: read(&self.paging_changes),
         }
     }
 }
@@ -138,64 +158,208 @@ pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Arrival times kept for [`crate::Simulator::call_arrivals`]: the most recent ones, so that a long run
+/// keeps a bounded memory.
+const ARRIVALS_KEPT: usize = 200_000;
+
+/// One active account set the tenant authorized the app for.
+#[derive(Debug, Clone)]
+pub(crate) struct AccountSet {
+    pub name: String,
+    pub id: String,
+    pub app_key: String,
+}
+
 /// The gateway's changing state.
 #[derive(Debug)]
 pub(crate) struct GateState {
-    pub app_key: String,
-    app_secret: String,
+    /// The active account sets: the configured one first, then `other_accounts`.
+    pub accounts: Vec<AccountSet>,
     secret_generation: u64,
     secret_since: Instant,
     pub domain: String,
-    tokens: HashMap<String, DateTime<Utc>>,
-    calls: VecDeque<Instant>,
+    /// Each valid app-token with its expiry and the index of its account set.
+    tokens: HashMap<String, (DateTime<Utc>, usize)>,
+    tokens_made: u64,
+    /// The account set of every token issued, in order.
+    pub issued_for: Vec<String>,
+    /// Calls admitted within the last `rate_window`, for the limit.
+    limited: VecDeque<Instant>,
+    /// Calls admitted within the last 60 seconds, for `max_calls_in_a_minute`.
+    minute: VecDeque<Instant>,
+    /// When each admitted call arrived (the latest [`ARRIVALS_KEPT`]).
+    pub arrivals: VecDeque<Instant>,
+    pub started: Instant,
 }
 
 impl GateState {
     pub fn new(config: &GatewayConfig) -> Self {
-        let mut state = Self {
-            app_key: "SimKey01".to_owned(),
-            app_secret: String::new(),
+        let accounts = std::iter::once(config.account_name.clone())
+            .chain(config.other_accounts.iter().cloned())
+            .enumerate()
+            .map(|(index, name)| AccountSet {
+                name,
+                id: format!("{}", 1_760_000_000_000_000_001u64 + 10 * index as u64),
+                // The configured account keeps the key it always had; 8 characters like the real ones.
+                app_key: if index == 0 {
+                    "SimKey01".to_owned()
+                } else {
+                    format!("SimKey{:02}", 10 + index)
+                },
+            })
+            .collect();
+        Self {
+            accounts,
             secret_generation: 0,
             secret_since: Instant::now(),
             domain: config.domain.clone(),
             tokens: HashMap::new(),
-            calls: VecDeque::new(),
+            tokens_made: 0,
+            issued_for: Vec::new(),
+            limited: VecDeque::new(),
+            minute: VecDeque::new(),
+            arrivals: VecDeque::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The app_secret of account set `account` at the current generation.
+    fn secret_for(&self, config: &GatewayConfig, account: usize) -> String {
+        let message = match account {
+            0 => format!("app-secret-{}", self.secret_generation),
+            _ => format!("app-secret-{account}-{}", self.secret_generation),
         };
-        state.app_secret = state.secret_for(config, 0);
-        state
+        sign::hmac_hex(&config.client_secret, &message)[..40].to_owned()
     }
 
-    fn secret_for(&self, config: &GatewayConfig, generation: u64) -> String {
-        sign::hmac_hex(&config.client_secret, &format!("app-secret-{generation}"))[..40].to_owned()
-    }
-
-    /// The current app_secret, rotated if its period has passed.
-    pub fn app_secret(&mut self, config: &GatewayConfig) -> String {
+    /// The current app_secret of account set `account`, every secret rotated first if its period has
+    /// passed.
+    pub fn app_secret(&mut self, config: &GatewayConfig, account: usize) -> String {
         if let Some(period) = config.secret_rotation
             && self.secret_since.elapsed() >= period
         {
             self.secret_generation += 1;
-            self.app_secret = self.secret_for(config, self.secret_generation);
             self.secret_since = Instant::now();
             tracing::info!(generation = self.secret_generation, "app_secret rotated");
         }
-        self.app_secret.clone()
+        self.secret_for(config, account)
     }
 
-    pub fn issue_token(&mut self, lifetime: Duration) -> (String, DateTime<Utc>) {
+    pub fn issue_token(&mut self, lifetime: Duration, account: usize) -> (String, DateTime<Utc>) {
+        self.tokens_made += 1;
         let token = format!(
             "sim.{}.{}",
-            self.tokens.len(),
+            self.tokens_made,
             sign::hmac_hex(
-                &self.app_key,
+                &self.accounts[account].app_key,
                 &Utc::now().timestamp_nanos_opt().unwrap_or(0).to_string()
             )
         );
         let expires = Utc::now() + lifetime;
-        self.tokens.retain(|_, expiry| *expiry > Utc::now());
-        self.tokens.insert(token.clone(), expires);
+        self.tokens.retain(|_, (expiry, _)| *expiry > Utc::now());
+        self.tokens.insert(token.clone(), (expires, account));
+        self.issued_for.push(self.accounts[account].name.clone());
         (token, expires)
     }
+
+    /// Forgets every app-token: calls with one are answered 4010 (token invalid).
+    pub fn revoke_tokens(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Makes every app-token expire now: calls with one are answered 4011 (token expired).
+    pub fn expire_tokens(&mut self) {
+        let now = Utc::now();
+        for (expiry, _) in self.tokens.values_mut() {
+            *expiry = now;
+        }
+    }
+
+    /// Counts a call against the limit; `false` if it is over the limit (and is not counted).
+    fn admit_call(&mut self, config: &GatewayConfig, stats: &Stats) -> bool {
+        let now = Instant::now();
+        if config.calls_per_minute > 0 {
+            let window = config.rate_window.max(Duration::from_millis(1));
+            while self
+                .limited
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= window)
+            {
+                self.limited.pop_front();
+            }
+            let allowed = (f64::from(config.calls_per_minute) * window.as_secs_f64() / 60.0)
+                .round()
+                .max(1.0) as usize;
+            if self.limited.len() >= allowed {
+                return false;
+            }
+            self.limited.push_back(now);
+        }
+        while self
+            .minute
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(60))
+        {
+            self.minute.pop_front();
+        }
+        self.minute.push_back(now);
+        stats
+            .max_calls_in_a_minute
+            .fetch_max(self.minute.len() as u64, Ordering::Relaxed);
+        if self.arrivals.len() == ARRIVALS_KEPT {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back(now);
+        true
+    }
+}
+
+/// The most calls among `arrivals` (in order) that fall within any span of `window`, ends included.
+pub fn most_calls_within(arrivals: &[Duration], window: Duration) -> usize {
+    let mut most = 0;
+    let mut first = 0;
+    for (last, at) in arrivals.iter().enumerate() {
+        while *at - arrivals[first] > window {
+            first += 1;
+        }
+        most = most.max(last + 1 - first);
+    }
+    most
+}
+
+/// How `arrivals` (in order) break a call budget of `calls_per_minute`; empty if they keep it. A paced
+/// client passes both checks; one that is not fails them:
+/// - within any span of each of `windows` (W), at most `calls_per_minute` × W ÷ 60 s + 1 calls arrive
+///   (the one is the fencepost: N calls evenly spaced span N - 1 gaps);
+/// - the first and the last call are at least (calls - 1) × 60 s ÷ `calls_per_minute` apart, so the
+///   budget, not the client's own speed, set the pace.
+pub fn budget_breaches(
+    arrivals: &[Duration],
+    calls_per_minute: u32,
+    windows: &[Duration],
+) -> Vec<String> {
+    let mut breaches = Vec::new();
+    let per_second = f64::from(calls_per_minute) / 60.0;
+    for window in windows {
+        let most = most_calls_within(arrivals, *window);
+        let bound = per_second * window.as_secs_f64() + 1.0;
+        if most as f64 > bound {
+            breaches.push(format!(
+                "{most} calls within {window:?}, where the budget allows {bound:.1}"
+            ));
+        }
+    }
+    if let (Some(first), Some(last)) = (arrivals.first(), arrivals.last()) {
+        let span = (*last - *first).as_secs_f64();
+        let least = (arrivals.len() - 1) as f64 / per_second;
+        if span < least {
+            breaches.push(format!(
+                "{} calls within {span:.3} s, where the budget needs at least {least:.3} s",
+                arrivals.len()
+            ));
+        }
+    }
+    breaches
 }
 
 /// How the gateway turns a call away.
@@ -284,23 +448,9 @@ impl crate::Simulator {
         }
 
         let mut gate = self.gate.lock().expect("gate lock");
-        if config.calls_per_minute > 0 {
-            let now = Instant::now();
-            while gate
-                .calls
-                .front()
-                .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(60))
-            {
-                gate.calls.pop_front();
-            }
-            if gate.calls.len() >= config.calls_per_minute as usize {
-                bump(&stats.rate_limited);
-                return Err(Rejection::RateLimited);
-            }
-            gate.calls.push_back(now);
-            stats
-                .max_calls_in_a_minute
-                .fetch_max(gate.calls.len() as u64, Ordering::Relaxed);
+        if !gate.admit_call(config, stats) {
+            bump(&stats.rate_limited);
+            return Err(Rejection::RateLimited);
         }
         if business {
             let token = header("app-token");
@@ -313,7 +463,7 @@ impl crate::Simulator {
                     bump(&stats.rejected_token);
                     return Err(rejected(4010, "token invalid"));
                 }
-                Some(expiry) if *expiry <= Utc::now() => {
+                Some((expiry, _)) if *expiry <= Utc::now() => {
                     bump(&stats.rejected_token);
                     return Err(rejected(4011, "token expired"));
                 }
@@ -325,5 +475,48 @@ impl crate::Simulator {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn millis(times: &[u64]) -> Vec<Duration> {
+        times.iter().map(|&ms| Duration::from_millis(ms)).collect()
+    }
+
+    #[test]
+    fn the_busiest_span_is_counted_with_both_ends() {
+        let arrivals = millis(&[0, 100, 200, 1_000, 1_050, 1_100, 1_150, 3_000]);
+        assert_eq!(most_calls_within(&arrivals, Duration::from_millis(150)), 4);
+        assert_eq!(
+            most_calls_within(&arrivals, Duration::from_millis(1_000)),
+            5
+        );
+        assert_eq!(most_calls_within(&arrivals, Duration::from_millis(10)), 1);
+        assert_eq!(most_calls_within(&[], Duration::from_secs(1)), 0);
+    }
+
+    #[test]
+    fn evenly_paced_calls_keep_the_budget_and_a_burst_breaks_it() {
+        // 600 calls a minute: one every 100 ms is exactly the budget.
+        let paced: Vec<u64> = (0..50).map(|n| n * 102).collect();
+        assert!(
+            budget_breaches(&millis(&paced), 600, &[Duration::from_secs(1)]).is_empty(),
+            "{:?}",
+            budget_breaches(&millis(&paced), 600, &[Duration::from_secs(1)])
+        );
+        let burst: Vec<u64> = (0..50).map(|n| n * 20).collect();
+        let breaches = budget_breaches(&millis(&burst), 600, &[Duration::from_secs(1)]);
+        assert_eq!(breaches.len(), 2, "{breaches:?}");
+        assert!(
+            breaches[0].starts_with("50 calls within 1s"),
+            "{breaches:?}"
+        );
+        assert!(
+            breaches[1].contains("needs at least 4.900 s"),
+            "{breaches:?}"
+        );
     }
 }

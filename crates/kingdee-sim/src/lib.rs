@@ -86,6 +86,35 @@ impl Default for SimConfig {
     }
 }
 
+/// A change the simulator makes to the data between two pages of one list query, so that a test can
+/// meet, every time, the case in which naive paging silently skips a row: armed with
+/// [`Simulator::arm_paging_change`] (or `POST /admin/paging-change`), it is made once, by the first
+/// sales-order query that serves page `after_page` and has more pages after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagingChange {
+    /// The page just served (from 1) when the change is made: the client's next page sees it.
+    pub after_page: usize,
+    pub kind: PagingChangeKind,
+}
+
+/// What happens to the first row of the page just served (the moved row): every row after it then
+/// shifts one place up, so the first row of the next page slides onto the page already served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PagingChangeKind {
+    /// It is modified now (a newer modify time, after the window): it leaves the query, and `count`
+    /// drops by one.
+    Leave,
+    /// It is modified to a newer time still inside the window (a second before its end) and moves to
+    /// the end of the query's rows, as on a list ordered by modify time: `count` stays the same and the
+    /// row comes again on a later page.
+    MoveToEnd,
+    /// It leaves as with `Leave`, and a late row enters the window at the same moment (an order created
+    /// with a modify time a second before the window's end, listed last): `count` stays the same and no
+    /// row comes twice.
+    LeaveAndEnter,
+}
+
 /// The simulator's state.
 pub struct Simulator {
     config: SimConfig,
@@ -101,6 +130,8 @@ pub struct Simulator {
     /// The dice of the injected faults, seeded from the data's seed: the n-th list call rolls the
     /// same in every run, so a test's share of faults is what it asked for, not luck.
     fault_dice: Mutex<ChaCha8Rng>,
+    /// Changes to make between two pages of a query, in the order they were armed.
+    paging_changes: Mutex<std::collections::VecDeque<PagingChange>>,
 }
 
 /// Indices of the orders matching one window and status, at one data generation.
@@ -159,6 +190,7 @@ impl Simulator {
             generation: AtomicU64::new(0),
             selection: Mutex::new(None),
             fault_dice: Mutex::new(ChaCha8Rng::seed_from_u64(config.seed)),
+            paging_changes: Mutex::new(std::collections::VecDeque::new()),
             config,
         })
     }
@@ -216,6 +248,112 @@ impl Simulator {
     /// Moves the tenant to another data centre: calls routed to the old one get HTTP 502.
     pub fn move_tenant(&self, domain: &str) {
         self.gate.lock().expect("gate lock").domain = domain.to_owned();
+    }
+
+    /// Revokes every app-token issued so far: a call with one is answered HTTP 519, code 4010 (token
+    /// invalid), as after the gateway dropped its sessions.
+    pub fn revoke_tokens(&self) {
+        self.gate.lock().expect("gate lock").revoke_tokens();
+        bump(&self.stats.tokens_invalidated);
+    }
+
+    /// Makes every app-token issued so far expire now: a call with one is answered HTTP 519, code 4011
+    /// (token expired), although the `expires` the client was given has not passed.
+    pub fn expire_tokens(&self) {
+        self.gate.lock().expect("gate lock").expire_tokens();
+        bump(&self.stats.tokens_invalidated);
+    }
+
+    /// The account set (by name) of every app-token issued, in order.
+    pub fn token_accounts(&self) -> Vec<String> {
+        self.gate.lock().expect("gate lock").issued_for.clone()
+    }
+
+    /// When each call the gateway admitted (past the signature checks and the rate limit) arrived,
+    /// as time since the simulator started, in order: a test checks a client's pacing against it.
+    pub fn call_arrivals(&self) -> Vec<Duration> {
+        let gate = self.gate.lock().expect("gate lock");
+        gate.arrivals
+            .iter()
+            .map(|at| at.duration_since(gate.started))
+            .collect()
+    }
+
+    /// The most admitted calls that arrived within any span of `window`.
+    pub fn most_calls_within(&self, window: Duration) -> usize {
+        gate::most_calls_within(&self.call_arrivals(), window)
+    }
+
+    /// Arms a change of the data between two pages of a coming sales-order query (see
+    /// [`PagingChange`]); several armed changes are made by successive queries.
+    pub fn arm_paging_change(&self, change: PagingChange) {
+        self.paging_changes
+            .lock()
+            .expect("paging changes lock")
+            .push_back(change);
+    }
+
+    /// Makes the armed change due after `paging.page` of a query of `pages` pages whose page began with
+    /// the order `first_id`, if any. By id, not by place: another change may have moved the orders
+    /// since the page was served.
+    fn change_between_pages(&self, window: &Window, paging: &Paging, pages: usize, first_id: &str) {
+        let change = {
+            let mut armed = self.paging_changes.lock().expect("paging changes lock");
+            match armed.front() {
+                Some(change) if change.after_page == paging.page && pages > paging.page => {
+                    armed.pop_front()
+                }
+                _ => None,
+            }
+        };
+        let Some(change) = change else {
+            return;
+        };
+        let now = now_local();
+        let end = window
+            .end
+            .as_deref()
+            .and_then(|end| NaiveDateTime::parse_from_str(end, LOCAL_TIME_FORMAT).ok());
+        // A time after the window, and never before now: the record leaves the window.
+        let after_window = end.map_or(now, |end| now.max(end + chrono::Duration::seconds(1)));
+        // A time inside the window, a second before its end (or now, for a window without one): off the
+        // bound it shares with the next window, so that no other window gains a row.
+        let start = window
+            .start
+            .as_deref()
+            .and_then(|start| NaiveDateTime::parse_from_str(start, LOCAL_TIME_FORMAT).ok());
+        let inside = end.map_or(now, |end| {
+            let before_end = end - chrono::Duration::seconds(1);
+            start.map_or(before_end, |start| before_end.max(start))
+        });
+        let mut data = self.data.write().expect("data lock");
+        let Some(moved) = data.orders().iter().position(|order| order.id == first_id) else {
+            return;
+        };
+        match change.kind {
+            PagingChangeKind::Leave => data.modify_order(moved, after_window),
+            PagingChangeKind::MoveToEnd => {
+                let current = NaiveDateTime::parse_from_str(
+                    &data.orders()[moved].modify_time,
+                    LOCAL_TIME_FORMAT,
+                )
+                .unwrap_or(now);
+                data.modify_order(moved, inside.max(current));
+                data.move_to_end(moved);
+            }
+            PagingChangeKind::LeaveAndEnter => {
+                data.modify_order(moved, after_window);
+                // Late: created with a time inside the window, visible only now.
+                data.create_order(inside);
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+        bump(&self.stats.paging_changes);
+        tracing::info!(
+            ?change,
+            id = first_id,
+            "moved a row between two pages of a query"
+        );
     }
 
     /// Changes how fast the data changes (zero rates stop it).
@@ -313,6 +451,10 @@ impl Simulator {
             .route("/admin/stats", get(stats))
             .route("/admin/domain", post(move_tenant))
             .route("/admin/changes", post(set_changes))
+            .route("/admin/tokens/revoke", post(revoke_tokens))
+            .route("/admin/tokens/expire", post(expire_tokens))
+            .route("/admin/paging-change", post(arm_paging_change))
+            .route("/admin/arrivals", get(arrivals))
             .route("/healthz", get(|| async { "ok\n" }))
             .with_state(self.clone())
     }
@@ -398,30 +540,35 @@ async fn authorize(
     }
     bump(&sim.stats.authorizations);
     let mut gate = sim.gate.lock().expect("gate lock");
-    let app_secret = gate.app_secret(config);
-    let account = |name: &str, id: &str, status: u8, key: &str, secret: &str| {
+    let account = |name: &str, id: &str, status: u8, key: &str, secret: &str, domain: &str| {
         json!({
-            "appKey": key, "appSecret": secret, "domain": gate.domain, "accountId": id, "accountName": name,
+            "appKey": key, "appSecret": secret, "domain": domain, "accountId": id, "accountName": name,
             "groupName": "演示集团", "status": status, "outerInstanceId": config.outer_instance_id,
             "clientId": config.client_id, "serviceId": "1001",
             "instanceExpiresTime": 4_102_416_000_000_i64,
         })
     };
-    let active = account(
-        &config.account_name,
-        "1760000000000000001",
-        1,
-        &gate.app_key,
-        &app_secret,
-    );
-    let archived = account(
+    let mut sets = vec![account(
         "归档账套",
         "1760000000000000002",
         0,
         "SimKey02",
         "0000000000000000000000000000000000000000",
-    );
-    Json(json!({"code": 200, "msg": "success", "data": [archived, active]})).into_response()
+        &gate.domain,
+    )];
+    for index in 0..gate.accounts.len() {
+        let secret = gate.app_secret(config, index);
+        let set = &gate.accounts[index];
+        sets.push(account(
+            &set.name,
+            &set.id,
+            1,
+            &set.app_key,
+            &secret,
+            &gate.domain,
+        ));
+    }
+    Json(json!({"code": 200, "msg": "success", "data": sets})).into_response()
 }
 
 async fn token(
@@ -434,15 +581,21 @@ async fn token(
     }
     let config = &sim.config.gateway;
     let mut gate = sim.gate.lock().expect("gate lock");
-    let app_secret = gate.app_secret(config);
-    let expected = conveyor_kingdee::sign::app_signature(&gate.app_key, &app_secret);
-    if query_value(&query, "app_key") != Some(gate.app_key.as_str())
-        || query_value(&query, "app_signature") != Some(expected.as_str())
-    {
+    let account = gate
+        .accounts
+        .iter()
+        .position(|set| query_value(&query, "app_key") == Some(set.app_key.as_str()));
+    let signed_right = account.is_some_and(|index| {
+        let app_secret = gate.app_secret(config, index);
+        let expected =
+            conveyor_kingdee::sign::app_signature(&gate.accounts[index].app_key, &app_secret);
+        query_value(&query, "app_signature") == Some(expected.as_str())
+    });
+    let Some(account) = account.filter(|_| signed_right) else {
         bump(&sim.stats.stale_secret);
         return business_error(1_030_002_006, "授权密钥校验失败".into()).into_response();
-    }
-    let (token, expires) = gate.issue_token(config.token_lifetime);
+    };
+    let (token, expires) = gate.issue_token(config.token_lifetime, account);
     bump(&sim.stats.tokens_issued);
     Json(json!({
         "errcode": 0,
@@ -549,13 +702,15 @@ struct Listing {
     count_as_string: bool,
 }
 
-/// The admission checks and injected faults every list call goes through.
+/// The admission checks and injected faults every list call goes through. `served` is called once a
+/// whole page (no fault) is ready to go out, before it is sent.
 async fn list(
     sim: &Simulator,
     path: &str,
     headers: &HeaderMap,
     query: &[(String, String)],
     select: impl FnOnce(&Dataset, &Window, &Paging) -> Listing,
+    served: impl FnOnce(&Window, &Paging),
 ) -> Response {
     if let Err(rejection) = sim.admit("GET", path, headers, query, true) {
         return rejection.into_response();
@@ -589,11 +744,16 @@ async fn list(
         select(&data, &window, &paging)
     };
     listing.count_as_string |= sim.config.count_always_string;
-    if empty && !listing.rows.is_empty() {
+    let emptied = empty && !listing.rows.is_empty();
+    let whole = !(emptied || truncated || dropped);
+    if emptied {
         bump(&sim.stats.injected_faults);
         listing.rows.clear();
     }
     let bytes = page_body(sim, &paging, listing);
+    if whole {
+        served(&window, &paging);
+    }
     if truncated {
         bump(&sim.stats.injected_faults);
         return (
@@ -669,6 +829,9 @@ async fn list_sales_orders(
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
     let status = query_value(&query, "bill_status").map(str::to_owned);
+    // The query's pages and the first order of the page served, for a change armed to happen between
+    // two pages.
+    let selected = std::sync::OnceLock::new();
     list(
         &sim,
         "/jdy/v2/scm/sal_order",
@@ -678,10 +841,20 @@ async fn list_sales_orders(
             let indices = sim.select_orders(data, window, status.as_deref());
             let (count, rows) =
                 paging.take(indices.iter(), |&index| data.order_json(index).to_owned());
+            let pages = count.div_ceil(paging.size);
+            let first = indices.get((paging.page - 1) * paging.size);
+            if let Some(&first) = first {
+                let _ = selected.set((pages, data.orders()[first].id.clone()));
+            }
             Listing {
                 count,
                 rows,
                 count_as_string: false,
+            }
+        },
+        |window, paging| {
+            if let Some((pages, first_id)) = selected.get() {
+                sim.change_between_pages(window, paging, *pages, first_id);
             }
         },
     )
@@ -720,19 +893,26 @@ async fn list_base_data<T: BaseData>(
     headers: HeaderMap,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Response {
-    list(&sim, T::PATH, &headers, &query, |data, window, paging| {
-        let (count, rows) = paging.take(
-            T::all(data)
-                .iter()
-                .filter(|row| window.contains(row.modify_time())),
-            render,
-        );
-        Listing {
-            count,
-            rows,
-            count_as_string: true,
-        }
-    })
+    list(
+        &sim,
+        T::PATH,
+        &headers,
+        &query,
+        |data, window, paging| {
+            let (count, rows) = paging.take(
+                T::all(data)
+                    .iter()
+                    .filter(|row| window.contains(row.modify_time())),
+                render,
+            );
+            Listing {
+                count,
+                rows,
+                count_as_string: true,
+            }
+        },
+        |_, _| {},
+    )
     .await
 }
 
@@ -770,6 +950,34 @@ async fn set_changes(
 ) -> StatusCode {
     sim.set_changes(rates);
     StatusCode::NO_CONTENT
+}
+
+async fn revoke_tokens(State(sim): State<Arc<Simulator>>) -> StatusCode {
+    sim.revoke_tokens();
+    StatusCode::NO_CONTENT
+}
+
+async fn expire_tokens(State(sim): State<Arc<Simulator>>) -> StatusCode {
+    sim.expire_tokens();
+    StatusCode::NO_CONTENT
+}
+
+async fn arm_paging_change(
+    State(sim): State<Arc<Simulator>>,
+    Json(change): Json<PagingChange>,
+) -> StatusCode {
+    sim.arm_paging_change(change);
+    StatusCode::NO_CONTENT
+}
+
+/// The admitted calls' arrival times, milliseconds since the simulator started.
+async fn arrivals(State(sim): State<Arc<Simulator>>) -> Json<Value> {
+    let millis: Vec<f64> = sim
+        .call_arrivals()
+        .iter()
+        .map(|at| at.as_secs_f64() * 1000.0)
+        .collect();
+    Json(json!({ "millis": millis }))
 }
 
 #[cfg(test)]
@@ -900,5 +1108,65 @@ mod tests {
                 .count()
                 >= 4
         );
+    }
+
+    /// The rows of sales orders in `window`, paged by 10, as a client would read them in one pass.
+    fn ids_in(sim: &Simulator, window: &Window) -> Vec<String> {
+        let data = sim.data.read().unwrap();
+        sim.select_orders(&data, window, None)
+            .iter()
+            .map(|&index| data.orders()[index].id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_paging_change_moves_the_first_row_of_the_page_just_served() {
+        let window = Window {
+            start: None,
+            end: Some("2025-06-01 00:00:00".into()),
+        };
+        let paging = Paging {
+            page: 2,
+            requested_size: 10,
+            size: 10,
+        };
+        for (kind, count) in [
+            (PagingChangeKind::Leave, 29),
+            (PagingChangeKind::MoveToEnd, 30),
+            (PagingChangeKind::LeaveAndEnter, 30),
+        ] {
+            let sim = Simulator::new(SimConfig {
+                orders: 30,
+                ..SimConfig::default()
+            });
+            let before = ids_in(&sim, &window);
+            sim.arm_paging_change(PagingChange {
+                after_page: 2,
+                kind,
+            });
+            // Not after page 1, and not after the last page: nothing to shift.
+            sim.change_between_pages(&window, &Paging { page: 1, ..paging }, 3, &before[0]);
+            sim.change_between_pages(&window, &Paging { page: 3, ..paging }, 3, &before[20]);
+            assert_eq!(sim.stats().paging_changes, 0);
+            sim.change_between_pages(&window, &paging, 3, &before[10]);
+            assert_eq!(sim.stats().paging_changes, 1);
+            let after = ids_in(&sim, &window);
+            assert_eq!(after.len(), count, "{kind:?}");
+            // The first row of page 3 slid onto page 2.
+            assert_eq!(after[19], before[20], "{kind:?}");
+            assert!(!after[..20].contains(&before[10]), "{kind:?}");
+            if kind == PagingChangeKind::MoveToEnd {
+                assert_eq!(after.last(), Some(&before[10]), "listed again, last");
+            }
+            let truth = sim.truth(Object::SalesOrder);
+            let moved = truth.iter().find(|r| r.id == before[10]).unwrap();
+            match kind {
+                PagingChangeKind::MoveToEnd => assert_eq!(moved.modify_time, "2025-05-31 23:59:59"),
+                _ => assert!(
+                    moved.modify_time.as_str() > "2025-06-01 00:00:00",
+                    "{kind:?}"
+                ),
+            }
+        }
     }
 }

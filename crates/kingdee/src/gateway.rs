@@ -448,43 +448,13 @@ impl<B: RateBudget> Gateway<B> {
             Ok(other) => return Err(other),
             Err(err) => return Err(Answer::Fatal(err.to_string())),
         };
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct AccountSet {
-            app_key: String,
-            app_secret: String,
-            domain: String,
-            #[serde(default)]
-            account_id: String,
-            #[serde(default)]
-            account_name: String,
-            #[serde(default)]
-            status: Value,
-        }
         let sets: Vec<AccountSet> =
             serde_json::from_str(data.get()).map_err(|err| Answer::Retry {
                 reason: format!("push_app_authorize answer: {err}"),
                 throttled: false,
             })?;
-        let active: Vec<&AccountSet> = sets
-            .iter()
-            .filter(|set| set.status == 1 || set.status == "1")
-            .collect();
-        let chosen = match &self.credentials.account {
-            Some(wanted) => active
-                .iter()
-                .find(|set| &set.account_id == wanted || &set.account_name == wanted)
-                .copied(),
-            None if active.len() == 1 => Some(active[0]),
-            None => None,
-        };
-        let names: Vec<&str> = active.iter().map(|set| set.account_name.as_str()).collect();
-        let set = chosen.ok_or_else(|| {
-            Answer::Fatal(format!(
-                "no active account set matches CONVEYOR_KINGDEE_ACCOUNT={:?}; active: {names:?}",
-                self.credentials.account.as_deref().unwrap_or("")
-            ))
-        })?;
+        let set =
+            choose_account(&sets, self.credentials.account.as_deref()).map_err(Answer::Fatal)?;
         tracing::info!(
             account = set.account_name,
             domain = set.domain,
@@ -626,6 +596,69 @@ impl<B: RateBudget> Gateway<B> {
             }
         };
         Ok(read_answer(status, &body))
+    }
+}
+
+/// One account set (账套) in push_app_authorize's answer (no `Debug`: it holds the app_secret).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AccountSet {
+    app_key: String,
+    app_secret: String,
+    domain: String,
+    #[serde(default)]
+    account_id: String,
+    #[serde(default)]
+    account_name: String,
+    #[serde(default)]
+    status: Value,
+}
+
+impl AccountSet {
+    fn active(&self) -> bool {
+        self.status == 1 || self.status == "1"
+    }
+
+    fn named(&self, wanted: &str) -> bool {
+        self.account_id == wanted || self.account_name == wanted
+    }
+}
+
+/// The account set to use: the active one named `wanted` (by accountId or accountName), or the only
+/// active one when none is named. The error says what the tenant has, for the operator to choose.
+fn choose_account<'a>(
+    sets: &'a [AccountSet],
+    wanted: Option<&str>,
+) -> Result<&'a AccountSet, String> {
+    let active: Vec<&AccountSet> = sets.iter().filter(|set| set.active()).collect();
+    let listed = active
+        .iter()
+        .map(|set| format!("{:?} (accountId {})", set.account_name, set.account_id))
+        .collect::<Vec<_>>()
+        .join(", ");
+    match wanted {
+        Some(wanted) => {
+            if let Some(set) = active.iter().find(|set| set.named(wanted)) {
+                return Ok(set);
+            }
+            let state = if sets.iter().any(|set| set.named(wanted)) {
+                "is inactive (status 0)"
+            } else {
+                "is not among the tenant's account sets"
+            };
+            Err(format!(
+                "account set {wanted:?} named by CONVEYOR_KINGDEE_ACCOUNT {state}; the active ones: {}",
+                if listed.is_empty() { "none" } else { &listed }
+            ))
+        }
+        None => match active.as_slice() {
+            [only] => Ok(only),
+            [] => Err("the tenant has no active account set for this app".into()),
+            _ => Err(format!(
+                "the tenant has {} active account sets: {listed}; name one with CONVEYOR_KINGDEE_ACCOUNT",
+                active.len()
+            )),
+        },
     }
 }
 
@@ -837,5 +870,58 @@ mod tests {
         for attempt in 0..30 {
             assert!(backoff(attempt) <= Duration::from_secs(16));
         }
+    }
+
+    /// Clients throttled together must not come back together: the delays spread over half the step.
+    #[test]
+    fn backoff_is_jittered() {
+        let delays: std::collections::BTreeSet<Duration> = (0..50).map(|_| backoff(3)).collect();
+        assert!(delays.len() > 10, "{delays:?}");
+        assert!(
+            delays
+                .iter()
+                .all(|d| (Duration::from_millis(1_000)..=Duration::from_millis(2_000)).contains(d)),
+            "{delays:?}"
+        );
+    }
+
+    fn account_sets() -> Vec<AccountSet> {
+        serde_json::from_value(serde_json::json!([
+            {"appKey": "k0", "appSecret": "s0", "domain": "d", "accountId": "100", "accountName": "归档账套", "status": 0},
+            {"appKey": "k1", "appSecret": "s1", "domain": "d", "accountId": "101", "accountName": "华东账套", "status": 1},
+            {"appKey": "k2", "appSecret": "s2", "domain": "d", "accountId": "102", "accountName": "华南账套", "status": "1"},
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_named_account_set_is_chosen_by_name_or_id() {
+        let sets = account_sets();
+        assert_eq!(
+            choose_account(&sets, Some("华南账套")).unwrap().app_key,
+            "k2"
+        );
+        assert_eq!(choose_account(&sets, Some("101")).unwrap().app_key, "k1");
+        assert_eq!(choose_account(&sets[..2], None).unwrap().app_key, "k1");
+    }
+
+    #[test]
+    fn an_account_set_that_cannot_be_used_is_refused_with_the_choices() {
+        let sets = account_sets();
+        let missing = choose_account(&sets, Some("西北账套")).err().unwrap();
+        assert!(
+            missing.contains("\"西北账套\" named by CONVEYOR_KINGDEE_ACCOUNT is not among")
+                && missing.contains("\"华东账套\" (accountId 101), \"华南账套\" (accountId 102)"),
+            "{missing}"
+        );
+        let inactive = choose_account(&sets, Some("归档账套")).err().unwrap();
+        assert!(inactive.contains("is inactive"), "{inactive}");
+        let unnamed = choose_account(&sets, None).err().unwrap();
+        assert!(
+            unnamed.contains("2 active account sets")
+                && unnamed.contains("CONVEYOR_KINGDEE_ACCOUNT"),
+            "{unnamed}"
+        );
+        assert!(choose_account(&sets[..1], None).is_err());
     }
 }

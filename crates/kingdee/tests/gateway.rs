@@ -299,3 +299,259 @@ async fn base_data_lists_write_count_as_a_string() {
         assert_eq!(page.count as usize, sim.truth(object).len(), "{path}");
     }
 }
+
+/// Runs `calls` page calls at once on one gateway; every one must succeed.
+async fn concurrent_pages(gateway: &Arc<Gateway<Unlimited>>, calls: usize) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let gateway = gateway.clone();
+        tasks.spawn(async move { page(&gateway, 1, 10).await.count });
+    }
+    while let Some(count) = tasks.join_next().await {
+        assert!(count.unwrap() > 0);
+    }
+}
+
+/// However many tasks need a token at once — none yet, or one the gateway stopped accepting — one of
+/// them fetches it and the others wait for it: one token call each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_share_one_token_fetch() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 30,
+        ..SimConfig::default()
+    })
+    .await;
+    let gateway = Arc::new(gateway);
+    concurrent_pages(&gateway, 16).await;
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "no token at first: {stats:?}"
+    );
+
+    // Tokens the client still thinks valid, refused as expired (4011), then as unknown (4010).
+    sim.expire_tokens();
+    concurrent_pages(&gateway, 16).await;
+    let expired = sim.stats();
+    assert_eq!(expired.tokens_issued, 2, "{expired:?}");
+    assert!(expired.rejected_token >= 1, "{expired:?}");
+    sim.revoke_tokens();
+    concurrent_pages(&gateway, 16).await;
+    let revoked = sim.stats();
+    assert_eq!(revoked.tokens_issued, 3, "{revoked:?}");
+    assert!(
+        revoked.rejected_token > expired.rejected_token,
+        "{revoked:?}"
+    );
+    assert_eq!(revoked.authorizations, 1, "the authorization stayed good");
+    assert_eq!(revoked.rejected_signature, 0);
+}
+
+/// A token past 80% of its life is refreshed before the gateway refuses it, once for all the tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_near_its_expiry_is_refreshed_once_for_concurrent_calls() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 30,
+        gateway: GatewayConfig {
+            token_lifetime: Duration::from_millis(1_500),
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let gateway = Arc::new(gateway);
+    concurrent_pages(&gateway, 8).await;
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    concurrent_pages(&gateway, 16).await;
+    let stats = sim.stats();
+    assert_eq!(stats.tokens_issued, 2, "{stats:?}");
+    assert_eq!(
+        stats.rejected_token, 0,
+        "refreshed before it expired: {stats:?}"
+    );
+}
+
+/// With no budget of its own, a client that calls faster than the gateway allows meets 429s, backs
+/// off and still gets every answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_over_the_gateway_limit_are_throttled_and_retried() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 30,
+        gateway: GatewayConfig {
+            // 10 calls in any second.
+            calls_per_minute: 600,
+            rate_window: Duration::from_secs(1),
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let gateway = Arc::new(gateway);
+    concurrent_pages(&gateway, 30).await;
+    let stats = sim.stats();
+    assert!(stats.rate_limited > 0, "{stats:?}");
+    assert!(
+        sim.most_calls_within(Duration::from_millis(999)) <= 10,
+        "the limit held: {stats:?}"
+    );
+}
+
+/// Credentials naming an account set.
+fn credentials_for(addr: std::net::SocketAddr, account: Option<&str>) -> Credentials {
+    Credentials {
+        account: account.map(str::to_owned),
+        ..credentials(addr, DEMO_CLIENT_SECRET)
+    }
+}
+
+/// A tenant with three active account sets (and an inactive one).
+async fn tenant_with_several_account_sets() -> (Arc<Simulator>, std::net::SocketAddr) {
+    let sim = Simulator::new(SimConfig {
+        orders: 10,
+        gateway: GatewayConfig {
+            other_accounts: vec!["华东账套".into(), "华南账套".into()],
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    });
+    let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    (sim, addr)
+}
+
+#[tokio::test]
+async fn the_named_account_set_is_used_among_several_active_ones() {
+    let (sim, addr) = tenant_with_several_account_sets().await;
+    let gateway = Gateway::new(
+        credentials_for(addr, Some("华南账套")),
+        Unlimited,
+        Metrics::new(),
+        "test",
+    );
+    let report = gateway.check_token().await.unwrap();
+    assert_eq!(report.account_name, "华南账套");
+    assert_eq!(page_of(&gateway).await, 10);
+    assert_eq!(sim.token_accounts(), ["华南账套"]);
+    assert_eq!(
+        sim.stats().stale_secret,
+        0,
+        "its own app_secret signed the token call"
+    );
+}
+
+#[tokio::test]
+async fn an_account_set_that_is_not_active_fails_with_the_choices() {
+    let (sim, addr) = tenant_with_several_account_sets().await;
+    for (wanted, says) in [
+        (
+            Some("西北账套"),
+            "\"西北账套\" named by CONVEYOR_KINGDEE_ACCOUNT is not among",
+        ),
+        (
+            Some("归档账套"),
+            "\"归档账套\" named by CONVEYOR_KINGDEE_ACCOUNT is inactive",
+        ),
+        (None, "3 active account sets"),
+    ] {
+        let gateway = Gateway::new(
+            credentials_for(addr, wanted),
+            Unlimited,
+            Metrics::new(),
+            "test",
+        );
+        let err = gateway.check_token().await.unwrap_err();
+        assert!(
+            matches!(err, conveyor_kingdee::GatewayError::Permanent(_)),
+            "{err:?}"
+        );
+        let err = err.to_string();
+        assert!(err.contains(says), "{err}");
+        assert!(
+            err.contains(&format!("\"{}\"", kingdee_sim::gate::DEMO_ACCOUNT))
+                && err.contains("\"华东账套\"")
+                && err.contains("\"华南账套\""),
+            "lists the active ones: {err}"
+        );
+        // The same error from a business call, which a fetcher makes.
+        let err = gateway
+            .get::<ListData>("/jdy/v2/scm/sal_order", &query(&[("page", "1")]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    assert!(sim.token_accounts().is_empty());
+}
+
+async fn page_of<B: conveyor_kingdee::RateBudget>(gateway: &Gateway<B>) -> u64 {
+    let data = gateway
+        .get::<ListData>(
+            "/jdy/v2/scm/sal_order",
+            &query(&[("page", "1"), ("page_size", "100")]),
+        )
+        .await
+        .unwrap();
+    Page::from_list(data, 1, 100).unwrap().count
+}
+
+/// The simulator's paging changes make the hazard real: a client that pages naively through a query
+/// while a row moves between two of its pages misses a row that never changed. (The fetcher's own
+/// answer to each case is proven in tests/kingdee_sync.rs.)
+#[tokio::test]
+async fn a_row_moved_between_pages_makes_naive_paging_skip_one() {
+    use kingdee_sim::{PagingChange, PagingChangeKind};
+    for (kind, count_after) in [
+        (PagingChangeKind::Leave, 249),
+        (PagingChangeKind::MoveToEnd, 250),
+        (PagingChangeKind::LeaveAndEnter, 250),
+    ] {
+        let (sim, gateway) = start(SimConfig {
+            orders: 250,
+            ..SimConfig::default()
+        })
+        .await;
+        // A window that holds every order and ends in the past (the data is from 2025-01).
+        let window = [
+            ("modify_start_time", "1700000000000"),
+            ("modify_end_time", "1750000000000"),
+        ];
+        let before: Vec<String> = sim
+            .truth(Object::SalesOrder)
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        sim.arm_paging_change(PagingChange {
+            after_page: 1,
+            kind,
+        });
+        let mut read = Vec::new();
+        let mut counts = Vec::new();
+        for number in 1..=3u64 {
+            let mut pairs = query(&window);
+            pairs.extend(query(&[
+                ("page", &number.to_string()),
+                ("page_size", "100"),
+            ]));
+            let data = gateway
+                .get::<ListData>("/jdy/v2/scm/sal_order", &pairs)
+                .await
+                .unwrap();
+            let page = Page::from_list(data, number, 100).unwrap();
+            counts.push(page.count);
+            read.extend(
+                page.rows
+                    .iter()
+                    .map(|row| tree(row)["id"].as_str().unwrap().to_owned()),
+            );
+        }
+        assert_eq!(sim.stats().paging_changes, 1, "{kind:?}");
+        assert_eq!(counts, [250, count_after, count_after], "{kind:?}");
+        // The first row of page 2 slid onto page 1, already read: never seen, though it never changed.
+        let skipped = &before[100];
+        assert!(!read.contains(skipped), "{kind:?}: {skipped} was read");
+        let truth = sim.truth(Object::SalesOrder);
+        let unchanged = truth.iter().find(|r| &r.id == skipped).unwrap();
+        assert!(unchanged.modify_time.starts_with("2025-"), "{kind:?}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The shared call budget against the real PostgreSQL on 127.0.0.1:5432 (user postgres, database test)
+//! and the simulator, which records when each call arrives: two budgets for one account set, each on
+//! its own connection pool as two fetcher processes would be, pace their calls together — and the same
+//! calls without the budget break the very checks the paced ones pass.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conveyor_core::metrics::Metrics;
+use conveyor_core::postgres::Database;
+use conveyor_core::settings::{PostgresArgs, Secret};
+use conveyor_fetcher::state::{SharedBudget, SyncStore};
+use conveyor_kingdee::{Credentials, Gateway, ListData, Page, RateBudget, Unlimited};
+use kingdee_sim::gate::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID};
+use kingdee_sim::{SimConfig, Simulator};
+
+/// Calls per minute: one call every 102 ms, so the ~50 calls below take about five seconds.
+const BUDGET: u32 = 600;
+const GATEWAYS: usize = 2;
+const TASKS_PER_GATEWAY: usize = 4;
+const PAGES_PER_TASK: usize = 6;
+
+/// Spans the pacing is checked over (the run lasts about five seconds).
+fn windows() -> [Duration; 3] {
+    [
+        Duration::from_millis(500),
+        Duration::from_secs(1),
+        Duration::from_secs(2),
+    ]
+}
+
+fn postgres_args(schema: &str) -> PostgresArgs {
+    PostgresArgs {
+        pg_url: Some(Secret::new("postgres://postgres@127.0.0.1:5432/test")),
+        pg_url_file: None,
+        pg_schema: schema.to_owned(),
+        pg_pool_size: 4,
+        lock_timeout_ms: None,
+    }
+}
+
+async fn simulator() -> (Arc<Simulator>, Credentials) {
+    let sim = Simulator::new(SimConfig {
+        orders: 30,
+        ..SimConfig::default()
+    });
+    let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let credentials = Credentials {
+        base_url: format!("http://{addr}"),
+        client_id: DEMO_CLIENT_ID.into(),
+        client_secret: Secret::new(DEMO_CLIENT_SECRET),
+        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
+        account: None,
+        ca: None,
+    };
+    (sim, credentials)
+}
+
+/// Every task of every gateway pages at once, as the fetch tasks of several processes do.
+async fn call_from_all<B: RateBudget>(gateways: Vec<Gateway<B>>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for gateway in gateways.into_iter().map(Arc::new) {
+        for _ in 0..TASKS_PER_GATEWAY {
+            let gateway = gateway.clone();
+            tasks.spawn(async move {
+                for _ in 0..PAGES_PER_TASK {
+                    let query = [
+                        ("page".to_owned(), "1".to_owned()),
+                        ("page_size".to_owned(), "10".to_owned()),
+                    ];
+                    let data = gateway
+                        .get::<ListData>("/jdy/v2/scm/sal_order", &query)
+                        .await
+                        .unwrap();
+                    assert_eq!(Page::from_list(data, 1, 10).unwrap().count, 30);
+                }
+            });
+        }
+    }
+    while let Some(task) = tasks.join_next().await {
+        task.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_budgets_of_one_account_set_pace_their_calls_together() {
+    let schema = format!("fetcher_budget_{}", std::process::id());
+    let databases: Vec<Database> = (0..GATEWAYS)
+        .map(|_| Database::connect(&postgres_args(&schema)).unwrap())
+        .collect();
+    let client = databases[0]
+        .client()
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+    drop(client);
+    SyncStore::open(databases[0].clone(), "orders")
+        .await
+        .unwrap();
+
+    let (sim, credentials) = simulator().await;
+    let gateways = databases
+        .iter()
+        .map(|database| {
+            let budget = SharedBudget::new(database.clone(), "tenant/account".into(), BUDGET);
+            Gateway::new(credentials.clone(), budget, Metrics::new(), "test")
+        })
+        .collect();
+    let started = Instant::now();
+    call_from_all(gateways).await;
+    let elapsed = started.elapsed();
+    let arrivals = sim.call_arrivals();
+    let stats = sim.stats();
+    // Each gateway authorized and fetched its token (2 calls), then paged.
+    let expected_calls = GATEWAYS * (2 + TASKS_PER_GATEWAY * PAGES_PER_TASK);
+    assert_eq!(arrivals.len(), expected_calls, "{stats:?}");
+    assert_eq!(stats.tokens_issued, GATEWAYS as u64, "{stats:?}");
+    let breaches = kingdee_sim::gate::budget_breaches(&arrivals, BUDGET, &windows());
+    assert!(
+        breaches.is_empty(),
+        "the shared budget was broken: {breaches:?}; arrivals {arrivals:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs_f64((expected_calls - 1) as f64 * 60.0 / f64::from(BUDGET)),
+        "{elapsed:?}"
+    );
+
+    // The control: the same calls with no budget break both checks, so passing them above is the
+    // budget's doing.
+    let (unpaced, credentials) = simulator().await;
+    let gateways = (0..GATEWAYS)
+        .map(|_| Gateway::new(credentials.clone(), Unlimited, Metrics::new(), "test"))
+        .collect();
+    call_from_all(gateways).await;
+    let breaches = kingdee_sim::gate::budget_breaches(&unpaced.call_arrivals(), BUDGET, &windows());
+    assert_eq!(breaches.len(), 4, "{breaches:?}");
+
+    let client = databases[0].client().await.unwrap();
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
