@@ -4,7 +4,8 @@
 # tools the tests call (promtool, docker-compose) are installed.
 # Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
 # With --remove-test-queues it also deletes the queues that killed test runs left in the local
-# RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`, with no consumer):
+# RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`, of a namespace none
+# of whose queues has a consumer):
 # ops/test.sh does, before the tests start; a test run going on at the same time would lose its
 # queues, so run one ops/test.sh at a time per broker.
 set -euo pipefail
@@ -68,11 +69,16 @@ fi
 if [ -n "$remove_test_queues" ] && [ -z "${CONVEYOR_AMQP_URL:-}" ] && command -v rabbitmqctl >/dev/null; then
   # A test deletes its queues when it ends, also when it fails; a test process that was killed
   # cannot. One call to the node, as rabbitmqctl starts slowly.
+  # A namespace any of whose queues has a consumer is in use (a test, a demo or a bench running).
   removed=$(rabbitmqctl -q eval '
-    Leftover = [Q || Q <- rabbit_amqqueue:list(),
-                     re:run(element(4, amqqueue:get_name(Q)), "^[a-z0-9_]+_[0-9a-f]{10}\\.") =/= nomatch,
-                     rabbit_amqqueue:consumers(Q) =:= []],
-    [rabbit_amqqueue:delete(Q, false, false, <<"conveyor-tests">>) || Q <- Leftover],
+    Name = fun(Q) -> element(4, amqqueue:get_name(Q)) end,
+    Namespace = fun(Q) -> hd(binary:split(Name(Q), <<".">>)) end,
+    Tests = [Q || Q <- rabbit_amqqueue:list(),
+                  re:run(Name(Q), "^[a-z0-9_]+_[0-9a-f]{10}\\.") =/= nomatch],
+    % A queue that cannot say (being deleted as it is asked) counts as in use.
+    InUse = [Namespace(Q) || Q <- Tests, (catch rabbit_amqqueue:consumers(Q)) =/= []],
+    Leftover = [Q || Q <- Tests, not lists:member(Namespace(Q), InUse)],
+    [catch rabbit_amqqueue:delete(Q, false, false, <<"conveyor-tests">>) || Q <- Leftover],
     length(Leftover).' 2>&1) || {
     log "could not remove queues left by earlier test runs: $removed"
     removed=0
