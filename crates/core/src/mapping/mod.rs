@@ -310,7 +310,10 @@ impl Out {
         matches!(self, Out::Value(Value::Null))
     }
 
-    /// The value as a JSON tree, for expressions and the record's identity.
+    /// The value as a JSON tree, for expressions and the record's identity. Lines mapped field by
+    /// field are built from trees, which always convert; raw values are kept only when no expression
+    /// or filter reads the output, and a key or version is never raw, so the `Null` below is never
+    /// reached.
     fn tree<'a>(&'a self, field: &CompiledField) -> Cow<'a, Value> {
         match self {
             Out::Value(value) => Cow::Borrowed(value),
