@@ -56,13 +56,22 @@ pub struct SyncStore {
 impl SyncStore {
     /// Connects and creates the state tables if needed.
     pub async fn open(database: Database, pipeline: &str) -> Result<Self, DatabaseError> {
-        let migration = refinery::Migration::unapplied(
-            "V1__sync_state",
-            include_str!("../migrations/V1__sync_state.sql"),
-        )
-        .expect("the embedded migration is named like a migration");
+        let migrations = [
+            (
+                "V1__sync_state",
+                include_str!("../migrations/V1__sync_state.sql"),
+            ),
+            (
+                "V2__rate_budget_unlogged",
+                include_str!("../migrations/V2__rate_budget_unlogged.sql"),
+            ),
+        ]
+        .map(|(name, sql)| {
+            refinery::Migration::unapplied(name, sql)
+                .expect("the embedded migrations are named like migrations")
+        });
         database
-            .migrate("of the sync state", &[migration], HISTORY_TABLE)
+            .migrate("of the sync state", &migrations, HISTORY_TABLE)
             .await?;
         Ok(Self {
             database,
@@ -295,15 +304,19 @@ impl RateBudget for SharedBudget {
             .await
             .map_err(|err| err.to_string())?;
         let spacing = self.spacing.as_secs_f64();
-        let wait: f64 = client
-            .query_one(
+        // Prepared once per connection: a reservation precedes every call to the source.
+        let reserve = client
+            .prepare_cached(
                 "INSERT INTO conveyor_rate_budget AS b (budget, next_slot) \
                  VALUES ($1, clock_timestamp() + make_interval(secs => $2)) \
                  ON CONFLICT (budget) DO UPDATE \
                    SET next_slot = GREATEST(b.next_slot, clock_timestamp()) + make_interval(secs => $2) \
                  RETURNING (extract(epoch FROM (next_slot - clock_timestamp())) - $2)::float8",
-                &[&self.key, &spacing],
             )
+            .await
+            .map_err(|err| format!("preparing the call slot reservation: {err}"))?;
+        let wait: f64 = client
+            .query_one(&reserve, &[&self.key, &spacing])
             .await
             .map_err(|err| format!("reserving a call slot: {err}"))?
             .get(0);
