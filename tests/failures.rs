@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use conveyor_core::broker::Stage;
-use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_core::envelope::{Compression, Envelope, Meta, Record};
 use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
@@ -313,7 +313,7 @@ async fn lock_conflicts_are_retried_later_and_dead_lettered_only_when_attempts_r
             meta: Meta::new_trace("sales_orders"),
             records,
         }
-        .to_amqp();
+        .to_amqp(Compression::default());
         scenario
             .publish_raw(Stage::Write, &body, properties)
             .await
@@ -655,7 +655,7 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
         meta: meta.next_stage(),
         records: vec![record("dl-1"), record("dl-2")],
     }
-    .to_amqp();
+    .to_amqp(Compression::default());
     scenario
         .publish_raw(Stage::Write, &body, properties)
         .await

@@ -8,11 +8,12 @@ use std::time::Duration;
 mod common;
 
 use common::*;
-use conveyor_core::broker::Stage;
-use conveyor_core::envelope::{Envelope, Meta, Record};
+use conveyor_core::broker::{self, Stage};
+use conveyor_core::envelope::{Compression, Envelope, Meta, Record};
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
+use lapin::options::{BasicGetOptions, BasicRejectOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_land_exactly_the_source() {
@@ -35,6 +36,61 @@ async fn two_writers_land_exactly_the_source() {
         "queues not empty: {depths:?}"
     );
 
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// `CONVEYOR_COMPRESS_FROM_BYTES=off` publishes plain bodies, and workers with and without compression
+/// work together: each reads either kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_with_and_without_compression_work_together() {
+    let scenario = scenario("compress", orders(1_500)).await;
+    step("a fetcher with compression off publishes its pages plain");
+    let mut fetcher = scenario
+        .spawn_with_env(
+            Worker::Fetcher,
+            &["--once"],
+            &[("CONVEYOR_COMPRESS_FROM_BYTES", "off")],
+        )
+        .unwrap();
+    assert!(
+        fetcher.wait(TIMEOUT).await.unwrap().success(),
+        "{}",
+        fetcher.log_tail(30)
+    );
+    let connection = broker::connect(&scenario.services.broker().unwrap(), "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let page = channel
+        .basic_get(
+            scenario.topology().queue(Stage::Transform).as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
+        .await
+        .unwrap()
+        .expect("the fetcher's pages wait in the transform queue");
+    assert_eq!(page.delivery.properties.content_encoding(), &None);
+    assert!(
+        page.delivery.data.len() > Compression::SMALLEST && page.delivery.data.starts_with(b"{"),
+        "{} bytes",
+        page.delivery.data.len()
+    );
+    channel
+        .basic_reject(
+            page.delivery.delivery_tag,
+            BasicRejectOptions { requeue: true },
+        )
+        .await
+        .unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+
+    step("a compressing transformer reads them; a writer reads its compressed output");
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn(Worker::Writer, &[]).unwrap(),
+    ];
+    assert_target_equals_truth(&scenario, &workers).await;
     stop_all(&mut workers).await;
     scenario.clean_up(false).await.unwrap();
 }
@@ -155,7 +211,7 @@ fn json_properties(meta: &Meta) -> BasicProperties {
         meta: meta.clone(),
         records: Vec::new(),
     };
-    envelope.to_amqp().1
+    envelope.to_amqp(Compression::default()).1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,7 +276,7 @@ async fn malformed_messages_go_to_each_stage_dead_letter_queue() {
             ),
         ],
     };
-    let (body, properties) = good_and_bad.to_amqp();
+    let (body, properties) = good_and_bad.to_amqp(Compression::default());
     scenario
         .publish_raw(Stage::Write, &body, properties)
         .await

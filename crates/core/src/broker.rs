@@ -20,7 +20,7 @@ use lapin::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::long_string;
+use crate::envelope::{Compression, long_string};
 use crate::settings::{BrokerArgs, QueueType, Secret, SettingsError};
 use crate::tls::{self, CaBundle, ClientIdentity};
 
@@ -274,6 +274,7 @@ pub struct Topology {
     pipeline: String,
     queue_type: QueueType,
     retry_delays: Vec<Duration>,
+    compression: Compression,
 }
 
 impl Topology {
@@ -287,7 +288,13 @@ impl Topology {
                 .iter()
                 .map(|ms| Duration::from_millis(*ms))
                 .collect(),
+            compression: broker.compress_from_bytes,
         }
+    }
+
+    /// Which message bodies are published compressed.
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// The namespace: the prefix of every exchange and queue name.

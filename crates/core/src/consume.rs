@@ -201,7 +201,7 @@ impl DeadLetters {
                 },
                 records: vec![record.clone()],
             };
-            let (body, properties) = single.to_amqp();
+            let (body, properties) = single.to_amqp(self.topology.compression());
             let properties = self.with_failure(
                 properties,
                 failure,

@@ -4,10 +4,8 @@
 //! headers, so that operators and tools can read it without parsing the body: message id (uuid), the
 //! pipeline, a trace id that follows the records through every stage, and the attempt count.
 //!
-//! Bodies of [`COMPRESS_FROM_BYTES`] or more travel lz4-compressed, said by the AMQP content encoding
-//! `lz4` (an lz4 block after its little-endian u32 length). The broker's work grows with the bytes it
-//! stores and copies, and a page of similar records shrinks about four times; small bodies, such as a
-//! dead-lettered record, stay plain so that they read as they are in the broker's own tools.
+//! Bodies may travel lz4-compressed (see [`Compression`]), said by the AMQP content encoding `lz4` (an
+//! lz4 block after its little-endian u32 length). Every worker reads both plain and compressed bodies.
 
 use std::borrow::Cow;
 
@@ -23,8 +21,6 @@ use uuid::Uuid;
 pub const SCHEMA_VERSION: u32 = 1;
 /// The largest body a worker accepts; larger ones are dead-lettered as malformed.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
-/// Bodies of this size or more are published lz4-compressed.
-pub const COMPRESS_FROM_BYTES: usize = 4 * 1024;
 /// The AMQP content encoding of a compressed body.
 pub const LZ4: &str = "lz4";
 
@@ -136,15 +132,65 @@ pub enum Malformed {
     Compression(String),
 }
 
-/// A body as published: compressed when it is large enough to be worth it.
-fn encode_body(json: Vec<u8>, properties: BasicProperties) -> (Vec<u8>, BasicProperties) {
-    if json.len() < COMPRESS_FROM_BYTES {
-        return (json, properties);
+/// Which bodies are published lz4-compressed.
+///
+/// A page of similar records shrinks about four times, so compression spares the broker's disk and
+/// network; it costs the workers CPU on both sides. Where the broker shares the workers' cores (one
+/// host) the CPU matters more; where it sits across a network, the bytes. Small bodies, such as a
+/// dead-lettered record, always stay plain so that they read as they are in the broker's own tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Off,
+    /// Bodies of this many bytes or more are compressed.
+    FromBytes(usize),
+}
+
+impl Compression {
+    /// Below this, compression saves too little to be worth a body the broker's tools cannot read.
+    pub const SMALLEST: usize = 4 * 1024;
+
+    /// A body as published: compressed when it is large enough.
+    fn encode(self, json: Vec<u8>, properties: BasicProperties) -> (Vec<u8>, BasicProperties) {
+        match self {
+            Compression::FromBytes(from) if json.len() >= from.max(Self::SMALLEST) => (
+                lz4_flex::block::compress_prepend_size(&json),
+                properties.with_content_encoding(LZ4.into()),
+            ),
+            _ => (json, properties),
+        }
     }
-    (
-        lz4_flex::block::compress_prepend_size(&json),
-        properties.with_content_encoding(LZ4.into()),
-    )
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::FromBytes(Self::SMALLEST)
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Compression::Off => f.write_str("off"),
+            Compression::FromBytes(bytes) => write!(f, "{bytes}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(Compression::Off);
+        }
+        match text.parse::<usize>() {
+            Ok(bytes) if bytes >= Self::SMALLEST => Ok(Compression::FromBytes(bytes)),
+            _ => Err(format!(
+                "expected \"off\" or a size in bytes of at least {}, got {text:?}",
+                Self::SMALLEST
+            )),
+        }
+    }
 }
 
 /// A delivery's body as JSON bytes: decompressed when its content encoding says so. The size a
@@ -178,13 +224,13 @@ pub fn decode_body<'a>(
 impl Envelope {
     /// The body and AMQP properties to publish: persistent, JSON (compressed when large), with
     /// identity headers.
-    pub fn to_amqp(&self) -> (Vec<u8>, BasicProperties) {
+    pub fn to_amqp(&self, compression: Compression) -> (Vec<u8>, BasicProperties) {
         let json = serde_json::to_vec(&Body {
             schema: SCHEMA_VERSION,
             records: &self.records,
         })
         .expect("records serialize: their values are JSON already");
-        encode_body(json, self.meta.properties(self.records.len()))
+        compression.encode(json, self.meta.properties(self.records.len()))
     }
 
     /// Reads a delivery's body and properties, checking it belongs to `pipeline`.
@@ -330,7 +376,7 @@ mod tests {
     #[test]
     fn round_trips_through_amqp() {
         let envelope = sample();
-        let (body, properties) = envelope.to_amqp();
+        let (body, properties) = envelope.to_amqp(Compression::default());
         assert_eq!(properties.delivery_mode(), &Some(2));
         assert_eq!(
             Envelope::from_amqp("orders", &body, &properties).unwrap(),
@@ -340,20 +386,28 @@ mod tests {
 
     #[test]
     fn large_bodies_travel_compressed_and_small_ones_plain() {
+        let compression = Compression::FromBytes(Compression::SMALLEST);
         let small = sample();
-        let (body, properties) = small.to_amqp();
+        let (body, properties) = small.to_amqp(compression);
         assert_eq!(properties.content_encoding(), &None);
         assert!(body.starts_with(b"{"));
 
         let mut large = sample();
         large.records = vec![large.records[0].clone(); 100];
-        let (body, properties) = large.to_amqp();
+        let (body, properties) = large.to_amqp(Compression::Off);
+        assert_eq!(properties.content_encoding(), &None);
+        assert_eq!(
+            Envelope::from_amqp("orders", &body, &properties).unwrap(),
+            large
+        );
+
+        let (body, properties) = large.to_amqp(compression);
         assert_eq!(
             properties.content_encoding().as_ref().map(|e| e.as_str()),
             Some(LZ4)
         );
         let plain = decode_body(&body, &properties).unwrap();
-        assert!(plain.len() >= COMPRESS_FROM_BYTES);
+        assert!(plain.len() >= Compression::SMALLEST);
         assert!(
             body.len() * 4 < plain.len(),
             "{} of {}",
@@ -367,8 +421,18 @@ mod tests {
     }
 
     #[test]
+    fn compression_settings_parse_or_say_what_they_expect() {
+        assert_eq!("off".parse(), Ok(Compression::Off));
+        assert_eq!("65536".parse(), Ok(Compression::FromBytes(65_536)));
+        for bad in ["100", "4k", ""] {
+            let err = bad.parse::<Compression>().unwrap_err();
+            assert!(err.contains("\"off\" or a size in bytes"), "{err}");
+        }
+    }
+
+    #[test]
     fn compressed_bodies_are_checked_before_they_are_trusted() {
-        let (_, properties) = sample().to_amqp();
+        let (_, properties) = sample().to_amqp(Compression::default());
         let lz4 = properties.clone().with_content_encoding(LZ4.into());
         // A body that claims 4 GiB is refused before anything is allocated for it.
         let bomb = u32::MAX.to_le_bytes();
@@ -403,7 +467,7 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_a_batch() {
-        let (body, properties) = sample().to_amqp();
+        let (body, properties) = sample().to_amqp(Compression::default());
         assert!(matches!(
             Envelope::from_amqp("other", &body, &properties),
             Err(Malformed::WrongPipeline { .. })

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::broker::BrokerAddress;
+use crate::envelope::Compression;
 use crate::tls::{CaBundle, ClientIdentity};
 
 /// A value that must never be printed: passwords, tokens, URLs with credentials.
@@ -126,6 +127,11 @@ pub struct BrokerArgs {
     /// Deliveries a consumer holds unacknowledged at once (basic.qos).
     #[arg(long, env = "CONVEYOR_PREFETCH", default_value_t = 32)]
     pub prefetch: u16,
+    /// Message bodies of this many bytes or more are published lz4-compressed; "off" publishes them
+    /// plain. Compression spares a remote broker's network and disk, and costs the workers CPU: turn
+    /// it off where the broker shares the workers' cores. Workers read either kind.
+    #[arg(long, env = "CONVEYOR_COMPRESS_FROM_BYTES", default_value_t)]
+    pub compress_from_bytes: Compression,
     /// Delays of the retry tiers, in milliseconds, shortest first: the n-th retry of a message waits in
     /// the n-th tier (the last tier for every later one). Each tier is a queue of its own, so changing
     /// the list declares new queues rather than clashing with the old ones.
@@ -153,6 +159,7 @@ impl BrokerArgs {
             namespace: namespace.into(),
             queue_type: QueueType::Quorum,
             prefetch: 32,
+            compress_from_bytes: Compression::default(),
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
         }
     }

@@ -298,7 +298,7 @@ impl Fetcher {
                 meta: Meta::new_trace(self.pipeline()),
                 records: vec![window.to_record()],
             };
-            let (body, properties) = envelope.to_amqp();
+            let (body, properties) = envelope.to_amqp(self.topology.compression());
             confirms.push(
                 self.publisher
                     .send(
@@ -405,7 +405,7 @@ impl Fetcher {
             meta: meta.next_stage(),
             records,
         }
-        .to_amqp();
+        .to_amqp(self.topology.compression());
         let confirm = self
             .publisher
             .send(

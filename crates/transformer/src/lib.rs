@@ -112,7 +112,7 @@ impl Handler for Transformer {
                 meta: envelope.meta.next_stage(),
                 records: mapped,
             }
-            .to_amqp();
+            .to_amqp(self.topology.compression());
             let routing_key = self.topology.routing_key(Stage::Write);
             if let Err(err) = self
                 .publisher

@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use conveyor_core::envelope::{Envelope, Meta, Record, decode_body};
+use conveyor_core::envelope::{Compression, Envelope, Meta, Record, decode_body};
 use conveyor_core::pipeline::Pipeline;
 use conveyor_core::source_time;
 use conveyor_transformer::map_records;
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
                 meta: Meta::new_trace(orders_pipeline.name()),
                 records: chunk.to_vec(),
             }
-            .to_amqp()
+            .to_amqp(Compression::default())
         })
         .collect();
     // The floor reads the bodies as JSON; the transformer also decompresses and compresses them.
@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
                 meta: envelope.meta.next_stage(),
                 records: batch.mapped,
             }
-            .to_amqp();
+            .to_amqp(Compression::default());
             out += body.len();
         }
         (out, outputs)
