@@ -17,7 +17,9 @@
 //!   and written (the writers'), sampled every 25 ms: the k-th record written is taken to be the k-th
 //!   fetched (first in, first out), and its latency is the time between the two curves reaching k.
 //! - **raw broker**: one quorum queue, persistent 1 KiB messages published with confirms (up to 1000
-//!   outstanding) while a consumer (prefetch 1000) acks every 100th delivery with `multiple`.
+//!   outstanding) while a consumer (prefetch 1000) acks every 100th delivery with `multiple`. It is
+//!   measured before every run and after the last; a run is set against the mean of the two readings
+//!   around it, since this machine's speed drifts by ± 15% over a series.
 //! - **raw target** (PostgreSQL only): the rows the pipeline wrote, read back and upserted into a fresh
 //!   schema by the writer's own target code (same statement), in batches of one message's records, on
 //!   one connection, no broker.
@@ -94,7 +96,8 @@ pub struct PipelineReport {
     pub records: usize,
     pub seed: u64,
     pub cores: usize,
-    pub raw_broker_msgs_per_sec: f64,
+    /// Every reading of the raw broker ceiling, in order: before each run and after the last.
+    pub raw_broker_msgs_per_sec: Vec<f64>,
     /// PostgreSQL only.
     pub raw_target_records_per_sec: Option<f64>,
     /// HTTP only: the target simulator's latency and the writers' settings for it.
@@ -113,7 +116,13 @@ pub struct HttpSettings {
 pub struct RunReport {
     pub writers: usize,
     pub seconds: f64,
+    /// Of `seconds`, the time until the fetcher's first records: its start-up (connecting, the sync
+    /// state, the token, the plan) and the first page. A short run pays it in full; it is why more
+    /// records give a higher rate.
+    pub first_fetch_seconds: f64,
     pub records_per_sec: f64,
+    /// The mean of the raw broker readings just before and just after this run.
+    pub raw_broker_msgs_per_sec: f64,
     pub ratio_to_raw_broker: f64,
     pub ratio_to_raw_target: Option<f64>,
     pub cpu_secs_per_million: StageFigures,
@@ -138,18 +147,20 @@ pub struct StageFigures {
 
 pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
     let services = Services::check().await?;
-    eprintln!(
-        "bench pipeline: raw broker ceiling ({} × 1 KiB)",
-        args.broker_messages
-    );
-    let raw_broker = raw_broker(&services, args.broker_messages).await?;
-    eprintln!("raw broker: {raw_broker:.0} msgs/s");
+    let ceiling = async || {
+        let reading = raw_broker(&services, args.broker_messages).await?;
+        eprintln!(
+            "raw broker ({} × 1 KiB): {reading:.0} msgs/s",
+            args.broker_messages
+        );
+        anyhow::Ok(reading)
+    };
     let mut report = PipelineReport {
         target: args.target,
         records: args.orders,
         seed: args.seed,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
-        raw_broker_msgs_per_sec: raw_broker,
+        raw_broker_msgs_per_sec: vec![ceiling().await?],
         raw_target_records_per_sec: None,
         http: (args.target == TargetKind::Http).then_some(HttpSettings {
             latency_ms: args.http_latency_ms,
@@ -159,10 +170,15 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
         runs: Vec::new(),
     };
     for &writers in &args.writers {
-        let (run, raw_target) = run_once(&services, &args, writers, raw_broker).await?;
+        let (mut run, raw_target) = run_once(&services, &args, writers).await?;
         if let Some(raw) = raw_target {
             report.raw_target_records_per_sec = Some(raw);
         }
+        let before = *report.raw_broker_msgs_per_sec.last().expect("read first");
+        let after = ceiling().await?;
+        report.raw_broker_msgs_per_sec.push(after);
+        run.raw_broker_msgs_per_sec = (before + after) / 2.0;
+        run.ratio_to_raw_broker = run.records_per_sec / run.raw_broker_msgs_per_sec;
         eprintln!("{}", serde_json::to_string(&run)?);
         report.runs.push(run);
     }
@@ -200,7 +216,6 @@ async fn run_once(
     services: &Services,
     args: &PipelineArgs,
     writers: usize,
-    raw_broker: f64,
 ) -> anyhow::Result<(RunReport, Option<f64>)> {
     let bin_dir = crate::demo::bin_dir()?;
     let days = (args.orders as i64 * 60 / 86_400) + 5;
@@ -248,7 +263,6 @@ async fn run_once(
         &scenario,
         args,
         writers,
-        raw_broker,
         &env,
         http_sim.as_ref().map(|(s, _)| s),
     )
@@ -265,7 +279,6 @@ async fn measure(
     scenario: &Scenario,
     args: &PipelineArgs,
     writers: usize,
-    raw_broker: f64,
     env: &[(&str, &str)],
     http_sim: Option<&std::sync::Arc<target_sim::TargetSim>>,
 ) -> anyhow::Result<(RunReport, Option<f64>)> {
@@ -358,12 +371,19 @@ async fn measure(
     let records_per_sec = expected as f64 / seconds;
     let million = expected as f64 / 1e6;
     let (p50, p99) = latencies(&fetched_curve, &written_curve, expected);
+    let first_fetch_seconds = fetched_curve
+        .iter()
+        .find(|(_, fetched)| *fetched > 0.0)
+        .map_or(seconds, |(at, _)| *at);
     Ok((
         RunReport {
             writers,
             seconds,
+            first_fetch_seconds,
             records_per_sec,
-            ratio_to_raw_broker: records_per_sec / raw_broker,
+            // Set by the caller, against the ceiling read around the run.
+            raw_broker_msgs_per_sec: f64::NAN,
+            ratio_to_raw_broker: f64::NAN,
             ratio_to_raw_target: raw_target.map(|raw| records_per_sec / raw),
             cpu_secs_per_million: StageFigures {
                 simulator: own_cpu / million,
