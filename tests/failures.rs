@@ -137,7 +137,17 @@ async fn broker_restarted_mid_run_loses_nothing_steps() {
         amqp_tls: Default::default(),
         pg_url: services().await.pg_url,
     };
-    let scenario = scenario_with(services, "restart", poisoned(5_000)).await;
+    // One page per message: many small writes, so that the run is still going when the broker stops.
+    let scenario = Scenario::start(
+        services,
+        &sales_orders_pipeline(),
+        &bin_dir(),
+        "restart",
+        poisoned(5_000),
+        &[("records_per_message", toml::Value::Integer(100))],
+    )
+    .await
+    .unwrap();
     let mut workers = vec![scenario.spawn(Worker::Transformer, &[]).unwrap()];
     run_fetcher_once(&scenario).await;
     workers.push(scenario.spawn(Worker::Writer, &[]).unwrap());

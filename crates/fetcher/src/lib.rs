@@ -1,5 +1,6 @@
-//! The fetcher: syncs records from the source by modify-time windows and publishes them, one message per
-//! source page, to the pipeline's transform queue.
+//! The fetcher: syncs records from the source by modify-time windows and publishes them to the pipeline's
+//! transform queue, the rows of consecutive pages of a window gathered into one message
+//! (`source.records_per_message`).
 //!
 //! Windows are work items on the pipeline's fetch queue, so any number of fetcher processes share them;
 //! the call budget is shared through PostgreSQL, so it holds in total. A window is finished — and the
@@ -21,7 +22,7 @@
 pub mod state;
 pub mod window;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,12 @@ const PAGE_ATTEMPTS: u32 = 3;
 const PAGES_IN_FLIGHT: usize = 4;
 /// Times a window is paged again because its rows moved, before the work item is retried later.
 const WINDOW_RESTARTS: u32 = 8;
+/// Messages published and not yet confirmed that one window pass may have.
+const UNCONFIRMED: usize = 8;
+/// A message also closes once its rows hold this many bytes of JSON, whatever
+/// `source.records_per_message` says: far below the size a worker accepts, even after a mapping that
+/// adds fields.
+const MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The fetcher's command line (every flag also reads an environment variable).
 #[derive(Debug, clap::Parser)]
@@ -373,17 +380,16 @@ impl Fetcher {
         Ok(page)
     }
 
-    /// Publishes one page's records (and dead-letters its unusable rows); returns the pending confirm.
-    /// The records' ids are added to the pass's `seen`.
-    async fn publish_page(
+    /// Adds one page's records to those `gathered` (and dead-letters its unusable rows), and publishes
+    /// them once they fill a message; returns the pending confirm of what it published. The records'
+    /// ids are added to the pass's `seen`.
+    async fn gather_page(
         &self,
         meta: &Meta,
         rows: Vec<Box<RawValue>>,
         seen: &mut PassIds,
+        gathered: &mut Vec<Record>,
     ) -> Result<Option<PendingConfirm>, Failure> {
-        let transient = |err: conveyor_core::broker::BrokerError| {
-            Failure::new(ErrorClass::Transient, err.to_string())
-        };
         let (records, rejected) = to_records(&self.source, rows);
         for record in &records {
             seen.add(&record.id);
@@ -395,8 +401,22 @@ impl Fetcher {
             self.dead_letters
                 .send_records(meta, rejected)
                 .await
-                .map_err(transient)?;
+                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
         }
+        gathered.extend(records);
+        let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();
+        if gathered.len() < self.source.records_per_message as usize && bytes < MESSAGE_BYTES {
+            return Ok(None);
+        }
+        self.publish(meta, std::mem::take(gathered)).await
+    }
+
+    /// Publishes records as one message to the transform stage; returns the pending confirm.
+    async fn publish(
+        &self,
+        meta: &Meta,
+        records: Vec<Record>,
+    ) -> Result<Option<PendingConfirm>, Failure> {
         if records.is_empty() {
             return Ok(None);
         }
@@ -415,7 +435,7 @@ impl Fetcher {
                 properties,
             )
             .await
-            .map_err(transient)?;
+            .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
         self.counters.records.fetch_add(count, Ordering::Relaxed);
         self.metrics
             .records_out
@@ -469,9 +489,19 @@ impl Fetcher {
             }
             let (count, total_page) = (first.count, first.total_page);
             let two_passes = total_page > 1 && self.may_gain_rows(&window);
-            let mut seen = PassIds::default();
-            let mut confirms = Vec::new();
-            confirms.extend(self.publish_page(meta, first.rows, &mut seen).await?);
+            // Sized for the window's count, so that it never grows (and holds two tables) on the way.
+            let mut seen = PassIds {
+                ids: HashSet::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 20)),
+                repeated: false,
+            };
+            let mut unconfirmed = Unconfirmed::default();
+            let mut gathered = Vec::new();
+            unconfirmed
+                .add(
+                    self.gather_page(meta, first.rows, &mut seen, &mut gathered)
+                        .await?,
+                )
+                .await?;
             // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
             let mut pages = futures_util::stream::iter(2..=total_page)
                 .map(|number| self.page(&window, number))
@@ -483,19 +513,21 @@ impl Fetcher {
                     moved = Some("the window's count changed");
                     break;
                 }
-                confirms.extend(self.publish_page(meta, page.rows, &mut seen).await?);
+                unconfirmed
+                    .add(
+                        self.gather_page(meta, page.rows, &mut seen, &mut gathered)
+                            .await?,
+                    )
+                    .await?;
                 if seen.repeated {
                     moved = Some("a row came twice");
                     break;
                 }
             }
             drop(pages);
-            for confirm in confirms {
-                confirm
-                    .wait()
-                    .await
-                    .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
-            }
+            // What this pass read is published even if the window is paged again: writes are idempotent.
+            unconfirmed.add(self.publish(meta, gathered).await?).await?;
+            unconfirmed.wait_all().await?;
             if let Some(reason) = moved {
                 tracing::info!(
                     ?window,
@@ -534,6 +566,39 @@ impl Fetcher {
             ErrorClass::Transient,
             format!("rows kept moving while paging {window:?}; will try the window again later"),
         ))
+    }
+}
+
+/// Messages of a window published and not yet confirmed by the broker. At most [`UNCONFIRMED`] wait
+/// at once: a fetcher that pages faster than the broker takes messages waits for it, rather than
+/// holding the rest of the window in memory.
+#[derive(Default)]
+struct Unconfirmed(VecDeque<PendingConfirm>);
+
+impl Unconfirmed {
+    async fn add(&mut self, confirm: Option<PendingConfirm>) -> Result<(), Failure> {
+        self.0.extend(confirm);
+        while self.0.len() > UNCONFIRMED {
+            self.wait_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_all(mut self) -> Result<(), Failure> {
+        while !self.0.is_empty() {
+            self.wait_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), Failure> {
+        match self.0.pop_front() {
+            Some(confirm) => confirm
+                .wait()
+                .await
+                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string())),
+            None => Ok(()),
+        }
     }
 }
 
