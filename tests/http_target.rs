@@ -395,9 +395,10 @@ async fn refused_lines_are_dead_lettered_alone(
 /// when the target answers again everything lands.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_answering_503_to_everything_holds_the_writers_back() {
+    // At least two messages (300 orders each), so that both writers hold one when the target fails.
     let run = start(
         "http_outage",
-        300,
+        600,
         TargetConfig::default(),
         "[target.errors]\nunavailable_after = 2",
         &[("CONVEYOR_MAX_ATTEMPTS", "3")],

@@ -13,7 +13,7 @@ use conveyor_core::envelope::{Compression, Envelope, Meta, Record};
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
-use lapin::options::{BasicGetOptions, BasicRejectOptions};
+use lapin::options::BasicGetOptions;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_land_exactly_the_source() {
@@ -41,7 +41,8 @@ async fn two_writers_land_exactly_the_source() {
 }
 
 /// `CONVEYOR_COMPRESS_FROM_BYTES=off` publishes plain bodies, and workers with and without compression
-/// work together: each reads either kind.
+/// work together: each reads either kind. The fetcher gathers pages into messages of
+/// `source.records_per_message` (300 here, pages of 100).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_with_and_without_compression_work_together() {
     let scenario = scenario("compress", orders(1_500)).await;
@@ -62,27 +63,32 @@ async fn workers_with_and_without_compression_work_together() {
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let page = channel
+    // Held unacknowledged until the channel closes, which hands them back to the queue.
+    let mut sizes = Vec::new();
+    while let Some(message) = channel
         .basic_get(
             scenario.topology().queue(Stage::Transform).as_str().into(),
             BasicGetOptions { no_ack: false },
         )
         .await
         .unwrap()
-        .expect("the fetcher's pages wait in the transform queue");
-    assert_eq!(page.delivery.properties.content_encoding(), &None);
-    assert!(
-        page.delivery.data.len() > Compression::SMALLEST && page.delivery.data.starts_with(b"{"),
-        "{} bytes",
-        page.delivery.data.len()
+    {
+        let delivery = message.delivery;
+        assert_eq!(delivery.properties.content_encoding(), &None);
+        let batch =
+            Envelope::from_amqp("sales_orders", &delivery.data, &delivery.properties).unwrap();
+        sizes.push(batch.records.len());
+    }
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        scenario.expected_records().len(),
+        "{sizes:?}"
     );
-    channel
-        .basic_reject(
-            page.delivery.delivery_tag,
-            BasicRejectOptions { requeue: true },
-        )
-        .await
-        .unwrap();
+    assert_eq!(
+        sizes.iter().max(),
+        Some(&300),
+        "pages of 100 gathered three to a message: {sizes:?}"
+    );
     connection.close(200, "done".into()).await.unwrap();
 
     step("a compressing transformer reads them; a writer reads its compressed output");
