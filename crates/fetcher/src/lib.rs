@@ -401,7 +401,7 @@ impl Fetcher {
             self.dead_letters
                 .send_records(meta, rejected)
                 .await
-                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
+                .map_err(transient)?;
         }
         gathered.extend(records);
         let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();
@@ -435,7 +435,7 @@ impl Fetcher {
                 properties,
             )
             .await
-            .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
+            .map_err(transient)?;
         self.counters.records.fetch_add(count, Ordering::Relaxed);
         self.metrics
             .records_out
@@ -461,8 +461,6 @@ impl Fetcher {
 
     /// Pages through a window and publishes every page; finishes it once all are confirmed.
     async fn sync_window(&self, meta: &Meta, window: Window) -> Result<(), Failure> {
-        let transient =
-            |err: anyhow::Error| Failure::new(ErrorClass::Transient, format!("{err:#}"));
         let outcome = |name: &str| {
             self.metrics
                 .sync_windows
@@ -547,11 +545,7 @@ impl Fetcher {
                 previous = Some(seen.ids);
                 continue;
             }
-            let watermark = self
-                .store
-                .finish(&window)
-                .await
-                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string()))?;
+            let watermark = self.store.finish(&window).await.map_err(transient)?;
             if let Some(watermark) = watermark {
                 self.metrics
                     .sync_watermark
@@ -567,6 +561,12 @@ impl Fetcher {
             format!("rows kept moving while paging {window:?}; will try the window again later"),
         ))
     }
+}
+
+/// A failure worth retrying later: the broker or the sync state did not answer.
+fn transient(err: impl std::fmt::Display) -> Failure {
+    // `:#` prints an `anyhow::Error` with its causes.
+    Failure::new(ErrorClass::Transient, format!("{err:#}"))
 }
 
 /// Messages of a window published and not yet confirmed by the broker. At most [`UNCONFIRMED`] wait
@@ -593,10 +593,7 @@ impl Unconfirmed {
 
     async fn wait_oldest(&mut self) -> Result<(), Failure> {
         match self.0.pop_front() {
-            Some(confirm) => confirm
-                .wait()
-                .await
-                .map_err(|err| Failure::new(ErrorClass::Transient, err.to_string())),
+            Some(confirm) => confirm.wait().await.map_err(transient),
             None => Ok(()),
         }
     }
