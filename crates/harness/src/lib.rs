@@ -24,6 +24,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::Rng as _;
 use tokio::process::{Child, Command};
+use tokio_util::task::AbortOnDropHandle;
 
 /// The PostgreSQL used when CONVEYOR_PG_URL is not set: the local server's `test` database.
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -262,6 +263,9 @@ pub struct Scenario {
     pub extra_env: Vec<(String, String)>,
     bin_dir: PathBuf,
     log_dir: PathBuf,
+    /// The simulator's server, stopped with the scenario: a process that runs scenarios one after
+    /// another (a benchmark) would otherwise keep every simulator and its orders.
+    _sim_server: AbortOnDropHandle<std::io::Result<()>>,
     /// Set by [`Scenario::clean_up`]; a scenario dropped without it (a test that failed) still
     /// deletes its queues, which would otherwise pile up in the broker run after run. Its schema is
     /// kept, for a look at what went wrong.
@@ -345,7 +349,12 @@ impl Scenario {
             .await
             .context("resetting the scenario's schema")?;
         let simulator = Simulator::new(sim);
-        let sim_addr = kingdee_sim::spawn(simulator.clone(), ([127, 0, 0, 1], 0).into()).await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let sim_addr = listener.local_addr()?;
+        let sim_server = AbortOnDropHandle::new(tokio::spawn(kingdee_sim::serve(
+            simulator.clone(),
+            listener,
+        )));
         Ok(Self {
             services,
             pipeline,
@@ -356,6 +365,7 @@ impl Scenario {
             extra_env: Vec::new(),
             bin_dir: bin_dir.to_owned(),
             log_dir,
+            _sim_server: sim_server,
             cleaned: AtomicBool::new(false),
         })
     }

@@ -469,17 +469,16 @@ mod gateway_path {
 /// dropped or the process ends.
 pub async fn serve(simulator: Arc<Simulator>, listener: TcpListener) -> std::io::Result<()> {
     let changer = simulator.clone();
-    let changes = tokio::spawn(async move {
+    // Ends with the server, also when the server's task is aborted.
+    let _changes = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         let tick = Duration::from_millis(50);
         let mut carry = (0.0, 0.0);
         loop {
             tokio::time::sleep(tick).await;
             changer.apply_changes(tick, &mut carry);
         }
-    });
-    let served = axum::serve(listener, simulator.router()).await;
-    changes.abort();
-    served
+    }));
+    axum::serve(listener, simulator.router()).await
 }
 
 /// Binds `addr` (port 0 for any) and serves in the background; returns the bound address.

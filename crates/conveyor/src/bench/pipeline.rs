@@ -138,7 +138,8 @@ pub struct RunReport {
 pub struct StageFigures {
     /// This process: the Kingdee simulator (and the target simulator for http) serving the fetcher,
     /// plus the bench's own sampling. Not part of the pipeline; shown because it shares the cores. Its
-    /// CPU is the run's; its peak RSS is the whole bench's so far (it keeps every run's simulator).
+    /// CPU is the run's; its peak RSS is the whole bench's so far (each run's simulators
+    /// stop with the run, but the allocator may keep the memory they held).
     pub simulator: f64,
     pub fetcher: f64,
     pub transformer: f64,
@@ -250,13 +251,19 @@ async fn run_once(
                 latency: Duration::from_millis(args.http_latency_ms),
                 ..target_sim::TargetConfig::default()
             });
-            let addr = target_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into()).await?;
-            Some((sim, format!("http://{addr}")))
+            // Served until this run ends, so that the next run does not find it holding these records.
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let server = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(target_sim::serve(
+                sim.clone(),
+                listener,
+            )));
+            Some((sim, url, server))
         }
         _ => None,
     };
     let env: Vec<(&str, &str)> = match &http_sim {
-        Some((_, url)) => vec![("CONVEYOR_HTTP_TARGET_URL", url.as_str())],
+        Some((_, url, _)) => vec![("CONVEYOR_HTTP_TARGET_URL", url.as_str())],
         None => vec![],
     };
     let result = measure(
@@ -264,7 +271,7 @@ async fn run_once(
         args,
         writers,
         &env,
-        http_sim.as_ref().map(|(s, _)| s),
+        http_sim.as_ref().map(|(sim, _, _)| sim),
     )
     .await;
     let keep = result.is_err();
