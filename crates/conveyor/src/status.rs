@@ -29,7 +29,6 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use conveyor_core::broker::{self, Stage, Topology};
 use conveyor_core::settings::BrokerArgs;
-use lapin::options::QueueDeclareOptions;
 use serde::Serialize;
 
 /// How long to wait before reading a pipeline again when it looks as if records were unaccounted for.
@@ -218,20 +217,11 @@ async fn read(
     Ok(statuses)
 }
 
-/// Messages ready in a queue (passive declare: it must exist).
+/// Messages ready in a queue (it must exist).
 async fn depth(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            Default::default(),
-        )
+    broker::queue_depth(channel, queue)
         .await
-        .with_context(|| format!("inspecting queue {queue} (is the topology declared?)"))?;
-    Ok(declared.message_count())
+        .with_context(|| format!("inspecting queue {queue} (is the topology declared?)"))
 }
 
 /// One sample of the Prometheus text format: a name, its labels, its value.

@@ -659,6 +659,19 @@ impl PendingConfirm {
     }
 }
 
+/// Messages ready in `queue`, by passive declare: an error if it does not exist (which also closes
+/// `channel`, as the broker does on any failed declare).
+pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await?;
+    Ok(declared.message_count())
+}
+
 /// Closes a connection without hanging: lapin's close has been seen to take minutes.
 pub async fn close(connection: &Connection) {
     let closing = connection.close(200, "worker stopping".into());

@@ -204,17 +204,12 @@ async fn watch_queue_depths(
         for (kind, queues) in &kinds {
             let mut total = 0i64;
             for queue in queues {
-                let options = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                match channel
-                    .queue_declare(queue.as_str().into(), options, Default::default())
-                    .await
-                {
-                    Ok(declared) => total += i64::from(declared.message_count()),
+                match broker::queue_depth(&channel, queue).await {
+                    Ok(depth) => total += i64::from(depth),
                     Err(err) => {
-                        tracing::debug!(error = %err, queue, "reading a queue depth");
+                        // A lost connection is reported (and the watch restarted) by the reconnect;
+                        // a queue deleted behind the pipeline's back is said here.
+                        tracing::warn!(error = %err, queue, "stopped reading queue depths");
                         return;
                     }
                 }

@@ -576,18 +576,10 @@ impl Scenario {
         let channel = connection.create_channel().await?;
         let mut depths = Vec::new();
         for queue in self.topology().queues() {
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
+            let depth = broker::queue_depth(&channel, &queue)
                 .await
                 .with_context(|| format!("inspecting queue {queue}"))?;
-            depths.push((queue, declared.message_count()));
+            depths.push((queue, depth));
         }
         broker::close(&connection).await;
         Ok(depths)
