@@ -16,12 +16,18 @@ use tokio_util::sync::CancellationToken;
 use crate::READY_TARGET;
 use crate::target::Target;
 
+/// Pause before the first probe of a target that was writing until then.
+const FIRST_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest pause between two probes of a target that is down.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Breaker {
     /// `true` while the target is down.
     open: watch::Sender<bool>,
+    /// The pause before the next probe. It keeps growing across openings until a write succeeds: a
+    /// target whose probe answers while its writes still fail (a 429, or a write path down behind a
+    /// live front) is then tried ever less often, not four times a second.
+    probe_interval: std::sync::Mutex<Duration>,
     readiness: Readiness,
 }
 
@@ -29,8 +35,22 @@ impl Breaker {
     pub fn new(readiness: Readiness) -> Arc<Self> {
         Arc::new(Self {
             open: watch::channel(false).0,
+            probe_interval: std::sync::Mutex::new(FIRST_PROBE_INTERVAL),
             readiness,
         })
+    }
+
+    /// A write succeeded: the next opening probes soon again.
+    pub fn written(&self) {
+        *self.probe_interval.lock().expect("no panics while locked") = FIRST_PROBE_INTERVAL;
+    }
+
+    /// The pause before the next probe; the one after it is twice as long (up to the maximum).
+    fn next_probe_interval(&self) -> Duration {
+        let mut interval = self.probe_interval.lock().expect("no panics while locked");
+        let this = *interval;
+        *interval = (this * 2).min(MAX_PROBE_INTERVAL);
+        this
     }
 
     pub fn is_open(&self) -> bool {
@@ -49,11 +69,10 @@ impl Breaker {
         self.readiness.set(READY_TARGET, false);
         let breaker = self.clone();
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(250);
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                    () = tokio::time::sleep(breaker.next_probe_interval()) => {}
                 }
                 if target.ping().await {
                     tracing::info!("target answers again: resuming writes");
@@ -61,7 +80,6 @@ impl Breaker {
                     breaker.open.send_replace(false);
                     return;
                 }
-                delay = (delay * 2).min(MAX_PROBE_INTERVAL);
             }
         });
     }
@@ -73,5 +91,22 @@ impl Breaker {
             () = shutdown.cancelled() => false,
             closed = open.wait_for(|open| !*open) => closed.is_ok(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_grow_apart_across_openings_until_a_write_succeeds() {
+        let breaker = Breaker::new(Readiness::default());
+        let intervals: Vec<_> = (0..7).map(|_| breaker.next_probe_interval()).collect();
+        assert_eq!(
+            intervals,
+            [250, 500, 1_000, 2_000, 4_000, 5_000, 5_000].map(Duration::from_millis)
+        );
+        breaker.written();
+        assert_eq!(breaker.next_probe_interval(), FIRST_PROBE_INTERVAL);
     }
 }

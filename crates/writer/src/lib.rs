@@ -145,7 +145,11 @@ impl Writer {
                     self.breaker
                         .trip(self.target.clone(), &reason, self.shutdown.clone());
                 }
-                other => return other.map_err(Held::Failed),
+                Ok(()) => {
+                    self.breaker.written();
+                    return Ok(());
+                }
+                Err(other) => return Err(Held::Failed(other)),
             }
         }
     }
