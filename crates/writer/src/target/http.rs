@@ -365,11 +365,20 @@ impl HttpTarget {
             }
         });
         let held = join_all(checks).await;
+        // The worst answer decides, as for the writes (see [`merge`]).
+        if let Some(worst) = held
+            .iter()
+            .filter_map(|answer| answer.as_ref().err())
+            .max_by_key(|err| severity(err))
+        {
+            return Err(worst.clone());
+        }
+        let held: Vec<_> = held.into_iter().collect::<Result<_, _>>()?;
         let mut new = Vec::new();
         let mut updates = Vec::new();
         let mut report = WriteReport::default();
         for (record, held) in records.into_iter().zip(held) {
-            match held? {
+            match held {
                 None => new.push(record),
                 Some(_) if *on_exists == OnExists::Skip => report.stale += 1,
                 Some(held) if self.holds_as_new(&held, record) => report.stale += 1,
@@ -585,11 +594,6 @@ fn merge(
     mut report: WriteReport,
     answers: Vec<(u64, Result<Answer, WriteError>)>,
 ) -> Result<WriteReport, WriteError> {
-    let severity = |err: &WriteError| match err {
-        WriteError::Unavailable(_) => 2,
-        WriteError::Transient(_) => 1,
-        WriteError::Permanent(_) => 0,
-    };
     let mut failure: Option<WriteError> = None;
     for (records, answer) in answers {
         match answer {
@@ -608,6 +612,15 @@ fn merge(
     match failure {
         Some(err) => Err(err),
         None => Ok(report),
+    }
+}
+
+/// How much a failure weighs when a write's calls fail differently: the heaviest decides.
+fn severity(err: &WriteError) -> u8 {
+    match err {
+        WriteError::Unavailable(_) => 2,
+        WriteError::Transient(_) => 1,
+        WriteError::Permanent(_) => 0,
     }
 }
 
