@@ -669,6 +669,11 @@ impl Paging {
         })
     }
 
+    /// Where this page starts among the matching rows (any page number, however large, is an answer).
+    fn start(&self) -> usize {
+        (self.page - 1).saturating_mul(self.size)
+    }
+
     /// The matching rows' count and this page of them, rendered by `render` (only the page is).
     fn take<T>(
         &self,
@@ -677,7 +682,7 @@ impl Paging {
     ) -> (usize, Vec<Box<RawValue>>) {
         let matching: Vec<T> = rows.collect();
         let count = matching.len();
-        let start = (self.page - 1).saturating_mul(self.size).min(count);
+        let start = self.start().min(count);
         let end = (start + self.size).min(count);
         let page = matching
             .into_iter()
@@ -841,7 +846,7 @@ async fn list_sales_orders(
             let (count, rows) =
                 paging.take(indices.iter(), |&index| data.order_json(index).to_owned());
             let pages = count.div_ceil(paging.size);
-            let first = indices.get((paging.page - 1) * paging.size);
+            let first = indices.get(paging.start());
             if let Some(&first) = first {
                 let _ = selected.set((pages, data.orders()[first].id.clone()));
             }
