@@ -280,11 +280,53 @@ impl TargetSim {
         Ok(key)
     }
 
-    /// Applies one validated record; `insert` refuses an existing key.
-    fn apply(&self, collection: &str, key: String, record: Value, insert: bool) -> Applied {
+    /// Applies validated records under one lock; `insert` refuses an existing key. With
+    /// `all_or_nothing`, a batch holding any existing key is refused whole: the keys come back, and
+    /// nothing is applied.
+    fn apply_all(
+        &self,
+        collection: &str,
+        keyed: Vec<(String, Value)>,
+        insert: bool,
+        all_or_nothing: bool,
+    ) -> Result<Vec<(String, Applied)>, Vec<String>> {
         let mut collections = self.collections.lock().expect("no panics while locked");
         let records = collections.entry(collection.to_owned()).or_default();
-        let outcome = match records.get(&key) {
+        if all_or_nothing {
+            let existing: Vec<String> = keyed
+                .iter()
+                .filter(|(key, _)| records.contains_key(key))
+                .map(|(key, _)| key.clone())
+                .collect();
+            if !existing.is_empty() {
+                return Err(existing);
+            }
+        }
+        Ok(keyed
+            .into_iter()
+            .map(|(key, record)| {
+                let outcome = self.apply(records, &key, record, insert);
+                (key, outcome)
+            })
+            .collect())
+    }
+
+    /// Applies one validated record, an update if its key exists.
+    fn apply_one(&self, collection: &str, key: &str, record: Value) -> Applied {
+        let mut collections = self.collections.lock().expect("no panics while locked");
+        let records = collections.entry(collection.to_owned()).or_default();
+        self.apply(records, key, record, false)
+    }
+
+    /// Applies one validated record to a collection; `insert` refuses an existing key.
+    fn apply(
+        &self,
+        records: &mut BTreeMap<String, Value>,
+        key: &str,
+        record: Value,
+        insert: bool,
+    ) -> Applied {
+        let outcome = match records.get(key) {
             None => Applied::Created,
             Some(_) if insert => Applied::Conflict,
             Some(held) if !self.is_newer(&record, held) => Applied::Stale,
@@ -298,24 +340,9 @@ impl TargetSim {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if matches!(outcome, Applied::Created | Applied::Updated) {
-            records.insert(key, record);
+            records.insert(key.to_owned(), record);
         }
         outcome
-    }
-
-    /// Which of `keys` the collection holds.
-    fn existing_keys<'a>(
-        &self,
-        collection: &str,
-        keys: impl Iterator<Item = &'a String>,
-    ) -> Vec<String> {
-        let collections = self.collections.lock().expect("no panics while locked");
-        let Some(records) = collections.get(collection) else {
-            return Vec::new();
-        };
-        keys.filter(|key| records.contains_key(*key))
-            .cloned()
-            .collect()
     }
 
     fn is_newer(&self, record: &Value, held: &Value) -> bool {
@@ -402,9 +429,10 @@ async fn write_many(
             }
         }
     }
-    if sim.config.insert_only && sim.config.conflict_fails_batch && !single {
-        let existing = sim.existing_keys(&collection, keyed.iter().map(|(key, _)| key));
-        if !existing.is_empty() {
+    let all_or_nothing = sim.config.insert_only && sim.config.conflict_fails_batch && !single;
+    let applied = match sim.apply_all(&collection, keyed, sim.config.insert_only, all_or_nothing) {
+        Ok(applied) => applied,
+        Err(existing) => {
             sim.stats
                 .conflicts
                 .fetch_add(existing.len() as u64, Ordering::Relaxed);
@@ -414,12 +442,11 @@ async fn write_many(
             )
                 .into_response();
         }
-    }
-    let mut outcomes = Vec::with_capacity(keyed.len());
-    for (key, record) in keyed {
-        let outcome = sim.apply(&collection, key.clone(), record, sim.config.insert_only);
-        outcomes.push(json!({"key": key, "result": format!("{outcome:?}").to_lowercase()}));
-    }
+    };
+    let outcomes: Vec<Value> = applied
+        .into_iter()
+        .map(|(key, outcome)| json!({"key": key, "result": format!("{outcome:?}").to_lowercase()}))
+        .collect();
     let status = match outcomes.first() {
         Some(first) if single && first["result"] == "conflict" => StatusCode::CONFLICT,
         Some(first) if single && first["result"] == "created" => StatusCode::CREATED,
@@ -459,7 +486,7 @@ async fn put_one(
         Ok(_) => return fail_record(&sim, 0, &key, "the record's key is not the one in the path"),
         Err(reason) => return fail_record(&sim, 0, &key, &reason),
     }
-    let outcome = sim.apply(&collection, key.clone(), record, false);
+    let outcome = sim.apply_one(&collection, &key, record);
     let status = if outcome == Applied::Created {
         StatusCode::CREATED
     } else {
