@@ -75,7 +75,9 @@ impl BrokerDeath {
         };
         let time = match field("time") {
             Some(AMQPValue::Timestamp(seconds)) => {
-                DateTime::from_timestamp(i64::try_from(*seconds).ok()?, 0)
+                i64::try_from(*seconds)
+                    .ok()
+                    .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
                     .map(|time| time.fixed_offset())
             }
             _ => None,

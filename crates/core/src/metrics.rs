@@ -268,7 +268,9 @@ impl Metrics {
     /// Creates, at zero, every series a worker of `stage` can export, so that each is scraped from
     /// the start (a counter that appears only at its first increment hides that first increment from
     /// `rate()` and `increase()`). The sync watermark is left out: it has no meaningful zero.
-    pub fn initialize(&self, pipeline: &str, stage: &str) {
+    pub fn initialize(&self, pipeline: &str, stage: Stage) {
+        let carries_records = stage.carries_records();
+        let stage = stage.as_str();
         let pipeline_stage = [pipeline, stage];
         for counter in [
             &self.records_in,
@@ -287,7 +289,7 @@ impl Metrics {
             self.messages_dead_lettered
                 .with_label_values(&[pipeline, stage, class]);
         }
-        if carries_records(stage) {
+        if carries_records {
             self.records_settled.with_label_values(&pipeline_stage);
         }
         self.message_duration.with_label_values(&pipeline_stage);
@@ -330,13 +332,6 @@ impl Metrics {
     }
 }
 
-/// Whether a stage's messages carry records (see [`Stage::carries_records`]).
-fn carries_records(stage: &str) -> bool {
-    Stage::ALL
-        .into_iter()
-        .any(|known| known.as_str() == stage && known.carries_records())
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -368,7 +363,7 @@ mod tests {
     #[test]
     fn every_registered_metric_is_documented_and_initialized() {
         let metrics = Metrics::new();
-        for stage in ["fetch", "transform", "write"] {
+        for stage in Stage::ALL {
             metrics.initialize("orders", stage);
         }
         metrics.sync_watermark.with_label_values(&["orders"]).set(1);

@@ -46,7 +46,7 @@ impl WorkerRuntime {
     ) -> anyhow::Result<Option<Self>> {
         let pipeline = Pipeline::load(&args.pipeline)?;
         let metrics = Metrics::new();
-        metrics.initialize(pipeline.name(), stage.as_str());
+        metrics.initialize(pipeline.name(), stage);
         let readiness = Readiness::default();
         readiness.require(READY_BROKER);
         for condition in extra_ready {
