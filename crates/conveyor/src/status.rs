@@ -333,9 +333,14 @@ pub fn count(pipeline: &str, samples: &[Sample], depths: &QueueDepths) -> Pipeli
         queued_messages: stages.iter().map(|s| s.queued_messages).sum(),
         unacked_messages: sum(samples, "conveyor_messages_in_hand", pipeline, &[]),
         dead_letter_messages: depths.dead_letters,
-        unaccounted: stages.iter().map(|s| s.unaccounted.unsigned_abs()).sum(),
+        unaccounted: unaccounted(&stages),
         stages,
     }
+}
+
+/// Records unaccounted for over every stage, whichever way each is off.
+fn unaccounted(stages: &[StageStatus]) -> u64 {
+    stages.iter().map(|s| s.unaccounted.unsigned_abs()).sum()
 }
 
 impl PipelineStatus {
@@ -348,11 +353,7 @@ impl PipelineStatus {
                 stage.unaccounted = 0;
             }
         }
-        self.unaccounted = self
-            .stages
-            .iter()
-            .map(|s| s.unaccounted.unsigned_abs())
-            .sum();
+        self.unaccounted = unaccounted(&self.stages);
         self
     }
 
