@@ -135,12 +135,6 @@ impl DeadLetters {
         );
         self.publish(&delivery.data, properties).await?;
         self.count_message(failure);
-        // A malformed message never entered the pipeline through conveyor (its body could not be
-        // read as a batch), so whatever ids it seems to hold are not counted as records; nor are the
-        // windows of the fetch stage's messages.
-        if failure.class != ErrorClass::Malformed && self.stage.carries_records() {
-            self.count_records(failure, record_ids.len());
-        }
         Ok(())
     }
 
@@ -257,11 +251,11 @@ impl DeadLetters {
             .inc();
     }
 
-    fn count_records(&self, failure: &Failure, records: usize) {
+    fn count_records(&self, failure: &Failure, records: u64) {
         self.metrics
             .records_dead_lettered
             .with_label_values(&self.labels(failure))
-            .inc_by(records as u64);
+            .inc_by(records);
     }
 
     fn with_failure(
@@ -504,9 +498,10 @@ impl<H: Handler> Context<H> {
             Disposition::Done => ack(&delivery).await,
             Disposition::DeadLetter(failure) => {
                 let attempts = attempt_of(&delivery) + 1;
-                self.dead_letter(&delivery, &failure, attempts).await
+                self.dead_letter(&delivery, &failure, attempts, records)
+                    .await
             }
-            Disposition::Retry(failure) => self.retry(&delivery, failure).await,
+            Disposition::Retry(failure) => self.retry(&delivery, failure, records).await,
             Disposition::Release => {
                 if let Err(err) = delivery.acker.nack(requeue()).await {
                     tracing::debug!(error = %err, "could not release a message; the broker redelivers it when the channel closes");
@@ -545,7 +540,16 @@ impl<H: Handler> Context<H> {
     }
 
     /// Dead-letters a whole message and acks it; `false` if it went back to its queue instead.
-    async fn dead_letter(&self, delivery: &Delivery, failure: &Failure, attempts: u32) -> bool {
+    /// Dead-letters a delivery and acks it; `records` are those of a readable message, counted as
+    /// dead-lettered (at a stage that carries records) once the original is acked, as settled ones
+    /// are. A malformed message's are not: it never entered the pipeline through conveyor.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+        attempts: u32,
+        records: Option<u64>,
+    ) -> bool {
         tracing::warn!(class = failure.class.as_str(), attempts, error = %failure.message, "dead-lettering a message");
         match self
             .dead_letters
@@ -554,7 +558,14 @@ impl<H: Handler> Context<H> {
         {
             Ok(()) => {
                 self.handler.dead_lettered(failure);
-                ack(delivery).await
+                let acked = ack(delivery).await;
+                if acked
+                    && self.stage.carries_records()
+                    && let Some(records) = records
+                {
+                    self.dead_letters.count_records(failure, records);
+                }
+                acked
             }
             Err(err) => {
                 tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
@@ -567,14 +578,14 @@ impl<H: Handler> Context<H> {
     /// Sends a copy to the next retry tier and acks the original once the copy is confirmed; after the
     /// last attempt, dead-letters it as transient with the last error. `true` only when the message
     /// was settled for good (dead-lettered); a retry copy is still the same records on their way.
-    async fn retry(&self, delivery: &Delivery, failure: Failure) -> bool {
+    async fn retry(&self, delivery: &Delivery, failure: Failure, records: Option<u64>) -> bool {
         let tries = attempt_of(delivery) + 1;
         if tries >= self.max_attempts {
             let failure = Failure::new(
                 failure.class,
                 format!("gave up after {tries} attempts: {}", failure.message),
             );
-            return self.dead_letter(delivery, &failure, tries).await;
+            return self.dead_letter(delivery, &failure, tries, records).await;
         }
         tracing::warn!(class = failure.class.as_str(), attempt = tries, error = %failure.message, "will retry a message");
         match self
@@ -586,7 +597,7 @@ impl<H: Handler> Context<H> {
                 ack(delivery).await;
                 false
             }
-            Ok(false) => self.dead_letter(delivery, &failure, tries).await,
+            Ok(false) => self.dead_letter(delivery, &failure, tries, records).await,
             Err(err) => {
                 tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
                 self.hand_back(delivery).await;
