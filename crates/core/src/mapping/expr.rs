@@ -93,7 +93,6 @@ impl Expression {
     }
 }
 
-/// A run-time error without the values Rhai puts into some messages (`Division by zero: 20.20 / 0`).
 /// The fields an expression reads, by name.
 pub trait Fields {
     fn field(&self, name: &str) -> Option<Cow<'_, Value>>;
@@ -105,6 +104,7 @@ impl Fields for Map<String, Value> {
     }
 }
 
+/// A run-time error without the values Rhai puts into some messages (`Division by zero: 20.20 / 0`).
 fn describe(error: &EvalAltResult) -> String {
     match error {
         EvalAltResult::ErrorArithmetic(_, at) => {

@@ -206,8 +206,6 @@ pub struct Mapping {
     fields: Arc<FieldList>,
     flatten: Option<Flatten>,
     filter: Option<Expression>,
-    key: String,
-    version: String,
     /// Indexes of the key and version fields.
     key_at: usize,
     version_at: usize,
@@ -735,8 +733,6 @@ impl Mapping {
             fields: Arc::new(FieldList::new(fields, "transform.fields")?),
             flatten,
             filter,
-            key: spec.key.clone(),
-            version: spec.version.clone(),
             key_at,
             version_at,
             source,
@@ -777,11 +773,11 @@ impl Mapping {
     }
 
     pub fn key_field(&self) -> &str {
-        &self.key
+        &self.fields.fields[self.key_at].to
     }
 
     pub fn version_field(&self) -> &str {
-        &self.version
+        &self.fields.fields[self.version_at].to
     }
 
     /// Maps one source record into its output records (one, or one per line when flattening).
@@ -860,7 +856,7 @@ impl Mapping {
         let version =
             source_time::parse_instant(&values[self.version_at].tree(&fields[self.version_at]))
                 .map_err(|err| FieldError {
-                    field: self.version.clone(),
+                    field: self.version_field().to_owned(),
                     reason: err.to_string(),
                 })?;
         Ok(Some(MappedRecord {
