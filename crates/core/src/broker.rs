@@ -472,21 +472,13 @@ impl Topology {
                 AMQPValue::LongUInt(DEAD_LETTER_DELIVERY_LIMIT),
             );
         }
-        let options = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        match channel
-            .queue_declare(queue.into(), options, arguments)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(err) if declared_without_delivery_limit(&err) => {
+        match self.declare_queue(channel, queue, arguments).await {
+            Err(BrokerError::Amqp { source, .. }) if declared_without_delivery_limit(&source) => {
                 tracing::warn!(
                     queue,
                     "this dead-letter queue was declared by an earlier conveyor without a delivery limit: on \
-                     RabbitMQ 4.0 to 4.2 a letter read 20 times (conveyorctl dlq) is dropped. Give it one by a \
-                     policy, e.g. rabbitmqctl set_policy conveyor-dead-letters '\\.dlq$' \
+                     RabbitMQ 4.0 to 4.2 a letter read 20 times (conveyorctl dlq) is dropped unless a policy gives \
+                     it one (this warning stays while the queue keeps its old arguments), e.g. rabbitmqctl set_policy conveyor-dead-letters '\\.dlq$' \
                      '{{\"delivery-limit\":{DEAD_LETTER_DELIVERY_LIMIT}}}' --apply-to quorum_queues, or delete it \
                      once empty so that it is declared anew"
                 );
@@ -497,10 +489,7 @@ impl Topology {
                 self.declare_queue(channel, queue, self.queue_arguments())
                     .await
             }
-            Err(source) => Err(BrokerError::Amqp {
-                action: format!("declaring queue {queue}"),
-                source,
-            }),
+            other => other,
         }
     }
 
