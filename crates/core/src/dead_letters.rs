@@ -74,12 +74,10 @@ impl BrokerDeath {
             _ => None,
         };
         let time = match field("time") {
-            Some(AMQPValue::Timestamp(seconds)) => {
-                i64::try_from(*seconds)
-                    .ok()
-                    .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
-                    .map(|time| time.fixed_offset())
-            }
+            Some(AMQPValue::Timestamp(seconds)) => i64::try_from(*seconds)
+                .ok()
+                .and_then(|seconds| DateTime::from_timestamp(seconds, 0))
+                .map(|time| time.fixed_offset()),
             _ => None,
         };
         Some(Self {
