@@ -10,8 +10,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use conveyor_core::broker::Stage;
-use conveyor_core::envelope::{Compression, Envelope, Meta, Record};
+use conveyor_amqp::envelope::Compression;
+use conveyor_amqp::envelope::Envelope;
+use conveyor_amqp::envelope::Meta;
+use conveyor_base::Record;
+use conveyor_base::Stage;
 use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
@@ -646,7 +649,8 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
 }
 
 async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed_steps() {
-    use conveyor_core::broker::{self, DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT};
+    use conveyor_amqp::DEAD_LETTER_DELIVERY_LIMIT;
+    use conveyor_amqp::DELIVERY_LIMIT;
     use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
 
@@ -672,7 +676,7 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
         .unwrap();
 
     step("a consumer that fails on the message every time hands it back until the broker gives up");
-    let connection = broker::connect(&scenario.services.broker().unwrap(), "test")
+    let connection = conveyor_amqp::connect(&scenario.services.broker().unwrap(), "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -808,7 +812,7 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
         without.contains("inequivalent arg 'x-delivery-limit'"),
         "{without}"
     );
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
 
     step("replayed, it lands");
     let mut writer = spawn_ready(&scenario, Worker::Writer).await;
@@ -856,7 +860,7 @@ async fn dead_letter_queues_of_an_earlier_version_are_taken_as_they_are() {
     use lapin::types::{AMQPValue, FieldTable};
 
     let scenario = scenario("legacy_dlq", orders(10)).await;
-    let connection = conveyor_core::broker::connect(&scenario.services.broker().unwrap(), "test")
+    let connection = conveyor_amqp::connect(&scenario.services.broker().unwrap(), "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -876,7 +880,7 @@ async fn dead_letter_queues_of_an_earlier_version_are_taken_as_they_are() {
             .await
             .unwrap();
     }
-    conveyor_core::broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
 
     let pipeline_file = sales_orders_pipeline();
     let output = ctl(

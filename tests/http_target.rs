@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{TIMEOUT, bin_dir, repo_root, wait_until_no_problems};
-use conveyor_core::broker::Stage;
+use conveyor_base::Stage;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use serde_json::{Value, json};

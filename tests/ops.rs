@@ -7,7 +7,8 @@ use std::time::Duration;
 mod common;
 
 use common::*;
-use conveyor_core::metrics::{DOCUMENTED, LABELS};
+use conveyor_base::metrics::DOCUMENTED;
+use conveyor_base::metrics::LABELS;
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 
@@ -585,7 +586,7 @@ async fn runbook_commands_work() {
         assert_target_equals_truth(&scenario, &workers).await;
         wait_ready(&workers[2], true, TIMEOUT).await;
         while scenario
-            .peek_dead_letters(conveyor_core::broker::Stage::Transform)
+            .peek_dead_letters(conveyor_base::Stage::Transform)
             .await
             .unwrap()
             .len()

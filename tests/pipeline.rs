@@ -8,8 +8,11 @@ use std::time::Duration;
 mod common;
 
 use common::*;
-use conveyor_core::broker::{self, Stage};
-use conveyor_core::envelope::{Compression, Envelope, Meta, Record};
+use conveyor_amqp::envelope::Compression;
+use conveyor_amqp::envelope::Envelope;
+use conveyor_amqp::envelope::Meta;
+use conveyor_base::Record;
+use conveyor_base::Stage;
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
@@ -59,7 +62,7 @@ async fn workers_with_and_without_compression_work_together() {
         "{}",
         fetcher.log_tail(30)
     );
-    let connection = broker::connect(&scenario.services.broker().unwrap(), "test")
+    let connection = conveyor_amqp::connect(&scenario.services.broker().unwrap(), "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -336,7 +339,7 @@ async fn workers_serve_health_readiness_and_metrics() {
         scenario.spawn(Worker::Transformer, &[]).unwrap(),
         scenario.spawn(Worker::Writer, &[]).unwrap(),
     ];
-    let http = conveyor_core::tls::http_client(None).build().unwrap();
+    let http = conveyor_base::tls::http_client(None).build().unwrap();
     for worker in &workers {
         let base = format!("http://{}", worker.http_addr);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -820,17 +823,16 @@ async fn status_flags_records_purged_behind_the_pipelines_back() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let connection =
-            conveyor_core::broker::connect(&scenario.services.broker().unwrap(), "test")
-                .await
-                .unwrap();
+        let connection = conveyor_amqp::connect(&scenario.services.broker().unwrap(), "test")
+            .await
+            .unwrap();
         let channel = connection.create_channel().await.unwrap();
         let purged = channel
             .queue_purge(write_queue.as_str().into(), Default::default())
             .await
             .unwrap();
         assert!(purged > 0, "messages were waiting in {write_queue}");
-        conveyor_core::broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
 
         step("a writer comes, finds nothing; status flags the purged lines");
         workers.push(run.spawn_writer());
@@ -1024,13 +1026,13 @@ async fn a_scenario_dropped_without_clean_up_deletes_its_queues() {
         "the topology is declared"
     );
     drop(scenario);
-    let connection = conveyor_core::broker::connect(&services.broker().unwrap(), "test")
+    let connection = conveyor_amqp::connect(&services.broker().unwrap(), "test")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    let found = conveyor_core::broker::queue_depth(&channel, &queue).await;
+    let found = conveyor_amqp::queue_depth(&channel, &queue).await;
     assert!(found.is_err(), "{queue} is still there");
-    conveyor_core::broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     // The schema is kept, for a look at what went wrong; this test has nothing to look at.
     conveyor_harness::pg_client(&services.pg_url)
         .await

@@ -191,7 +191,7 @@ async fn amqps_and_https_steps() {
 /// The shared broker's address (host:port), to put a TLS proxy in front of it.
 fn shared_broker_addr(services: &Services) -> SocketAddr {
     use std::net::ToSocketAddrs as _;
-    let shown = conveyor_core::broker::endpoint(&services.amqp_url).unwrap();
+    let shown = conveyor_amqp::endpoint(&services.amqp_url).unwrap();
     let first = shown.split(',').next().unwrap();
     let host_port = first
         .trim_start_matches("amqps://")

@@ -51,7 +51,7 @@ pub async fn scenario_with(services: Services, prefix: &str, sim: SimConfig) -> 
 
 /// An HTTP client whose calls give up after 5 s, so that a test fails rather than hangs.
 pub fn http() -> reqwest::Client {
-    conveyor_core::tls::http_client(None)
+    conveyor_base::tls::http_client(None)
         .timeout(Duration::from_secs(5))
         .build()
         .expect("an HTTP client")

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use conveyor_core::broker::{self, Topology};
-use conveyor_core::pipeline::Pipeline;
-use conveyor_core::settings::BrokerArgs;
+use conveyor_amqp::Topology;
+use conveyor_amqp::settings::BrokerArgs;
+use conveyor_pipeline::Pipeline;
 
 #[derive(Debug, Parser)]
 #[command(name = "conveyorctl", version, about = "Operate conveyor pipelines")]
@@ -126,7 +126,7 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 pub fn main(cli: Cli) -> ExitCode {
     let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
     if let Err(err) =
-        conveyor_core::telemetry::init(conveyor_core::settings::LogFormat::Text, &log_filter)
+        conveyor_runtime::telemetry::init(conveyor_runtime::settings::LogFormat::Text, &log_filter)
     {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
@@ -180,10 +180,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: TopologyCommand::Declare { file, broker },
         } => {
             let pipeline = Pipeline::load(&file)?;
-            let connection = broker::connect(&broker.address()?, "conveyorctl").await?;
+            let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
             let topology = Topology::new(&broker, pipeline.name());
             topology.declare(&connection).await?;
-            broker::close(&connection).await;
+            conveyor_amqp::close(&connection).await;
             for queue in topology.queues() {
                 println!("declared {queue}");
             }
@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let gateway = conveyor_kingdee::Gateway::new(
                 credentials,
                 conveyor_kingdee::Unlimited,
-                conveyor_core::metrics::Metrics::new(),
+                conveyor_base::metrics::Metrics::new(),
                 "conveyorctl",
             );
             let report = gateway
@@ -236,7 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe { url, timeout_secs } => {
-            let client = conveyor_core::tls::http_client(None)
+            let client = conveyor_base::tls::http_client(None)
                 .timeout(std::time::Duration::from_secs(timeout_secs))
                 .build()?;
             let response = client.get(&url).send().await?;

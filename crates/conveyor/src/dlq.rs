@@ -1,5 +1,5 @@
 //! `conveyorctl dlq`: list, show, replay, purge and export dead letters (the logic is in
-//! [`conveyor_core::dead_letters`]; this is the command line around it).
+//! [`conveyor_amqp::dead_letters`]; this is the command line around it).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,10 +7,16 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use conveyor_core::broker::{self, Publisher, Stage, Topology};
-use conveyor_core::dead_letters::{self, DeadLetter, Filter, Held, QueueCounts};
-use conveyor_core::pipeline::Pipeline;
-use conveyor_core::settings::BrokerArgs;
+use conveyor_amqp::Publisher;
+use conveyor_amqp::Topology;
+use conveyor_amqp::dead_letters;
+use conveyor_amqp::dead_letters::DeadLetter;
+use conveyor_amqp::dead_letters::Filter;
+use conveyor_amqp::dead_letters::Held;
+use conveyor_amqp::dead_letters::QueueCounts;
+use conveyor_amqp::settings::BrokerArgs;
+use conveyor_base::Stage;
+use conveyor_pipeline::Pipeline;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::Connection;
 
@@ -139,7 +145,7 @@ impl Select {
     async fn take(&self) -> anyhow::Result<(Connection, Topology, Vec<(Held, Vec<usize>)>)> {
         let name = pipeline_name(&self.pipeline)?;
         let topology = Topology::new(&self.broker, &name);
-        let connection = broker::connect(&self.broker.address()?, "conveyorctl").await?;
+        let connection = conveyor_amqp::connect(&self.broker.address()?, "conveyorctl").await?;
         let filter = self.filter();
         let mut taken = Vec::new();
         for (_, queue) in self.queues(&topology) {
@@ -181,7 +187,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::Result<()> {
-    let connection = broker::connect(&broker.address()?, "conveyorctl").await?;
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
     let mut counts = Vec::new();
     for given in pipelines {
         let name = pipeline_name(given)?;
@@ -192,7 +198,7 @@ async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::
             held.release().await;
         }
     }
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&counts)?);
         return Ok(());
@@ -226,7 +232,7 @@ async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
         shown.extend(matching.iter().map(|&i| held.letters[i].clone()));
         held.release().await;
     }
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(());
@@ -300,7 +306,7 @@ async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
         held.release().await;
     }
     bar.finish_and_clear();
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     let verb = if dry_run { "would replay" } else { "replayed" };
     println!(
         "{verb} {moved} message(s) with {records} record(s); {} failed and stay in the dead-letter queue",
@@ -322,7 +328,7 @@ async fn purge(select: &Select, yes: bool) -> anyhow::Result<()> {
         for (held, _) in taken {
             held.release().await;
         }
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         bail!("nothing purged: not confirmed (use --yes to skip the question)");
     }
     let mut removed = 0;
@@ -333,7 +339,7 @@ async fn purge(select: &Select, yes: bool) -> anyhow::Result<()> {
         }
         held.release().await;
     }
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     println!("purged {removed} message(s)");
     Ok(())
 }
@@ -370,7 +376,7 @@ async fn export(select: &Select, output: Option<PathBuf>) -> anyhow::Result<()> 
         held.release().await;
     }
     out.flush()?;
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     eprintln!("exported {written} dead letter(s)");
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use conveyor_core::settings::WorkerArgs;
+use conveyor_runtime::settings::WorkerArgs;
 use tokio_util::sync::CancellationToken;
 
 /// Every conveyor binary allocates through mimalloc (see the workspace's Cargo.toml for why).
@@ -24,7 +24,7 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    if let Err(err) = conveyor_core::telemetry::init(args.log_format, &args.log_filter) {
+    if let Err(err) = conveyor_runtime::telemetry::init(args.log_format, &args.log_filter) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }
@@ -36,7 +36,7 @@ where
         }
     };
     let result = runtime.block_on(async {
-        let shutdown = conveyor_core::shutdown::on_signals()?;
+        let shutdown = conveyor_runtime::shutdown::on_signals()?;
         run(shutdown).await
     });
     // Background tasks (health server, broker I/O) must not keep the process alive after the work ends.

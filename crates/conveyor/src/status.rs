@@ -27,8 +27,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker::{self, Stage, Topology};
-use conveyor_core::settings::BrokerArgs;
+use conveyor_amqp::Topology;
+use conveyor_amqp::settings::BrokerArgs;
+use conveyor_base::Stage;
 use serde::Serialize;
 
 /// How long to wait before reading a pipeline again when it looks as if records were unaccounted for.
@@ -125,7 +126,7 @@ pub struct QueueDepths {
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let http = conveyor_core::tls::http_client(None)
+    let http = conveyor_base::tls::http_client(None)
         .timeout(Duration::from_secs(5))
         .build()?;
     let names = args
@@ -133,7 +134,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .iter()
         .map(|given| crate::dlq::pipeline_name(given))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let connection = broker::connect(&args.broker.address()?, "conveyorctl").await?;
+    let connection = conveyor_amqp::connect(&args.broker.address()?, "conveyorctl").await?;
     let channel = connection.create_channel().await?;
     let mut statuses = read(&args, &http, &channel, &names).await?;
     if statuses.iter().any(|status| status.unaccounted != 0) {
@@ -147,7 +148,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
             .map(|(second, first)| second.confirmed_by(first))
             .collect();
     }
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
     } else {
@@ -219,7 +220,7 @@ async fn read(
 
 /// Messages ready in a queue (it must exist).
 async fn depth(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
-    broker::queue_depth(channel, queue)
+    conveyor_amqp::queue_depth(channel, queue)
         .await
         .with_context(|| format!("inspecting queue {queue} (is the topology declared?)"))
 }

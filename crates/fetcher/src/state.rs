@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
-use conveyor_core::postgres::{Database, DatabaseError};
 use conveyor_kingdee::RateBudget;
+use conveyor_postgres::Database;
+use conveyor_postgres::DatabaseError;
 
 use crate::window::Window;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use conveyor_core::envelope::Record;
+use conveyor_base::Record;
 use serde_json::json;
 
 /// Records modified from `start` to `end`, both inclusive (the API's bounds are not documented; reading

@@ -6,10 +6,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{FixedOffset, Utc};
-use conveyor_core::postgres::Database;
-use conveyor_core::settings::{PostgresArgs, Secret};
+use conveyor_base::Secret;
 use conveyor_fetcher::state::SyncStore;
 use conveyor_fetcher::window::Window;
+use conveyor_postgres::Database;
+use conveyor_postgres::PostgresArgs;
 use tokio::task::JoinHandle;
 
 const HOUR: Duration = Duration::from_secs(3600);

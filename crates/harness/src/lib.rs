@@ -15,9 +15,15 @@ pub mod proxy;
 pub mod tls;
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker::{self, BrokerAddress, Publisher, Stage, Topology};
-use conveyor_core::pipeline::{Pipeline, TargetSpec};
-use conveyor_core::settings::{BrokerArgs, DEFAULT_AMQP_URL, Secret};
+use conveyor_amqp::BrokerAddress;
+use conveyor_amqp::Publisher;
+use conveyor_amqp::Topology;
+use conveyor_amqp::settings::BrokerArgs;
+use conveyor_amqp::settings::DEFAULT_AMQP_URL;
+use conveyor_base::Secret;
+use conveyor_base::Stage;
+use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::TargetSpec;
 use kingdee_sim::{Object, SimConfig, Simulator};
 use lapin::BasicProperties;
 use nix::sys::signal::{Signal, kill};
@@ -83,10 +89,10 @@ impl Services {
             amqp_tls,
             pg_url,
         };
-        let connection = broker::connect(&services.broker()?, "conveyor-harness").await.with_context(|| {
+        let connection = conveyor_amqp::connect(&services.broker()?, "conveyor-harness").await.with_context(|| {
             "RabbitMQ is not reachable: start it (ops/services.sh, or `rabbitmq-server -detached`) or set CONVEYOR_AMQP_URL"
         })?;
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         pg_client(&services.pg_url).await.with_context(
             || "PostgreSQL is not reachable: start it (ops/services.sh) or set CONVEYOR_PG_URL",
         )?;
@@ -209,7 +215,7 @@ impl WorkerProcess {
     }
 }
 
-pub use conveyor_core::dead_letters::DeadLetter;
+pub use conveyor_amqp::dead_letters::DeadLetter;
 
 /// SIGTERMs every worker, then waits for each; fails naming a worker that did not exit 0, with its log.
 pub async fn stop_all(workers: &mut [WorkerProcess]) -> anyhow::Result<()> {
@@ -506,7 +512,7 @@ impl Scenario {
             .order_lines_truth()
             .into_iter()
             .map(|line| {
-                let instant = conveyor_core::source_time::parse_instant(&line.modify_time.into())
+                let instant = conveyor_base::source_time::parse_instant(&line.modify_time.into())
                     .expect("the simulator writes valid times");
                 (line.id, instant.to_utc().to_rfc3339())
             })
@@ -572,27 +578,29 @@ impl Scenario {
 
     /// Messages waiting in each of the pipeline's queues (work and dead-letter).
     pub async fn queue_depths(&self) -> anyhow::Result<Vec<(String, u32)>> {
-        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
+        let connection =
+            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
         let mut depths = Vec::new();
         for queue in self.topology().queues() {
-            let depth = broker::queue_depth(&channel, &queue)
+            let depth = conveyor_amqp::queue_depth(&channel, &queue)
                 .await
                 .with_context(|| format!("inspecting queue {queue}"))?;
             depths.push((queue, depth));
         }
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         Ok(depths)
     }
 
     /// Reads every message in a stage's dead-letter queue without removing any.
     pub async fn peek_dead_letters(&self, stage: Stage) -> anyhow::Result<Vec<DeadLetter>> {
-        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
+        let connection =
+            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         let queue = self.topology().dead_letter_queue(stage);
-        let held = conveyor_core::dead_letters::Held::take(&connection, &queue, usize::MAX).await?;
+        let held = conveyor_amqp::dead_letters::Held::take(&connection, &queue, usize::MAX).await?;
         let letters = held.letters.clone();
         held.release().await;
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         Ok(letters)
     }
 
@@ -604,7 +612,8 @@ impl Scenario {
         body: &[u8],
         properties: BasicProperties,
     ) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
+        let connection =
+            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         let topology = self.topology();
         topology.declare(&connection).await?;
         let publisher = Publisher::open(&connection).await?;
@@ -616,7 +625,7 @@ impl Scenario {
                 properties,
             )
             .await?;
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         Ok(())
     }
 
@@ -624,9 +633,10 @@ impl Scenario {
     /// doing it first keeps several workers from racing to create the same new quorum queue (a consumer
     /// can reach a quorum queue whose leader is still starting, which closes its connection).
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
+        let connection =
+            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         self.topology().declare(&connection).await?;
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         Ok(())
     }
 
@@ -647,7 +657,8 @@ impl Scenario {
 
     /// Deletes the scenario's queues and exchanges (and its schema unless `keep_schema`).
     pub async fn clean_up(&self, keep_schema: bool) -> anyhow::Result<()> {
-        let connection = broker::connect(&self.services.broker()?, "conveyor-harness").await?;
+        let connection =
+            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
         let topology = self.topology();
         for queue in topology.queues() {
@@ -662,7 +673,7 @@ impl Scenario {
                 .await
                 .with_context(|| format!("deleting exchange {exchange}"))?;
         }
-        broker::close(&connection).await;
+        conveyor_amqp::close(&connection).await;
         self.cleaned.store(true, Ordering::Relaxed);
         if !keep_schema {
             let client = pg_client(&self.services.pg_url).await?;
@@ -701,7 +712,7 @@ fn derive_pipeline(
             .to_string();
     }
     let start = chrono::TimeZone::from_local_datetime(
-        &conveyor_core::source_time::china_standard_time(),
+        &conveyor_base::source_time::china_standard_time(),
         &sim.epoch,
     )
     .single()

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker::{self, BrokerAddress};
-use conveyor_core::settings::Secret;
+use conveyor_amqp::BrokerAddress;
+use conveyor_base::Secret;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -134,9 +134,9 @@ impl OwnBroker {
         let started = Instant::now();
         loop {
             if let Ok(connection) =
-                broker::connect(&BrokerAddress::new(self.url()), "conveyor-harness").await
+                conveyor_amqp::connect(&BrokerAddress::new(self.url()), "conveyor-harness").await
             {
-                broker::close(&connection).await;
+                conveyor_amqp::close(&connection).await;
                 // The TLS listener opens just after the plain one.
                 let tls_open = self
                     .amqps_port

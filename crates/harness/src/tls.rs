@@ -156,13 +156,13 @@ mod tests {
             .await
             .unwrap();
         let url = format!("https://localhost:{}/", proxy.addr().port());
-        let client = conveyor_core::tls::http_client(None).build().unwrap();
+        let client = conveyor_base::tls::http_client(None).build().unwrap();
         let err = client.head(&url).send().await.unwrap_err();
-        let failure = conveyor_core::tls::tls_failure(&err);
+        let failure = conveyor_base::tls::tls_failure(&err);
         assert!(
             failure.is_some(),
             "{}",
-            conveyor_core::tls::error_chain(&err)
+            conveyor_base::tls::error_chain(&err)
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

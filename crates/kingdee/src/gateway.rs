@@ -12,9 +12,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use conveyor_core::metrics::Metrics;
-use conveyor_core::settings::{Secret, SettingsError};
-use conveyor_core::tls::{self, CaBundle};
+use conveyor_base::Secret;
+use conveyor_base::SettingsError;
+use conveyor_base::metrics::Metrics;
+use conveyor_base::tls;
+use conveyor_base::tls::CaBundle;
 use rand::Rng;
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};

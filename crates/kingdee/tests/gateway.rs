@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_core::metrics::Metrics;
-use conveyor_core::settings::Secret;
+use conveyor_base::Secret;
+use conveyor_base::metrics::Metrics;
 use conveyor_kingdee::{Credentials, Gateway, ListData, Page, Unlimited};
 use kingdee_sim::gate::{
     DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID, Faults, GatewayConfig,

@@ -2,13 +2,21 @@
 //! to the write queue. A record that cannot be mapped goes to the transform dead-letter queue on its
 //! own, with the field and the reason; the rest of its batch goes on.
 
-use conveyor_core::broker::{Publisher, Stage, Topology};
-use conveyor_core::consume::{DeadLetters, Disposition, ErrorClass, Failure, Handler};
-use conveyor_core::envelope::{Envelope, Record};
-use conveyor_core::mapping::{MappedRecord, Mapping};
-use conveyor_core::metrics::Metrics;
-use conveyor_core::runtime::WorkerRuntime;
-use conveyor_core::settings::WorkerArgs;
+use conveyor_amqp::Publisher;
+use conveyor_amqp::Topology;
+use conveyor_amqp::consume::Handler;
+use conveyor_amqp::dead_letters::DeadLetters;
+use conveyor_amqp::envelope::Envelope;
+use conveyor_base::Disposition;
+use conveyor_base::ErrorClass;
+use conveyor_base::Failure;
+use conveyor_base::Record;
+use conveyor_base::Stage;
+use conveyor_base::metrics::Metrics;
+use conveyor_pipeline::mapping::MappedRecord;
+use conveyor_pipeline::mapping::Mapping;
+use conveyor_runtime::settings::WorkerArgs;
+use conveyor_runtime::worker::WorkerRuntime;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -203,7 +211,7 @@ pub fn preview(mapping: &Mapping, id_field: &str, sample: Value) -> Preview {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conveyor_core::mapping::TransformSpec;
+    use conveyor_pipeline::mapping::TransformSpec;
     use serde_json::json;
 
     fn lines_mapping() -> Mapping {
@@ -225,7 +233,7 @@ mod tests {
     fn order(id: &str, lines: Value) -> Record {
         Record::new(
             id.into(),
-            conveyor_core::source_time::parse_instant(&json!("2025-01-01 08:00:00")).unwrap(),
+            conveyor_base::source_time::parse_instant(&json!("2025-01-01 08:00:00")).unwrap(),
             &json!({"id": id, "modify_time": "2025-01-01 08:00:00", "lines": lines}),
         )
     }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use conveyor_core::health::Readiness;
+use conveyor_runtime::health::Readiness;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

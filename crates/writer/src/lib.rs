@@ -8,13 +8,19 @@ pub mod target;
 
 use std::sync::Arc;
 
-use conveyor_core::broker::Stage;
-use conveyor_core::consume::{DeadLetters, Disposition, ErrorClass, Failure, Handler};
-use conveyor_core::envelope::{Envelope, Record};
-use conveyor_core::metrics::Metrics;
-use conveyor_core::pipeline::{Pipeline, TargetSpec};
-use conveyor_core::runtime::WorkerRuntime;
-use conveyor_core::settings::WorkerArgs;
+use conveyor_amqp::consume::Handler;
+use conveyor_amqp::dead_letters::DeadLetters;
+use conveyor_amqp::envelope::Envelope;
+use conveyor_base::Disposition;
+use conveyor_base::ErrorClass;
+use conveyor_base::Failure;
+use conveyor_base::Record;
+use conveyor_base::Stage;
+use conveyor_base::metrics::Metrics;
+use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::TargetSpec;
+use conveyor_runtime::settings::WorkerArgs;
+use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conveyor_core::envelope::Record;
-use conveyor_core::http_target::HttpTargetSpec;
-use conveyor_core::pipeline::Pipeline;
-use conveyor_core::source_time;
+use conveyor_base::Record;
+use conveyor_base::source_time;
+use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::http_target::HttpTargetSpec;
 use conveyor_writer::target::http::{HttpArgs, HttpTarget};
 use serde_json::json;
 use target_sim::{TargetConfig, TargetSim};
@@ -122,7 +122,7 @@ fn line_records(count: usize) -> anyhow::Result<Vec<Record>> {
 
 /// One record at a time: ask whether it exists, then POST it.
 async fn naive(base: &str, records: &[Record]) -> anyhow::Result<Duration> {
-    let client = conveyor_core::tls::http_client(None)
+    let client = conveyor_base::tls::http_client(None)
         .build()
         .expect("an HTTP client builds");
     let started = Instant::now();

@@ -29,11 +29,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conveyor_core::broker;
-use conveyor_core::envelope::Record;
-use conveyor_core::pipeline::Pipeline;
-use conveyor_core::settings::PostgresArgs;
+use conveyor_base::Record;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
+use conveyor_pipeline::Pipeline;
+use conveyor_postgres::PostgresArgs;
 use futures_util::StreamExt as _;
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
@@ -296,7 +295,7 @@ async fn measure(
     for _ in 0..writers {
         workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
     }
-    let http = conveyor_core::tls::http_client(None)
+    let http = conveyor_base::tls::http_client(None)
         .timeout(Duration::from_secs(2))
         .build()?;
     // Wait until every writer serves its metrics (it is connected and set up).
@@ -549,7 +548,7 @@ fn latencies(fetched: &[(f64, f64)], written: &[(f64, f64)], records: usize) -> 
 
 /// The raw broker: publish-with-confirms and consume-with-acks over one quorum queue, 1 KiB messages.
 async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64> {
-    let connection = broker::connect(&services.broker()?, "conveyor-bench-raw").await?;
+    let connection = conveyor_amqp::connect(&services.broker()?, "conveyor-bench-raw").await?;
     let queue = format!("conveyor-bench-raw-{}", std::process::id());
     let publish = connection.create_channel().await?;
     let mut arguments = FieldTable::default();
@@ -633,7 +632,7 @@ async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64>
     publish
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;
-    broker::close(&connection).await;
+    conveyor_amqp::close(&connection).await;
     Ok(messages as f64 / seconds)
 }
 

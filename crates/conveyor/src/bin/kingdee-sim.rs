@@ -83,10 +83,10 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    conveyor_core::telemetry::init(conveyor_core::settings::LogFormat::Text, "info")?;
+    conveyor_runtime::telemetry::init(conveyor_runtime::settings::LogFormat::Text, "info")?;
     let cli = Cli::parse();
     // The file wins over the variable, which always has a value (the demo's default).
-    let client_secret = conveyor_core::settings::Secret::from_value_or_file(
+    let client_secret = conveyor_base::Secret::from_value_or_file(
         "KINGDEE_SIM_CLIENT_SECRET",
         None,
         cli.client_secret_file.as_deref(),
@@ -131,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, orders = cli.orders, seed = cli.seed, "kingdee-sim listening");
-    let shutdown = conveyor_core::shutdown::on_signals()?;
+    let shutdown = conveyor_runtime::shutdown::on_signals()?;
     tokio::select! {
         served = kingdee_sim::serve(simulator, listener) => served?,
         () = shutdown.cancelled() => {}

@@ -15,12 +15,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use conveyor_core::envelope::Record;
-use conveyor_core::http_target::{
-    AuthSpec, BodyShape, HttpErrorOverrides, HttpTargetSpec, IdCheckSpec, OnExists,
-};
-use conveyor_core::settings::{Secret, SettingsError};
-use conveyor_core::tls::{self, CaBundle};
+use conveyor_base::Record;
+use conveyor_base::Secret;
+use conveyor_base::SettingsError;
+use conveyor_base::tls;
+use conveyor_base::tls::CaBundle;
+use conveyor_pipeline::http_target::AuthSpec;
+use conveyor_pipeline::http_target::BodyShape;
+use conveyor_pipeline::http_target::HttpErrorOverrides;
+use conveyor_pipeline::http_target::HttpTargetSpec;
+use conveyor_pipeline::http_target::IdCheckSpec;
+use conveyor_pipeline::http_target::OnExists;
 use futures_util::future::join_all;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};
@@ -409,7 +414,7 @@ impl HttpTarget {
     /// Whether the target's copy carries the record's version or a newer one.
     fn holds_as_new(&self, held: &Value, record: &Record) -> bool {
         held.get(&self.version_field)
-            .map(conveyor_core::source_time::parse_instant)
+            .map(conveyor_base::source_time::parse_instant)
             .and_then(Result::ok)
             .is_some_and(|held_version| held_version >= record.modify_time)
     }

@@ -7,7 +7,7 @@ pub mod postgres;
 
 use std::collections::BTreeMap;
 
-use conveyor_core::envelope::Record;
+use conveyor_base::Record;
 
 /// The newest version of each id in a batch, in id order (so that concurrent writers meet rows in the
 /// same order). Older versions in the same batch would only be overwritten.

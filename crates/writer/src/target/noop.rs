@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use conveyor_core::envelope::Record;
+use conveyor_base::Record;
 
 use super::WriteReport;
 

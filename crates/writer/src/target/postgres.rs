@@ -7,9 +7,11 @@
 
 use std::path::Path;
 
-use conveyor_core::envelope::Record;
-use conveyor_core::pipeline::SqlErrorOverrides;
-use conveyor_core::postgres::{Database, DatabaseError, quote};
+use conveyor_base::Record;
+use conveyor_pipeline::SqlErrorOverrides;
+use conveyor_postgres::Database;
+use conveyor_postgres::DatabaseError;
+use conveyor_postgres::quote;
 use deadpool_postgres::Pool;
 use serde_json::value::RawValue;
 use tokio_postgres::error::SqlState;
@@ -17,7 +19,7 @@ use tokio_postgres::types::Json;
 
 use super::{WriteError, WriteReport, newest_per_id};
 
-pub use conveyor_core::settings::PostgresArgs;
+pub use conveyor_postgres::PostgresArgs;
 
 /// Why the target could not be set up.
 #[derive(Debug, thiserror::Error)]

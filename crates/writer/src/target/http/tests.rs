@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use conveyor_core::envelope::Record;
+use conveyor_base::Record;
 use serde_json::{Value, json};
 use target_sim::{TargetConfig, TargetSim};
 

@@ -1,11 +1,46 @@
-//! PostgreSQL as every conveyor process uses it: a pool whose connections have the configured schema as
+//! PostgreSQL as every conveyor process uses it: where it is (its settings), a pool whose connections have the configured schema as
 //! their search path, and migrations run one process at a time.
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::{Config, NoTls};
 
-use crate::pipeline::is_sql_identifier;
-use crate::settings::{PostgresArgs, SettingsError};
+use std::path::PathBuf;
+
+use conveyor_base::is_sql_identifier;
+use conveyor_base::{Secret, SettingsError};
+
+/// Where PostgreSQL is: the writer's target and the fetcher's sync state (every flag also reads an
+/// environment variable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL (postgres://user:password@host/db); never logged.
+    #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
+    pub pg_url: Option<Secret>,
+    /// File holding the PostgreSQL URL (for Docker secrets), instead of CONVEYOR_PG_URL.
+    #[arg(long, env = "CONVEYOR_PG_URL_FILE")]
+    pub pg_url_file: Option<PathBuf>,
+    /// Schema of conveyor's tables: the targets, the migration history and the sync state.
+    #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
+    pub pg_schema: String,
+    /// Connections per process (for a writer: concurrent batch writes).
+    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
+    pub pg_pool_size: usize,
+    /// The `lock_timeout` of every session, in milliseconds, when a process asks for one (the writer
+    /// does, from CONVEYOR_PG_LOCK_TIMEOUT_MS, so that a blocked write fails and is retried later).
+    #[arg(skip)]
+    pub lock_timeout_ms: Option<u64>,
+}
+
+impl PostgresArgs {
+    pub fn url(&self) -> Result<Secret, SettingsError> {
+        Secret::from_value_or_file(
+            "CONVEYOR_PG_URL",
+            self.pg_url.as_ref().map(Secret::expose),
+            self.pg_url_file.as_deref(),
+        )?
+        .ok_or_else(|| SettingsError::new("CONVEYOR_PG_URL", "required"))
+    }
+}
 
 /// Why the database could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -10,7 +10,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::source_time::{self, kind_of};
+use conveyor_base::source_time::{self, kind_of};
 
 /// What a field's value is converted to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -9,9 +9,13 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, FixedOffset};
+use conveyor_base::is_sql_identifier;
 use serde::Deserialize;
 
 use crate::mapping::{Mapping, TransformSpec};
+
+pub mod http_target;
+pub mod mapping;
 
 /// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -301,14 +305,6 @@ impl Pipeline {
     pub fn name(&self) -> &str {
         &self.spec.name
     }
-}
-
-/// Whether `name` can be used as an SQL identifier without surprises (it is quoted all the same).
-pub fn is_sql_identifier(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && name.len() <= 63
 }
 
 /// A TOML error on one line: the problem, then where it is.

@@ -12,7 +12,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use conveyor_base::metrics::Metrics;
 
 /// Named conditions that must all hold for the worker to be ready.
 #[derive(Clone, Default)]

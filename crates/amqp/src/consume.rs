@@ -1,4 +1,4 @@
-//! The consume loop every queue-fed worker runs, and the dead-letter queues it feeds.
+//! The consume loop every queue-fed worker runs.
 //!
 //! The loop owns the acknowledgement discipline: a delivery is acked only after what it asked for is
 //! durable (the handler's publishes confirmed or its write committed), or after its retry copy or its
@@ -11,82 +11,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
+use lapin::types::FieldTable;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{BrokerError, Publisher, Stage, Topology};
-use crate::envelope::{
-    Envelope, HEADER_ATTEMPT, HEADER_PIPELINE, Meta, Record, header_u32, long_string,
-};
-use crate::metrics::Metrics;
+use conveyor_base::Stage;
+use conveyor_base::metrics::Metrics;
+use conveyor_base::{Disposition, ErrorClass, Failure};
 
-pub const HEADER_STAGE: &str = "x-conveyor-stage";
-pub const HEADER_ERROR_CLASS: &str = "x-conveyor-error-class";
-pub const HEADER_ERROR: &str = "x-conveyor-error";
-pub const HEADER_FIRST_FAILED_AT: &str = "x-conveyor-first-failed-at";
-pub const HEADER_LAST_FAILED_AT: &str = "x-conveyor-last-failed-at";
-pub const HEADER_ORIGINAL_EXCHANGE: &str = "x-conveyor-original-exchange";
-pub const HEADER_ORIGINAL_ROUTING_KEY: &str = "x-conveyor-original-routing-key";
-pub const HEADER_RECORD_IDS: &str = "x-conveyor-record-ids";
-
-/// What kind of failure, which decides where the work goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// The message itself is unreadable: not JSON, wrong shape, unknown schema, oversize.
-    Malformed,
-    /// The data is wrong for its target: retrying cannot help.
-    Permanent,
-    /// The target or a dependency failed for now: retrying may help.
-    Transient,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Malformed => "malformed",
-            ErrorClass::Permanent => "permanent",
-            ErrorClass::Transient => "transient",
-        }
-    }
-}
-
-/// A failure with its class and a message fit for operators (never containing secrets).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    pub class: ErrorClass,
-    pub message: String,
-}
-
-impl Failure {
-    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        Self {
-            class,
-            message: message.into(),
-        }
-    }
-}
-
-/// What became of a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    /// Everything the message asked for is durable downstream: ack it.
-    Done,
-    /// It can never succeed as it is: dead-letter it with the reason, then ack.
-    DeadLetter(Failure),
-    /// It may succeed later: send a copy to the next retry tier (or, after the last attempt, to the
-    /// dead-letter queue), then ack.
-    Retry(Failure),
-    /// The worker cannot take it now (it is stopping, or its target is down): give it back to the work
-    /// queue as it is, without counting an attempt.
-    Release,
-}
+use crate::dead_letters::DeadLetters;
+use crate::envelope::Envelope;
+use crate::error::BrokerError;
+use crate::headers::*;
+use crate::topology::Topology;
 
 /// A stage's work on one message.
 pub trait Handler: Send + Sync + 'static {
@@ -94,231 +37,6 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Called once a whole message is in the dead-letter queue (given up on, or refused outright).
     fn dead_lettered(&self, _failure: &Failure) {}
-}
-
-/// Publishes to one stage's dead-letter queue, with the failure in headers and the payload unchanged.
-#[derive(Clone)]
-pub struct DeadLetters {
-    publisher: Publisher,
-    topology: Topology,
-    stage: Stage,
-    metrics: Metrics,
-}
-
-impl DeadLetters {
-    pub fn new(publisher: Publisher, topology: Topology, stage: Stage, metrics: Metrics) -> Self {
-        Self {
-            publisher,
-            topology,
-            stage,
-            metrics,
-        }
-    }
-
-    /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers.
-    /// `attempts` is the number of tries made.
-    pub async fn send_delivery(
-        &self,
-        delivery: &Delivery,
-        failure: &Failure,
-        attempts: u32,
-    ) -> Result<(), BrokerError> {
-        let record_ids = record_ids_in(&delivery.data, &delivery.properties);
-        let (exchange, routing_key) = original_route(delivery);
-        let properties = self.with_failure(
-            delivery.properties.clone(),
-            failure,
-            &exchange,
-            &routing_key,
-            &record_ids,
-            attempts,
-        );
-        self.publish(&delivery.data, properties).await?;
-        self.count_message(failure);
-        Ok(())
-    }
-
-    /// Sends a copy of a delivery that failed for a transient reason to the retry queue of its tier,
-    /// with the attempt count raised; the broker returns it to the work queue after the tier's delay.
-    /// Returns `false` when no retry tier is configured (the caller dead-letters instead).
-    pub async fn send_retry(
-        &self,
-        delivery: &Delivery,
-        failure: &Failure,
-        retry: u32,
-    ) -> Result<bool, BrokerError> {
-        let Some((queue, delay)) = self.topology.retry_tier(self.stage, retry) else {
-            return Ok(false);
-        };
-        let record_ids = record_ids_in(&delivery.data, &delivery.properties);
-        let (exchange, routing_key) = original_route(delivery);
-        let mut properties = self.with_failure(
-            delivery.properties.clone(),
-            failure,
-            &exchange,
-            &routing_key,
-            &record_ids,
-            retry,
-        );
-        // Jitter: each copy expires somewhere in the second half of its tier's delay, so that retries
-        // of messages that failed together do not all come back at once. The tier's queue-level TTL
-        // stays the upper bound.
-        let delay_ms = delay.as_millis() as u64;
-        let expiration = delay_ms / 2 + rand::rng().random_range(0..=delay_ms / 2);
-        properties = properties.with_expiration(expiration.to_string().into());
-        self.publisher
-            .publish("", &queue, &delivery.data, properties)
-            .await?;
-        self.metrics
-            .records_retried
-            .with_label_values(&[self.topology.pipeline(), self.stage.as_str()])
-            .inc_by(record_ids.len().max(1) as u64);
-        Ok(true)
-    }
-
-    /// Dead-letters records of a batch, each as its own message that continues the batch's trace.
-    pub async fn send_records(
-        &self,
-        meta: &Meta,
-        failed: Vec<(Record, Failure)>,
-    ) -> Result<(), BrokerError> {
-        let exchange = self.topology.exchange();
-        let routing_key = self.topology.routing_key(self.stage);
-        let mut pending = Vec::with_capacity(failed.len());
-        for (record, failure) in &failed {
-            let ids = [record.id.clone()];
-            let single = Envelope {
-                meta: Meta {
-                    message_id: uuid::Uuid::new_v4(),
-                    attempt: meta.attempt,
-                    ..meta.clone()
-                },
-                records: vec![record.clone()],
-            };
-            let (body, properties) = single.to_amqp(self.topology.compression());
-            let properties = self.with_failure(
-                properties,
-                failure,
-                &exchange,
-                &routing_key,
-                &ids,
-                meta.attempt + 1,
-            );
-            pending.push(
-                self.publisher
-                    .send(
-                        &self.topology.dead_letter_exchange(),
-                        &routing_key,
-                        &body,
-                        properties,
-                    )
-                    .await?,
-            );
-        }
-        for confirm in pending {
-            confirm.wait().await?;
-        }
-        for (_, failure) in &failed {
-            self.count_message(failure);
-            self.count_records(failure, 1);
-        }
-        Ok(())
-    }
-
-    async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<(), BrokerError> {
-        self.publisher
-            .publish(
-                &self.topology.dead_letter_exchange(),
-                &self.topology.routing_key(self.stage),
-                body,
-                properties,
-            )
-            .await
-    }
-
-    fn labels<'a>(&'a self, failure: &Failure) -> [&'a str; 3] {
-        [
-            self.topology.pipeline(),
-            self.stage.as_str(),
-            failure.class.as_str(),
-        ]
-    }
-
-    fn count_message(&self, failure: &Failure) {
-        self.metrics
-            .messages_dead_lettered
-            .with_label_values(&self.labels(failure))
-            .inc();
-    }
-
-    fn count_records(&self, failure: &Failure, records: u64) {
-        self.metrics
-            .records_dead_lettered
-            .with_label_values(&self.labels(failure))
-            .inc_by(records);
-    }
-
-    fn with_failure(
-        &self,
-        properties: BasicProperties,
-        failure: &Failure,
-        exchange: &str,
-        routing_key: &str,
-        record_ids: &[String],
-        attempts: u32,
-    ) -> BasicProperties {
-        let mut headers = properties.headers().clone().unwrap_or_default();
-        if !headers.inner().contains_key(HEADER_PIPELINE) {
-            headers.insert(
-                HEADER_PIPELINE.into(),
-                long_string(self.topology.pipeline()),
-            );
-        }
-        headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongUInt(attempts));
-        let now = chrono::Utc::now().to_rfc3339();
-        if !headers.inner().contains_key(HEADER_FIRST_FAILED_AT) {
-            headers.insert(HEADER_FIRST_FAILED_AT.into(), long_string(&now));
-        }
-        headers.insert(HEADER_LAST_FAILED_AT.into(), long_string(&now));
-        headers.insert(HEADER_STAGE.into(), long_string(self.stage.as_str()));
-        headers.insert(
-            HEADER_ERROR_CLASS.into(),
-            long_string(failure.class.as_str()),
-        );
-        headers.insert(HEADER_ERROR.into(), long_string(&failure.message));
-        headers.insert(HEADER_ORIGINAL_EXCHANGE.into(), long_string(exchange));
-        headers.insert(HEADER_ORIGINAL_ROUTING_KEY.into(), long_string(routing_key));
-        headers.insert(HEADER_RECORD_IDS.into(), long_string(&record_ids.join(",")));
-        properties.with_headers(headers).with_delivery_mode(2)
-    }
-}
-
-/// Where a delivery was first published: the original route kept by an earlier retry, else its own.
-/// (A retried message comes back through the broker's dead-lettering, which does not change the
-/// exchange and routing key it is delivered with; the headers are kept for the operator's tools.)
-fn original_route(delivery: &Delivery) -> (String, String) {
-    let kept = |name| header(&delivery.properties, name).filter(|value| !value.is_empty());
-    (
-        kept(HEADER_ORIGINAL_EXCHANGE).unwrap_or_else(|| delivery.exchange.to_string()),
-        kept(HEADER_ORIGINAL_ROUTING_KEY).unwrap_or_else(|| delivery.routing_key.to_string()),
-    )
-}
-
-/// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
-pub(crate) fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
-    #[derive(serde::Deserialize)]
-    struct Ids {
-        records: Vec<IdOnly>,
-    }
-    #[derive(serde::Deserialize)]
-    struct IdOnly {
-        id: String,
-    }
-    crate::envelope::decode_body(body, properties)
-        .ok()
-        .and_then(|body| serde_json::from_slice::<Ids>(&body).ok())
-        .map(|ids| ids.records.into_iter().map(|record| record.id).collect())
-        .unwrap_or_default()
 }
 
 /// How one stage consumes its work queue.
@@ -530,7 +248,7 @@ impl<H: Handler> Context<H> {
             .inc_by(records);
         let replayed = headers_of(&delivery.properties)
             .inner()
-            .contains_key(crate::dead_letters::HEADER_REPLAYS);
+            .contains_key(HEADER_REPLAYS);
         if replayed {
             self.metrics
                 .records_replayed
@@ -660,28 +378,6 @@ async fn ack(delivery: &Delivery) -> bool {
     }
 }
 
-/// Headers as a plain table, for tools that read dead letters.
-pub fn headers_of(properties: &BasicProperties) -> &FieldTable {
-    static EMPTY: std::sync::OnceLock<FieldTable> = std::sync::OnceLock::new();
-    properties
-        .headers()
-        .as_ref()
-        .unwrap_or_else(|| EMPTY.get_or_init(FieldTable::default))
-}
-
-/// A header as text, if present.
-pub fn header(properties: &BasicProperties, name: &str) -> Option<String> {
-    headers_of(properties)
-        .inner()
-        .get(name)
-        .and_then(|value| match value {
-            AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
-                crate::envelope::header_text(value)
-            }
-            other => header_u32(other).map(|n| n.to_string()),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,16 +390,5 @@ mod tests {
             assert!(delay >= Duration::from_millis(250), "{delay:?}");
         }
         assert!(retry_delay(6) > retry_delay(0));
-    }
-
-    #[test]
-    fn record_ids_are_read_from_a_batch_body() {
-        let plain = BasicProperties::default();
-        let body = br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#;
-        assert_eq!(record_ids_in(body, &plain), ["a", "b"]);
-        assert!(record_ids_in(b"garbage", &plain).is_empty());
-        let compressed = lz4_flex::block::compress_prepend_size(body);
-        let lz4 = plain.with_content_encoding(crate::envelope::LZ4.into());
-        assert_eq!(record_ids_in(&compressed, &lz4), ["a", "b"]);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, OnceLock};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::settings::SettingsError;
+use crate::SettingsError;
 
 /// The certificates of a CA bundle file (PEM), each checked to be usable as a trust anchor.
 #[derive(Clone)]

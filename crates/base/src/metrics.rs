@@ -3,7 +3,7 @@
 //! Names follow `conveyor_<what>_<unit>[_total]`; labels are bounded: `pipeline` and `stage` come from
 //! configuration, `class` and `outcome` from fixed sets. No label ever carries a record id or a message.
 
-use crate::broker::Stage;
+use crate::Stage;
 use prometheus::{
     CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
     TextEncoder,

@@ -269,7 +269,7 @@ impl HttpTargetSpec {
 mod tests {
     use std::path::Path;
 
-    use crate::pipeline::{Pipeline, PipelineError, TargetSpec};
+    use crate::{Pipeline, PipelineError, TargetSpec};
 
     const LINES: &str = include_str!("../../../ops/pipelines/sales_order_lines_http.toml");
 

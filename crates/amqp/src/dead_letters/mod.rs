@@ -1,11 +1,12 @@
-//! Reading, replaying and removing dead letters: the logic behind `conveyorctl dlq`.
+//! Dead letters: sending them ([`DeadLetters`]), and reading, replaying and removing them, the logic
+//! behind `conveyorctl dlq`.
 //!
 //! A dead-letter queue is read by taking every message with `basic.get` and holding it unacknowledged:
 //! nothing leaves the queue until a message is acked, and a message is acked only after its copy is
 //! confirmed elsewhere (a replay) or the operator asked for it to go (a purge). Whatever is not removed
 //! is handed back to the queue, in order, when the reading ends. (Every hand-back counts as a delivery
 //! on RabbitMQ 4.0 to 4.2: the dead-letter queues carry a delivery limit no reading reaches, see
-//! [`crate::broker::DEAD_LETTER_DELIVERY_LIMIT`].)
+//! [`crate::topology::DEAD_LETTER_DELIVERY_LIMIT`].)
 //!
 //! Most letters are conveyor's own, with the failure in its headers. A letter the broker dead-lettered
 //! itself (a message redelivered past its work queue's delivery limit, because its consumer died on it
@@ -21,18 +22,17 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use crate::broker::{BrokerError, DELIVERY_LIMIT, Publisher, Stage, Topology};
-use crate::consume::{
-    ErrorClass, HEADER_ERROR, HEADER_ERROR_CLASS, HEADER_FIRST_FAILED_AT, HEADER_LAST_FAILED_AT,
-    HEADER_ORIGINAL_EXCHANGE, HEADER_ORIGINAL_ROUTING_KEY, HEADER_RECORD_IDS, HEADER_STAGE, header,
-    headers_of, record_ids_in,
-};
-use crate::envelope::{
-    HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_TRACE_ID, decode_body, header_text, header_u32,
-};
+use conveyor_base::ErrorClass;
+use conveyor_base::Stage;
 
-/// Counts a replayed message carries: how often it was replayed (it keeps no failure headers).
-pub const HEADER_REPLAYS: &str = "x-conveyor-replays";
+use crate::envelope::{decode_body, record_ids_in};
+use crate::error::BrokerError;
+use crate::headers::*;
+use crate::publish::Publisher;
+use crate::topology::{DELIVERY_LIMIT, Topology};
+
+mod sender;
+pub use sender::DeadLetters;
 
 /// The class of a letter the broker dead-lettered itself.
 pub const BROKER_CLASS: &str = "broker";
@@ -56,7 +56,7 @@ impl BrokerDeath {
     /// The most recent dead-lettering, if the broker's was the last thing that happened to the message.
     fn read(properties: &BasicProperties) -> Option<Self> {
         let headers = headers_of(properties).inner();
-        let Some(AMQPValue::FieldArray(deaths)) = headers.get("x-death") else {
+        let Some(AMQPValue::FieldArray(deaths)) = headers.get(HEADER_X_DEATH) else {
             return None;
         };
         // RabbitMQ keeps the most recent event first.
@@ -228,8 +228,8 @@ impl DeadLetter {
             HEADER_RECORD_IDS,
             HEADER_ATTEMPT,
             HEADER_REPLAYS,
-            "x-death",
-            "x-delivery-count",
+            HEADER_X_DEATH,
+            HEADER_X_DELIVERY_COUNT,
             "x-acquired-count",
             "x-first-death-exchange",
             "x-first-death-queue",
@@ -457,7 +457,6 @@ impl QueueCounts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::long_string;
 
     fn letter(class: &str, ids: &str, failed_at: &str) -> DeadLetter {
         let mut headers = FieldTable::default();

@@ -9,13 +9,16 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, FixedOffset};
+use conveyor_base::Record;
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use serde_json::value::RawValue;
 use uuid::Uuid;
+
+use crate::headers::{
+    HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_RECORDS, HEADER_TRACE_ID, header_text, header_u32,
+    long_string,
+};
 
 /// Version of the body's layout; a consumer refuses bodies of a version it does not know.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -23,48 +26,6 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// The AMQP content encoding of a compressed body.
 pub const LZ4: &str = "lz4";
-
-pub const HEADER_PIPELINE: &str = "x-conveyor-pipeline";
-pub const HEADER_TRACE_ID: &str = "x-conveyor-trace-id";
-pub const HEADER_ATTEMPT: &str = "x-conveyor-attempt";
-pub const HEADER_RECORDS: &str = "x-conveyor-records";
-
-/// One business record: its identity and version at the source, and its fields.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Record {
-    /// The record's id (the source's id before transformation, the target key after).
-    pub id: String,
-    /// When the record was last modified; a newer version replaces an older one, never the reverse.
-    pub modify_time: DateTime<FixedOffset>,
-    /// The fields as JSON text (checked to be JSON when the message is read). Stages that only pass
-    /// records on, or hand them to a target that reads JSON, never build a tree of them; the stage that
-    /// looks inside parses them ([`Record::fields`]).
-    pub data: Box<RawValue>,
-}
-
-impl Record {
-    pub fn new(id: String, modify_time: DateTime<FixedOffset>, data: &Value) -> Self {
-        Self {
-            id,
-            modify_time,
-            data: serde_json::value::to_raw_value(data).expect("a JSON tree serializes"),
-        }
-    }
-
-    /// The fields as a JSON tree.
-    pub fn fields(&self) -> Result<Value, serde_json::Error> {
-        serde_json::from_str(self.data.get())
-    }
-}
-
-/// The same id, version and JSON text.
-impl PartialEq for Record {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-            && self.modify_time == other.modify_time
-            && self.data.get() == other.data.get()
-    }
-}
 
 /// Identity of a message, carried in AMQP properties and headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,37 +302,27 @@ impl Meta {
     }
 }
 
-pub fn long_string(text: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(text.as_bytes().to_vec()))
-}
-
-/// A header's value as text, whether sent as a long or short string.
-pub fn header_text(value: &AMQPValue) -> Option<String> {
-    match value {
-        AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok().map(str::to_owned),
-        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
-        _ => None,
+/// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
+pub(crate) fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        records: Vec<IdOnly>,
     }
-}
-
-/// A header's value as an unsigned count, whatever integer type a client used.
-pub fn header_u32(value: &AMQPValue) -> Option<u32> {
-    let wide: i64 = match *value {
-        AMQPValue::ShortShortUInt(n) => n.into(),
-        AMQPValue::ShortUInt(n) => n.into(),
-        AMQPValue::LongUInt(n) => n.into(),
-        AMQPValue::ShortShortInt(n) => n.into(),
-        AMQPValue::ShortInt(n) => n.into(),
-        AMQPValue::LongInt(n) => n.into(),
-        AMQPValue::LongLongInt(n) => n,
-        _ => return None,
-    };
-    u32::try_from(wide).ok()
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: String,
+    }
+    decode_body(body, properties)
+        .ok()
+        .and_then(|body| serde_json::from_slice::<Ids>(&body).ok())
+        .map(|ids| ids.records.into_iter().map(|record| record.id).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::DateTime;
     use serde_json::json;
 
     fn sample() -> Envelope {
@@ -513,5 +464,16 @@ mod tests {
             Envelope::from_amqp("orders", &body, &BasicProperties::default()),
             Err(Malformed::MessageId)
         );
+    }
+
+    #[test]
+    fn record_ids_are_read_from_a_batch_body() {
+        let plain = BasicProperties::default();
+        let body = br#"{"schema":1,"records":[{"id":"a"},{"id":"b"}]}"#;
+        assert_eq!(record_ids_in(body, &plain), ["a", "b"]);
+        assert!(record_ids_in(b"garbage", &plain).is_empty());
+        let compressed = lz4_flex::block::compress_prepend_size(body);
+        let lz4 = plain.with_content_encoding(LZ4.into());
+        assert_eq!(record_ids_in(&compressed, &lz4), ["a", "b"]);
     }
 }

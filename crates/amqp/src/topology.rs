@@ -1,28 +1,19 @@
-//! RabbitMQ: connecting, the topology every worker declares, and publishing with confirms.
+//! The names and shapes of a pipeline's exchanges and queues, and their declaration.
 //!
 //! Durability needs three things together: durable (quorum) queues, persistent messages and publisher
-//! confirms. [`Publisher`] awaits the broker's confirm of every message and treats a nack, or a message
-//! the broker could not route, as a failed publish.
+//! confirms; this file declares the first.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
-use tokio_util::sync::CancellationToken;
+use conveyor_base::Stage;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::envelope::{Compression, long_string};
-use crate::settings::{BrokerArgs, QueueType, Secret, SettingsError};
-use crate::tls::{self, CaBundle, ClientIdentity};
+use crate::envelope::Compression;
+use crate::error::{BrokerError, amqp};
+use crate::headers::long_string;
+use crate::settings::{BrokerArgs, QueueType};
 
 /// A quorum queue dead-letters a message redelivered this often: a last guard against a message that
 /// keeps crashing its consumer. (RabbitMQ 4 drops such messages unless a dead-letter exchange is set.)
@@ -34,232 +25,6 @@ pub const DELIVERY_LIMIT: u32 = 20;
 /// dead-letter exchange to catch it, after its twentieth reading. RabbitMQ 4 also takes -1 for no
 /// limit; 3.x accepts -1 as well but documents no such meaning: a large number means the same on both.
 pub const DEAD_LETTER_DELIVERY_LIMIT: u32 = i32::MAX as u32;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("invalid AMQP URL (CONVEYOR_AMQP_URL): {0}")]
-    Url(String),
-    #[error("cannot connect to RabbitMQ at {endpoint}: {source}")]
-    Connect {
-        endpoint: String,
-        source: lapin::Error,
-    },
-    #[error("cannot connect to RabbitMQ at {endpoint}: {advice}")]
-    Tls { endpoint: String, advice: String },
-    #[error("cannot connect to RabbitMQ at {0}: no answer within 30 s")]
-    ConnectTimeout(String),
-    #[error("{action}: {source}")]
-    Amqp {
-        action: String,
-        source: lapin::Error,
-    },
-    #[error("the broker cancelled the consumer of {0} (was the queue deleted?)")]
-    ConsumerCancelled(String),
-    #[error("the broker refused (nacked) a message published to {0}")]
-    Nacked(String),
-    #[error("the broker could not route a message published to {0}: no queue is bound")]
-    Unroutable(String),
-}
-
-fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
-    let action = action.into();
-    move |source| BrokerError::Amqp { action, source }
-}
-
-/// Where the broker is and how to trust it: the URL(s), which carry the password, and the TLS
-/// settings of `amqps://` connections. Neither is ever printed.
-#[derive(Clone)]
-pub struct BrokerAddress {
-    url: Secret,
-    tls: OwnedTLSConfig,
-}
-
-impl fmt::Debug for BrokerAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("BrokerAddress(***)")
-    }
-}
-
-impl BrokerAddress {
-    /// A broker whose `amqps://` certificate the public roots vouch for (or a plain `amqp://` one).
-    pub fn new(url: Secret) -> Self {
-        Self {
-            url,
-            tls: OwnedTLSConfig::default(),
-        }
-    }
-
-    /// A broker trusted through `ca` too, with a client certificate for mutual TLS. TLS files with a
-    /// plain `amqp://` URL are refused: the operator expects encryption that would not happen.
-    pub fn with_tls(
-        url: Secret,
-        ca: Option<CaBundle>,
-        identity: Option<ClientIdentity>,
-    ) -> Result<Self, SettingsError> {
-        if (ca.is_some() || identity.is_some())
-            && broker_urls(&url).any(|one| !one.starts_with("amqps://"))
-        {
-            return Err(SettingsError::new(
-                "CONVEYOR_AMQP_URL",
-                "TLS files are set (CONVEYOR_AMQP_TLS_*), but a broker URL is not amqps://: that connection would not be encrypted",
-            ));
-        }
-        Ok(Self {
-            url,
-            tls: OwnedTLSConfig {
-                identity: identity.map(|identity| OwnedIdentity::PKCS8 {
-                    pem: identity.cert_pem().to_vec(),
-                    key: identity.key_pem().to_vec(),
-                }),
-                cert_chain: ca.map(|ca| ca.pem().to_owned()),
-            },
-        })
-    }
-
-    pub fn url(&self) -> &Secret {
-        &self.url
-    }
-}
-
-/// The brokers of a setting: one AMQP URL, or several separated by commas (the nodes of a cluster,
-/// tried in order). A comma inside a URL must be percent-encoded (`%2C`).
-fn broker_urls(url: &Secret) -> impl Iterator<Item = &str> {
-    url.expose()
-        .split(',')
-        .map(str::trim)
-        .filter(|one| !one.is_empty())
-}
-
-/// The host, port and vhost of each AMQP URL (comma-separated): what may be logged of them.
-pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
-    let mut shown = Vec::new();
-    for one in broker_urls(url) {
-        let uri = AMQPUri::from_str(one).map_err(BrokerError::Url)?;
-        let scheme = match uri.scheme {
-            AMQPScheme::AMQPS => "amqps://",
-            AMQPScheme::AMQP => "",
-        };
-        shown.push(format!(
-            "{scheme}{}:{}/{}",
-            uri.authority.host, uri.authority.port, uri.vhost
-        ));
-    }
-    if shown.is_empty() {
-        return Err(BrokerError::Url("no broker address given".into()));
-    }
-    Ok(shown.join(","))
-}
-
-/// Connects once, to the first of the brokers (comma-separated URLs) that answers; fails with the
-/// last broker's error. `name` shows in the broker's connection list.
-pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, BrokerError> {
-    // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
-    endpoint(&address.url)?;
-    let mut last_error = None;
-    for one in broker_urls(&address.url) {
-        match connect_one(one, &address.tls, name).await {
-            Ok(connection) => return Ok(connection),
-            Err(err) => {
-                tracing::debug!(error = %err, "broker not reachable, trying the next");
-                last_error = Some(err);
-            }
-        }
-    }
-    Err(last_error.expect("endpoint() proved there is at least one URL"))
-}
-
-async fn connect_one(
-    url: &str,
-    tls: &OwnedTLSConfig,
-    name: &str,
-) -> Result<Connection, BrokerError> {
-    let endpoint = endpoint(&Secret::new(url))?;
-    let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
-        endpoint: endpoint.clone(),
-        source,
-    })?;
-    // A broker that takes the TCP connection but never finishes the handshake (still starting, or
-    // overloaded) must not hold a worker forever: give up and let the caller retry.
-    let connecting = Connection::connect_with_config(url, properties, tls.clone(), runtime);
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(source)) => match tls::tls_failure(&source) {
-            Some(failure) => Err(BrokerError::Tls {
-                endpoint,
-                advice: tls::advice(failure, "CONVEYOR_AMQP_TLS_CA_FILE"),
-            }),
-            None => Err(BrokerError::Connect { endpoint, source }),
-        },
-        Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
-    }
-}
-
-/// The longest a connection attempt (TCP and AMQP handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`). A wrong URL
-/// and a TLS failure (a certificate not trusted, a client certificate refused) are not retried:
-/// waiting does not fix a configuration.
-pub async fn connect_with_retry(
-    address: &BrokerAddress,
-    name: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<Connection>, BrokerError> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match connect(address, name).await {
-            Ok(connection) => return Ok(Some(connection)),
-            Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => return Err(err),
-            Err(err) => {
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable")
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
-
-/// A stage of a pipeline: each has a work queue (fed by the stage before) and a dead-letter queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
-    Fetch,
-    Transform,
-    Write,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Fetch, Stage::Transform, Stage::Write];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Fetch => "fetch",
-            Stage::Transform => "transform",
-            Stage::Write => "write",
-        }
-    }
-
-    /// Whether the stage consumes a work queue (all do: the fetcher's holds modify-time windows).
-    pub fn has_work_queue(self) -> bool {
-        true
-    }
-
-    /// Whether the stage's messages carry records. The fetch stage's carry modify-time windows (work
-    /// items): the records it fetches enter the pipeline at the transform queue, and the accounting
-    /// (`conveyor_records_settled_total`, `conveyorctl status`) starts there.
-    pub fn carries_records(self) -> bool {
-        self != Stage::Fetch
-    }
-}
-
-impl fmt::Display for Stage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// The names and shapes of one pipeline's exchanges and queues.
 ///
@@ -558,96 +323,6 @@ fn declared_without_delivery_limit(err: &lapin::Error) -> bool {
     message.contains("inequivalent arg 'x-delivery-limit'") && message.contains("current is none")
 }
 
-/// Publishes on a channel in confirm mode. Cheap to clone; many publishes may be in flight at once.
-#[derive(Clone)]
-pub struct Publisher {
-    channel: Channel,
-}
-
-/// A publish the broker has not confirmed yet.
-#[must_use = "a publish is not durable until its confirm is awaited"]
-pub struct PendingConfirm {
-    confirm: lapin::PublisherConfirm,
-    destination: String,
-}
-
-impl Publisher {
-    pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("opening a publishing channel"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("enabling publisher confirms"))?;
-        Ok(Self { channel })
-    }
-
-    /// Sends a message (mandatory: an unroutable message is an error, not a silent drop). Await the
-    /// returned confirm before treating the message as durable.
-    pub async fn send(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<PendingConfirm, BrokerError> {
-        let destination = format!("exchange {exchange:?} key {routing_key:?}");
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                options,
-                body,
-                properties,
-            )
-            .await
-            .map_err(amqp(format!("publishing to {destination}")))?;
-        Ok(PendingConfirm {
-            confirm,
-            destination,
-        })
-    }
-
-    /// Sends and waits for the broker's confirm.
-    pub async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        properties: BasicProperties,
-    ) -> Result<(), BrokerError> {
-        self.send(exchange, routing_key, body, properties)
-            .await?
-            .wait()
-            .await
-    }
-}
-
-impl PendingConfirm {
-    /// Waits for the broker: Ok only for an ack of a routed message.
-    pub async fn wait(self) -> Result<(), BrokerError> {
-        let confirmation = self.confirm.await.map_err(amqp(format!(
-            "awaiting the confirm from {}",
-            self.destination
-        )))?;
-        match confirmation {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_returned)) => Err(BrokerError::Unroutable(self.destination)),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked(self.destination)),
-            Confirmation::NotRequested => {
-                unreachable!("publisher channels are always in confirm mode")
-            }
-        }
-    }
-}
-
 /// Messages ready in `queue`, by passive declare: an error if it does not exist (which also closes
 /// `channel`, as the broker does on any failed declare).
 pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
@@ -659,16 +334,6 @@ pub async fn queue_depth(channel: &Channel, queue: &str) -> Result<u32, lapin::E
         .queue_declare(queue.into(), options, FieldTable::default())
         .await?;
     Ok(declared.message_count())
-}
-
-/// Closes a connection without hanging: lapin's close has been seen to take minutes.
-pub async fn close(connection: &Connection) {
-    let closing = connection.close(200, "worker stopping".into());
-    match tokio::time::timeout(Duration::from_secs(5), closing).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
-        Err(_) => tracing::warn!("closing the broker connection timed out"),
-    }
 }
 
 #[cfg(test)]
@@ -704,16 +369,5 @@ mod tests {
         );
         let none = Topology::new(&BrokerArgs::local("ns").with_retry_delays_ms(vec![]), "o");
         assert!(none.retry_tier(Stage::Write, 1).is_none());
-    }
-
-    #[test]
-    fn endpoint_hides_credentials() {
-        let url = Secret::new("amqp://user:hunter2@broker.example:5673/prod");
-        let shown = endpoint(&url).unwrap();
-        assert_eq!(shown, "broker.example:5673/prod");
-        let several = Secret::new("amqp://u:hunter2@a:5672/%2f, amqp://u:hunter2@b:5673/%2f");
-        assert_eq!(endpoint(&several).unwrap(), "a:5672//,b:5673//");
-        assert!(endpoint(&Secret::new(" , ")).is_err());
-        assert!(endpoint(&Secret::new("amqp://a:5672/%2f,nonsense://")).is_err());
     }
 }

@@ -87,7 +87,7 @@ impl Expression {
             Value::Bool(keep) => Ok(keep),
             other => Err(format!(
                 "filter gave {}, not true or false",
-                crate::source_time::kind_of(&other)
+                conveyor_base::source_time::kind_of(&other)
             )),
         }
     }

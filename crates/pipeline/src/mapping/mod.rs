@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::source_time::{self, kind_of};
 pub use convert::FieldType;
 use convert::{TimeOutput, TimeRules, Zone};
+use conveyor_base::source_time::{self, kind_of};
 use expr::Expression;
 pub use source::SourceRecord;
 use source::{Parsed, Shape, Slot, SlotRef, SourceFields};

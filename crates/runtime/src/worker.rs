@@ -10,11 +10,14 @@ use anyhow::Context as _;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{self, Publisher, Stage, Topology};
-use crate::consume::{self, ConsumeSettings, DeadLetters, Handler};
+use conveyor_amqp::consume::{self, ConsumeSettings, Handler};
+use conveyor_amqp::dead_letters::DeadLetters;
+use conveyor_amqp::{Publisher, Topology};
+use conveyor_base::Stage;
+use conveyor_base::metrics::Metrics;
+use conveyor_pipeline::Pipeline;
+
 use crate::health::{self, Readiness};
-use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
 use crate::settings::WorkerArgs;
 
 /// Readiness condition: connected to the broker with the topology declared.
@@ -101,7 +104,7 @@ impl WorkerRuntime {
     /// and opens a new publisher. Not ready meanwhile. Returns `false` if `shutdown` fired first.
     pub async fn reconnect(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
         self.set_connected(false);
-        broker::close(&self.connection).await;
+        conveyor_amqp::close(&self.connection).await;
         let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
         let Some((connection, publisher)) =
             connect_and_declare(&self.args, &name, &self.topology, shutdown).await?
@@ -180,7 +183,7 @@ impl WorkerRuntime {
     /// Marks the worker not ready and closes the broker connection.
     pub async fn stop(self) {
         self.set_connected(false);
-        broker::close(&self.connection).await;
+        conveyor_amqp::close(&self.connection).await;
     }
 }
 
@@ -204,7 +207,7 @@ async fn watch_queue_depths(
         for (kind, queues) in &kinds {
             let mut total = 0i64;
             for queue in queues {
-                match broker::queue_depth(&channel, queue).await {
+                match conveyor_amqp::queue_depth(&channel, queue).await {
                     Ok(depth) => total += i64::from(depth),
                     Err(err) => {
                         // A lost connection is reported (and the watch restarted) by the reconnect;
@@ -231,10 +234,11 @@ async fn connect_and_declare(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<(Connection, Publisher)>> {
     let address = args.broker.address()?;
-    let endpoint = broker::endpoint(address.url())?;
+    let endpoint = conveyor_amqp::endpoint(address.url())?;
     let mut delay = Duration::from_millis(250);
     loop {
-        let Some(connection) = broker::connect_with_retry(&address, name, shutdown).await? else {
+        let Some(connection) = conveyor_amqp::connect_with_retry(&address, name, shutdown).await?
+        else {
             return Ok(None);
         };
         // A broker that is still starting accepts connections before it can declare queues.
@@ -250,7 +254,7 @@ async fn connect_and_declare(
             }
             Err(err) => {
                 tracing::warn!(error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
-                broker::close(&connection).await;
+                conveyor_amqp::close(&connection).await;
             }
         }
         tokio::select! {

@@ -12,7 +12,7 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
 
-use crate::json::{select_entries, select_top_level};
+use conveyor_base::json::{select_entries, select_top_level};
 
 /// What of a value the rules read.
 #[derive(Debug, Clone, PartialEq)]

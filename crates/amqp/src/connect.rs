@@ -1,0 +1,198 @@
+//! Connecting to RabbitMQ: the address (URLs and TLS, never printed), a connect with a bounded
+//! handshake, failover across a cluster's nodes, and a close that cannot hang.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use conveyor_base::tls::{self, CaBundle, ClientIdentity};
+use conveyor_base::{Secret, SettingsError};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri};
+use lapin::{Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::BrokerError;
+
+/// Where the broker is and how to trust it: the URL(s), which carry the password, and the TLS
+/// settings of `amqps://` connections. Neither is ever printed.
+#[derive(Clone)]
+pub struct BrokerAddress {
+    url: Secret,
+    tls: OwnedTLSConfig,
+}
+
+impl fmt::Debug for BrokerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BrokerAddress(***)")
+    }
+}
+
+impl BrokerAddress {
+    /// A broker whose `amqps://` certificate the public roots vouch for (or a plain `amqp://` one).
+    pub fn new(url: Secret) -> Self {
+        Self {
+            url,
+            tls: OwnedTLSConfig::default(),
+        }
+    }
+
+    /// A broker trusted through `ca` too, with a client certificate for mutual TLS. TLS files with a
+    /// plain `amqp://` URL are refused: the operator expects encryption that would not happen.
+    pub fn with_tls(
+        url: Secret,
+        ca: Option<CaBundle>,
+        identity: Option<ClientIdentity>,
+    ) -> Result<Self, SettingsError> {
+        if (ca.is_some() || identity.is_some())
+            && broker_urls(&url).any(|one| !one.starts_with("amqps://"))
+        {
+            return Err(SettingsError::new(
+                "CONVEYOR_AMQP_URL",
+                "TLS files are set (CONVEYOR_AMQP_TLS_*), but a broker URL is not amqps://: that connection would not be encrypted",
+            ));
+        }
+        Ok(Self {
+            url,
+            tls: OwnedTLSConfig {
+                identity: identity.map(|identity| OwnedIdentity::PKCS8 {
+                    pem: identity.cert_pem().to_vec(),
+                    key: identity.key_pem().to_vec(),
+                }),
+                cert_chain: ca.map(|ca| ca.pem().to_owned()),
+            },
+        })
+    }
+
+    pub fn url(&self) -> &Secret {
+        &self.url
+    }
+}
+
+/// The brokers of a setting: one AMQP URL, or several separated by commas (the nodes of a cluster,
+/// tried in order). A comma inside a URL must be percent-encoded (`%2C`).
+fn broker_urls(url: &Secret) -> impl Iterator<Item = &str> {
+    url.expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|one| !one.is_empty())
+}
+
+/// The host, port and vhost of each AMQP URL (comma-separated): what may be logged of them.
+pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
+    let mut shown = Vec::new();
+    for one in broker_urls(url) {
+        let uri = AMQPUri::from_str(one).map_err(BrokerError::Url)?;
+        let scheme = match uri.scheme {
+            AMQPScheme::AMQPS => "amqps://",
+            AMQPScheme::AMQP => "",
+        };
+        shown.push(format!(
+            "{scheme}{}:{}/{}",
+            uri.authority.host, uri.authority.port, uri.vhost
+        ));
+    }
+    if shown.is_empty() {
+        return Err(BrokerError::Url("no broker address given".into()));
+    }
+    Ok(shown.join(","))
+}
+
+/// Connects once, to the first of the brokers (comma-separated URLs) that answers; fails with the
+/// last broker's error. `name` shows in the broker's connection list.
+pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, BrokerError> {
+    // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
+    endpoint(&address.url)?;
+    let mut last_error = None;
+    for one in broker_urls(&address.url) {
+        match connect_one(one, &address.tls, name).await {
+            Ok(connection) => return Ok(connection),
+            Err(err) => {
+                tracing::debug!(error = %err, "broker not reachable, trying the next");
+                last_error = Some(err);
+            }
+        }
+    }
+    Err(last_error.expect("endpoint() proved there is at least one URL"))
+}
+
+async fn connect_one(
+    url: &str,
+    tls: &OwnedTLSConfig,
+    name: &str,
+) -> Result<Connection, BrokerError> {
+    let endpoint = endpoint(&Secret::new(url))?;
+    let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
+    let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
+    // A broker that takes the TCP connection but never finishes the handshake (still starting, or
+    // overloaded) must not hold a worker forever: give up and let the caller retry.
+    let connecting = Connection::connect_with_config(url, properties, tls.clone(), runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(source)) => match tls::tls_failure(&source) {
+            Some(failure) => Err(BrokerError::Tls {
+                endpoint,
+                advice: tls::advice(failure, "CONVEYOR_AMQP_TLS_CA_FILE"),
+            }),
+            None => Err(BrokerError::Connect { endpoint, source }),
+        },
+        Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
+    }
+}
+
+/// The longest a connection attempt (TCP and AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`). A wrong URL
+/// and a TLS failure (a certificate not trusted, a client certificate refused) are not retried:
+/// waiting does not fix a configuration.
+pub async fn connect_with_retry(
+    address: &BrokerAddress,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Connection>, BrokerError> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match connect(address, name).await {
+            Ok(connection) => return Ok(Some(connection)),
+            Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => return Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Closes a connection without hanging: lapin's close has been seen to take minutes.
+pub async fn close(connection: &Connection) {
+    let closing = connection.close(200, "worker stopping".into());
+    match tokio::time::timeout(Duration::from_secs(5), closing).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
+        Err(_) => tracing::warn!("closing the broker connection timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_hides_credentials() {
+        let url = Secret::new("amqp://user:hunter2@broker.example:5673/prod");
+        let shown = endpoint(&url).unwrap();
+        assert_eq!(shown, "broker.example:5673/prod");
+        let several = Secret::new("amqp://u:hunter2@a:5672/%2f, amqp://u:hunter2@b:5673/%2f");
+        assert_eq!(endpoint(&several).unwrap(), "a:5672//,b:5673//");
+        assert!(endpoint(&Secret::new(" , ")).is_err());
+        assert!(endpoint(&Secret::new("amqp://a:5672/%2f,nonsense://")).is_err());
+    }
+}

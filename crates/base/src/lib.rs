@@ -1,0 +1,18 @@
+//! conveyor's shared vocabulary: what every crate of it speaks, with no broker, database or script
+//! engine behind it. Everything else points down to here.
+
+pub mod json;
+pub mod metrics;
+mod outcome;
+mod record;
+mod setting;
+pub mod source_time;
+mod sql;
+mod stage;
+pub mod tls;
+
+pub use outcome::{Disposition, ErrorClass, Failure};
+pub use record::Record;
+pub use setting::{Secret, SettingsError};
+pub use sql::is_sql_identifier;
+pub use stage::Stage;

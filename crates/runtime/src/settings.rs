@@ -1,0 +1,48 @@
+//! The settings every worker process has, besides its broker's: which pipelines it runs, where it
+//! serves its health endpoints, how it logs, stops and gives up on a failing message.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use conveyor_amqp::settings::BrokerArgs;
+
+/// How a worker logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Settings every worker process has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    /// The pipeline file (TOML) this worker runs.
+    #[arg(long, env = "CONVEYOR_PIPELINE")]
+    pub pipeline: PathBuf,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Address of the /metrics, /healthz and /readyz endpoints (the worker's default port if unset).
+    #[arg(long, env = "CONVEYOR_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, env = "CONVEYOR_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax.
+    #[arg(long, env = "CONVEYOR_LOG", default_value = "info")]
+    pub log_filter: String,
+    /// How long a stopping worker may take to finish the work it holds before it exits anyway.
+    #[arg(long, env = "CONVEYOR_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    pub drain_timeout_secs: u64,
+    /// Tries of a message that keeps failing for a transient reason before it is dead-lettered.
+    #[arg(long, env = "CONVEYOR_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+}
+
+impl WorkerArgs {
+    pub fn http_addr_or(&self, default_port: u16) -> SocketAddr {
+        self.http_addr
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+}
