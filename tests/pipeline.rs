@@ -104,22 +104,24 @@ async fn workers_with_and_without_compression_work_together() {
     scenario.clean_up(false).await.unwrap();
 }
 
-/// The README's demo (`ops/demo.sh` runs `conveyorctl demo`), small, on the debug binaries, in a schema and
-/// namespace of its own: it must end with its "ok" line and exit 0.
+/// The README's demo (`ops/demo.sh` runs `conveyor-dev demo`), small, on the debug binaries, in a
+/// schema and namespace of its own: it must end with its "ok" line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_lands_the_source_and_stops_cleanly() {
     let services = services().await;
     // Named like the harness's namespaces, so that ops/test.sh removes its queues if it is killed.
     let name = format!("demo_{:010x}", rand::random::<u64>() >> 24);
-    let output = tokio::process::Command::new(bin_dir().join("conveyorctl"))
-        .args(["demo", "--orders", "2000", "--timeout-secs", "100"])
-        .args(["--schema", &name, "--namespace", &name])
-        .current_dir(repo_root())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap();
-    let stdout = succeeded("conveyorctl demo", output);
+    let args = conveyor_bench::demo::DemoArgs {
+        pipeline: sales_orders_pipeline(),
+        orders: 2000,
+        seed: 42,
+        writers: 2,
+        schema: name.clone(),
+        namespace: name.clone(),
+        timeout_secs: 100,
+    };
+    let report = conveyor_bench::demo::run(&args, &bin_dir()).await.unwrap();
+    let summary = report.to_string();
     for expected in [
         "records in the simulator:  2000",
         &format!("rows in \"{name}\".\"sales_orders\": 2000"),
@@ -127,8 +129,9 @@ async fn the_demo_lands_the_source_and_stops_cleanly() {
         "3 of 3 workers stopped cleanly on SIGTERM",
         "ok: the target equals the source",
     ] {
-        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+        assert!(summary.contains(expected), "no {expected:?} in:\n{summary}");
     }
+    assert!(report.is_ok(), "{summary}");
     conveyor_harness::pg_client(&services.pg_url)
         .await
         .unwrap()

@@ -6,9 +6,11 @@ pub mod metrics;
 mod outcome;
 mod record;
 mod setting;
+pub mod shutdown;
 pub mod source_time;
 mod sql;
 mod stage;
+pub mod telemetry;
 pub mod tls;
 
 pub use outcome::{Disposition, ErrorClass, Failure};

@@ -1,5 +1,5 @@
 //! `conveyorctl`: check pipeline files, declare the topology, inspect and replay dead letters, account
-//! for records, run the demo.
+//! for records, check the source's credentials.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,17 +41,10 @@ enum Command {
     },
     /// Where every record of a pipeline is: fetched, written, dead-lettered, filtered, in flight.
     Status(crate::status::StatusArgs),
-    /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
-    Demo(crate::demo::DemoArgs),
     /// The Kingdee gateway: debug a signature, check the credentials.
     Kingdee {
         #[command(subcommand)]
         command: KingdeeCommand,
-    },
-    /// Benchmarks that print numbers.
-    Bench {
-        #[command(subcommand)]
-        command: crate::bench::BenchCommand,
     },
     /// Exit 0 if a URL answers 200 (a container healthcheck for images without curl).
     Probe {
@@ -126,7 +119,7 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 pub fn main(cli: Cli) -> ExitCode {
     let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
     if let Err(err) =
-        conveyor_runtime::telemetry::init(conveyor_runtime::settings::LogFormat::Text, &log_filter)
+        conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, &log_filter)
     {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
@@ -191,8 +184,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dlq { command } => crate::dlq::run(command).await,
         Command::Status(args) => crate::status::run(args).await,
-        Command::Demo(args) => crate::demo::run(args).await,
-        Command::Bench { command } => crate::bench::run(command).await,
         Command::Kingdee {
             command:
                 KingdeeCommand::Sign {

@@ -11,9 +11,7 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-pub mod bench;
 pub mod ctl;
-pub mod demo;
 pub mod dlq;
 pub mod status;
 
@@ -24,7 +22,7 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    if let Err(err) = conveyor_runtime::telemetry::init(args.log_format, &args.log_filter) {
+    if let Err(err) = conveyor_base::telemetry::init(args.log_format, &args.log_filter) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }
@@ -36,7 +34,7 @@ where
         }
     };
     let result = runtime.block_on(async {
-        let shutdown = conveyor_runtime::shutdown::on_signals()?;
+        let shutdown = conveyor_base::shutdown::on_signals()?;
         run(shutdown).await
     });
     // Background tasks (health server, broker I/O) must not keep the process alive after the work ends.

@@ -5,15 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use conveyor_amqp::settings::BrokerArgs;
-
-/// How a worker logs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
+use conveyor_base::telemetry::LogFormat;
 
 /// Settings every worker process has.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,4 +1,4 @@
-//! `conveyorctl bench pipeline`: the whole pipeline against the simulator with no rate limit, set against
+//! `conveyor-dev bench pipeline`: the whole pipeline against the simulator with no rate limit, set against
 //! two ceilings measured in the same run — the raw broker and the raw target.
 //!
 //! How each figure is taken:
@@ -145,7 +145,8 @@ pub struct StageFigures {
     pub writer: f64,
 }
 
-pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
+/// Runs the series with the worker binaries of `bin_dir`.
+pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<PipelineReport> {
     let services = Services::check().await?;
     let ceiling = async || {
         let reading = raw_broker(&services, args.broker_messages).await?;
@@ -170,7 +171,7 @@ pub async fn run(args: PipelineArgs) -> anyhow::Result<PipelineReport> {
         runs: Vec::new(),
     };
     for &writers in &args.writers {
-        let (mut run, raw_target) = run_once(&services, &args, writers).await?;
+        let (mut run, raw_target) = run_once(&services, args, bin_dir, writers).await?;
         if let Some(raw) = raw_target {
             report.raw_target_records_per_sec = Some(raw);
         }
@@ -215,9 +216,9 @@ fn pipeline_file(args: &PipelineArgs, dir: &Path) -> anyhow::Result<PathBuf> {
 async fn run_once(
     services: &Services,
     args: &PipelineArgs,
+    bin_dir: &Path,
     writers: usize,
 ) -> anyhow::Result<(RunReport, Option<f64>)> {
-    let bin_dir = crate::demo::bin_dir()?;
     let days = (args.orders as i64 * 60 / 86_400) + 5;
     let sim = SimConfig {
         seed: args.seed,
@@ -236,7 +237,7 @@ async fn run_once(
     let scenario = Scenario::start(
         services.clone(),
         &file,
-        &bin_dir,
+        bin_dir,
         "bench_pipeline",
         sim,
         &source,

@@ -1,6 +1,4 @@
-//! `conveyorctl bench`: benchmarks that print numbers.
-//!
-//! `bench sync` measures how close the fetchers come to the gateway's call budget: a backlog of N
+//! `conveyor-dev bench sync` measures how close the fetchers come to the gateway's call budget: a backlog of N
 //! records behind a simulator that answers 429 above the budget is synced, and the time is set against
 //! the ideal — N ÷ 100 rows per call ÷ calls allowed per minute. The pipeline's budget is set to the
 //! simulator's limit, exactly: zero 429s then means the fetchers kept the budget. The defaults (60,000
@@ -8,7 +6,7 @@
 //! minute's worth of calls, so that the limit binds: a backlog synced in less than a minute's worth
 //! would meet no 429 however fast it called.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -16,16 +14,6 @@ use conveyor_harness::{Scenario, Services, Worker};
 use kingdee_sim::SimConfig;
 use kingdee_sim::gate::GatewayConfig;
 use serde::Serialize;
-
-mod pipeline;
-
-#[derive(Debug, clap::Subcommand)]
-pub enum BenchCommand {
-    /// Sync a backlog under the simulator's rate limit; compare the time with the ideal.
-    Sync(SyncArgs),
-    /// The whole pipeline with no rate limit, against the raw broker and raw target ceilings.
-    Pipeline(pipeline::PipelineArgs),
-}
 
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
@@ -60,24 +48,9 @@ pub struct SyncReport {
     pub ratio_to_ideal: f64,
 }
 
-pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
-    match command {
-        BenchCommand::Sync(args) => {
-            let report = sync(args).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
-        BenchCommand::Pipeline(args) => {
-            let report = pipeline::run(args).await?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            Ok(())
-        }
-    }
-}
-
-async fn sync(args: SyncArgs) -> anyhow::Result<SyncReport> {
+/// Syncs the backlog with the fetcher binary of `bin_dir`.
+pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> {
     let services = Services::check().await?;
-    let bin_dir = crate::demo::bin_dir()?;
     // The backlog's timeline ends before now, so that one window holds all of it: orders are created
     // at most 2 minutes apart and modified within 3 days.
     let days = (args.orders as i64 * 120 / 86_400) + 5;
@@ -106,7 +79,7 @@ async fn sync(args: SyncArgs) -> anyhow::Result<SyncReport> {
     let scenario = Scenario::start(
         services,
         &args.pipeline,
-        &bin_dir,
+        bin_dir,
         "bench_sync",
         sim,
         &source,

@@ -49,7 +49,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    conveyor_runtime::telemetry::init(conveyor_runtime::settings::LogFormat::Text, "info")?;
+    conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, "info")?;
     let cli = Cli::parse();
     let sim = target_sim::TargetSim::new(target_sim::TargetConfig {
         key_field: cli.key_field,
@@ -65,7 +65,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "target-sim listening");
-    let shutdown = conveyor_runtime::shutdown::on_signals()?;
+    let shutdown = conveyor_base::shutdown::on_signals()?;
     tokio::select! {
         served = target_sim::serve(sim, listener) => served?,
         () = shutdown.cancelled() => {}

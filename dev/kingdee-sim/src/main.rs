@@ -83,7 +83,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    conveyor_runtime::telemetry::init(conveyor_runtime::settings::LogFormat::Text, "info")?;
+    conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, "info")?;
     let cli = Cli::parse();
     // The file wins over the variable, which always has a value (the demo's default).
     let client_secret = conveyor_base::Secret::from_value_or_file(
@@ -131,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, orders = cli.orders, seed = cli.seed, "kingdee-sim listening");
-    let shutdown = conveyor_runtime::shutdown::on_signals()?;
+    let shutdown = conveyor_base::shutdown::on_signals()?;
     tokio::select! {
         served = kingdee_sim::serve(simulator, listener) => served?,
         () = shutdown.cancelled() => {}

@@ -1,11 +1,11 @@
-//! `conveyorctl demo`: the whole pipeline on this machine — the simulator with its sales orders, the
+//! `conveyor-dev demo`: the whole pipeline on this machine — the simulator with its sales orders, the
 //! fetcher, the transformer and writers as real processes, RabbitMQ and PostgreSQL — then a summary
 //! and a clean stop.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
 use conveyor_harness::{Scenario, Services, Worker};
 use kingdee_sim::SimConfig;
 
@@ -13,39 +13,88 @@ use kingdee_sim::SimConfig;
 pub struct DemoArgs {
     /// The pipeline file to run.
     #[arg(long, default_value = "ops/pipelines/sales_orders.toml")]
-    pipeline: PathBuf,
+    pub pipeline: PathBuf,
     /// Sales orders in the simulator.
     #[arg(long, default_value_t = 10_000)]
-    orders: usize,
+    pub orders: usize,
     /// Seed of the simulator's data.
     #[arg(long, default_value_t = 42)]
-    seed: u64,
+    pub seed: u64,
     /// Writer processes.
     #[arg(long, default_value_t = 2)]
-    writers: usize,
+    pub writers: usize,
     /// PostgreSQL schema the records land in (reset at the start, kept afterwards for a look).
     #[arg(long, default_value = "conveyor_demo")]
-    schema: String,
+    pub schema: String,
     /// Prefix of the demo's exchanges and queues (deleted at the end), so that a demo never meets
     /// another pipeline's messages.
     #[arg(long, default_value = "conveyor-demo")]
-    namespace: String,
+    pub namespace: String,
     /// Give up if the records have not all landed after this many seconds.
     #[arg(long, default_value_t = 300)]
-    timeout_secs: u64,
+    pub timeout_secs: u64,
 }
 
-/// Where the worker binaries are: beside conveyorctl.
-pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    Ok(std::env::current_exe()?
-        .parent()
-        .context("conveyorctl has no directory")?
-        .to_owned())
+/// How the demo ended: what landed against the truth, and how the workers stopped.
+#[derive(Debug)]
+pub struct DemoReport {
+    pub expected: usize,
+    pub table: String,
+    pub found: usize,
+    pub missing: usize,
+    pub unexpected: usize,
+    pub wrong_version: usize,
+    /// The target holds exactly the truth's ids, each at its version.
+    pub exact: bool,
+    pub dead_letters: u32,
+    pub elapsed: Duration,
+    pub fetcher_exit: std::process::ExitStatus,
+    pub clean_stops: usize,
+    pub workers: usize,
 }
 
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+impl DemoReport {
+    /// Exactly the source's records landed, and every process stopped cleanly.
+    pub fn is_ok(&self) -> bool {
+        self.exact && self.fetcher_exit.success() && self.clean_stops == self.workers
+    }
+}
+
+impl fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seconds = self.elapsed.as_secs_f64();
+        writeln!(f, "records in the simulator:  {}", self.expected)?;
+        writeln!(f, "rows in {}: {}", self.table, self.found)?;
+        writeln!(
+            f,
+            "missing: {}, unexpected: {}, wrong version: {}",
+            self.missing, self.unexpected, self.wrong_version
+        )?;
+        writeln!(f, "dead letters: {}", self.dead_letters)?;
+        writeln!(
+            f,
+            "end to end: {seconds:.2} s, {:.0} records/s",
+            self.found as f64 / seconds
+        )?;
+        writeln!(
+            f,
+            "fetcher exited with {}; {} of {} workers stopped cleanly on SIGTERM",
+            self.fetcher_exit, self.clean_stops, self.workers
+        )?;
+        if self.is_ok() {
+            write!(f, "ok: the target equals the source")
+        } else {
+            write!(
+                f,
+                "failed: the demo did not end with exactly the source's records and clean stops"
+            )
+        }
+    }
+}
+
+/// Runs the demo with the worker binaries of `bin_dir`.
+pub async fn run(args: &DemoArgs, bin_dir: &Path) -> anyhow::Result<DemoReport> {
     let services = Services::check().await?;
-    let bin_dir = bin_dir()?;
     let sim = SimConfig {
         seed: args.seed,
         orders: args.orders,
@@ -54,7 +103,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let scenario = Scenario::start_named(
         services,
         &args.pipeline,
-        &bin_dir,
+        bin_dir,
         &args.namespace,
         &args.schema,
         sim,
@@ -104,34 +153,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let depths = scenario.queue_depths().await?;
     scenario.clean_up(true).await?;
 
-    let rate = comparison.found as f64 / elapsed.as_secs_f64();
-    println!("records in the simulator:  {}", comparison.expected);
-    println!("rows in {}: {}", scenario.table()?, comparison.found);
-    println!(
-        "missing: {}, unexpected: {}, wrong version: {}",
-        comparison.missing.len(),
-        comparison.unexpected.len(),
-        comparison.wrong_version.len()
-    );
-    println!(
-        "dead letters: {}",
-        depths
+    Ok(DemoReport {
+        expected: comparison.expected,
+        table: scenario.table()?,
+        found: comparison.found,
+        missing: comparison.missing.len(),
+        unexpected: comparison.unexpected.len(),
+        wrong_version: comparison.wrong_version.len(),
+        exact: comparison.is_exact(),
+        dead_letters: depths
             .iter()
-            .filter(|(q, _)| q.ends_with(".dlq"))
+            .filter(|(queue, _)| queue.ends_with(".dlq"))
             .map(|(_, n)| n)
-            .sum::<u32>()
-    );
-    println!(
-        "end to end: {:.2} s, {rate:.0} records/s",
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "fetcher exited with {fetch_status}; {clean_stops} of {} workers stopped cleanly on SIGTERM",
-        workers.len()
-    );
-    if !comparison.is_exact() || !fetch_status.success() || clean_stops != workers.len() {
-        bail!("the demo did not end with exactly the source's records and clean stops");
-    }
-    println!("ok: the target equals the source");
-    Ok(())
+            .sum(),
+        elapsed,
+        fetcher_exit: fetch_status,
+        clean_stops,
+        workers: workers.len(),
+    })
 }

@@ -1,0 +1,82 @@
+//! `conveyor-dev`: the demo and the whole-pipeline benchmarks, on the worker binaries built beside it.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{demo, pipeline, sync};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conveyor-dev",
+    version,
+    about = "Run conveyor's demo and benchmarks on this machine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the demo: the simulator, the three workers and PostgreSQL, end to end, with a summary.
+    Demo(demo::DemoArgs),
+    /// Benchmarks that print numbers.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Sync a backlog under the simulator's rate limit; compare the time with the ideal.
+    Sync(sync::SyncArgs),
+    /// The whole pipeline with no rate limit, against the raw broker and raw target ceilings.
+    Pipeline(pipeline::PipelineArgs),
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
+    if let Err(err) =
+        conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, &log_filter)
+    {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
+    }
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let bin_dir = crate::bin_dir()?;
+    match cli.command {
+        Command::Demo(args) => {
+            let report = demo::run(&args, &bin_dir).await?;
+            println!("{report}");
+            anyhow::ensure!(report.is_ok(), "the demo failed (see above)");
+        }
+        Command::Bench {
+            command: BenchCommand::Sync(args),
+        } => {
+            let report = sync::run(&args, &bin_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Pipeline(args),
+        } => {
+            let report = pipeline::run(&args, &bin_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(())
+}
