@@ -10,11 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::*;
-use conveyor_amqp::envelope::Compression;
-use conveyor_amqp::envelope::Envelope;
-use conveyor_amqp::envelope::Meta;
-use conveyor_base::Record;
-use conveyor_base::Stage;
+use conveyor_amqp::envelope::{Compression, Envelope, Meta};
+use conveyor_base::{Record, Stage};
 use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
@@ -649,8 +646,7 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
 }
 
 async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed_steps() {
-    use conveyor_amqp::DEAD_LETTER_DELIVERY_LIMIT;
-    use conveyor_amqp::DELIVERY_LIMIT;
+    use conveyor_amqp::{DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT};
     use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
 

@@ -7,8 +7,7 @@ use std::time::Duration;
 mod common;
 
 use common::*;
-use conveyor_base::metrics::DOCUMENTED;
-use conveyor_base::metrics::LABELS;
+use conveyor_base::metrics::{DOCUMENTED, LABELS};
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 

@@ -8,11 +8,8 @@ use std::time::Duration;
 mod common;
 
 use common::*;
-use conveyor_amqp::envelope::Compression;
-use conveyor_amqp::envelope::Envelope;
-use conveyor_amqp::envelope::Meta;
-use conveyor_base::Record;
-use conveyor_base::Stage;
+use conveyor_amqp::envelope::{Compression, Envelope, Meta};
+use conveyor_base::{Record, Stage};
 use conveyor_harness::{Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
@@ -1043,4 +1040,61 @@ async fn a_scenario_dropped_without_clean_up_deletes_its_queues() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
         .await
         .unwrap();
+}
+
+/// The fetch stage's queue-depth gauges are kept up to date like every other stage's (the fetcher
+/// once had a reconnect loop of its own that never started them, so that they stayed at 0 and the
+/// dead-letter alert could not fire on its windows): unreadable work items the fetcher dead-letters
+/// show in its `conveyor_queue_messages{queue="dead_letter"}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetch_stage_reports_its_queue_depths() {
+    let scenario = scenario("fetch_depth", orders(20)).await;
+    scenario.declare_topology().await.unwrap();
+    let mut fetcher = scenario
+        .spawn(Worker::Fetcher, &["--interval-secs", "3600"])
+        .unwrap();
+    let dead_letters = ["queue=\"dead_letter\"", "stage=\"fetch\""];
+    let waiting = || metric(&fetcher, "conveyor_queue_messages", &dead_letters);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while waiting().await != 0.0 || !fetcher_serves_metrics(&fetcher).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            fetcher.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..3 {
+        let envelope = Envelope {
+            meta: Meta::new_trace(scenario.pipeline.name()),
+            records: vec![],
+        };
+        let (_, properties) = envelope.to_amqp(Compression::Off);
+        scenario
+            .publish_raw(Stage::Fetch, b"not a window", properties)
+            .await
+            .unwrap();
+    }
+    // The gauge is read every 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while waiting().await != 3.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetch stage's dead-letter gauge never showed the 3 letters:\n{}",
+            fetcher.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    fetcher.terminate().unwrap();
+    fetcher.wait(Duration::from_secs(30)).await.unwrap();
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Whether the fetcher's `/metrics` answers yet.
+async fn fetcher_serves_metrics(fetcher: &WorkerProcess) -> bool {
+    http()
+        .get(format!("http://{}/metrics", fetcher.http_addr))
+        .send()
+        .await
+        .is_ok()
 }

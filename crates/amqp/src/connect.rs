@@ -10,7 +10,6 @@ use conveyor_base::{Secret, SettingsError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
-use tokio_util::sync::CancellationToken;
 
 use crate::error::BrokerError;
 
@@ -145,31 +144,6 @@ async fn connect_one(
 
 /// The longest a connection attempt (TCP and AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Connects, retrying with backoff until connected or `shutdown` fires (then `None`). A wrong URL
-/// and a TLS failure (a certificate not trusted, a client certificate refused) are not retried:
-/// waiting does not fix a configuration.
-pub async fn connect_with_retry(
-    address: &BrokerAddress,
-    name: &str,
-    shutdown: &CancellationToken,
-) -> Result<Option<Connection>, BrokerError> {
-    let mut delay = Duration::from_millis(250);
-    loop {
-        match connect(address, name).await {
-            Ok(connection) => return Ok(Some(connection)),
-            Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => return Err(err),
-            Err(err) => {
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable")
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
-    }
-}
 
 /// Closes a connection without hanging: lapin's close has been seen to take minutes.
 pub async fn close(connection: &Connection) {

@@ -17,17 +17,16 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use conveyor_base::Stage;
+use conveyor_base::backoff::Backoff;
 use conveyor_base::metrics::Metrics;
-use conveyor_base::{Disposition, ErrorClass, Failure};
+use conveyor_base::{Disposition, ErrorClass, Failure, Stage};
 
 use crate::dead_letters::DeadLetters;
 use crate::envelope::Envelope;
-use crate::error::BrokerError;
+use crate::error::{BrokerError, amqp};
 use crate::headers::*;
 use crate::topology::Topology;
 
@@ -67,17 +66,11 @@ pub async fn run<H: Handler>(
     let channel = connection
         .create_channel()
         .await
-        .map_err(|source| BrokerError::Amqp {
-            action: "opening a consumer channel".into(),
-            source,
-        })?;
+        .map_err(amqp("opening a consumer channel"))?;
     channel
         .basic_qos(settings.prefetch, BasicQosOptions::default())
         .await
-        .map_err(|source| BrokerError::Amqp {
-            action: "setting the prefetch".into(),
-            source,
-        })?;
+        .map_err(amqp("setting the prefetch"))?;
     let tag = format!("{}-{}", settings.stage, uuid::Uuid::new_v4());
     let mut consumer = channel
         .basic_consume(
@@ -87,10 +80,7 @@ pub async fn run<H: Handler>(
             FieldTable::default(),
         )
         .await
-        .map_err(|source| BrokerError::Amqp {
-            action: format!("consuming {queue}"),
-            source,
-        })?;
+        .map_err(amqp(format!("consuming {queue}")))?;
     tracing::info!(queue, prefetch = settings.prefetch, "consuming");
 
     let tracker = TaskTracker::new();
@@ -112,12 +102,7 @@ pub async fn run<H: Handler>(
                 let context = context.clone();
                 tracker.spawn(async move { context.process(delivery).await });
             }
-            Some(Err(source)) => {
-                break Err(BrokerError::Amqp {
-                    action: format!("consuming {queue}"),
-                    source,
-                });
-            }
+            Some(Err(source)) => break Err(amqp(format!("consuming {queue}"))(source)),
             None => {
                 break Err(BrokerError::ConsumerCancelled(queue.clone()));
             }
@@ -327,10 +312,10 @@ impl<H: Handler> Context<H> {
     /// The broker itself failed us (a publish was refused or not confirmed): pause, then give the
     /// message back to its queue. The work queue's delivery limit dead-letters one that never succeeds.
     async fn hand_back(&self, delivery: &Delivery) {
-        let deliveries = header(&delivery.properties, "x-delivery-count")
+        let deliveries = header(&delivery.properties, HEADER_X_DELIVERY_COUNT)
             .and_then(|count| count.parse().ok())
             .unwrap_or(0);
-        tokio::time::sleep(retry_delay(deliveries)).await;
+        tokio::time::sleep(HAND_BACK.jittered(deliveries)).await;
         if let Err(err) = delivery.acker.nack(requeue()).await {
             tracing::warn!(error = %err, "could not hand a message back; the broker redelivers it when the channel closes");
         }
@@ -353,14 +338,9 @@ fn attempt_of(delivery: &Delivery) -> u32 {
         .unwrap_or(0)
 }
 
-/// Exponential backoff with jitter: between half and all of 0.5 s, 1 s, 2 s, ... up to 30 s.
-pub fn retry_delay(previous_deliveries: u32) -> Duration {
-    let base_ms = 500u64
-        .saturating_mul(1u64 << previous_deliveries.min(6))
-        .min(30_000);
-    let jitter_ms = rand::rng().random_range(0..=base_ms / 2);
-    Duration::from_millis(base_ms / 2 + jitter_ms)
-}
+/// The pause before a message the broker failed us on goes back to its queue, by its deliveries so
+/// far: between half and all of 0.5 s, 1 s, 2 s, ... up to 30 s.
+const HAND_BACK: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Acks a delivery; `false` if the ack could not be sent (the broker then redelivers the message).
 async fn ack(delivery: &Delivery) -> bool {
@@ -375,20 +355,5 @@ async fn ack(delivery: &Delivery) -> bool {
             tracing::warn!(error = %err, "ack failed; the message will be redelivered");
             false
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_grows_and_is_capped() {
-        for deliveries in 0..20 {
-            let delay = retry_delay(deliveries);
-            assert!(delay <= Duration::from_millis(30_000), "{delay:?}");
-            assert!(delay >= Duration::from_millis(250), "{delay:?}");
-        }
-        assert!(retry_delay(6) > retry_delay(0));
     }
 }

@@ -12,7 +12,7 @@ mod publish;
 pub mod settings;
 mod topology;
 
-pub use connect::{BrokerAddress, close, connect, connect_with_retry, endpoint};
+pub use connect::{BrokerAddress, close, connect, endpoint};
 pub use error::BrokerError;
 pub use publish::{PendingConfirm, Publisher};
 pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT, Topology, queue_depth};

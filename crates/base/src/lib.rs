@@ -1,6 +1,7 @@
 //! conveyor's shared vocabulary: what every crate of it speaks, with no broker, database or script
 //! engine behind it. Everything else points down to here.
 
+pub mod backoff;
 pub mod json;
 pub mod metrics;
 mod outcome;

@@ -29,30 +29,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use conveyor_amqp::BrokerError;
-use conveyor_amqp::PendingConfirm;
-use conveyor_amqp::Publisher;
-use conveyor_amqp::Topology;
-use conveyor_amqp::consume;
-use conveyor_amqp::consume::ConsumeSettings;
-use conveyor_amqp::consume::Handler;
+use conveyor_amqp::consume::{self, Handler};
 use conveyor_amqp::dead_letters::DeadLetters;
-use conveyor_amqp::envelope::Envelope;
-use conveyor_amqp::envelope::Meta;
-use conveyor_base::Disposition;
-use conveyor_base::ErrorClass;
-use conveyor_base::Failure;
-use conveyor_base::Record;
-use conveyor_base::Stage;
+use conveyor_amqp::envelope::{Envelope, Meta};
+use conveyor_amqp::{PendingConfirm, Publisher, Topology};
 use conveyor_base::json::select_top_level;
 use conveyor_base::metrics::Metrics;
-use conveyor_base::source_time;
+use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage, source_time};
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, ListData, Page};
 use conveyor_pipeline::SourceSpec;
-use conveyor_postgres::Database;
-use conveyor_postgres::PostgresArgs;
+use conveyor_postgres::{Database, PostgresArgs};
 use conveyor_runtime::settings::WorkerArgs;
-use conveyor_runtime::worker::WorkerRuntime;
+use conveyor_runtime::worker::{Session, WorkerRuntime};
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
@@ -131,53 +119,21 @@ struct Counters {
 
 /// Pages windows and publishes their records.
 pub struct Fetcher {
-    gateway: Gateway<SharedBudget>,
+    gateway: Arc<Gateway<SharedBudget>>,
     store: SyncStore,
     source: SourceSpec,
     publisher: Publisher,
     topology: Topology,
     dead_letters: DeadLetters,
     metrics: Metrics,
-    counters: Counters,
+    /// The process's counts, across broker sessions.
+    counters: Arc<Counters>,
     republish_after: Duration,
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(mut runtime) =
-        WorkerRuntime::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?
-    else {
-        return Ok(());
-    };
-    let result = loop {
-        match serve(&cli, &runtime, &shutdown).await {
-            // Windows whose pages were not all confirmed are not finished in the sync state: after the
-            // reconnect they are handed out and paged again (writes are idempotent).
-            Err(err) if lost_broker(&runtime, &err) && !shutdown.is_cancelled() => {
-                tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting to go on with the sync");
-                match runtime.reconnect(&shutdown).await {
-                    Ok(true) => continue,
-                    Ok(false) => break Ok(()),
-                    Err(err) => break Err(err),
-                }
-            }
-            other => break other,
-        }
-    };
-    runtime.stop().await;
-    result
-}
-
-/// Whether `err` came from the broker connection (rather than the source or the database).
-fn lost_broker(runtime: &WorkerRuntime, err: &anyhow::Error) -> bool {
-    err.downcast_ref::<BrokerError>().is_some() || !runtime.connection.status().connected()
-}
-
-async fn serve(
-    cli: &Cli,
-    runtime: &WorkerRuntime,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
     let started = Instant::now();
+    let runtime = WorkerRuntime::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?;
     let source = runtime.pipeline.spec.source.clone();
     let database = Database::connect(&cli.postgres)?;
     let store = SyncStore::open(database.clone(), runtime.pipeline.name()).await?;
@@ -187,36 +143,53 @@ async fn serve(
         KingdeeArgs::budget_key(&credentials),
         source.calls_per_minute,
     );
-    let fetcher = Arc::new(Fetcher {
-        gateway: Gateway::new(
-            credentials,
-            budget,
-            runtime.metrics.clone(),
-            runtime.pipeline.name(),
-        ),
-        store,
-        source,
-        publisher: runtime.publisher.clone(),
-        topology: runtime.topology.clone(),
-        dead_letters: runtime.dead_letters(),
-        metrics: runtime.metrics.clone(),
-        counters: Counters::default(),
-        republish_after: Duration::from_secs(cli.republish_after_secs),
-    });
-    fetcher.gateway.check_tls().await?;
-    let settings = ConsumeSettings {
-        topology: runtime.topology.clone(),
-        stage: Stage::Fetch,
-        prefetch: cli.concurrency.max(1),
-        drain_timeout: Duration::from_secs(cli.worker.drain_timeout_secs),
-        max_attempts: cli.worker.max_attempts,
-    };
+    // The app-token belongs to the source, not to a broker connection: one gateway serves them all.
+    let gateway = Arc::new(Gateway::new(
+        credentials,
+        budget,
+        runtime.metrics.clone(),
+        runtime.pipeline.name(),
+    ));
+    gateway.check_tls().await?;
+    let counters = Arc::new(Counters::default());
+    let (cli, runtime, shutdown) = (&cli, &runtime, &shutdown);
+    // Windows whose pages were not all confirmed are not finished in the sync state: after a
+    // reconnect they are handed out and paged again (writes are idempotent).
+    runtime
+        .run_sessions(shutdown, move |session| {
+            let fetcher = Arc::new(Fetcher {
+                gateway: gateway.clone(),
+                store: store.clone(),
+                source: source.clone(),
+                publisher: session.publisher.clone(),
+                topology: runtime.topology.clone(),
+                dead_letters: session.dead_letters.clone(),
+                metrics: runtime.metrics.clone(),
+                counters: counters.clone(),
+                republish_after: Duration::from_secs(cli.republish_after_secs),
+            });
+            serve(cli, runtime, session, fetcher, started, shutdown)
+        })
+        .await
+}
+
+/// Syncs through one broker session: consumes the fetch queue (the windows) while planning new
+/// windows, or, with `--once`, until every window is finished.
+async fn serve(
+    cli: &Cli,
+    runtime: &WorkerRuntime,
+    session: Session,
+    fetcher: Arc<Fetcher>,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = runtime.consume_settings(cli.concurrency.max(1));
     let consuming = shutdown.child_token();
     let consumer = consume::run(
-        &runtime.connection,
+        &session.connection,
         settings,
         fetcher.clone(),
-        runtime.dead_letters(),
+        session.dead_letters,
         runtime.metrics.clone(),
         consuming.clone(),
     );

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use conveyor_kingdee::RateBudget;
-use conveyor_postgres::Database;
-use conveyor_postgres::DatabaseError;
+use conveyor_postgres::{Database, DatabaseError};
 
 use crate::window::Window;
 

@@ -10,8 +10,7 @@ use conveyor_base::Secret;
 use conveyor_base::metrics::Metrics;
 use conveyor_fetcher::state::{SharedBudget, SyncStore};
 use conveyor_kingdee::{Credentials, Gateway, ListData, Page, RateBudget, Unlimited};
-use conveyor_postgres::Database;
-use conveyor_postgres::PostgresArgs;
+use conveyor_postgres::{Database, PostgresArgs};
 use kingdee_sim::gate::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID};
 use kingdee_sim::{SimConfig, Simulator};
 

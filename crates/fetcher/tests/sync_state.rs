@@ -9,8 +9,7 @@ use chrono::{FixedOffset, Utc};
 use conveyor_base::Secret;
 use conveyor_fetcher::state::SyncStore;
 use conveyor_fetcher::window::Window;
-use conveyor_postgres::Database;
-use conveyor_postgres::PostgresArgs;
+use conveyor_postgres::{Database, PostgresArgs};
 use tokio::task::JoinHandle;
 
 const HOUR: Duration = Duration::from_secs(3600);

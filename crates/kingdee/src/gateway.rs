@@ -12,11 +12,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use conveyor_base::Secret;
-use conveyor_base::SettingsError;
+use conveyor_base::backoff::Backoff;
 use conveyor_base::metrics::Metrics;
-use conveyor_base::tls;
-use conveyor_base::tls::CaBundle;
+use conveyor_base::tls::{self, CaBundle};
+use conveyor_base::{Secret, SettingsError};
 use rand::Rng;
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -250,7 +249,7 @@ impl<B: RateBudget> Gateway<B> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(RETRY.jittered(attempt)).await;
             }
             let ticket = self.ticket().await?;
             let answer = self
@@ -356,7 +355,7 @@ impl<B: RateBudget> Gateway<B> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(RETRY.jittered(attempt)).await;
             }
             if session.authorization.is_none() {
                 match self.authorize().await {
@@ -766,11 +765,8 @@ fn code_in(fields: [Option<&Value>; 2]) -> Option<i64> {
         .find_map(|code| code.as_i64().or_else(|| code.as_str()?.parse().ok()))
 }
 
-/// Exponential backoff with jitter: between half and all of 0.25 s, 0.5 s, 1 s, ... up to 16 s.
-fn backoff(attempt: u32) -> Duration {
-    let base_ms = (250u64 << attempt.min(6)).min(16_000);
-    Duration::from_millis(base_ms / 2 + rand::rng().random_range(0..=base_ms / 2))
-}
+/// The pause before a call is tried again: between half and all of 0.5 s, 1 s, 2 s, ... up to 16 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(16));
 
 #[cfg(test)]
 mod tests {
@@ -864,27 +860,6 @@ mod tests {
             read_answer::<Rows>(200, br#"{"errcode":1030002006,"data":{}}"#),
             Answer::StaleSecret
         ));
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(500));
-        for attempt in 0..30 {
-            assert!(backoff(attempt) <= Duration::from_secs(16));
-        }
-    }
-
-    /// Clients throttled together must not come back together: the delays spread over half the step.
-    #[test]
-    fn backoff_is_jittered() {
-        let delays: std::collections::BTreeSet<Duration> = (0..50).map(|_| backoff(3)).collect();
-        assert!(delays.len() > 10, "{delays:?}");
-        assert!(
-            delays
-                .iter()
-                .all(|d| (Duration::from_millis(1_000)..=Duration::from_millis(2_000)).contains(d)),
-            "{delays:?}"
-        );
     }
 
     fn account_sets() -> Vec<AccountSet> {

@@ -6,8 +6,7 @@ use tokio_postgres::{Config, NoTls};
 
 use std::path::PathBuf;
 
-use conveyor_base::is_sql_identifier;
-use conveyor_base::{Secret, SettingsError};
+use conveyor_base::{Secret, SettingsError, is_sql_identifier};
 
 /// Where PostgreSQL is: the writer's target and the fetcher's sync state (every flag also reads an
 /// environment variable).

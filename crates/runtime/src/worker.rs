@@ -1,21 +1,23 @@
-//! The start every worker shares: load the pipeline, serve health and metrics, connect to the broker,
-//! declare the topology, open a confirming publisher; and the reconnect loop that does it all again
-//! when the broker restarts or the connection drops.
+//! The start every worker shares (load the pipeline, serve health and metrics), and the one reconnect
+//! loop of every worker: connect to the broker, declare the topology, open a confirming publisher,
+//! keep the stage's queue-depth gauges up to date, run the worker's work on that connection, and do it
+//! all again when the broker restarts or the connection drops.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use lapin::Connection;
-use tokio_util::sync::CancellationToken;
-
 use conveyor_amqp::consume::{self, ConsumeSettings, Handler};
 use conveyor_amqp::dead_letters::DeadLetters;
-use conveyor_amqp::{Publisher, Topology};
+use conveyor_amqp::{BrokerError, Publisher, Topology};
 use conveyor_base::Stage;
+use conveyor_base::backoff::{Backoff, sleep_unless_cancelled};
 use conveyor_base::metrics::Metrics;
 use conveyor_pipeline::Pipeline;
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
 
 use crate::health::{self, Readiness};
 use crate::settings::WorkerArgs;
@@ -23,31 +25,44 @@ use crate::settings::WorkerArgs;
 /// Readiness condition: connected to the broker with the topology declared.
 pub const READY_BROKER: &str = "broker";
 
-/// What a started worker holds.
+/// The pause between attempts to reach the broker and declare the topology.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+
+/// What a started worker holds, whatever its broker connection.
 pub struct WorkerRuntime {
     pub pipeline: Pipeline,
     pub stage: Stage,
     pub metrics: Metrics,
     pub readiness: Readiness,
-    pub connection: Connection,
     pub topology: Topology,
-    pub publisher: Publisher,
     pub http_addr: SocketAddr,
-    /// Worker settings, kept for reconnecting and for the consume loop.
+    /// Worker settings, kept for connecting and for the consume loop.
     args: WorkerArgs,
 }
 
+/// What one broker connection gives a worker's work: the connection to consume from, a confirming
+/// publisher on it, and the stage's dead-letter queue through that publisher.
+#[derive(Clone)]
+pub struct Session {
+    pub connection: Arc<Connection>,
+    pub publisher: Publisher,
+    pub dead_letters: DeadLetters,
+}
+
 impl WorkerRuntime {
-    /// Starts a worker of `stage`. Returns `None` if `shutdown` fired before the broker was reached.
-    /// `extra_ready` names further readiness conditions the worker will report (e.g. its target).
+    /// Starts a worker of `stage`: loads its pipeline and serves its health endpoints (not ready until
+    /// [`WorkerRuntime::run_sessions`] has connected). `extra_ready` names further readiness
+    /// conditions the worker will report (e.g. its target).
     pub async fn start(
         args: &WorkerArgs,
         stage: Stage,
         default_port: u16,
         extra_ready: &[&'static str],
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Option<Self>> {
+    ) -> anyhow::Result<Self> {
         let pipeline = Pipeline::load(&args.pipeline)?;
+        // A wrong broker URL or TLS file is named now, before any other work starts.
+        conveyor_amqp::endpoint(args.broker.address()?.url())?;
         let metrics = Metrics::new();
         metrics.initialize(pipeline.name(), stage);
         let readiness = Readiness::default();
@@ -73,68 +88,39 @@ impl WorkerRuntime {
                 args.http_addr_or(default_port)
             )
         })?;
-
-        let name = format!("conveyor-{stage}:{}", pipeline.name());
         let topology = Topology::new(&args.broker, pipeline.name());
-        let Some((connection, publisher)) =
-            connect_and_declare(args, &name, &topology, shutdown).await?
-        else {
-            return Ok(None);
-        };
-        let runtime = Self {
+        Ok(Self {
             pipeline,
             stage,
             metrics,
             readiness,
-            connection,
             topology,
-            publisher,
             http_addr,
             args: args.clone(),
-        };
-        runtime.set_connected(true);
-        Ok(Some(runtime))
+        })
     }
 
-    fn set_connected(&self, connected: bool) {
-        self.readiness.set(READY_BROKER, connected);
-    }
-
-    /// Drops the broken connection and connects again (with backoff), declares the topology again
-    /// and opens a new publisher. Not ready meanwhile. Returns `false` if `shutdown` fired first.
-    pub async fn reconnect(&mut self, shutdown: &CancellationToken) -> anyhow::Result<bool> {
-        self.set_connected(false);
-        conveyor_amqp::close(&self.connection).await;
-        let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
-        let Some((connection, publisher)) =
-            connect_and_declare(&self.args, &name, &self.topology, shutdown).await?
-        else {
-            return Ok(false);
-        };
-        self.connection = connection;
-        self.publisher = publisher;
-        self.set_connected(true);
-        Ok(true)
-    }
-
-    /// Consumes the stage's work queue until `shutdown`, reconnecting whenever the broker connection
-    /// or channel fails. `make_handler` builds the handler for each connection (it publishes through
-    /// that connection's publisher). Deliveries not acked when a connection died are redelivered by the
-    /// broker, so whatever was not confirmed downstream is done again.
-    pub async fn consume<H: Handler>(
-        &mut self,
-        make_handler: impl Fn(&WorkerRuntime) -> H,
+    /// Runs `work` on a session until it returns, connecting first. When it fails because the broker
+    /// connection was lost, connects again (with backoff; not ready meanwhile) and runs `work` on the
+    /// new session, until `shutdown`. Deliveries not acked when a connection died are redelivered by
+    /// the broker, so whatever was not confirmed downstream is done again. Returns `Ok` when `work`
+    /// does, or when `shutdown` fired while the broker was out of reach.
+    pub async fn run_sessions<W, F>(
+        &self,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+        mut work: W,
+    ) -> anyhow::Result<()>
+    where
+        W: FnMut(Session) -> F,
+        F: Future<Output = anyhow::Result<()>>,
+    {
         loop {
-            let settings = ConsumeSettings {
-                topology: self.topology.clone(),
-                stage: self.stage,
-                prefetch: self.args.broker.prefetch,
-                drain_timeout: Duration::from_secs(self.args.drain_timeout_secs),
-                max_attempts: self.args.max_attempts,
+            let Some(session) = self.connect(shutdown).await? else {
+                return Ok(());
             };
-            let depths = match self.connection.create_channel().await {
+            let connection = session.connection.clone();
+            self.readiness.set(READY_BROKER, true);
+            let depths = match connection.create_channel().await {
                 Ok(channel) => Some(tokio::spawn(watch_queue_depths(
                     channel,
                     self.topology.clone(),
@@ -142,52 +128,121 @@ impl WorkerRuntime {
                     self.metrics.clone(),
                 ))),
                 Err(err) => {
-                    tracing::debug!(error = %err, "no channel for the queue-depth gauge");
+                    tracing::warn!(error = %err, "no channel for the queue-depth gauges");
                     None
                 }
             };
-            let result = consume::run(
-                &self.connection,
-                settings,
-                Arc::new(make_handler(self)),
-                self.dead_letters(),
-                self.metrics.clone(),
-                shutdown.clone(),
-            )
-            .await;
+            let result = work(session).await;
             if let Some(depths) = depths {
                 depths.abort();
             }
+            self.readiness.set(READY_BROKER, false);
+            let lost_broker = result.as_ref().is_err_and(|err| {
+                err.downcast_ref::<BrokerError>().is_some() || !connection.status().connected()
+            });
+            conveyor_amqp::close(&connection).await;
             match result {
-                Ok(()) => return Ok(()),
-                Err(err) => {
-                    tracing::warn!(error = %err, "lost the broker; reconnecting");
-                    if !self.reconnect(shutdown).await? {
-                        return Ok(());
-                    }
+                Err(err) if lost_broker && !shutdown.is_cancelled() => {
+                    tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting");
                 }
+                other => return other,
             }
         }
     }
 
-    /// The dead-letter queue of this worker's stage.
-    pub fn dead_letters(&self) -> DeadLetters {
-        DeadLetters::new(
-            self.publisher.clone(),
-            self.topology.clone(),
-            self.stage,
-            self.metrics.clone(),
-        )
+    /// Consumes the stage's work queue until `shutdown`, through [`WorkerRuntime::run_sessions`].
+    /// `make_handler` builds the handler for each session (it publishes through that session).
+    pub async fn consume<H: Handler>(
+        &self,
+        make_handler: impl Fn(&Session) -> H,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let settings = self.consume_settings(self.args.broker.prefetch);
+        self.run_sessions(shutdown, |session| {
+            let handler = Arc::new(make_handler(&session));
+            let settings = settings.clone();
+            async move {
+                consume::run(
+                    &session.connection,
+                    settings,
+                    handler,
+                    session.dead_letters,
+                    self.metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?;
+                Ok(())
+            }
+        })
+        .await
     }
 
-    /// Marks the worker not ready and closes the broker connection.
-    pub async fn stop(self) {
-        self.set_connected(false);
-        conveyor_amqp::close(&self.connection).await;
+    /// How the stage consumes its work queue, `prefetch` deliveries at a time.
+    pub fn consume_settings(&self, prefetch: u16) -> ConsumeSettings {
+        ConsumeSettings {
+            topology: self.topology.clone(),
+            stage: self.stage,
+            prefetch,
+            drain_timeout: Duration::from_secs(self.args.drain_timeout_secs),
+            max_attempts: self.args.max_attempts,
+        }
+    }
+
+    /// Connects (retrying with backoff until `shutdown`, then `None`), declares the topology and opens
+    /// a publisher. A wrong URL and a TLS failure (a certificate not trusted, a client certificate
+    /// refused) are not retried: waiting does not fix a configuration.
+    async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Session>> {
+        let address = self.args.broker.address()?;
+        let endpoint = conveyor_amqp::endpoint(address.url())?;
+        let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
+        for attempt in 0.. {
+            let delay = RECONNECT.delay(attempt);
+            match conveyor_amqp::connect(&address, &name).await {
+                Ok(connection) => {
+                    // A broker that is still starting accepts connections before it can declare
+                    // queues.
+                    let declared = async {
+                        self.topology.declare(&connection).await?;
+                        Publisher::open(&connection).await
+                    }
+                    .await;
+                    match declared {
+                        Ok(publisher) => {
+                            tracing::info!(broker = %endpoint, pipeline = self.pipeline.name(), "connected to the broker");
+                            let dead_letters = DeadLetters::new(
+                                publisher.clone(),
+                                self.topology.clone(),
+                                self.stage,
+                                self.metrics.clone(),
+                            );
+                            return Ok(Some(Session {
+                                connection: Arc::new(connection),
+                                publisher,
+                                dead_letters,
+                            }));
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+                            conveyor_amqp::close(&connection).await;
+                        }
+                    }
+                }
+                Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => {
+                    return Err(err.into());
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable");
+                }
+            }
+            if !sleep_unless_cancelled(delay, shutdown).await {
+                return Ok(None);
+            }
+        }
+        unreachable!("the attempts never run out")
     }
 }
 
-/// How often a worker refreshes the queue-depth gauge of its stage.
+/// How often a worker refreshes the queue-depth gauges of its stage.
 const QUEUE_DEPTH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Keeps `conveyor_queue_messages` of the stage's work, retry and dead-letter queues up to date (messages
@@ -223,44 +278,5 @@ async fn watch_queue_depths(
                 .set(total);
         }
         tokio::time::sleep(QUEUE_DEPTH_INTERVAL).await;
-    }
-}
-
-/// Connects (retrying with backoff until `shutdown`), declares the topology, opens a publisher.
-async fn connect_and_declare(
-    args: &WorkerArgs,
-    name: &str,
-    topology: &Topology,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<Option<(Connection, Publisher)>> {
-    let address = args.broker.address()?;
-    let endpoint = conveyor_amqp::endpoint(address.url())?;
-    let mut delay = Duration::from_millis(250);
-    loop {
-        let Some(connection) = conveyor_amqp::connect_with_retry(&address, name, shutdown).await?
-        else {
-            return Ok(None);
-        };
-        // A broker that is still starting accepts connections before it can declare queues.
-        let declared = async {
-            topology.declare(&connection).await?;
-            anyhow::Ok(Publisher::open(&connection).await?)
-        }
-        .await;
-        match declared {
-            Ok(publisher) => {
-                tracing::info!(broker = %endpoint, pipeline = topology.pipeline(), "connected to the broker");
-                return Ok(Some((connection, publisher)));
-            }
-            Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
-                conveyor_amqp::close(&connection).await;
-            }
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(None),
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(Duration::from_secs(10));
     }
 }

@@ -2,19 +2,13 @@
 //! to the write queue. A record that cannot be mapped goes to the transform dead-letter queue on its
 //! own, with the field and the reason; the rest of its batch goes on.
 
-use conveyor_amqp::Publisher;
-use conveyor_amqp::Topology;
 use conveyor_amqp::consume::Handler;
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::Envelope;
-use conveyor_base::Disposition;
-use conveyor_base::ErrorClass;
-use conveyor_base::Failure;
-use conveyor_base::Record;
-use conveyor_base::Stage;
+use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::metrics::Metrics;
-use conveyor_pipeline::mapping::MappedRecord;
-use conveyor_pipeline::mapping::Mapping;
+use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
+use conveyor_pipeline::mapping::{MappedRecord, Mapping};
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use serde_json::Value;
@@ -33,25 +27,19 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(mut runtime) =
-        WorkerRuntime::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?
-    else {
-        return Ok(());
-    };
-    let result = runtime
+    let runtime = WorkerRuntime::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?;
+    runtime
         .consume(
-            |runtime| Transformer {
+            |session| Transformer {
                 mapping: runtime.pipeline.mapping.clone(),
-                publisher: runtime.publisher.clone(),
+                publisher: session.publisher.clone(),
                 topology: runtime.topology.clone(),
-                dead_letters: runtime.dead_letters(),
+                dead_letters: session.dead_letters.clone(),
                 metrics: runtime.metrics.clone(),
             },
             &shutdown,
         )
-        .await;
-    runtime.stop().await;
-    result
+        .await
 }
 
 /// Maps batches and passes them on.

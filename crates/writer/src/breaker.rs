@@ -7,8 +7,10 @@
 //! answers again, and the writes go on. `/readyz` reports the target as waiting meanwhile.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use conveyor_base::backoff::Backoff;
 use conveyor_runtime::health::Readiness;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -16,18 +18,18 @@ use tokio_util::sync::CancellationToken;
 use crate::READY_TARGET;
 use crate::target::Target;
 
-/// Pause before the first probe of a target that was writing until then.
-const FIRST_PROBE_INTERVAL: Duration = Duration::from_millis(250);
-/// Longest pause between two probes of a target that is down.
-const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// The pauses between probes of a target that is down: 250 ms before the first probe of a target that
+/// was writing until then, doubling up to 5 s.
+const PROBES: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
 
 pub struct Breaker {
     /// `true` while the target is down.
     open: watch::Sender<bool>,
-    /// The pause before the next probe. It keeps growing across openings until a write succeeds: a
-    /// target whose probe answers while its writes still fail (a 429, or a write path down behind a
-    /// live front) is then tried ever less often, not four times a second.
-    probe_interval: std::sync::Mutex<Duration>,
+    /// Probes since the last successful write: the pause before the next one keeps growing across
+    /// openings until a write succeeds, so that a target whose probe answers while its writes still
+    /// fail (a 429, or a write path down behind a live front) is tried ever less often, not four times
+    /// a second.
+    probes: AtomicU32,
     readiness: Readiness,
 }
 
@@ -35,22 +37,19 @@ impl Breaker {
     pub fn new(readiness: Readiness) -> Arc<Self> {
         Arc::new(Self {
             open: watch::channel(false).0,
-            probe_interval: std::sync::Mutex::new(FIRST_PROBE_INTERVAL),
+            probes: AtomicU32::new(0),
             readiness,
         })
     }
 
     /// A write succeeded: the next opening probes soon again.
     pub fn written(&self) {
-        *self.probe_interval.lock().expect("no panics while locked") = FIRST_PROBE_INTERVAL;
+        self.probes.store(0, Ordering::Relaxed);
     }
 
     /// The pause before the next probe; the one after it is twice as long (up to the maximum).
     fn next_probe_interval(&self) -> Duration {
-        let mut interval = self.probe_interval.lock().expect("no panics while locked");
-        let this = *interval;
-        *interval = (this * 2).min(MAX_PROBE_INTERVAL);
-        this
+        PROBES.delay(self.probes.fetch_add(1, Ordering::Relaxed))
     }
 
     pub fn is_open(&self) -> bool {
@@ -107,6 +106,6 @@ mod tests {
             [250, 500, 1_000, 2_000, 4_000, 5_000, 5_000].map(Duration::from_millis)
         );
         breaker.written();
-        assert_eq!(breaker.next_probe_interval(), FIRST_PROBE_INTERVAL);
+        assert_eq!(breaker.next_probe_interval(), PROBES.first);
     }
 }

@@ -11,14 +11,9 @@ use std::sync::Arc;
 use conveyor_amqp::consume::Handler;
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::Envelope;
-use conveyor_base::Disposition;
-use conveyor_base::ErrorClass;
-use conveyor_base::Failure;
-use conveyor_base::Record;
-use conveyor_base::Stage;
 use conveyor_base::metrics::Metrics;
-use conveyor_pipeline::Pipeline;
-use conveyor_pipeline::TargetSpec;
+use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
+use conveyor_pipeline::{Pipeline, TargetSpec};
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
@@ -90,11 +85,8 @@ pub async fn open_target(
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let Some(mut runtime) =
-        WorkerRuntime::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?
-    else {
-        return Ok(());
-    };
+    let runtime =
+        WorkerRuntime::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?;
     let postgres = PostgresArgs {
         lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
         ..cli.postgres.clone()
@@ -104,11 +96,11 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let breaker = Breaker::new(runtime.readiness.clone());
     let result = runtime
         .consume(
-            |runtime| Writer {
+            |session| Writer {
                 pipeline: runtime.pipeline.name().to_owned(),
                 target: target.clone(),
                 breaker: breaker.clone(),
-                dead_letters: runtime.dead_letters(),
+                dead_letters: session.dead_letters.clone(),
                 metrics: runtime.metrics.clone(),
                 shutdown: shutdown.clone(),
             },
@@ -116,7 +108,6 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         )
         .await;
     runtime.readiness.set(READY_TARGET, false);
-    runtime.stop().await;
     result
 }
 

@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, FixedOffset};
-use conveyor_base::Record;
-use conveyor_base::Secret;
+use conveyor_base::{Record, Secret};
 use conveyor_pipeline::SqlErrorOverrides;
 use conveyor_writer::target::WriteError;
 use conveyor_writer::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};

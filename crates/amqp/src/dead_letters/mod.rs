@@ -22,11 +22,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
-use conveyor_base::ErrorClass;
-use conveyor_base::Stage;
+use conveyor_base::{ErrorClass, Stage};
 
 use crate::envelope::{decode_body, record_ids_in};
-use crate::error::BrokerError;
+use crate::error::{BrokerError, amqp};
 use crate::headers::*;
 use crate::publish::Publisher;
 use crate::topology::{DELIVERY_LIMIT, Topology};
@@ -319,10 +318,6 @@ pub fn queues(topology: &Topology) -> Vec<(Stage, String)> {
 pub struct Held {
     channel: Channel,
     pub letters: Vec<DeadLetter>,
-}
-
-fn amqp(action: String) -> impl FnOnce(lapin::Error) -> BrokerError {
-    move |source| BrokerError::Amqp { action, source }
 }
 
 impl Held {

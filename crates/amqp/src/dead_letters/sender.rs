@@ -1,10 +1,8 @@
 //! Sending to a stage's dead-letter queue: the payload unchanged, the failure in headers, counted in
 //! the stage's metrics.
 
-use conveyor_base::Failure;
-use conveyor_base::Record;
-use conveyor_base::Stage;
 use conveyor_base::metrics::Metrics;
+use conveyor_base::{Failure, Record, Stage};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;

@@ -15,17 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use conveyor_base::Record;
-use conveyor_base::Secret;
-use conveyor_base::SettingsError;
-use conveyor_base::tls;
-use conveyor_base::tls::CaBundle;
-use conveyor_pipeline::http_target::AuthSpec;
-use conveyor_pipeline::http_target::BodyShape;
-use conveyor_pipeline::http_target::HttpErrorOverrides;
-use conveyor_pipeline::http_target::HttpTargetSpec;
-use conveyor_pipeline::http_target::IdCheckSpec;
-use conveyor_pipeline::http_target::OnExists;
+use conveyor_base::tls::{self, CaBundle};
+use conveyor_base::{Record, Secret, SettingsError};
+use conveyor_pipeline::http_target::{
+    AuthSpec, BodyShape, HttpErrorOverrides, HttpTargetSpec, IdCheckSpec, OnExists,
+};
 use futures_util::future::join_all;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, StatusCode};

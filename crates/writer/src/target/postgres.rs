@@ -9,9 +9,7 @@ use std::path::Path;
 
 use conveyor_base::Record;
 use conveyor_pipeline::SqlErrorOverrides;
-use conveyor_postgres::Database;
-use conveyor_postgres::DatabaseError;
-use conveyor_postgres::quote;
+use conveyor_postgres::{Database, DatabaseError, quote};
 use deadpool_postgres::Pool;
 use serde_json::value::RawValue;
 use tokio_postgres::error::SqlState;

@@ -8,8 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conveyor_base::Record;
-use conveyor_base::source_time;
+use conveyor_base::{Record, source_time};
 use conveyor_pipeline::Pipeline;
 use conveyor_pipeline::http_target::HttpTargetSpec;
 use conveyor_writer::target::http::{HttpArgs, HttpTarget};

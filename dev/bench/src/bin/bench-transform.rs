@@ -9,12 +9,8 @@ use std::borrow::Cow;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use conveyor_amqp::envelope::Compression;
-use conveyor_amqp::envelope::Envelope;
-use conveyor_amqp::envelope::Meta;
-use conveyor_amqp::envelope::decode_body;
-use conveyor_base::Record;
-use conveyor_base::source_time;
+use conveyor_amqp::envelope::{Compression, Envelope, Meta, decode_body};
+use conveyor_base::{Record, source_time};
 use conveyor_pipeline::Pipeline;
 use conveyor_transformer::map_records;
 
