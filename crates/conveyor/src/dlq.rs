@@ -1,5 +1,6 @@
-//! `conveyorctl dlq`: list, show, replay, purge and export dead letters (the logic is in
-//! [`conveyor_amqp::dead_letters`]; this is the command line around it).
+//! `conveyorctl dlq`: list, show, replay, purge and export dead letters (the actions are
+//! [`conveyor_ops::dead_letters`]; this is the command line around them: flags, printing, the
+//! question before a purge, a progress bar).
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
@@ -7,18 +8,11 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand, ValueEnum};
-use conveyor_amqp::Publisher;
-use conveyor_amqp::Topology;
-use conveyor_amqp::dead_letters;
-use conveyor_amqp::dead_letters::DeadLetter;
-use conveyor_amqp::dead_letters::Filter;
-use conveyor_amqp::dead_letters::Held;
-use conveyor_amqp::dead_letters::QueueCounts;
+use conveyor_amqp::dead_letters::{self, DeadLetter, Filter};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::Stage;
-use conveyor_pipeline::Pipeline;
+use conveyor_ops::dead_letters::Selection;
 use indicatif::{ProgressBar, ProgressStyle};
-use lapin::Connection;
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -112,64 +106,32 @@ enum ClassArg {
 }
 
 impl Select {
-    fn filter(&self) -> Filter {
-        Filter {
-            class: self.class.map(|class| {
-                match class {
-                    ClassArg::Malformed => "malformed",
-                    ClassArg::Permanent => "permanent",
-                    ClassArg::Transient => "transient",
-                    ClassArg::Broker => dead_letters::BROKER_CLASS,
-                }
-                .to_owned()
+    fn selection(&self) -> Selection {
+        Selection {
+            pipeline: self.pipeline.clone(),
+            stage: self.stage.map(|stage| match stage {
+                StageArg::Fetch => Stage::Fetch,
+                StageArg::Transform => Stage::Transform,
+                StageArg::Write => Stage::Write,
             }),
-            record_id: self.record_id.clone(),
-            since: self.since,
-            until: self.until,
+            filter: Filter {
+                class: self.class.map(|class| {
+                    match class {
+                        ClassArg::Malformed => "malformed",
+                        ClassArg::Permanent => "permanent",
+                        ClassArg::Transient => "transient",
+                        ClassArg::Broker => dead_letters::BROKER_CLASS,
+                    }
+                    .to_owned()
+                }),
+                record_id: self.record_id.clone(),
+                since: self.since,
+                until: self.until,
+            },
+            limit: self.limit,
+            max_messages: self.max_messages,
         }
     }
-
-    fn queues(&self, topology: &Topology) -> Vec<(Stage, String)> {
-        let wanted = self.stage.map(|stage| match stage {
-            StageArg::Fetch => Stage::Fetch,
-            StageArg::Transform => Stage::Transform,
-            StageArg::Write => Stage::Write,
-        });
-        dead_letters::queues(topology)
-            .into_iter()
-            .filter(|(stage, _)| wanted.is_none_or(|w| w == *stage))
-            .collect()
-    }
-
-    /// Connects and takes every letter of each selected queue; the matching ones are returned apart.
-    async fn take(&self) -> anyhow::Result<(Connection, Topology, Vec<(Held, Vec<usize>)>)> {
-        let name = pipeline_name(&self.pipeline)?;
-        let topology = Topology::new(&self.broker, &name);
-        let connection = conveyor_amqp::connect(&self.broker.address()?, "conveyorctl").await?;
-        let filter = self.filter();
-        let mut taken = Vec::new();
-        for (_, queue) in self.queues(&topology) {
-            let held = Held::take(&connection, &queue, self.max_messages).await?;
-            let matching: Vec<usize> = held
-                .letters
-                .iter()
-                .enumerate()
-                .filter(|(_, letter)| filter.matches(letter))
-                .map(|(index, _)| index)
-                .take(self.limit.unwrap_or(usize::MAX))
-                .collect();
-            taken.push((held, matching));
-        }
-        Ok((connection, topology, taken))
-    }
-}
-
-/// A pipeline given by name, or by its file.
-pub(crate) fn pipeline_name(given: &str) -> anyhow::Result<String> {
-    if given.ends_with(".toml") || std::path::Path::new(given).is_file() {
-        return Ok(Pipeline::load(given)?.name().to_owned());
-    }
-    Ok(given.to_owned())
 }
 
 pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
@@ -187,18 +149,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
 }
 
 async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::Result<()> {
-    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
-    let mut counts = Vec::new();
-    for given in pipelines {
-        let name = pipeline_name(given)?;
-        let topology = Topology::new(broker, &name);
-        for (stage, queue) in dead_letters::queues(&topology) {
-            let held = Held::take(&connection, &queue, usize::MAX).await?;
-            counts.push(QueueCounts::of(&name, stage, &queue, &held.letters));
-            held.release().await;
-        }
-    }
-    conveyor_amqp::close(&connection).await;
+    let counts = conveyor_ops::dead_letters::list(broker, pipelines).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&counts)?);
         return Ok(());
@@ -226,13 +177,8 @@ async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::
 }
 
 async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
-    let (connection, _, taken) = select.take().await?;
-    let mut shown: Vec<DeadLetter> = Vec::new();
-    for (held, matching) in taken {
-        shown.extend(matching.iter().map(|&i| held.letters[i].clone()));
-        held.release().await;
-    }
-    conveyor_amqp::close(&connection).await;
+    let shown: Vec<DeadLetter> =
+        conveyor_ops::dead_letters::show(&select.broker, &select.selection()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(());
@@ -273,73 +219,57 @@ async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
 }
 
 async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
-    let (connection, topology, taken) = select.take().await?;
-    let publisher = Publisher::open(&connection).await?;
-    let total: usize = taken.iter().map(|(_, matching)| matching.len()).sum();
-    let bar = progress(total as u64, dry_run);
-    let (mut moved, mut records, mut failed) = (0usize, 0usize, Vec::new());
-    for (held, matching) in taken {
-        for &index in &matching {
-            let letter = &held.letters[index];
-            if dry_run {
-                println!(
-                    "would replay {} message {} ({} record(s), {}) to {:?}",
-                    letter.queue,
-                    letter.message_id,
-                    letter.record_ids.len(),
-                    letter.class,
-                    letter.original_routing_key
-                );
-                moved += 1;
-                records += letter.record_ids.len();
-                continue;
-            }
-            match held.replay(letter, &publisher, &topology).await {
-                Ok(()) => {
-                    moved += 1;
-                    records += letter.record_ids.len();
-                }
-                Err(err) => failed.push(format!("{} {}: {err}", letter.queue, letter.message_id)),
-            }
-            bar.inc(1);
+    let selection = select.selection();
+    if dry_run {
+        let letters = conveyor_ops::dead_letters::show(&select.broker, &selection).await?;
+        for letter in &letters {
+            println!(
+                "would replay {} message {} ({} record(s), {}) to {:?}",
+                letter.queue,
+                letter.message_id,
+                letter.record_ids.len(),
+                letter.class,
+                letter.original_routing_key
+            );
         }
-        held.release().await;
+        let records: usize = letters.iter().map(|letter| letter.record_ids.len()).sum();
+        println!(
+            "would replay {} message(s) with {records} record(s); 0 failed and stay in the dead-letter queue",
+            letters.len()
+        );
+        return Ok(());
     }
-    bar.finish_and_clear();
-    conveyor_amqp::close(&connection).await;
-    let verb = if dry_run { "would replay" } else { "replayed" };
+    let mut bar = None;
+    let replayed = conveyor_ops::dead_letters::replay(&select.broker, &selection, |total| {
+        bar.get_or_insert_with(|| progress(total as u64)).inc(1);
+    })
+    .await?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     println!(
-        "{verb} {moved} message(s) with {records} record(s); {} failed and stay in the dead-letter queue",
-        failed.len()
+        "replayed {} message(s) with {} record(s); {} failed and stay in the dead-letter queue",
+        replayed.messages,
+        replayed.records,
+        replayed.failed.len()
     );
-    for failure in &failed {
+    for failure in &replayed.failed {
         eprintln!("  {failure}");
     }
-    if !failed.is_empty() {
-        bail!("{} message(s) could not be replayed", failed.len());
+    if !replayed.failed.is_empty() {
+        bail!("{} message(s) could not be replayed", replayed.failed.len());
     }
     Ok(())
 }
 
 async fn purge(select: &Select, yes: bool) -> anyhow::Result<()> {
-    let (connection, _, taken) = select.take().await?;
-    let total: usize = taken.iter().map(|(_, matching)| matching.len()).sum();
-    if total > 0 && !yes && !confirm(total)? {
-        for (held, _) in taken {
-            held.release().await;
-        }
-        conveyor_amqp::close(&connection).await;
+    let purged = conveyor_ops::dead_letters::purge(&select.broker, &select.selection(), |total| {
+        Ok(yes || confirm(total)?)
+    })
+    .await?;
+    let Some(removed) = purged else {
         bail!("nothing purged: not confirmed (use --yes to skip the question)");
-    }
-    let mut removed = 0;
-    for (held, matching) in taken {
-        for &index in &matching {
-            held.remove(&held.letters[index]).await?;
-            removed += 1;
-        }
-        held.release().await;
-    }
-    conveyor_amqp::close(&connection).await;
+    };
     println!("purged {removed} message(s)");
     Ok(())
 }
@@ -359,31 +289,21 @@ fn confirm(count: usize) -> anyhow::Result<bool> {
 }
 
 async fn export(select: &Select, output: Option<PathBuf>) -> anyhow::Result<()> {
-    let (connection, _, taken) = select.take().await?;
     let mut out: Box<dyn Write> = match &output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
         )),
         None => Box::new(std::io::stdout().lock()),
     };
-    let mut written = 0;
-    for (held, matching) in taken {
-        for &index in &matching {
-            serde_json::to_writer(&mut out, &held.letters[index])?;
-            out.write_all(b"\n")?;
-            written += 1;
-        }
-        held.release().await;
-    }
-    out.flush()?;
-    conveyor_amqp::close(&connection).await;
+    let written =
+        conveyor_ops::dead_letters::export(&select.broker, &select.selection(), &mut out).await?;
     eprintln!("exported {written} dead letter(s)");
     Ok(())
 }
 
 /// A progress bar on standard error for long runs (drawn only on a terminal).
-fn progress(total: u64, hidden: bool) -> ProgressBar {
-    if hidden || total < 50 {
+fn progress(total: u64) -> ProgressBar {
+    if total < 50 {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
