@@ -9,13 +9,14 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, FixedOffset};
-use conveyor_base::is_sql_identifier;
 use serde::Deserialize;
 
 use crate::mapping::{Mapping, TransformSpec};
 
-pub mod http_target;
 pub mod mapping;
+pub mod target;
+
+pub use target::TargetSpec;
 
 /// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -121,39 +122,6 @@ fn default_modify_time_field() -> String {
     "modify_time".to_owned()
 }
 
-/// Where records go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum TargetSpec {
-    /// Upsert into a PostgreSQL table created by the pipeline's migrations.
-    Postgres {
-        /// The table (in the schema given by CONVEYOR_PG_SCHEMA).
-        table: String,
-        /// Directory of SQL migrations (`V1__name.sql`), relative to the pipeline file.
-        migrations: PathBuf,
-        /// How to treat database errors, overriding the built-in classification.
-        #[serde(default)]
-        errors: SqlErrorOverrides,
-    },
-    /// Write to a JSON write API (another system's), with an id check.
-    Http(crate::http_target::HttpTargetSpec),
-    /// Write nowhere (写入空操作): accept and count.
-    Noop,
-}
-
-/// SQLSTATE codes (5 characters, e.g. `23505`) or classes (2 characters, e.g. `23`) to treat otherwise
-/// than the PostgreSQL target's built-in classification. A code wins over a class.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SqlErrorOverrides {
-    /// Retried later (with backoff, up to the attempt limit).
-    #[serde(default)]
-    pub transient: Vec<String>,
-    /// Dead-lettered at once.
-    #[serde(default)]
-    pub permanent: Vec<String>,
-}
-
 /// A loaded, checked pipeline.
 #[derive(Debug, Clone)]
 pub struct Pipeline {
@@ -254,47 +222,10 @@ impl Pipeline {
             ));
         }
         let mapping = Mapping::compile(&spec.transform).map_err(|p| error(&p.field, p.problem))?;
-        if let TargetSpec::Postgres {
-            table,
-            migrations,
-            errors,
-        } = &mut spec.target
-        {
-            for (list, codes) in [
-                ("transient", &errors.transient),
-                ("permanent", &errors.permanent),
-            ] {
-                if let Some(bad) = codes.iter().find(|code| {
-                    !matches!(code.len(), 2 | 5) || !code.bytes().all(|b| b.is_ascii_alphanumeric())
-                }) {
-                    return Err(error(
-                        &format!("target.errors.{list}"),
-                        format!(
-                            "{bad:?} is not a SQLSTATE code (5 characters) or class (2 characters)"
-                        ),
-                    ));
-                }
-            }
-            if !is_sql_identifier(table) {
-                return Err(error(
-                    "target.table",
-                    "must be a plain SQL name (letters, digits, '_'; not starting with a digit)"
-                        .into(),
-                ));
-            }
-            let base = file.parent().unwrap_or(Path::new("."));
-            *migrations = base.join(&*migrations);
-            if !migrations.is_dir() {
-                return Err(error(
-                    "target.migrations",
-                    format!("{} is not a directory", migrations.display()),
-                ));
-            }
-        }
-        if let TargetSpec::Http(http) = &spec.target {
-            http.check()
-                .map_err(|(field, problem)| error(&field, problem))?;
-        }
+        let base = file.parent().unwrap_or(Path::new("."));
+        spec.target
+            .check(base)
+            .map_err(|(field, problem)| error(&field, problem))?;
         Ok(Self {
             file: file.to_owned(),
             spec,

@@ -57,7 +57,12 @@ impl Breaker {
     }
 
     /// Opens the breaker (if it is not open yet) and probes `target` until it answers.
-    pub fn trip(self: &Arc<Self>, target: Arc<Target>, reason: &str, shutdown: CancellationToken) {
+    pub fn trip<T: Target>(
+        self: &Arc<Self>,
+        target: Arc<T>,
+        reason: &str,
+        shutdown: CancellationToken,
+    ) {
         let opened = self
             .open
             .send_if_modified(|open| !std::mem::replace(open, true));

@@ -13,14 +13,14 @@ use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::Envelope;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
-use conveyor_pipeline::{Pipeline, TargetSpec};
+use conveyor_pipeline::TargetSpec;
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breaker;
 use crate::target::http::{HttpArgs, HttpTarget};
-use crate::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};
+use crate::target::postgres::{PostgresArgs, PostgresTarget};
 use crate::target::{Target, WriteError, noop::NoopTarget};
 
 /// Readiness condition: the target is reachable and set up.
@@ -45,45 +45,6 @@ pub struct Cli {
     pub http: HttpArgs,
 }
 
-/// Sets up the pipeline's target.
-pub async fn open_target(
-    pipeline: &Pipeline,
-    postgres: &PostgresArgs,
-    http: &HttpArgs,
-) -> anyhow::Result<Target> {
-    Ok(match &pipeline.spec.target {
-        TargetSpec::Noop => Target::Noop(NoopTarget::default()),
-        TargetSpec::Http(spec) => {
-            let target = HttpTarget::new(spec, pipeline.mapping.version_field(), http)?;
-            target.check_tls().await?;
-            Target::Http(Box::new(target))
-        }
-        TargetSpec::Postgres {
-            table,
-            migrations,
-            errors,
-        } => {
-            let mapping = &pipeline.mapping;
-            let spec = TableSpec {
-                table: table.clone(),
-                key: mapping.key_field().to_owned(),
-                version: mapping.version_field().to_owned(),
-                columns: mapping.output_fields().map(str::to_owned).collect(),
-            };
-            Target::Postgres(
-                PostgresTarget::connect(
-                    postgres,
-                    pipeline.name(),
-                    migrations,
-                    &spec,
-                    errors.clone(),
-                )
-                .await?,
-            )
-        }
-    })
-}
-
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let runtime =
         WorkerRuntime::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?;
@@ -91,7 +52,27 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
         ..cli.postgres.clone()
     };
-    let target = Arc::new(open_target(&runtime.pipeline, &postgres, &cli.http).await?);
+    let pipeline = &runtime.pipeline;
+    match &pipeline.spec.target {
+        TargetSpec::Postgres(spec) => {
+            let target = PostgresTarget::open(pipeline, spec, &postgres).await?;
+            serve(&runtime, target, &shutdown).await
+        }
+        TargetSpec::Http(spec) => {
+            let target = HttpTarget::open(pipeline, spec, &cli.http).await?;
+            serve(&runtime, target, &shutdown).await
+        }
+        TargetSpec::Noop => serve(&runtime, NoopTarget::default(), &shutdown).await,
+    }
+}
+
+/// Consumes the write queue into `target` until `shutdown`.
+async fn serve<T: Target>(
+    runtime: &WorkerRuntime,
+    target: T,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let target = Arc::new(target);
     runtime.readiness.set(READY_TARGET, true);
     let breaker = Breaker::new(runtime.readiness.clone());
     let result = runtime
@@ -104,7 +85,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                 metrics: runtime.metrics.clone(),
                 shutdown: shutdown.clone(),
             },
-            &shutdown,
+            shutdown,
         )
         .await;
     runtime.readiness.set(READY_TARGET, false);
@@ -112,9 +93,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
 }
 
 /// Writes batches into the target.
-pub struct Writer {
+pub struct Writer<T> {
     pub pipeline: String,
-    pub target: Arc<Target>,
+    pub target: Arc<T>,
     pub breaker: Arc<Breaker>,
     pub dead_letters: DeadLetters,
     pub metrics: Metrics,
@@ -130,7 +111,7 @@ enum Held {
     Stopping,
 }
 
-impl Writer {
+impl<T: Target> Writer<T> {
     /// Writes `records`, waiting out an unavailable target (the breaker) instead of failing.
     async fn write(&self, records: &[Record]) -> Result<(), Held> {
         loop {
@@ -186,7 +167,7 @@ fn disposition(held: Held) -> Disposition {
     }
 }
 
-impl Handler for Writer {
+impl<T: Target> Handler for Writer<T> {
     async fn handle(&self, envelope: Envelope) -> Disposition {
         match self.write(&envelope.records).await {
             Ok(()) => return Disposition::Done,

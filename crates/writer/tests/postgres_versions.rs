@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, FixedOffset};
 use conveyor_base::{Record, Secret};
-use conveyor_pipeline::SqlErrorOverrides;
+use conveyor_pipeline::target::postgres::SqlErrorOverrides;
+use conveyor_writer::target::Target;
 use conveyor_writer::target::WriteError;
 use conveyor_writer::target::postgres::{PostgresArgs, PostgresTarget, TableSpec};
 use futures_util::StreamExt;

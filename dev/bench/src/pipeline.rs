@@ -31,8 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use conveyor_base::Record;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
-use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::{Pipeline, TargetSpec};
 use conveyor_postgres::PostgresArgs;
+use conveyor_writer::target::Target;
+use conveyor_writer::target::postgres::PostgresTarget;
 use futures_util::StreamExt as _;
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
@@ -675,7 +677,10 @@ async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
         lock_timeout_ms: None,
     };
     let pipeline: &Pipeline = &scenario.pipeline;
-    let target = conveyor_writer::open_target(pipeline, &postgres, &Default::default()).await?;
+    let TargetSpec::Postgres(spec) = &pipeline.spec.target else {
+        bail!("the raw target is measured for a postgres target only");
+    };
+    let target = PostgresTarget::open(pipeline, spec, &postgres).await?;
     let batch = scenario.pipeline.spec.source.page_size.max(1) as usize;
     let started = Instant::now();
     for chunk in records.chunks(batch) {

@@ -466,7 +466,7 @@ impl Scenario {
     /// The PostgreSQL table of the pipeline's target.
     pub fn table(&self) -> anyhow::Result<String> {
         match &self.pipeline.spec.target {
-            TargetSpec::Postgres { table, .. } => Ok(format!("\"{}\".\"{table}\"", self.schema)),
+            TargetSpec::Postgres(spec) => Ok(format!("\"{}\".\"{}\"", self.schema, spec.table)),
             _ => bail!(
                 "pipeline {} has no table: its target is not postgres",
                 self.pipeline.name()

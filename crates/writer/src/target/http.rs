@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use conveyor_base::tls::{self, CaBundle};
 use conveyor_base::{Record, Secret, SettingsError};
-use conveyor_pipeline::http_target::{
+use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::target::http::{
     AuthSpec, BodyShape, HttpErrorOverrides, HttpTargetSpec, IdCheckSpec, OnExists,
 };
 use futures_util::future::join_all;
@@ -28,7 +29,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use tokio::sync::{Mutex, Semaphore};
 
-use super::{WriteError, WriteReport, newest_per_id};
+use super::{Target, WriteError, WriteReport, newest_per_id};
 
 /// Where the API is and its credentials (every flag also reads an environment variable).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -121,6 +122,17 @@ enum Answer {
 }
 
 impl HttpTarget {
+    /// The target of `pipeline`'s `[target]` (an http one), its TLS checked: what a writer writes to.
+    pub async fn open(
+        pipeline: &Pipeline,
+        spec: &HttpTargetSpec,
+        args: &HttpArgs,
+    ) -> Result<Self, SetupError> {
+        let target = Self::new(spec, pipeline.mapping.version_field(), args)?;
+        target.check_tls().await?;
+        Ok(target)
+    }
+
     pub fn new(
         spec: &HttpTargetSpec,
         version_field: &str,
@@ -227,72 +239,6 @@ impl HttpTarget {
         tls::check_server(&self.client, &self.base, "CONVEYOR_HTTP_TARGET_TLS_CA_FILE")
             .await
             .map_err(|advice| SetupError::Tls(format!("{}: {advice}", self.endpoint)))
-    }
-
-    /// Whether the target answers as up: the circuit breaker's probe, a `HEAD` of the base URL. Any
-    /// answer will do but one saying that the service is unavailable (see [`is_down`]).
-    pub async fn ping(&self) -> bool {
-        match self.client.head(&self.base).send().await {
-            Ok(response) => !is_down(response.status()),
-            Err(_) => false,
-        }
-    }
-
-    /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
-    pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
-        let newest = newest_per_id(records);
-        // Older versions of an id in the same batch are stale by definition.
-        let superseded = (records.len() - newest.len()) as u64;
-        let (to_write, mut report) = match &self.spec.id_check {
-            IdCheckSpec::Exists { .. } => self.check_existing(newest).await?,
-            _ => (newest, WriteReport::default()),
-        };
-        report.stale += superseded;
-        let answers = match self.spec.body {
-            BodyShape::Batch => {
-                let calls = to_write
-                    .chunks(self.spec.batch_size)
-                    .map(|chunk| self.write_batch(chunk));
-                join_all(calls).await.into_iter().flatten().collect()
-            }
-            BodyShape::Record => {
-                let calls = to_write.iter().map(|record| async move {
-                    let key = match &self.spec.id_check {
-                        IdCheckSpec::IdempotencyKey { header } => Some((
-                            header.as_str(),
-                            format!("{}@{}", record.id, record.modify_time.timestamp_millis()),
-                        )),
-                        _ => None,
-                    };
-                    let answer = self
-                        .call(
-                            self.method.clone(),
-                            &self.url(&self.spec.path, None),
-                            &record.data,
-                            key,
-                        )
-                        .await;
-                    (1, answer)
-                });
-                join_all(calls).await
-            }
-        };
-        let appeared = answers
-            .iter()
-            .any(|(_, answer)| matches!(answer, Ok(Answer::AlreadyThere)));
-        if appeared
-            && let IdCheckSpec::Exists {
-                on_exists: OnExists::Update,
-                ..
-            } = &self.spec.id_check
-        {
-            // A record that was not there when asked was written meanwhile (by another writer, with
-            // perhaps an older version): try again, and the next check finds it and updates it.
-            return Err(WriteError::Transient(
-                "target answered 409 for a record it did not hold a moment before".into(),
-            ));
-        }
-        merge(report, answers)
     }
 
     /// One batch call. A 409 for a batch of several records says that some record in it exists, not
@@ -582,6 +528,74 @@ impl HttpTarget {
             }
             return Ok(response);
         }
+    }
+}
+
+impl Target for HttpTarget {
+    /// Whether the target answers as up: the circuit breaker's probe, a `HEAD` of the base URL. Any
+    /// answer will do but one saying that the service is unavailable (see [`is_down`]).
+    async fn ping(&self) -> bool {
+        match self.client.head(&self.base).send().await {
+            Ok(response) => !is_down(response.status()),
+            Err(_) => false,
+        }
+    }
+
+    /// Writes a batch: only the newest version of each id, split into calls that run concurrently.
+    async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+        let newest = newest_per_id(records);
+        // Older versions of an id in the same batch are stale by definition.
+        let superseded = (records.len() - newest.len()) as u64;
+        let (to_write, mut report) = match &self.spec.id_check {
+            IdCheckSpec::Exists { .. } => self.check_existing(newest).await?,
+            _ => (newest, WriteReport::default()),
+        };
+        report.stale += superseded;
+        let answers = match self.spec.body {
+            BodyShape::Batch => {
+                let calls = to_write
+                    .chunks(self.spec.batch_size)
+                    .map(|chunk| self.write_batch(chunk));
+                join_all(calls).await.into_iter().flatten().collect()
+            }
+            BodyShape::Record => {
+                let calls = to_write.iter().map(|record| async move {
+                    let key = match &self.spec.id_check {
+                        IdCheckSpec::IdempotencyKey { header } => Some((
+                            header.as_str(),
+                            format!("{}@{}", record.id, record.modify_time.timestamp_millis()),
+                        )),
+                        _ => None,
+                    };
+                    let answer = self
+                        .call(
+                            self.method.clone(),
+                            &self.url(&self.spec.path, None),
+                            &record.data,
+                            key,
+                        )
+                        .await;
+                    (1, answer)
+                });
+                join_all(calls).await
+            }
+        };
+        let appeared = answers
+            .iter()
+            .any(|(_, answer)| matches!(answer, Ok(Answer::AlreadyThere)));
+        if appeared
+            && let IdCheckSpec::Exists {
+                on_exists: OnExists::Update,
+                ..
+            } = &self.spec.id_check
+        {
+            // A record that was not there when asked was written meanwhile (by another writer, with
+            // perhaps an older version): try again, and the next check finds it and updates it.
+            return Err(WriteError::Transient(
+                "target answered 409 for a record it did not hold a moment before".into(),
+            ));
+        }
+        merge(report, answers)
     }
 }
 

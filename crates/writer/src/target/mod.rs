@@ -6,6 +6,7 @@ pub mod noop;
 pub mod postgres;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 
 use conveyor_base::Record;
 
@@ -50,28 +51,18 @@ pub enum WriteError {
     Permanent(String),
 }
 
-/// A configured target.
-pub enum Target {
-    Postgres(postgres::PostgresTarget),
-    Http(Box<http::HttpTarget>),
-    Noop(noop::NoopTarget),
-}
-
-impl Target {
-    pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
-        match self {
-            Target::Postgres(target) => target.write(records).await,
-            Target::Http(target) => target.write(records).await,
-            Target::Noop(target) => Ok(target.write(records)),
-        }
-    }
+/// A place records are written to. Every implementation writes idempotently: a record is keyed by
+/// its id, and a version (modify time) never replaces a newer one. Each kind's spec is in
+/// `conveyor_pipeline::target`; adding a kind is a spec there, an implementation here, and one arm in
+/// [`crate::run`].
+pub trait Target: Send + Sync + 'static {
+    /// Writes a batch (a message's records), all or, on an error, possibly part of it: a retry writes
+    /// it again, which idempotence makes harmless.
+    fn write(
+        &self,
+        records: &[Record],
+    ) -> impl Future<Output = Result<WriteReport, WriteError>> + Send;
 
     /// Whether the target answers (the circuit breaker's probe).
-    pub async fn ping(&self) -> bool {
-        match self {
-            Target::Postgres(target) => target.ping().await,
-            Target::Http(target) => target.ping().await,
-            Target::Noop(_) => true,
-        }
-    }
+    fn ping(&self) -> impl Future<Output = bool> + Send;
 }

@@ -8,14 +8,15 @@
 use std::path::Path;
 
 use conveyor_base::Record;
-use conveyor_pipeline::SqlErrorOverrides;
+use conveyor_pipeline::Pipeline;
+use conveyor_pipeline::target::postgres::{PostgresTargetSpec, SqlErrorOverrides};
 use conveyor_postgres::{Database, DatabaseError, quote};
 use deadpool_postgres::Pool;
 use serde_json::value::RawValue;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Json;
 
-use super::{WriteError, WriteReport, newest_per_id};
+use super::{Target, WriteError, WriteReport, newest_per_id};
 
 pub use conveyor_postgres::PostgresArgs;
 
@@ -51,6 +52,29 @@ pub struct PostgresTarget {
 }
 
 impl PostgresTarget {
+    /// The target of `pipeline`'s `[target]` (a postgres one): its table with the mapping's columns.
+    pub async fn open(
+        pipeline: &Pipeline,
+        spec: &PostgresTargetSpec,
+        args: &PostgresArgs,
+    ) -> Result<Self, SetupError> {
+        let mapping = &pipeline.mapping;
+        let table = TableSpec {
+            table: spec.table.clone(),
+            key: mapping.key_field().to_owned(),
+            version: mapping.version_field().to_owned(),
+            columns: mapping.output_fields().map(str::to_owned).collect(),
+        };
+        Self::connect(
+            args,
+            pipeline.name(),
+            &spec.migrations,
+            &table,
+            spec.errors.clone(),
+        )
+        .await
+    }
+
     /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
     /// mapping and prepares the upsert.
     pub async fn connect(
@@ -92,10 +116,12 @@ impl PostgresTarget {
             overrides,
         })
     }
+}
 
+impl Target for PostgresTarget {
     /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
     /// and rows go in id order so that concurrent writers lock rows in the same order.
-    pub async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+    async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
         let rows: Vec<&RawValue> = newest_per_id(records)
             .into_iter()
             .map(|record| &*record.data)
@@ -121,7 +147,7 @@ impl PostgresTarget {
     }
 
     /// Whether the database answers.
-    pub async fn ping(&self) -> bool {
+    async fn ping(&self) -> bool {
         match self.pool.get().await {
             Ok(client) => client.simple_query("SELECT 1").await.is_ok(),
             Err(_) => false,

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use conveyor_base::{Record, source_time};
 use conveyor_pipeline::Pipeline;
-use conveyor_pipeline::http_target::HttpTargetSpec;
+use conveyor_pipeline::target::http::HttpTargetSpec;
+use conveyor_writer::target::Target;
 use conveyor_writer::target::http::{HttpArgs, HttpTarget};
 use serde_json::json;
 use target_sim::{TargetConfig, TargetSim};

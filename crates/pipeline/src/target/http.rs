@@ -271,7 +271,7 @@ mod tests {
 
     use crate::{Pipeline, PipelineError, TargetSpec};
 
-    const LINES: &str = include_str!("../../../ops/pipelines/sales_order_lines_http.toml");
+    const LINES: &str = include_str!("../../../../ops/pipelines/sales_order_lines_http.toml");
 
     fn with_errors(errors: &str) -> Result<Pipeline, PipelineError> {
         let text = format!("{LINES}\n[target.errors]\n{errors}\n");
