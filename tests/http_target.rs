@@ -491,3 +491,118 @@ fn transform_preview_prints_records_and_errors() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("1 of the sample rows"), "{stderr}");
 }
+
+/// One process of each worker hosts two pipelines at once, from one simulator: the sales orders into
+/// PostgreSQL and their lines into the HTTP target, whose settings are given for its pipeline alone
+/// (`{VARIABLE}__{PIPELINE}`). While the HTTP target is down, the orders still land, and the writer's
+/// `/readyz` names the pipeline that waits; once it is up, the lines land too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_hosts_two_pipelines_and_a_target_down_holds_back_only_its_own() {
+    let services = Services::check()
+        .await
+        .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"));
+    let sim_config = SimConfig {
+        seed: 11,
+        orders: 600,
+        ..SimConfig::default()
+    };
+    let mut scenario = Scenario::start(
+        services,
+        &repo_root().join("ops/pipelines/sales_orders.toml"),
+        &bin_dir(),
+        "two_pipelines",
+        sim_config,
+        &[],
+    )
+    .await
+    .expect("scenario starts");
+    // The lines pipeline gives up on its target after two calls without an answer, so that its
+    // writer holds back (rather than retries and at last dead-letters) while the target is down.
+    let lines_file = std::env::temp_dir()
+        .join("conveyor-harness")
+        .join(format!("two-pipelines-{}", std::process::id()))
+        .join("sales_order_lines_http.toml");
+    std::fs::create_dir_all(lines_file.parent().unwrap()).unwrap();
+    let text =
+        std::fs::read_to_string(repo_root().join("ops/pipelines/sales_order_lines_http.toml"))
+            .unwrap();
+    std::fs::write(
+        &lines_file,
+        format!("{text}\n[target.errors]\nunavailable_after = 2\n"),
+    )
+    .unwrap();
+    let lines = scenario.add_pipeline(&lines_file).unwrap();
+    let suffix = conveyor_runtime::host::pipeline_suffix(lines.name());
+
+    let sim = TargetSim::new(TargetConfig {
+        key_field: "line_id".into(),
+        version_field: Some("modified_at".into()),
+        client: Some(("conveyor-e2e".into(), CLIENT_SECRET.into())),
+        required_headers: vec![("x-source-system".into(), "kingdee".into())],
+        ..TargetConfig::default()
+    });
+    sim.set_outage(Some(StatusCode::SERVICE_UNAVAILABLE));
+    let addr = target_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let env = [
+        (
+            format!("CONVEYOR_HTTP_TARGET_URL{suffix}"),
+            format!("http://{addr}"),
+        ),
+        (
+            format!("CONVEYOR_HTTP_TARGET_CLIENT_ID{suffix}"),
+            "conveyor-e2e".into(),
+        ),
+        (
+            format!("CONVEYOR_HTTP_TARGET_CLIENT_SECRET{suffix}"),
+            CLIENT_SECRET.into(),
+        ),
+        ("CONVEYOR_MAX_ATTEMPTS".into(), "3".into()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    scenario.declare_topology().await.unwrap();
+    let mut workers = vec![
+        scenario.spawn(Worker::Transformer, &[]).unwrap(),
+        scenario.spawn_with_env(Worker::Writer, &[], &env).unwrap(),
+    ];
+    common::wait_ready(&workers[1], true, TIMEOUT).await;
+    scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+
+    common::assert_target_equals_truth(&scenario, &workers).await;
+    let writer = &workers[1];
+    let readyz = format!("http://{}/readyz", writer.http_addr);
+    let waiting = format!("{} target: waiting", lines.name());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = common::http().get(&readyz).send().await.unwrap();
+        let status = answer.status();
+        let report = answer.text().await.unwrap();
+        if status == 503 && report.contains(&waiting) {
+            assert!(report.contains("sales_orders target: ok"), "{report}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never named {} as waiting ({status}):\n{report}\n{}",
+            lines.name(),
+            writer.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(sim.records(COLLECTION).is_empty());
+
+    sim.set_outage(None);
+    let truth = expected_lines(&scenario);
+    wait_until_equal(&truth, &sim, &workers).await;
+    common::wait_ready(&workers[1], true, TIMEOUT).await;
+    assert!(
+        scenario
+            .peek_dead_letters(Stage::Write)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    conveyor_harness::stop_all(&mut workers).await.unwrap();
+    scenario.clean_up(false).await.unwrap();
+}

@@ -39,6 +39,7 @@ use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage, source_time
 use conveyor_kingdee::{Gateway, GatewayError, KingdeeArgs, ListData, Page};
 use conveyor_pipeline::SourceSpec;
 use conveyor_postgres::{Database, PostgresArgs};
+use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::{Session, WorkerRuntime};
 use futures_util::StreamExt;
@@ -133,7 +134,21 @@ pub struct Fetcher {
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let started = Instant::now();
-    let runtime = WorkerRuntime::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?;
+    let host = Host::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?;
+    host.run(&shutdown, |runtime, cli: Cli, shutdown| async move {
+        sync(&runtime, &cli, started, &shutdown).await
+    })
+    .await
+}
+
+/// Syncs one pipeline: plans its windows and pages them, through every broker session, until
+/// `shutdown` (or, with `--once`, until every window is finished).
+async fn sync(
+    runtime: &WorkerRuntime,
+    cli: &Cli,
+    started: Instant,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let source = runtime.pipeline.spec.source.clone();
     let database = Database::connect(&cli.postgres)?;
     let store = SyncStore::open(database.clone(), runtime.pipeline.name()).await?;
@@ -152,7 +167,6 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     ));
     gateway.check_tls().await?;
     let counters = Arc::new(Counters::default());
-    let (cli, runtime, shutdown) = (&cli, &runtime, &shutdown);
     // Windows whose pages were not all confirmed are not finished in the sync state: after a
     // reconnect they are handed out and paged again (writes are idempotent).
     runtime

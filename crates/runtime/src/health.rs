@@ -1,5 +1,6 @@
 //! The HTTP endpoints every worker serves: `/metrics`, `/healthz` (the process runs) and `/readyz`
-//! (it can do its work: connected to the broker and, for a writer, to its target).
+//! (it can do its work: for each pipeline it hosts, connected to the broker and, for a writer, to
+//! its target).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -61,13 +62,45 @@ impl Readiness {
     }
 }
 
+/// The readiness of every pipeline a process hosts: ready when each of them is.
+#[derive(Clone, Default)]
+pub struct HostReadiness {
+    pipelines: Arc<Vec<(String, Readiness)>>,
+}
+
+impl HostReadiness {
+    pub fn new(pipelines: Vec<(String, Readiness)>) -> Self {
+        Self {
+            pipelines: Arc::new(pipelines),
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        !self.pipelines.is_empty() && self.pipelines.iter().all(|(_, r)| r.is_ready())
+    }
+
+    /// One line per condition of each pipeline, `pipeline name: ok` or `pipeline name: waiting`.
+    pub fn report(&self) -> String {
+        self.pipelines
+            .iter()
+            .flat_map(|(pipeline, readiness)| {
+                readiness
+                    .report()
+                    .lines()
+                    .map(|line| format!("{pipeline} {line}\n"))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
 #[derive(Clone)]
 struct HealthState {
     metrics: Metrics,
-    readiness: Readiness,
+    readiness: HostReadiness,
 }
 
-pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
+pub fn router(metrics: Metrics, readiness: HostReadiness) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -92,7 +125,7 @@ async fn ready(State(state): State<HealthState>) -> (StatusCode, String) {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
-    readiness: Readiness,
+    readiness: HostReadiness,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
@@ -126,5 +159,21 @@ mod tests {
         assert_eq!(readiness.report(), "broker: ok\ntarget: waiting\n");
         readiness.set("target", true);
         assert!(readiness.is_ready());
+    }
+
+    #[test]
+    fn a_host_is_ready_when_every_pipeline_is_and_names_each() {
+        let (orders, lines) = (Readiness::default(), Readiness::default());
+        orders.require("target");
+        lines.require("target");
+        let host = HostReadiness::new(vec![
+            ("orders".into(), orders.clone()),
+            ("lines".into(), lines.clone()),
+        ]);
+        orders.set("target", true);
+        assert!(!host.is_ready());
+        assert_eq!(host.report(), "orders target: ok\nlines target: waiting\n");
+        lines.set("target", true);
+        assert!(host.is_ready());
     }
 }

@@ -1,6 +1,7 @@
-//! A conveyor worker process: its settings, health endpoints, and the start and
+//! A conveyor worker process: its settings, its health endpoints, the host of its pipelines, and the
 //! reconnect loop every worker shares.
 
 pub mod health;
+pub mod host;
 pub mod settings;
 pub mod worker;

@@ -5,14 +5,21 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use conveyor_amqp::settings::BrokerArgs;
+use conveyor_base::SettingsError;
 use conveyor_base::telemetry::LogFormat;
 
 /// Settings every worker process has.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
-    /// The pipeline file (TOML) this worker runs.
-    #[arg(long, env = "CONVEYOR_PIPELINE")]
-    pub pipeline: PathBuf,
+    /// The pipelines this worker runs, each a task of its own: pipeline files (TOML) and directories
+    /// (every `*.toml` in them, in name order), comma-separated.
+    #[arg(
+        long = "pipeline",
+        env = "CONVEYOR_PIPELINE",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub pipelines: Vec<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     /// Address of the /metrics, /healthz and /readyz endpoints (the worker's default port if unset).
@@ -33,6 +40,33 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// The pipeline files, directories expanded; a directory without any is an error.
+    pub fn pipeline_files(&self) -> Result<Vec<PathBuf>, SettingsError> {
+        let mut files = Vec::new();
+        for given in &self.pipelines {
+            if !given.is_dir() {
+                files.push(given.clone());
+                continue;
+            }
+            let problem = |what: String| {
+                SettingsError::new("CONVEYOR_PIPELINE", format!("{}: {what}", given.display()))
+            };
+            let mut found: Vec<PathBuf> = std::fs::read_dir(given)
+                .map_err(|err| problem(format!("cannot list it: {err}")))?
+                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+                .collect();
+            if found.is_empty() {
+                return Err(problem(
+                    "a directory without pipeline files (*.toml)".into(),
+                ));
+            }
+            found.sort();
+            files.extend(found);
+        }
+        Ok(files)
+    }
+
     pub fn http_addr_or(&self, default_port: u16) -> SocketAddr {
         self.http_addr
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))

@@ -1,14 +1,13 @@
-//! The start every worker shares (load the pipeline, serve health and metrics), and the one reconnect
-//! loop of every worker: connect to the broker, declare the topology, open a confirming publisher,
-//! keep the stage's queue-depth gauges up to date, run the worker's work on that connection, and do it
-//! all again when the broker restarts or the connection drops.
+//! One pipeline's part of a worker process, and the one reconnect loop of every worker: connect to the
+//! broker, declare the pipeline's topology, open a confirming publisher, keep the stage's queue-depth
+//! gauges up to date, run the worker's work on that connection, and do it all again when the broker
+//! restarts or the connection drops.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use conveyor_amqp::consume::{self, ConsumeSettings, Handler};
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::{BrokerError, Publisher, Topology};
@@ -19,7 +18,7 @@ use conveyor_pipeline::Pipeline;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
-use crate::health::{self, Readiness};
+use crate::health::Readiness;
 use crate::settings::WorkerArgs;
 
 /// Readiness condition: connected to the broker with the topology declared.
@@ -28,7 +27,7 @@ pub const READY_BROKER: &str = "broker";
 /// The pause between attempts to reach the broker and declare the topology.
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
 
-/// What a started worker holds, whatever its broker connection.
+/// What a worker holds for one of its pipelines, whatever its broker connection.
 pub struct WorkerRuntime {
     pub pipeline: Pipeline,
     pub stage: Stage,
@@ -50,46 +49,17 @@ pub struct Session {
 }
 
 impl WorkerRuntime {
-    /// Starts a worker of `stage`: loads its pipeline and serves its health endpoints (not ready until
-    /// [`WorkerRuntime::run_sessions`] has connected). `extra_ready` names further readiness
-    /// conditions the worker will report (e.g. its target).
-    pub async fn start(
-        args: &WorkerArgs,
+    /// The runtime of `pipeline` in a process of `stage` (see [`crate::host::Host`]).
+    pub(crate) fn new(
+        pipeline: Pipeline,
         stage: Stage,
-        default_port: u16,
-        extra_ready: &[&'static str],
-        shutdown: &CancellationToken,
-    ) -> anyhow::Result<Self> {
-        let pipeline = Pipeline::load(&args.pipeline)?;
-        // A wrong broker URL or TLS file is named now, before any other work starts.
-        conveyor_amqp::endpoint(args.broker.address()?.url())?;
-        let metrics = Metrics::new();
-        metrics.initialize(pipeline.name(), stage);
-        let readiness = Readiness::default();
-        readiness.require(READY_BROKER);
-        for condition in extra_ready {
-            readiness.require(condition);
-        }
-        readiness.attach_gauge(
-            metrics
-                .ready
-                .with_label_values(&[pipeline.name(), stage.as_str()]),
-        );
-        let http_addr = health::serve(
-            args.http_addr_or(default_port),
-            metrics.clone(),
-            readiness.clone(),
-            shutdown.clone(),
-        )
-        .await
-        .with_context(|| {
-            format!(
-                "binding the health endpoint on {}",
-                args.http_addr_or(default_port)
-            )
-        })?;
+        metrics: Metrics,
+        readiness: Readiness,
+        http_addr: SocketAddr,
+        args: &WorkerArgs,
+    ) -> Self {
         let topology = Topology::new(&args.broker, pipeline.name());
-        Ok(Self {
+        Self {
             pipeline,
             stage,
             metrics,
@@ -97,7 +67,7 @@ impl WorkerRuntime {
             topology,
             http_addr,
             args: args.clone(),
-        })
+        }
     }
 
     /// Runs `work` on a session until it returns, connecting first. When it fails because the broker

@@ -9,8 +9,8 @@ use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use conveyor_pipeline::mapping::{MappedRecord, Mapping};
+use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
-use conveyor_runtime::worker::WorkerRuntime;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -27,19 +27,22 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let runtime = WorkerRuntime::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?;
-    runtime
-        .consume(
-            |session| Transformer {
-                mapping: runtime.pipeline.mapping.clone(),
-                publisher: session.publisher.clone(),
-                topology: runtime.topology.clone(),
-                dead_letters: session.dead_letters.clone(),
-                metrics: runtime.metrics.clone(),
-            },
-            &shutdown,
-        )
-        .await
+    let host = Host::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?;
+    host.run(&shutdown, |runtime, _: Cli, shutdown| async move {
+        runtime
+            .consume(
+                |session| Transformer {
+                    mapping: runtime.pipeline.mapping.clone(),
+                    publisher: session.publisher.clone(),
+                    topology: runtime.topology.clone(),
+                    dead_letters: session.dead_letters.clone(),
+                    metrics: runtime.metrics.clone(),
+                },
+                &shutdown,
+            )
+            .await
+    })
+    .await
 }
 
 /// Maps batches and passes them on.

@@ -14,6 +14,7 @@ use conveyor_amqp::envelope::Envelope;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use conveyor_pipeline::TargetSpec;
+use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
@@ -46,8 +47,19 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let runtime =
-        WorkerRuntime::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?;
+    let host = Host::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?;
+    host.run(&shutdown, |runtime, cli: Cli, shutdown| async move {
+        write(&runtime, &cli, &shutdown).await
+    })
+    .await
+}
+
+/// Writes one pipeline's write queue into its target until `shutdown`.
+async fn write(
+    runtime: &WorkerRuntime,
+    cli: &Cli,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let postgres = PostgresArgs {
         lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
         ..cli.postgres.clone()
@@ -56,13 +68,13 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     match &pipeline.spec.target {
         TargetSpec::Postgres(spec) => {
             let target = PostgresTarget::open(pipeline, spec, &postgres).await?;
-            serve(&runtime, target, &shutdown).await
+            serve(runtime, target, shutdown).await
         }
         TargetSpec::Http(spec) => {
             let target = HttpTarget::open(pipeline, spec, &cli.http).await?;
-            serve(&runtime, target, &shutdown).await
+            serve(runtime, target, shutdown).await
         }
-        TargetSpec::Noop => serve(&runtime, NoopTarget::default(), &shutdown).await,
+        TargetSpec::Noop => serve(runtime, NoopTarget::default(), shutdown).await,
     }
 }
 

@@ -262,6 +262,9 @@ pub struct Scenario {
     pub sim_url: String,
     /// Settings that every worker started afterwards gets on top of [`Scenario::environment`].
     pub extra_env: Vec<(String, String)>,
+    /// More pipelines the workers host besides `pipeline`, in the same namespace and schema, fed by
+    /// the same simulator ([`Scenario::add_pipeline`]).
+    pub more_pipelines: Vec<Pipeline>,
     bin_dir: PathBuf,
     log_dir: PathBuf,
     /// The simulator's server, stopped with the scenario: a process that runs scenarios one after
@@ -364,6 +367,7 @@ impl Scenario {
             simulator,
             sim_url: format!("http://{sim_addr}"),
             extra_env: Vec::new(),
+            more_pipelines: Vec::new(),
             bin_dir: bin_dir.to_owned(),
             log_dir,
             _sim_server: sim_server,
@@ -371,14 +375,24 @@ impl Scenario {
         })
     }
 
+    /// Adds a pipeline that every worker started afterwards hosts besides the scenario's own: its file
+    /// derived like the first one's, fed by the same simulator.
+    pub fn add_pipeline(&mut self, file: &Path) -> anyhow::Result<Pipeline> {
+        let derived = derive_pipeline(file, &self.log_dir, self.simulator.config(), &[])?;
+        let pipeline = Pipeline::load(&derived)?;
+        self.more_pipelines.push(pipeline.clone());
+        Ok(pipeline)
+    }
+
     /// The environment every worker of this scenario gets.
     pub fn environment(&self) -> HashMap<&'static str, String> {
         let gateway = &self.simulator.config().gateway;
+        let files: Vec<String> = std::iter::once(&self.pipeline)
+            .chain(&self.more_pipelines)
+            .map(|pipeline| pipeline.file.display().to_string())
+            .collect();
         let mut environment = HashMap::from([
-            (
-                "CONVEYOR_PIPELINE",
-                self.pipeline.file.display().to_string(),
-            ),
+            ("CONVEYOR_PIPELINE", files.join(",")),
             (
                 "CONVEYOR_AMQP_URL",
                 self.services.amqp_url.expose().to_owned(),
@@ -630,13 +644,24 @@ impl Scenario {
     pub async fn declare_topology(&self) -> anyhow::Result<()> {
         let connection =
             conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
-        self.topology().declare(&connection).await?;
+        for topology in self.topologies() {
+            topology.declare(&connection).await?;
+        }
         conveyor_amqp::close(&connection).await;
         Ok(())
     }
 
+    /// The topology of the scenario's own pipeline.
     pub fn topology(&self) -> Topology {
         Topology::new(&self.broker_args(), self.pipeline.name())
+    }
+
+    /// The topologies of every pipeline of the scenario.
+    pub fn topologies(&self) -> Vec<Topology> {
+        std::iter::once(&self.pipeline)
+            .chain(&self.more_pipelines)
+            .map(|pipeline| Topology::new(&self.broker_args(), pipeline.name()))
+            .collect()
     }
 
     /// The broker settings the scenario's workers get.
@@ -655,13 +680,13 @@ impl Scenario {
         let connection =
             conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
         let channel = connection.create_channel().await?;
-        let topology = self.topology();
-        for queue in topology.queues() {
+        for queue in self.topologies().iter().flat_map(Topology::queues) {
             channel
                 .queue_delete(queue.as_str().into(), Default::default())
                 .await
                 .with_context(|| format!("deleting queue {queue}"))?;
         }
+        let topology = self.topology();
         for exchange in [topology.exchange(), topology.dead_letter_exchange()] {
             channel
                 .exchange_delete(exchange.as_str().into(), Default::default())

@@ -1,0 +1,209 @@
+//! A worker process hosting one pipeline or many: it loads every pipeline file at start (one bad file
+//! refuses the start, naming it), serves one `/metrics`, `/healthz` and `/readyz` for all of them, and
+//! runs each pipeline as a task of its own, on a broker connection of its own, so that a pipeline whose
+//! target is down holds back only itself.
+//!
+//! Settings for one pipeline alone: any setting's variable with the suffix `__{PIPELINE}` (the
+//! pipeline's name in capitals, `-` as `_`) wins over the variable itself for that pipeline, e.g.
+//! `CONVEYOR_HTTP_TARGET_TOKEN_FILE__SALES_ORDER_LINES_HTTP`. The process's own settings (the broker,
+//! the namespace, the health address, logs) are the same for all.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use conveyor_base::Stage;
+use conveyor_base::metrics::Metrics;
+use conveyor_pipeline::Pipeline;
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{self, HostReadiness, Readiness};
+use crate::settings::WorkerArgs;
+use crate::worker::{READY_BROKER, WorkerRuntime};
+
+/// A started worker process: its pipelines loaded, its health endpoints served.
+pub struct Host {
+    stage: Stage,
+    pipelines: Vec<(Pipeline, Readiness)>,
+    metrics: Metrics,
+    http_addr: SocketAddr,
+    args: WorkerArgs,
+}
+
+impl Host {
+    /// Loads the pipelines and serves the health endpoints (not ready until each pipeline is
+    /// connected). `extra_ready` names further readiness conditions each pipeline will report (e.g.
+    /// its target).
+    pub async fn start(
+        args: &WorkerArgs,
+        stage: Stage,
+        default_port: u16,
+        extra_ready: &[&'static str],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        let mut files_by_name = BTreeMap::new();
+        let metrics = Metrics::new();
+        let mut pipelines = Vec::new();
+        for file in args.pipeline_files()? {
+            let pipeline = Pipeline::load(&file)?;
+            if let Some(other) = files_by_name.insert(pipeline.name().to_owned(), file.clone()) {
+                anyhow::bail!(
+                    "pipeline file {}: pipeline {:?} is in {} already: each pipeline runs once per process",
+                    file.display(),
+                    pipeline.name(),
+                    other.display()
+                );
+            }
+            metrics.initialize(pipeline.name(), stage);
+            let readiness = Readiness::default();
+            readiness.require(READY_BROKER);
+            for condition in extra_ready {
+                readiness.require(condition);
+            }
+            readiness.attach_gauge(
+                metrics
+                    .ready
+                    .with_label_values(&[pipeline.name(), stage.as_str()]),
+            );
+            pipelines.push((pipeline, readiness));
+        }
+        // A wrong broker URL or TLS file is named now, before any other work starts.
+        conveyor_amqp::endpoint(args.broker.address()?.url())?;
+        let host_readiness = HostReadiness::new(
+            pipelines
+                .iter()
+                .map(|(pipeline, readiness)| (pipeline.name().to_owned(), readiness.clone()))
+                .collect(),
+        );
+        let addr = args.http_addr_or(default_port);
+        let http_addr = health::serve(addr, metrics.clone(), host_readiness, shutdown.clone())
+            .await
+            .with_context(|| format!("binding the health endpoint on {addr}"))?;
+        Ok(Self {
+            stage,
+            pipelines,
+            metrics,
+            http_addr,
+            args: args.clone(),
+        })
+    }
+
+    /// Runs `work` for every pipeline at once, each with its [`WorkerRuntime`] and its settings `C`
+    /// (the command line, with the pipeline's own settings: see the module's doc), until all of them
+    /// return. The settings of every pipeline are read before any work starts. When one pipeline's
+    /// work fails, the others are stopped, and the error names the pipeline.
+    pub async fn run<C, W, F>(&self, shutdown: &CancellationToken, work: W) -> anyhow::Result<()>
+    where
+        C: clap::Parser,
+        W: Fn(WorkerRuntime, C, CancellationToken) -> F,
+        F: Future<Output = anyhow::Result<()>>,
+    {
+        let mut started = Vec::new();
+        for (pipeline, readiness) in &self.pipelines {
+            let settings = settings_for::<C>(pipeline.name(), std::env::args_os(), |name| {
+                std::env::var_os(name)
+            })
+            .map_err(|err| anyhow::anyhow!("pipeline {}: {err}", pipeline.name()))?;
+            let runtime = WorkerRuntime::new(
+                pipeline.clone(),
+                self.stage,
+                self.metrics.clone(),
+                readiness.clone(),
+                self.http_addr,
+                &self.args,
+            );
+            started.push((pipeline.name().to_owned(), runtime, settings));
+        }
+        let stopping = shutdown.child_token();
+        let tasks = started.into_iter().map(|(name, runtime, settings)| {
+            let stopping = stopping.clone();
+            let running = work(runtime, settings, stopping.clone());
+            async move {
+                let result = running.await;
+                if result.is_err() {
+                    stopping.cancel();
+                }
+                result.with_context(|| format!("pipeline {name}"))
+            }
+        });
+        join_all(tasks).await.into_iter().collect()
+    }
+
+    /// Where the health endpoints are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+}
+
+/// The suffix of a setting's variable that gives it for `pipeline` alone.
+pub fn pipeline_suffix(pipeline: &str) -> String {
+    format!("__{}", pipeline.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// The command line `argv` read as `C`, with every setting that `env` gives for `pipeline` alone
+/// (`{VARIABLE}__{PIPELINE}`) taking the place of the process-wide value.
+fn settings_for<C: clap::Parser>(
+    pipeline: &str,
+    argv: impl IntoIterator<Item = OsString>,
+    env: impl Fn(&str) -> Option<OsString>,
+) -> Result<C, clap::Error> {
+    let suffix = pipeline_suffix(pipeline);
+    let mut argv: Vec<OsString> = argv.into_iter().collect();
+    let command = C::command().args_override_self(true);
+    for arg in command.get_arguments() {
+        let (Some(variable), Some(long)) = (arg.get_env(), arg.get_long()) else {
+            continue;
+        };
+        if !arg.get_action().takes_values() {
+            continue;
+        }
+        if let Some(value) = env(&format!("{}{suffix}", variable.to_string_lossy())) {
+            let mut flag = OsString::from(format!("--{long}="));
+            flag.push(value);
+            argv.push(flag);
+        }
+    }
+    let mut matches = command.try_get_matches_from(argv)?;
+    C::from_arg_matches_mut(&mut matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[arg(long, env = "CONVEYOR_TEST_TARGET_URL")]
+        target_url: Option<String>,
+        #[arg(long, env = "CONVEYOR_TEST_BATCH", default_value_t = 1)]
+        batch: u32,
+    }
+
+    #[test]
+    fn a_pipeline_s_own_settings_win_over_the_process_s() {
+        let argv = ["worker", "--batch", "5"].map(OsString::from);
+        let env = |name: &str| {
+            (name == "CONVEYOR_TEST_TARGET_URL__SALES_ORDER_LINES").then(|| "http://lines".into())
+        };
+        let lines: Cli = settings_for("sales-order_lines", argv.clone(), env).unwrap();
+        assert_eq!(lines.target_url.as_deref(), Some("http://lines"));
+        assert_eq!(lines.batch, 5);
+        let orders: Cli = settings_for("orders", argv, env).unwrap();
+        assert_eq!(orders.target_url, None);
+
+        let batch = |name: &str| (name == "CONVEYOR_TEST_BATCH__ORDERS").then(|| "7".into());
+        let orders: Cli = settings_for(
+            "orders",
+            ["worker", "--batch", "5"].map(OsString::from),
+            batch,
+        )
+        .unwrap();
+        assert_eq!(orders.batch, 7, "the pipeline's setting wins over the flag");
+        let bad = |name: &str| (name == "CONVEYOR_TEST_BATCH__ORDERS").then(|| "many".into());
+        let err = settings_for::<Cli>("orders", ["worker"].map(OsString::from), bad).unwrap_err();
+        assert!(err.to_string().contains("--batch"), "{err}");
+    }
+}
