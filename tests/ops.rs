@@ -446,7 +446,7 @@ fn settings_in_help(
     }
 }
 
-/// The README's settings table lists exactly the environment variables the binaries read, and the
+/// docs/settings.md lists exactly the environment variables the binaries read, and the
 /// default of each that has one in the code; every secret also has its `*_FILE`.
 #[test]
 fn readme_settings_table_matches_every_binary() {
@@ -459,12 +459,7 @@ fn readme_settings_table_matches_every_binary() {
     ] {
         settings_in_help(binary, &mut Vec::new(), &mut found);
     }
-    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
-    let table = readme
-        .split("## Settings")
-        .nth(1)
-        .and_then(|section| section.split("\n## ").next())
-        .expect("a Settings section");
+    let table = std::fs::read_to_string(repo_root().join("docs/settings.md")).unwrap();
     let mut listed = std::collections::BTreeMap::new();
     for row in table.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = row.split(" | ").collect();
@@ -482,13 +477,13 @@ fn readme_settings_table_matches_every_binary() {
     assert_eq!(
         listed.keys().collect::<Vec<_>>(),
         found.keys().collect::<Vec<_>>(),
-        "README settings table vs the binaries' --help"
+        "docs/settings.md vs the binaries' --help"
     );
     for (name, default) in &found {
         if let Some(default) = default {
             assert!(
                 listed[name].contains(&format!("`{default}`")),
-                "README gives {name} the default {}, the code {default}",
+                "docs/settings.md gives {name} the default {}, the code {default}",
                 listed[name]
             );
         }

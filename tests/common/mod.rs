@@ -59,22 +59,8 @@ pub fn http() -> reqwest::Client {
 
 /// Waits until a worker's /readyz answers 200 (`ready`) or not (`!ready`).
 pub async fn wait_ready(worker: &WorkerProcess, ready: bool, timeout: Duration) {
-    let url = format!("http://{}/readyz", worker.http_addr);
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let answer = http().get(&url).send().await;
-        let is_ready = matches!(&answer, Ok(response) if response.status() == 200);
-        if is_ready == ready && answer.is_ok() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} did not become {} within {timeout:?}:\n{}",
-            worker.worker.binary(),
-            if ready { "ready" } else { "not ready" },
-            worker.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(err) = worker.wait_ready(ready, timeout).await {
+        panic!("{err:#}");
     }
 }
 

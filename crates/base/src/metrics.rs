@@ -75,7 +75,7 @@ pub struct Metrics {
 
 const PIPELINE_STAGE: &[&str] = &["pipeline", "stage"];
 
-/// Every metric name conveyor exports: the README's metrics list, the dashboard and the alerts are
+/// Every metric name conveyor exports: the metrics list of docs/operations.md, the dashboard and the alerts are
 /// checked against it by tests.
 pub const DOCUMENTED: &[&str] = &[
     "conveyor_records_in_total",
@@ -457,13 +457,13 @@ mod tests {
     }
 
     #[test]
-    fn readme_lists_exactly_the_documented_metrics() {
-        let readme = include_str!("../../../README.md");
-        let section = readme
+    fn the_operations_doc_lists_exactly_the_documented_metrics() {
+        let operations = include_str!("../../../docs/operations.md");
+        let section = operations
             .split("- **Metrics**")
             .nth(1)
             .and_then(|rest| rest.split("\n- **").next())
-            .expect("the README has a Metrics item under Operating it");
+            .expect("docs/operations.md has a Metrics item");
         let listed: std::collections::BTreeSet<&str> = section
             .split('`')
             .skip(1)
@@ -473,7 +473,7 @@ mod tests {
         let documented: std::collections::BTreeSet<&str> = DOCUMENTED.iter().copied().collect();
         assert_eq!(
             listed, documented,
-            "README metrics list vs metrics::DOCUMENTED"
+            "docs/operations.md metrics list vs metrics::DOCUMENTED"
         );
     }
 

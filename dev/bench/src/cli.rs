@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::{demo, pipeline, sync};
+use crate::{demo, hosting, pipeline, sync};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,6 +35,8 @@ enum BenchCommand {
     Sync(sync::SyncArgs),
     /// The whole pipeline with no rate limit, against the raw broker and raw target ceilings.
     Pipeline(pipeline::PipelineArgs),
+    /// The memory of one process of each worker hosting many pipelines, idle and working.
+    Hosting(hosting::HostingArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -75,6 +77,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: BenchCommand::Pipeline(args),
         } => {
             let report = pipeline::run(&args, &bin_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Hosting(args),
+        } => {
+            let report = hosting::run(&args, &bin_dir).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }

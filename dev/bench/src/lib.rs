@@ -8,7 +8,9 @@ use anyhow::Context as _;
 
 pub mod cli;
 pub mod demo;
+pub mod hosting;
 pub mod pipeline;
+mod proc;
 pub mod sync;
 
 /// Where the worker binaries are: beside the running program (`cargo build` puts every binary of

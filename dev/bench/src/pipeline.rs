@@ -45,6 +45,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
+use crate::proc::{cpu_seconds, peak_rss_mib};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetKind {
@@ -416,7 +418,11 @@ async fn measure(
 }
 
 /// The worker's `conveyor_records_out_total` for `stage`, or None while it does not answer.
-async fn scrape(http: &reqwest::Client, worker: &WorkerProcess, stage: &str) -> Option<f64> {
+pub(crate) async fn scrape(
+    http: &reqwest::Client,
+    worker: &WorkerProcess,
+    stage: &str,
+) -> Option<f64> {
     let text = http
         .get(format!("http://{}/metrics", worker.http_addr))
         .send()
@@ -481,18 +487,6 @@ impl Samples {
     }
 }
 
-/// utime + stime of a process, seconds.
-fn cpu_seconds(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split(' ').collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ: 100 on every Linux this runs on.
-    Some((utime + stime) / 100.0)
-}
-
 /// CPU seconds of the RabbitMQ node(s) on this machine (`beam.smp` processes), if there are any.
 fn local_broker_cpu_seconds() -> Option<f64> {
     let mut total = None;
@@ -508,14 +502,6 @@ fn local_broker_cpu_seconds() -> Option<f64> {
         }
     }
     total
-}
-
-/// VmHWM of a process, MiB.
-fn peak_rss_mib(pid: i32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
 }
 
 /// When a cumulative count first reached `k` (linear between samples).

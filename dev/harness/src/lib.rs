@@ -190,6 +190,32 @@ impl WorkerProcess {
         self.child.kill().await.context("sending SIGKILL")
     }
 
+    /// Waits until the worker's `/readyz` answers 200 (`ready`), or answers with another status
+    /// (`!ready`); fails with its log after `timeout`.
+    pub async fn wait_ready(&self, ready: bool, timeout: Duration) -> anyhow::Result<()> {
+        let http = conveyor_base::tls::http_client(None)
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let url = format!("http://{}/readyz", self.http_addr);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(answer) = http.get(&url).send().await
+                && answer.status().is_success() == ready
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "{} did not become {} within {timeout:?}:\n{}",
+                    self.worker.binary(),
+                    if ready { "ready" } else { "not ready" },
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits for the process to exit.
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
