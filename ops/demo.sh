@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/services.sh
-cargo build --release --locked -p conveyor -p conveyor-bench --bins
+cargo build --release --locked --workspace --bins
 exec target/release/conveyor-dev demo "$@"

@@ -1,0 +1,224 @@
+//! What one answer of the gateway means: its data, or why not (retry, a rejected token, a moved
+//! tenant, a stale secret, or a refusal that retrying cannot help), read from the HTTP status, the
+//! envelope's codes and the body in one pass.
+
+use serde::Deserialize;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// The business-level code of a stale app_secret on the token call.
+pub(crate) const STALE_SECRET: i64 = 1_030_002_006;
+
+/// One outcome of one HTTP exchange.
+pub(crate) enum Answer<T = Box<RawValue>> {
+    /// The answer's `data`, read in the same pass as the rest of the answer.
+    Data(T),
+    Retry {
+        reason: String,
+        throttled: bool,
+    },
+    TokenRejected {
+        reason: String,
+    },
+    TenantMoved,
+    StaleSecret,
+    Fatal(String),
+}
+
+/// Interprets an HTTP status and body; a successful answer's `data` is read as `T`.
+pub(crate) fn read_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Answer<T> {
+    let retry = |reason: String| Answer::Retry {
+        reason,
+        throttled: false,
+    };
+    match status {
+        429 => {
+            return Answer::Retry {
+                reason: "HTTP 429: rate limited".into(),
+                throttled: true,
+            };
+        }
+        502 => return Answer::TenantMoved,
+        519 => {
+            let code = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|json| code_of(&json))
+                .unwrap_or(0);
+            let reason = format!("gateway refused the call: code {code}");
+            return match code {
+                4009..=4011 => Answer::TokenRejected { reason },
+                5007 => Answer::Retry {
+                    reason,
+                    throttled: true,
+                },
+                4006 | 5003 | 5004 | 5006 => retry(reason),
+                _ => Answer::Fatal(reason),
+            };
+        }
+        500..=599 => return retry(format!("HTTP {status}")),
+        200..=299 => {}
+        _ => return Answer::Fatal(format!("HTTP {status}")),
+    }
+    match serde_json::from_slice::<Reply<T>>(body) {
+        Ok(reply) => match reply.refusal() {
+            Some(refusal) => refusal,
+            None => match reply.data {
+                Some(data) => Answer::Data(data),
+                None => retry("answer has no data".into()),
+            },
+        },
+        // A failed call's data is often not what a successful one's is: its code says which it was.
+        Err(err) => match serde_json::from_slice::<Reply<IgnoredAny>>(body) {
+            Ok(reply) => reply
+                .refusal()
+                .unwrap_or_else(|| retry(format!("unreadable data: {err}"))),
+            Err(_) => retry(format!("unreadable answer: {err}")),
+        },
+    }
+}
+
+/// The fields of an answer the client reads.
+#[derive(Deserialize)]
+struct Reply<T> {
+    errcode: Option<Value>,
+    code: Option<Value>,
+    description: Option<Value>,
+    msg: Option<Value>,
+    data: Option<T>,
+}
+
+impl<D> Reply<D> {
+    /// What the answer's code means when it is not a success; `None` for a success.
+    fn refusal<T>(&self) -> Option<Answer<T>> {
+        let retry = |reason: String| {
+            Some(Answer::Retry {
+                reason,
+                throttled: false,
+            })
+        };
+        match code_in([self.errcode.as_ref(), self.code.as_ref()]) {
+            Some(0 | 200) => None,
+            Some(STALE_SECRET) => Some(Answer::StaleSecret),
+            Some(2_000_002_000) => retry("business error 2000002000: system error".into()),
+            Some(code) => {
+                let description = [&self.description, &self.msg]
+                    .into_iter()
+                    .find_map(|text| text.as_ref()?.as_str())
+                    .unwrap_or("");
+                Some(Answer::Fatal(format!(
+                    "business error {code}: {description}"
+                )))
+            }
+            None => retry("answer has no errcode".into()),
+        }
+    }
+}
+
+/// The status code of an answer: `errcode` on business calls, `code` on some auth answers.
+fn code_of(json: &Value) -> Option<i64> {
+    code_in([json.get("errcode"), json.get("code")])
+}
+
+/// The first of `fields` that holds a code, as a number or numeric text.
+fn code_in(fields: [Option<&Value>; 2]) -> Option<i64> {
+    fields
+        .into_iter()
+        .flatten()
+        .find_map(|code| code.as_i64().or_else(|| code.as_str()?.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified() {
+        assert!(
+            matches!(read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
+        );
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(200, br#"{"code":200,"msg":"ok","data":[]}"#),
+            Answer::Data(_)
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(429, b""),
+            Answer::Retry {
+                throttled: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(519, br#"{"code":4011}"#),
+            Answer::TokenRejected { .. }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(519, br#"{"errcode":"4010"}"#),
+            Answer::TokenRejected { .. }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(519, br#"{"code":4008}"#),
+            Answer::Fatal(_)
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(519, br#"{"code":5007}"#),
+            Answer::Retry {
+                throttled: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(502, b""),
+            Answer::TenantMoved
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(503, b""),
+            Answer::Retry { .. }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(200, br#"{"errcode":1030002006}"#),
+            Answer::StaleSecret
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"#),
+            Answer::Retry { .. }
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(
+                200,
+                br#"{"errcode":1030002003,"description":"not found"}"#
+            ),
+            Answer::Fatal(_)
+        ));
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct Rows {
+        rows: Vec<u32>,
+    }
+
+    #[test]
+    fn data_is_read_as_the_call_expects_and_refusals_still_read_with_other_data() {
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":[1,2]}}"#),
+            Answer::Data(Rows { rows }) if rows == [1, 2]
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":"many"}}"#),
+            Answer::Retry { reason, .. } if reason.starts_with("unreadable data")
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":0,"data":null}"#),
+            Answer::Retry { reason, .. } if reason == "answer has no data"
+        ));
+        // A business error whose data is not a list is still the business error.
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":1030002003,"description":"not found","data":"x"}"#),
+            Answer::Fatal(reason) if reason.contains("not found")
+        ));
+        assert!(matches!(
+            read_answer::<Rows>(200, br#"{"errcode":1030002006,"data":{}}"#),
+            Answer::StaleSecret
+        ));
+    }
+}
