@@ -117,23 +117,7 @@ fn parse_pair(text: &str) -> Result<(String, String), String> {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
-    let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
-    if let Err(err) =
-        conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, &log_filter)
-    {
-        eprintln!("error: {err:#}");
-        return ExitCode::FAILURE;
-    }
-    let result = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .and_then(|runtime| runtime.block_on(run(cli)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    conveyor_runtime::process::run_tool(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -3,5 +3,6 @@
 
 pub mod health;
 pub mod host;
+pub mod process;
 pub mod settings;
 pub mod worker;

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::{demo, hosting, pipeline, sync};
@@ -40,23 +39,7 @@ enum BenchCommand {
 }
 
 pub fn main(cli: Cli) -> ExitCode {
-    let log_filter = std::env::var("CONVEYOR_LOG").unwrap_or_else(|_| "warn".into());
-    if let Err(err) =
-        conveyor_base::telemetry::init(conveyor_base::telemetry::LogFormat::Text, &log_filter)
-    {
-        eprintln!("error: {err:#}");
-        return ExitCode::FAILURE;
-    }
-    let result = tokio::runtime::Runtime::new()
-        .context("starting the async runtime")
-        .and_then(|runtime| runtime.block_on(run(cli)));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    conveyor_runtime::process::run_tool(run(cli))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
