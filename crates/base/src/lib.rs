@@ -8,6 +8,7 @@ mod outcome;
 mod record;
 mod setting;
 pub mod shutdown;
+pub mod source;
 pub mod source_time;
 mod sql;
 mod stage;

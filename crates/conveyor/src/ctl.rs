@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let credentials = kingdee.credentials()?;
             let gateway = conveyor_kingdee::Gateway::new(
                 credentials,
-                conveyor_kingdee::Unlimited,
+                conveyor_base::source::Unlimited,
                 conveyor_base::metrics::Metrics::new(),
                 "conveyorctl",
             );

@@ -7,10 +7,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
-use conveyor_kingdee::RateBudget;
+use conveyor_base::source::{RateBudget, Window};
 use conveyor_postgres::{Database, DatabaseError};
-
-use crate::window::Window;
 
 const HISTORY_TABLE: &str = "conveyor_state_migrations";
 
@@ -80,7 +78,7 @@ impl SyncStore {
     }
 
     /// Hands out the windows from where the last plan ended (less `overlap`) up to now less `lag`, cut
-    /// into `width` with the last `overlap` apart (see [`Window::cover_with_tail`]), plus pending
+    /// into `width` with the last `overlap` apart (see [`crate::window::cover_with_tail`]), plus pending
     /// windows published longer than `republish_after` ago. The first plan starts at `start`.
     /// `publish` must make every window durable in the broker before it returns: the plan commits only
     /// then.
@@ -122,7 +120,7 @@ impl SyncStore {
         .trunc_subsecs(3);
         let to = (now - lag).trunc_subsecs(3);
         // The last `overlap` is where rows may still appear late: in windows of its own.
-        let fresh = Window::cover_with_tail(from, to, width, overlap);
+        let fresh = crate::window::cover_with_tail(from, to, width, overlap);
         for window in &fresh {
             transaction
                 .execute(
@@ -221,7 +219,7 @@ impl SyncStore {
         F: FnOnce([Window; 2]) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<()>>,
     {
-        let halves = window.halves();
+        let halves = crate::window::halves(window);
         let mut client = self.database.client().await?;
         let transaction = client
             .transaction()

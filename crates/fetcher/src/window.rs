@@ -1,117 +1,100 @@
-//! Modify-time windows: the unit of work fetchers share through the fetch queue.
+//! Planning modify-time windows, the unit of work fetchers share through the fetch queue, and the
+//! windows as work items on it.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use conveyor_base::Record;
+use conveyor_base::source::Window;
 use serde_json::json;
 
-/// Records modified from `start` to `end`, both inclusive (the API's bounds are not documented; reading
-/// both ends costs at most a repeated row, which idempotent writes absorb).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
+/// Windows of `width` covering `from` to `to` (none if `to` is not after `from`).
+pub fn cover(from: DateTime<Utc>, to: DateTime<Utc>, width: Duration) -> Vec<Window> {
+    let width = chrono::Duration::from_std(width).unwrap_or(chrono::Duration::days(1));
+    let mut windows = Vec::new();
+    let mut start = from;
+    while start < to {
+        let end = (start + width).min(to);
+        windows.push(Window { start, end });
+        start = end;
+    }
+    windows
 }
 
-impl Window {
-    /// Windows of `width` covering `from` to `to` (none if `to` is not after `from`).
-    pub fn cover(from: DateTime<Utc>, to: DateTime<Utc>, width: Duration) -> Vec<Window> {
-        let width = chrono::Duration::from_std(width).unwrap_or(chrono::Duration::days(1));
-        let mut windows = Vec::new();
-        let mut start = from;
-        while start < to {
-            let end = (start + width).min(to);
-            windows.push(Window { start, end });
-            start = end;
-        }
-        windows
-    }
+/// Like [`cover`], with the last `tail` of the range (at most all of it) in windows of its own: the
+/// plan's tail is where late rows may still appear, and paging it apart keeps the older windows —
+/// which no row can enter any more — from being paged twice (see [`crate::engine`]).
+pub fn cover_with_tail(
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    width: Duration,
+    tail: Duration,
+) -> Vec<Window> {
+    let tail = chrono::Duration::from_std(tail).unwrap_or(chrono::Duration::MAX);
+    let cut = to
+        .checked_sub_signed(tail)
+        .unwrap_or(from)
+        .max(from)
+        .min(to);
+    let mut windows = cover(from, cut, width);
+    windows.extend(cover(cut, to, width));
+    windows
+}
 
-    /// Like [`Window::cover`], with the last `tail` of the range (at most all of it) in windows of its
-    /// own: the plan's tail is where late rows may still appear, and paging it apart keeps the older
-    /// windows — which no row can enter any more — from being paged twice (see the fetcher's note).
-    pub fn cover_with_tail(
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        width: Duration,
-        tail: Duration,
-    ) -> Vec<Window> {
-        let tail = chrono::Duration::from_std(tail).unwrap_or(chrono::Duration::MAX);
-        let cut = to
-            .checked_sub_signed(tail)
-            .unwrap_or(from)
-            .max(from)
-            .min(to);
-        let mut windows = Self::cover(from, cut, width);
-        windows.extend(Self::cover(cut, to, width));
-        windows
-    }
+/// The two halves, for a window with too many rows to page through in one go. They meet on a whole
+/// millisecond: windows travel as epoch milliseconds, and a half whose bound had a finer part would
+/// never match its row in the sync state, so it could never be finished.
+pub fn halves(window: &Window) -> [Window; 2] {
+    let middle = (window.start + (window.end - window.start) / 2).trunc_subsecs(3);
+    [
+        Window {
+            start: window.start,
+            end: middle,
+        },
+        Window {
+            start: middle,
+            end: window.end,
+        },
+    ]
+}
 
-    /// The two halves, for a window with too many rows to page through in one go.
-    pub fn halves(&self) -> [Window; 2] {
-        let middle = self.start + (self.end - self.start) / 2;
-        [
-            Window {
-                start: self.start,
-                end: middle,
-            },
-            Window {
-                start: middle,
-                end: self.end,
-            },
-        ]
-    }
+/// Whether a window can still be split (a window of a second cannot: times have second precision).
+pub fn splittable(window: &Window) -> bool {
+    window.end - window.start > chrono::Duration::seconds(2)
+}
 
-    /// Whether the window can still be split (a window of a second cannot: times have second precision).
-    pub fn splittable(&self) -> bool {
-        self.end - self.start > chrono::Duration::seconds(2)
-    }
+/// The window as a work item on the fetch queue.
+pub fn to_work_item(window: Window) -> Record {
+    let (start, end) = (
+        window.start.timestamp_millis(),
+        window.end.timestamp_millis(),
+    );
+    Record::new(
+        format!("window:{start}-{end}"),
+        window.start.fixed_offset(),
+        &json!({"window_start": start, "window_end": end}),
+    )
+}
 
-    /// The list call's filter: epoch milliseconds as text.
-    pub fn query(&self) -> [(String, String); 2] {
-        [
-            (
-                "modify_start_time".to_owned(),
-                self.start.timestamp_millis().to_string(),
-            ),
-            (
-                "modify_end_time".to_owned(),
-                self.end.timestamp_millis().to_string(),
-            ),
-        ]
+/// Reads a work item.
+pub fn from_work_item(record: &Record) -> Result<Window, String> {
+    let data = record
+        .fields()
+        .map_err(|err| format!("work item {:?}: {err}", record.id))?;
+    let millis = |field: &str| {
+        data[field]
+            .as_i64()
+            .and_then(DateTime::from_timestamp_millis)
+            .ok_or_else(|| format!("work item {:?} has no valid {field}", record.id))
+    };
+    let window = Window {
+        start: millis("window_start")?,
+        end: millis("window_end")?,
+    };
+    if window.end < window.start {
+        return Err(format!("work item {:?} ends before it starts", record.id));
     }
-
-    /// The window as a work item on the fetch queue.
-    pub fn to_record(self) -> Record {
-        let (start, end) = (self.start.timestamp_millis(), self.end.timestamp_millis());
-        Record::new(
-            format!("window:{start}-{end}"),
-            self.start.fixed_offset(),
-            &json!({"window_start": start, "window_end": end}),
-        )
-    }
-
-    /// Reads a work item.
-    pub fn from_record(record: &Record) -> Result<Self, String> {
-        let data = record
-            .fields()
-            .map_err(|err| format!("work item {:?}: {err}", record.id))?;
-        let millis = |field: &str| {
-            data[field]
-                .as_i64()
-                .and_then(DateTime::from_timestamp_millis)
-                .ok_or_else(|| format!("work item {:?} has no valid {field}", record.id))
-        };
-        let window = Window {
-            start: millis("window_start")?,
-            end: millis("window_end")?,
-        };
-        if window.end < window.start {
-            return Err(format!("work item {:?} ends before it starts", record.id));
-        }
-        Ok(window)
-    }
+    Ok(window)
 }
 
 #[cfg(test)]
@@ -124,19 +107,19 @@ mod tests {
 
     #[test]
     fn cover_cuts_the_range_into_windows_without_gaps() {
-        let windows = Window::cover(at(0), at(250), Duration::from_secs(100));
+        let windows = cover(at(0), at(250), Duration::from_secs(100));
         assert_eq!(windows.len(), 3);
         assert_eq!(windows[0].start, at(0));
         assert_eq!(windows[2].end, at(250));
         for pair in windows.windows(2) {
             assert_eq!(pair[0].end, pair[1].start);
         }
-        assert!(Window::cover(at(10), at(10), Duration::from_secs(5)).is_empty());
+        assert!(cover(at(10), at(10), Duration::from_secs(5)).is_empty());
     }
 
     #[test]
     fn the_tail_of_a_range_is_a_window_of_its_own() {
-        let windows = Window::cover_with_tail(
+        let windows = cover_with_tail(
             at(0),
             at(250),
             Duration::from_secs(100),
@@ -148,7 +131,7 @@ mod tests {
             .collect();
         assert_eq!(bounds, [(0, 100), (100, 200), (200, 220), (220, 250)]);
         // A tail as long as the range (or longer) is the whole range; no tail is plain cover.
-        let all = Window::cover_with_tail(at(0), at(50), Duration::from_secs(100), Duration::MAX);
+        let all = cover_with_tail(at(0), at(50), Duration::from_secs(100), Duration::MAX);
         assert_eq!(
             all,
             [Window {
@@ -157,19 +140,27 @@ mod tests {
             }]
         );
         assert_eq!(
-            Window::cover_with_tail(at(0), at(250), Duration::from_secs(100), Duration::ZERO),
-            Window::cover(at(0), at(250), Duration::from_secs(100))
+            cover_with_tail(at(0), at(250), Duration::from_secs(100), Duration::ZERO),
+            cover(at(0), at(250), Duration::from_secs(100))
         );
     }
 
     #[test]
     fn halves_meet_in_the_middle() {
-        let [first, second] = Window {
+        let [first, second] = halves(&Window {
             start: at(0),
             end: at(100),
-        }
-        .halves();
+        });
         assert_eq!((first.end, second.start), (at(50), at(50)));
+        // A middle between two milliseconds is the earlier one: bounds stay whole milliseconds.
+        let odd = Window {
+            start: at(0),
+            end: at(0) + chrono::Duration::milliseconds(3),
+        };
+        let [first, second] = halves(&odd);
+        assert_eq!(first.end, at(0) + chrono::Duration::milliseconds(1));
+        assert_eq!(from_work_item(&to_work_item(first)).unwrap(), first);
+        assert_eq!(second.start, first.end);
     }
 
     #[test]
@@ -178,11 +169,11 @@ mod tests {
             start: at(1_700_000_000),
             end: at(1_700_086_400),
         };
-        assert_eq!(Window::from_record(&window.to_record()).unwrap(), window);
-        let mut broken = window.to_record();
+        assert_eq!(from_work_item(&to_work_item(window)).unwrap(), window);
+        let mut broken = to_work_item(window);
         let mut data = broken.fields().unwrap();
         data["window_end"] = json!("soon");
         broken = Record::new(broken.id, broken.modify_time, &data);
-        assert!(Window::from_record(&broken).is_err());
+        assert!(from_work_item(&broken).is_err());
     }
 }

@@ -8,11 +8,19 @@ use std::time::{Duration, Instant};
 
 use conveyor_base::Secret;
 use conveyor_base::metrics::Metrics;
+use conveyor_base::source::{Page, RateBudget, Unlimited};
 use conveyor_fetcher::state::{SharedBudget, SyncStore};
-use conveyor_kingdee::{Credentials, Gateway, ListData, Page, RateBudget, Unlimited};
+use conveyor_kingdee::{Credentials, Gateway, ListData};
 use conveyor_postgres::{Database, PostgresArgs};
 use kingdee_sim::gate::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID};
 use kingdee_sim::{SimConfig, Simulator};
+
+/// A list answer read as a page and checked against its counts, as the sync engine does.
+fn checked(data: ListData, number: u64, size: u64) -> Result<Page, String> {
+    let page = data.into_page()?;
+    page.check(number, size)?;
+    Ok(page)
+}
 
 /// Calls per minute: one call every 102 ms, so the ~50 calls below take about five seconds.
 const BUDGET: u32 = 600;
@@ -74,7 +82,7 @@ async fn call_from_all<B: RateBudget>(gateways: Vec<Gateway<B>>) {
                         .get::<ListData>("/jdy/v2/scm/sal_order", &query)
                         .await
                         .unwrap();
-                    assert_eq!(Page::from_list(data, 1, 10).unwrap().count, 30);
+                    assert_eq!(checked(data, 1, 10).unwrap().count, 30);
                 }
             });
         }

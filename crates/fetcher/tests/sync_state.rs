@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use chrono::{FixedOffset, Utc};
 use conveyor_base::Secret;
+use conveyor_base::source::Window;
 use conveyor_fetcher::state::SyncStore;
-use conveyor_fetcher::window::Window;
 use conveyor_postgres::{Database, PostgresArgs};
 use tokio::task::JoinHandle;
 
@@ -138,7 +138,7 @@ async fn a_window_finished_while_its_plan_commits_is_done() {
     for finished in finishers {
         finished.await.unwrap();
     }
-    assert_eq!(halves, plan.windows[0].halves());
+    assert_eq!(halves, conveyor_fetcher::window::halves(&plan.windows[0]));
     assert_eq!(
         store.pending().await.unwrap(),
         1,

@@ -8,13 +8,13 @@
 //! - HTTP 429, gateway 5003/5004/5006/5007, 5xx, network errors, unreadable bodies: back off with jitter, retry.
 //! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
 
-use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use conveyor_base::Secret;
 use conveyor_base::backoff::Backoff;
 use conveyor_base::metrics::Metrics;
+use conveyor_base::source::RateBudget;
 use conveyor_base::tls;
 use rand::Rng;
 use serde::de::DeserializeOwned;
@@ -31,21 +31,6 @@ pub const AUTHORIZE_PATH: &str = "/jdyconnector/app_management/push_app_authoriz
 pub const TOKEN_PATH: &str = "/jdyconnector/app_management/kingdee_auth_token";
 /// Tries of one call before it fails.
 const ATTEMPTS: u32 = 8;
-
-/// A call budget shared by every process that calls the gateway for one account set.
-pub trait RateBudget: Send + Sync + 'static {
-    /// Waits for the next call slot; returns how long it waited.
-    fn acquire(&self) -> impl Future<Output = Result<Duration, String>> + Send;
-}
-
-/// No budget: for one-off tools.
-pub struct Unlimited;
-
-impl RateBudget for Unlimited {
-    async fn acquire(&self) -> Result<Duration, String> {
-        Ok(Duration::ZERO)
-    }
-}
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

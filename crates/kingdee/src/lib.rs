@@ -1,5 +1,5 @@
 //! The Kingdee Cloud Xingchen V2 (金蝶云星辰 V2) open API: request signing, the app-token flow, a
-//! rate-budgeted, retrying gateway client, and list pages checked against their counts.
+//! rate-budgeted, retrying gateway client, and a list endpoint as a source of the sync engine.
 
 mod account;
 mod answer;
@@ -7,7 +7,9 @@ pub mod gateway;
 pub mod list;
 mod settings;
 pub mod sign;
+mod source;
 
-pub use gateway::{Gateway, GatewayError, RateBudget, Unlimited};
-pub use list::{ListData, Page};
+pub use gateway::{Gateway, GatewayError};
+pub use list::ListData;
 pub use settings::{Credentials, KingdeeArgs};
+pub use source::KingdeeSource;

@@ -4,22 +4,19 @@
 //! everything that can be checked without a network, and every error names the file, the field and the
 //! problem, so `conveyorctl check` and every worker refuse a bad file with the same words.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 
 use crate::mapping::{Mapping, TransformSpec};
 
 pub mod mapping;
+pub mod source;
 pub mod target;
 
+pub use source::SourceSpec;
 pub use target::TargetSpec;
-
-/// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
-pub const MAX_PAGE_SIZE: u32 = 100;
 
 /// A pipeline file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -30,96 +27,6 @@ pub struct PipelineSpec {
     pub source: SourceSpec,
     pub transform: TransformSpec,
     pub target: TargetSpec,
-}
-
-/// Where records come from.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SourceSpec {
-    pub kind: SourceKind,
-    /// The list endpoint's path, e.g. `/jdy/v2/scm/sal_order`.
-    pub path: String,
-    /// Rows per list call; at most 100.
-    #[serde(default = "default_page_size")]
-    pub page_size: u32,
-    /// The row field that identifies a record at the source.
-    #[serde(default = "default_id_field")]
-    pub id_field: String,
-    /// The row field with the record's last modification time.
-    #[serde(default = "default_modify_time_field")]
-    pub modify_time_field: String,
-    /// Extra query parameters of every list call (e.g. `bill_status = "C"`).
-    #[serde(default)]
-    pub query: BTreeMap<String, String>,
-    /// Where the first sync starts (RFC 3339); later syncs go on from the stored watermark.
-    pub start_time: DateTime<FixedOffset>,
-    /// Width of one modify-time window, the unit of work fetchers share.
-    #[serde(default = "default_window_secs")]
-    pub window_secs: u64,
-    /// Windows end this long before now, so that rows still being written at the source are left for
-    /// the next sync.
-    #[serde(default = "default_lag_secs")]
-    pub lag_secs: u64,
-    /// Each sync goes this far back before where the last one ended, for rows that became visible late.
-    #[serde(default = "default_overlap_secs")]
-    pub overlap_secs: u64,
-    /// A window holding more rows than this is split in two, so that no window pages for long.
-    #[serde(default = "default_max_window_rows")]
-    pub max_window_rows: u64,
-    /// Calls per minute allowed for the account set, shared by every fetcher process.
-    #[serde(default = "default_calls_per_minute")]
-    pub calls_per_minute: u32,
-    /// Records of consecutive pages of a window gathered into one message. Each message costs the
-    /// broker, the transformer and the writer a fixed share of work (about 1.2 ms of CPU on the
-    /// development machine), so fewer, larger ones cost less per record; a page is never split.
-    #[serde(default = "default_records_per_message")]
-    pub records_per_message: u32,
-}
-
-/// The most records a message may gather (`source.records_per_message`).
-pub const MAX_RECORDS_PER_MESSAGE: u32 = 10_000;
-
-fn default_records_per_message() -> u32 {
-    300
-}
-
-fn default_window_secs() -> u64 {
-    24 * 3600
-}
-
-fn default_lag_secs() -> u64 {
-    60
-}
-
-fn default_overlap_secs() -> u64 {
-    300
-}
-
-fn default_max_window_rows() -> u64 {
-    20_000
-}
-
-fn default_calls_per_minute() -> u32 {
-    500
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// Kingdee Cloud Xingchen V2 open API.
-    Kingdee,
-}
-
-fn default_page_size() -> u32 {
-    MAX_PAGE_SIZE
-}
-
-fn default_id_field() -> String {
-    "id".to_owned()
-}
-
-fn default_modify_time_field() -> String {
-    "modify_time".to_owned()
 }
 
 /// A loaded, checked pipeline.
@@ -188,39 +95,9 @@ impl Pipeline {
                 "must be lowercase letters, digits, '_' or '-'".into(),
             ));
         }
-        if !spec.source.path.starts_with('/') {
-            return Err(error("source.path", "must start with '/'".into()));
-        }
-        if !(1..=MAX_PAGE_SIZE).contains(&spec.source.page_size) {
-            return Err(error(
-                "source.page_size",
-                format!(
-                    "must be 1 to {MAX_PAGE_SIZE}: the gateway silently caps larger pages, which loses rows"
-                ),
-            ));
-        }
-        let source = &spec.source;
-        if source.window_secs == 0 {
-            return Err(error("source.window_secs", "must be at least 1".into()));
-        }
-        if source.calls_per_minute == 0 {
-            return Err(error(
-                "source.calls_per_minute",
-                "must be at least 1".into(),
-            ));
-        }
-        if !(1..=MAX_RECORDS_PER_MESSAGE).contains(&source.records_per_message) {
-            return Err(error(
-                "source.records_per_message",
-                format!("must be 1 to {MAX_RECORDS_PER_MESSAGE}"),
-            ));
-        }
-        if source.max_window_rows < u64::from(source.page_size) {
-            return Err(error(
-                "source.max_window_rows",
-                "must be at least source.page_size".into(),
-            ));
-        }
+        spec.source
+            .check()
+            .map_err(|(field, problem)| error(&field, problem))?;
         let mapping = Mapping::compile(&spec.transform).map_err(|p| error(&p.field, p.problem))?;
         let base = file.parent().unwrap_or(Path::new("."));
         spec.target

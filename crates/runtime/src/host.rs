@@ -101,34 +101,62 @@ impl Host {
         W: Fn(WorkerRuntime, C, CancellationToken) -> F,
         F: Future<Output = anyhow::Result<()>>,
     {
-        let mut started = Vec::new();
-        for (pipeline, readiness) in &self.pipelines {
-            let settings = settings_for::<C>(pipeline.name(), std::env::args_os(), |name| {
+        let mut settings = Vec::new();
+        for (pipeline, _) in &self.pipelines {
+            let read = settings_for::<C>(pipeline.name(), std::env::args_os(), |name| {
                 std::env::var_os(name)
             })
             .map_err(|err| anyhow::anyhow!("pipeline {}: {err}", pipeline.name()))?;
-            let runtime = WorkerRuntime::new(
-                pipeline.clone(),
-                self.stage,
-                self.metrics.clone(),
-                readiness.clone(),
-                self.http_addr,
-                &self.args,
-            );
-            started.push((pipeline.name().to_owned(), runtime, settings));
+            settings.push(read);
         }
+        let mut settings = settings.into_iter();
+        self.run_each(shutdown, |runtime, stopping| {
+            let settings = settings
+                .next()
+                .expect("settings were read for every pipeline");
+            work(runtime, settings, stopping)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Runs `work` for every pipeline at once, in the order of their files, until all of them return;
+    /// returns what each returned. When one pipeline's work fails, the others are stopped, and the
+    /// error names the pipeline.
+    pub async fn run_each<T, W, F>(
+        &self,
+        shutdown: &CancellationToken,
+        mut work: W,
+    ) -> anyhow::Result<Vec<T>>
+    where
+        W: FnMut(WorkerRuntime, CancellationToken) -> F,
+        F: Future<Output = anyhow::Result<T>>,
+    {
         let stopping = shutdown.child_token();
-        let tasks = started.into_iter().map(|(name, runtime, settings)| {
-            let stopping = stopping.clone();
-            let running = work(runtime, settings, stopping.clone());
-            async move {
-                let result = running.await;
-                if result.is_err() {
-                    stopping.cancel();
+        let tasks: Vec<_> = self
+            .pipelines
+            .iter()
+            .map(|(pipeline, readiness)| {
+                let runtime = WorkerRuntime::new(
+                    pipeline.clone(),
+                    self.stage,
+                    self.metrics.clone(),
+                    readiness.clone(),
+                    self.http_addr,
+                    &self.args,
+                );
+                let stopping = stopping.clone();
+                let running = work(runtime, stopping.clone());
+                let name = pipeline.name().to_owned();
+                async move {
+                    let result = running.await;
+                    if result.is_err() {
+                        stopping.cancel();
+                    }
+                    result.with_context(|| format!("pipeline {name}"))
                 }
-                result.with_context(|| format!("pipeline {name}"))
-            }
-        });
+            })
+            .collect();
         join_all(tasks).await.into_iter().collect()
     }
 

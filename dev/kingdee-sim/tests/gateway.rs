@@ -6,12 +6,20 @@ use std::time::Duration;
 
 use conveyor_base::Secret;
 use conveyor_base::metrics::Metrics;
-use conveyor_kingdee::{Credentials, Gateway, ListData, Page, Unlimited};
+use conveyor_base::source::{Page, Unlimited};
+use conveyor_kingdee::{Credentials, Gateway, ListData};
 use kingdee_sim::gate::{
     DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID, Faults, GatewayConfig,
 };
 use kingdee_sim::{Object, SimConfig, Simulator};
 use serde_json::value::RawValue;
+
+/// A list answer read as a page and checked against its counts, as the sync engine does.
+fn checked(data: ListData, number: u64, size: u64) -> Result<Page, String> {
+    let page = data.into_page()?;
+    page.check(number, size)?;
+    Ok(page)
+}
 
 /// The demo account's credentials for a gateway at `addr`, signing with `secret`.
 fn credentials(addr: std::net::SocketAddr, secret: &str) -> Credentials {
@@ -65,7 +73,7 @@ async fn page(gateway: &Gateway<Unlimited>, number: u64, size: u64) -> Page {
         )
         .await
         .unwrap();
-    Page::from_list(data, number, size).unwrap()
+    checked(data, number, size).unwrap()
 }
 
 #[tokio::test]
@@ -78,7 +86,7 @@ async fn pages_through_every_order_with_signed_calls() {
     let mut ids = Vec::new();
     for number in 1..=3 {
         let page = page(&gateway, number, 100).await;
-        assert_eq!((page.count, page.total_page), (250, 3));
+        assert_eq!((page.count, page.total_pages), (250, 3));
         ids.extend(
             page.rows
                 .iter()
@@ -213,7 +221,7 @@ async fn empty_pages_are_caught_and_string_counts_accepted() {
             .await
             .unwrap();
         assert!(tree(&data)["count"].is_string());
-        match Page::from_list(list(&data), 1, 100) {
+        match checked(list(&data), 1, 100) {
             Ok(page) => {
                 assert_eq!(page.rows.len(), 100);
                 whole += 1;
@@ -243,7 +251,7 @@ async fn a_page_size_above_the_cap_is_caught_by_the_count_check() {
         )
         .await
         .unwrap();
-    let err = Page::from_list(list(&data), 1, 500).unwrap_err();
+    let err = checked(list(&data), 1, 500).unwrap_err();
     assert!(err.contains("rows but count"), "{err}");
 }
 
@@ -295,7 +303,7 @@ async fn base_data_lists_write_count_as_a_string() {
             .unwrap();
         let count = &tree(&data)["count"];
         assert!(count.is_string(), "{path}: {count}");
-        let page = Page::from_list(list(&data), 1, 100).unwrap();
+        let page = checked(list(&data), 1, 100).unwrap();
         assert_eq!(page.count as usize, sim.truth(object).len(), "{path}");
     }
 }
@@ -484,7 +492,7 @@ async fn an_account_set_that_is_not_active_fails_with_the_choices() {
     assert!(sim.token_accounts().is_empty());
 }
 
-async fn page_of<B: conveyor_kingdee::RateBudget>(gateway: &Gateway<B>) -> u64 {
+async fn page_of<B: conveyor_base::source::RateBudget>(gateway: &Gateway<B>) -> u64 {
     let data = gateway
         .get::<ListData>(
             "/jdy/v2/scm/sal_order",
@@ -492,7 +500,7 @@ async fn page_of<B: conveyor_kingdee::RateBudget>(gateway: &Gateway<B>) -> u64 {
         )
         .await
         .unwrap();
-    Page::from_list(data, 1, 100).unwrap().count
+    checked(data, 1, 100).unwrap().count
 }
 
 /// The simulator's paging changes make the hazard real: a client that pages naively through a query
@@ -537,7 +545,7 @@ async fn a_row_moved_between_pages_makes_naive_paging_skip_one() {
                 .get::<ListData>("/jdy/v2/scm/sal_order", &pairs)
                 .await
                 .unwrap();
-            let page = Page::from_list(data, number, 100).unwrap();
+            let page = checked(data, number, 100).unwrap();
             counts.push(page.count);
             read.extend(
                 page.rows

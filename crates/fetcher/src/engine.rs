@@ -1,0 +1,392 @@
+//! The generic sync engine: pages the windows of any [`Source`] and publishes their records to the
+//! pipeline's transform queue, the rows of consecutive pages of a window gathered into one message
+//! (`source.records_per_message`). It knows windows, pages and the watermark, never a source's
+//! protocol; the checkpoint contract it relies on is [`conveyor_base::source`]'s.
+//!
+//! Windows are work items on the pipeline's fetch queue, so any number of fetcher processes share them.
+//! A window is finished — and the watermark may pass it — only after every page of it is confirmed by
+//! the broker.
+//!
+//! Rows that move while a window is paged would shift the pages and silently skip a row ("漏单"), so a
+//! pass over a window counts only if it saw a steady window:
+//! - every page reports the `count` of the first (a row that left or entered changes it), and
+//! - no row comes twice (a row modified within the window and listed again further on, while the
+//!   `count` stays the same);
+//!
+//! otherwise the window is paged again from the start. One case shows in neither: a row leaving while
+//! another enters between the same two pages. Rows enter a window already planned only when they
+//! become visible late, which the sync allows for up to `lag_secs + overlap_secs` after their modify
+//! time; so a window of several pages that ends within that span of now is paged until two passes in
+//! a row return the same ids. Older windows cannot gain rows, and one pass of them is enough; each plan
+//! puts its last `overlap_secs` in windows of their own, so that only they may need the second pass.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, FixedOffset};
+use conveyor_amqp::consume::Handler;
+use conveyor_amqp::dead_letters::DeadLetters;
+use conveyor_amqp::envelope::{Envelope, Meta};
+use conveyor_amqp::{PendingConfirm, Publisher, Topology};
+use conveyor_base::metrics::Metrics;
+use conveyor_base::source::{Page, Source, Window};
+use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
+use conveyor_pipeline::SourceSpec;
+use futures_util::StreamExt;
+use serde_json::value::RawValue;
+
+use crate::pass::{PassIds, Unconfirmed, transient};
+use crate::rows::to_records;
+use crate::state::SyncStore;
+use crate::window;
+
+/// Times an inconsistent page is asked for again before the window is retried later.
+const PAGE_ATTEMPTS: u32 = 3;
+/// Pages of one window fetched at once.
+const PAGES_IN_FLIGHT: usize = 4;
+/// Times a window is paged again because its rows moved, before the work item is retried later.
+const WINDOW_RESTARTS: u32 = 8;
+/// A message also closes once its rows hold this many bytes of JSON, whatever
+/// `source.records_per_message` says: far below the size a worker accepts, even after a mapping that
+/// adds fields.
+const MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How a pipeline is synced, whatever its source: the sync's part of the pipeline file's `[source]`.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    /// Where the first sync starts; later syncs go on from the stored watermark.
+    pub start_time: DateTime<FixedOffset>,
+    /// Width of one window.
+    pub window: Duration,
+    /// Windows end this long before now.
+    pub lag: Duration,
+    /// Each plan goes this far back before where the last one ended.
+    pub overlap: Duration,
+    /// A window holding more rows than this is split in two.
+    pub max_window_rows: u64,
+    /// Records of consecutive pages gathered into one message.
+    pub records_per_message: usize,
+    /// The row field that identifies a record.
+    pub id_field: String,
+    /// The row field with the record's last modification time.
+    pub modify_time_field: String,
+}
+
+impl SyncSettings {
+    pub fn of(spec: &SourceSpec) -> Self {
+        Self {
+            start_time: spec.start_time,
+            window: Duration::from_secs(spec.window_secs),
+            lag: Duration::from_secs(spec.lag_secs),
+            overlap: Duration::from_secs(spec.overlap_secs),
+            max_window_rows: spec.max_window_rows,
+            records_per_message: spec.records_per_message as usize,
+            id_field: spec.id_field.clone(),
+            modify_time_field: spec.modify_time_field.clone(),
+        }
+    }
+}
+
+/// What a fetcher process did, across its broker sessions.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) windows: AtomicU64,
+    pub(crate) pages: AtomicU64,
+    pub(crate) records: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    /// Why the last window this process gave up on was dead-lettered: a `--once` sync cannot finish.
+    pub(crate) window_given_up: std::sync::Mutex<Option<String>>,
+}
+
+/// Pages windows of one pipeline on one broker session, and publishes their records.
+pub(crate) struct Engine<S> {
+    pub(crate) source: Arc<S>,
+    pub(crate) settings: SyncSettings,
+    pub(crate) store: SyncStore,
+    pub(crate) publisher: Publisher,
+    pub(crate) topology: Topology,
+    pub(crate) dead_letters: DeadLetters,
+    pub(crate) metrics: Metrics,
+    pub(crate) counters: Arc<Counters>,
+    /// A window handed out and not finished after this long is handed out again.
+    pub(crate) republish_after: Duration,
+}
+
+impl<S: Source> Engine<S> {
+    pub(crate) fn pipeline(&self) -> &str {
+        self.topology.pipeline()
+    }
+
+    /// Hands out the windows that are due, as work items on the fetch queue.
+    pub(crate) async fn plan(&self) -> anyhow::Result<()> {
+        let settings = &self.settings;
+        let plan = self
+            .store
+            .plan(
+                settings.start_time,
+                settings.window,
+                settings.lag,
+                settings.overlap,
+                self.republish_after,
+                |windows| self.publish_windows(windows),
+            )
+            .await?;
+        if !plan.windows.is_empty() {
+            tracing::info!(windows = plan.windows.len(), "handed out windows");
+        }
+        Ok(())
+    }
+
+    async fn publish_windows(&self, windows: Vec<Window>) -> anyhow::Result<()> {
+        let mut confirms = Vec::with_capacity(windows.len());
+        for window in windows {
+            let envelope = Envelope {
+                meta: Meta::new_trace(self.pipeline()),
+                records: vec![window::to_work_item(window)],
+            };
+            let (body, properties) = envelope.to_amqp(self.topology.compression());
+            confirms.push(
+                self.publisher
+                    .send(
+                        &self.topology.exchange(),
+                        &self.topology.routing_key(Stage::Fetch),
+                        &body,
+                        properties,
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            confirm.wait().await?;
+        }
+        Ok(())
+    }
+
+    /// Page `number` of `window`, asked for again while it disagrees with its own count: it is never
+    /// taken as it is.
+    async fn page(&self, window: &Window, number: u64) -> Result<Page, Failure> {
+        let page_size = self.source.page_size();
+        let mut attempt = 0;
+        let page = loop {
+            let page = self.source.page(window, number).await?;
+            match page.check(number, page_size) {
+                Ok(()) => break page,
+                Err(problem) if attempt < PAGE_ATTEMPTS => {
+                    tracing::warn!(problem, "page inconsistent with its count; asking again");
+                    attempt += 1;
+                }
+                Err(problem) => return Err(Failure::new(ErrorClass::Transient, problem)),
+            }
+        };
+        self.counters.pages.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .records_in
+            .with_label_values(&[self.pipeline(), Stage::Fetch.as_str()])
+            .inc_by(page.rows.len() as u64);
+        Ok(page)
+    }
+
+    /// Adds one page's records to those `gathered` (and dead-letters its unusable rows), and publishes
+    /// them once they fill a message; returns the pending confirm of what it published. The records'
+    /// ids are added to the pass's `seen`.
+    async fn gather_page(
+        &self,
+        meta: &Meta,
+        rows: Vec<Box<RawValue>>,
+        seen: &mut PassIds,
+        gathered: &mut Vec<Record>,
+    ) -> Result<Option<PendingConfirm>, Failure> {
+        let (records, rejected) = to_records(&self.settings, rows);
+        for record in &records {
+            seen.add(&record.id);
+        }
+        if !rejected.is_empty() {
+            self.counters
+                .dead_lettered
+                .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+            self.dead_letters
+                .send_records(meta, rejected)
+                .await
+                .map_err(transient)?;
+        }
+        gathered.extend(records);
+        let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();
+        if gathered.len() < self.settings.records_per_message && bytes < MESSAGE_BYTES {
+            return Ok(None);
+        }
+        self.publish(meta, std::mem::take(gathered)).await
+    }
+
+    /// Publishes records as one message to the transform stage; returns the pending confirm.
+    async fn publish(
+        &self,
+        meta: &Meta,
+        records: Vec<Record>,
+    ) -> Result<Option<PendingConfirm>, Failure> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let count = records.len() as u64;
+        let (body, properties) = Envelope {
+            meta: meta.next_stage(),
+            records,
+        }
+        .to_amqp(self.topology.compression());
+        let confirm = self
+            .publisher
+            .send(
+                &self.topology.exchange(),
+                &self.topology.routing_key(Stage::Transform),
+                &body,
+                properties,
+            )
+            .await
+            .map_err(transient)?;
+        self.counters.records.fetch_add(count, Ordering::Relaxed);
+        self.metrics
+            .records_out
+            .with_label_values(&[self.pipeline(), Stage::Fetch.as_str()])
+            .inc_by(count);
+        Ok(Some(confirm))
+    }
+
+    /// Whether rows may still become visible in `window` late: its end is within `lag + overlap` of
+    /// now, the span the sync allows late rows.
+    fn may_gain_rows(&self, window: &Window) -> bool {
+        let allowance = self.settings.lag.saturating_add(self.settings.overlap);
+        let allowance = chrono::Duration::from_std(allowance).unwrap_or(chrono::Duration::MAX);
+        window
+            .end
+            .checked_add_signed(allowance)
+            .is_none_or(|until| chrono::Utc::now() <= until)
+    }
+
+    /// Pages through a window and publishes every page; finishes it once all are confirmed.
+    async fn sync_window(&self, meta: &Meta, window: Window) -> Result<(), Failure> {
+        let outcome = |name: &str| {
+            self.metrics
+                .sync_windows
+                .with_label_values(&[self.pipeline(), name])
+                .inc();
+        };
+        // The ids of the last steady pass, while the window needs two alike (see the module's note).
+        let mut previous: Option<HashSet<String>> = None;
+        for _ in 0..WINDOW_RESTARTS {
+            let first = self.page(&window, 1).await?;
+            if first.count > self.settings.max_window_rows && window::splittable(&window) {
+                let halves = self
+                    .store
+                    .split(&window, |halves| self.publish_windows(halves.to_vec()))
+                    .await
+                    .map_err(transient)?;
+                tracing::info!(
+                    rows = first.count,
+                    ?halves,
+                    "window too large; split in two"
+                );
+                outcome("split");
+                return Ok(());
+            }
+            let (count, total_pages) = (first.count, first.total_pages);
+            let two_passes = total_pages > 1 && self.may_gain_rows(&window);
+            let mut seen = PassIds::for_count(count);
+            let mut unconfirmed = Unconfirmed::default();
+            let mut gathered = Vec::new();
+            unconfirmed
+                .add(
+                    self.gather_page(meta, first.rows, &mut seen, &mut gathered)
+                        .await?,
+                )
+                .await?;
+            // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
+            let mut pages = futures_util::stream::iter(2..=total_pages)
+                .map(|number| self.page(&window, number))
+                .buffered(PAGES_IN_FLIGHT);
+            let mut moved = None;
+            while let Some(page) = pages.next().await {
+                let page = page?;
+                if page.count != count {
+                    moved = Some("the window's count changed");
+                    break;
+                }
+                unconfirmed
+                    .add(
+                        self.gather_page(meta, page.rows, &mut seen, &mut gathered)
+                            .await?,
+                    )
+                    .await?;
+                if seen.repeated {
+                    moved = Some("a row came twice");
+                    break;
+                }
+            }
+            drop(pages);
+            // What this pass read is published even if the window is paged again: writes are idempotent.
+            unconfirmed.add(self.publish(meta, gathered).await?).await?;
+            unconfirmed.wait_all().await?;
+            if let Some(reason) = moved {
+                tracing::info!(
+                    ?window,
+                    reason,
+                    "rows moved while paging; paging the window again"
+                );
+                outcome("restarted");
+                previous = None;
+                continue;
+            }
+            if two_passes && previous.as_ref() != Some(&seen.ids) {
+                tracing::info!(
+                    ?window,
+                    "late rows may still enter the window; paging it again to compare"
+                );
+                outcome("verifying");
+                previous = Some(seen.ids);
+                continue;
+            }
+            let watermark = self.store.finish(&window).await.map_err(transient)?;
+            if let Some(watermark) = watermark {
+                self.metrics
+                    .sync_watermark
+                    .with_label_values(&[self.pipeline()])
+                    .set(watermark.timestamp());
+            }
+            self.counters.windows.fetch_add(1, Ordering::Relaxed);
+            outcome("done");
+            return Ok(());
+        }
+        Err(Failure::new(
+            ErrorClass::Transient,
+            format!("rows kept moving while paging {window:?}; will try the window again later"),
+        ))
+    }
+}
+
+impl<S: Source> Handler for Engine<S> {
+    async fn handle(&self, envelope: Envelope) -> Disposition {
+        for record in &envelope.records {
+            let window = match window::from_work_item(record) {
+                Ok(window) => window,
+                Err(problem) => {
+                    return Disposition::DeadLetter(Failure::new(ErrorClass::Malformed, problem));
+                }
+            };
+            match self.sync_window(&envelope.meta, window).await {
+                Ok(()) => {}
+                Err(failure) if failure.class == ErrorClass::Transient => {
+                    return Disposition::Retry(failure);
+                }
+                Err(failure) => return Disposition::DeadLetter(failure),
+            }
+        }
+        Disposition::Done
+    }
+
+    fn dead_lettered(&self, failure: &Failure) {
+        // A malformed message is not one of the windows a sync waits for; anything else is.
+        if failure.class != ErrorClass::Malformed {
+            *self.counters.window_given_up.lock().unwrap() = Some(failure.message.clone());
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The pipeline file's `[source]`: where records come from and how they are synced.
+//!
+//! The table is one flat TOML table, so that every error keeps its line: the fields of the source's
+//! kind (what to read: `path`, `query`, `page_size`) beside the sync engine's, which every kind shares
+//! (the windows, the budget, how records are keyed and gathered). Each kind checks its own fields in
+//! [`SourceKind::check`]; the fetcher implements each kind (`conveyor_fetcher`'s one match on it).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, FixedOffset};
+use serde::Deserialize;
+
+/// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
+pub const MAX_PAGE_SIZE: u32 = 100;
+
+/// The most records a message may gather (`source.records_per_message`).
+pub const MAX_RECORDS_PER_MESSAGE: u32 = 10_000;
+
+/// Where records come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    pub kind: SourceKind,
+    /// The list endpoint's path, e.g. `/jdy/v2/scm/sal_order`.
+    pub path: String,
+    /// Extra query parameters of every list call (e.g. `bill_status = "C"`).
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Rows per list call; at most what the kind serves.
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// The row field that identifies a record at the source.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+    /// The row field with the record's last modification time.
+    #[serde(default = "default_modify_time_field")]
+    pub modify_time_field: String,
+    /// Where the first sync starts (RFC 3339); later syncs go on from the stored watermark.
+    pub start_time: DateTime<FixedOffset>,
+    /// Width of one modify-time window, the unit of work fetchers share.
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+    /// Windows end this long before now, so that rows still being written at the source are left for
+    /// the next sync.
+    #[serde(default = "default_lag_secs")]
+    pub lag_secs: u64,
+    /// Each sync goes this far back before where the last one ended, for rows that became visible late.
+    #[serde(default = "default_overlap_secs")]
+    pub overlap_secs: u64,
+    /// A window holding more rows than this is split in two, so that no window pages for long.
+    #[serde(default = "default_max_window_rows")]
+    pub max_window_rows: u64,
+    /// Calls per minute allowed for the account set, shared by every fetcher process.
+    #[serde(default = "default_calls_per_minute")]
+    pub calls_per_minute: u32,
+    /// Records of consecutive pages of a window gathered into one message. Each message costs the
+    /// broker, the transformer and the writer a fixed share of work (about 1.2 ms of CPU on the
+    /// development machine), so fewer, larger ones cost less per record; a page is never split.
+    #[serde(default = "default_records_per_message")]
+    pub records_per_message: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Kingdee Cloud Xingchen V2 open API.
+    Kingdee,
+}
+
+impl SourceKind {
+    /// Checks the fields of this kind: (field, problem).
+    fn check(self, spec: &SourceSpec) -> Result<(), (String, String)> {
+        let problem = |field: &str, problem: String| Err((format!("source.{field}"), problem));
+        match self {
+            SourceKind::Kingdee => {
+                if !spec.path.starts_with('/') {
+                    return problem("path", "must start with '/'".into());
+                }
+                if !(1..=MAX_PAGE_SIZE).contains(&spec.page_size) {
+                    return problem(
+                        "page_size",
+                        format!(
+                            "must be 1 to {MAX_PAGE_SIZE}: the gateway silently caps larger pages, which loses rows"
+                        ),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl SourceSpec {
+    /// Checks what can be checked without a network: (field, problem).
+    pub fn check(&self) -> Result<(), (String, String)> {
+        self.kind.check(self)?;
+        let problem =
+            |field: &str, problem: &str| Err((format!("source.{field}"), problem.to_owned()));
+        if self.window_secs == 0 {
+            return problem("window_secs", "must be at least 1");
+        }
+        if self.calls_per_minute == 0 {
+            return problem("calls_per_minute", "must be at least 1");
+        }
+        if !(1..=MAX_RECORDS_PER_MESSAGE).contains(&self.records_per_message) {
+            return problem(
+                "records_per_message",
+                &format!("must be 1 to {MAX_RECORDS_PER_MESSAGE}"),
+            );
+        }
+        if self.max_window_rows < u64::from(self.page_size) {
+            return problem("max_window_rows", "must be at least source.page_size");
+        }
+        Ok(())
+    }
+}
+
+fn default_page_size() -> u32 {
+    MAX_PAGE_SIZE
+}
+
+fn default_id_field() -> String {
+    "id".to_owned()
+}
+
+fn default_modify_time_field() -> String {
+    "modify_time".to_owned()
+}
+
+fn default_window_secs() -> u64 {
+    24 * 3600
+}
+
+fn default_lag_secs() -> u64 {
+    60
+}
+
+fn default_overlap_secs() -> u64 {
+    300
+}
+
+fn default_max_window_rows() -> u64 {
+    20_000
+}
+
+fn default_calls_per_minute() -> u32 {
+    500
+}
+
+fn default_records_per_message() -> u32 {
+    300
+}
