@@ -10,6 +10,7 @@ pub mod engine;
 mod pass;
 mod rows;
 pub mod serve;
+pub mod settings;
 pub mod state;
 pub mod window;
 
@@ -26,8 +27,8 @@ use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::SyncSettings;
 use crate::serve::RunOptions;
+use crate::settings::SyncSettings;
 use crate::state::{SharedBudget, SyncStore};
 
 /// The fetcher's command line (every flag also reads an environment variable).

@@ -7,7 +7,7 @@ use conveyor_base::{ErrorClass, Failure, Record, source_time};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::engine::SyncSettings;
+use crate::settings::SyncSettings;
 
 /// Turns rows into records; rows without a usable id or modify time are returned apart, with the reason.
 /// Each row's JSON goes on unchanged: only its id and modify time are read.

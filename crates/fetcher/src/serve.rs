@@ -14,7 +14,8 @@ use conveyor_runtime::worker::{Session, WorkerRuntime};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Counters, Engine, SyncSettings};
+use crate::engine::{Counters, Engine};
+use crate::settings::SyncSettings;
 use crate::state::SyncStore;
 
 /// How a fetcher process runs the sync (its command line's part).
