@@ -16,7 +16,7 @@ use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
 use kingdee_sim::SimConfig;
-use rand::Rng;
+use rand::RngExt as _;
 
 /// A failure test that has not finished by then fails, saying which step it was in, rather than hang.
 const TEST_LIMIT: Duration = Duration::from_secs(300);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt as _;
 use tokio_util::sync::CancellationToken;
 
 /// Delays that start at `first` and double with each attempt, up to `max`.

@@ -16,7 +16,7 @@ use conveyor_base::backoff::Backoff;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::RateBudget;
 use conveyor_base::tls;
-use rand::Rng;
+use rand::RngExt as _;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use serde_json::value::RawValue;

@@ -23,7 +23,7 @@ use kingdee_sim::{Object, SimConfig, Simulator};
 use lapin::BasicProperties;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use rand::Rng as _;
+use rand::RngExt as _;
 use tokio::process::{Child, Command};
 use tokio_util::task::AbortOnDropHandle;
 

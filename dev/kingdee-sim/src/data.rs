@@ -7,8 +7,8 @@
 use std::sync::OnceLock;
 
 use chrono::{Duration, NaiveDate, NaiveDateTime};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::rngs::ChaCha8Rng;
+use rand::{RngExt as _, SeedableRng};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -90,7 +90,7 @@ pub struct Material {
 }
 
 /// Everything the simulator serves.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Dataset {
     /// Changed only through [`Dataset::order_mut`] and the methods below, which keep `rendered` in step.
     orders: Vec<SalesOrder>,
@@ -135,7 +135,7 @@ fn pick<'a, T>(rng: &mut ChaCha8Rng, items: &'a [T]) -> &'a T {
 
 /// The deterministic source of new ids and values; kept so that orders created while the simulator runs
 /// continue the same sequence.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Generator {
     rng: ChaCha8Rng,
     next_id: u64,

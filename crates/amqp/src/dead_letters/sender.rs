@@ -6,7 +6,7 @@ use conveyor_base::{Failure, Record, Stage};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use rand::Rng;
+use rand::RngExt as _;
 
 use crate::envelope::{Envelope, Meta, record_ids_in};
 use crate::error::BrokerError;
