@@ -16,7 +16,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::free_port;
+use crate::ports::free_port;
 use crate::tls::TestPki;
 
 pub struct OwnBroker {
