@@ -1,7 +1,7 @@
 //! Free loopback ports for processes started next.
+use std::net::SocketAddr;
 
 use rand::RngExt as _;
-use std::net::SocketAddr;
 
 /// A loopback address with a port that was free a moment ago (see [`free_port`]).
 pub(crate) fn free_local_addr() -> std::io::Result<SocketAddr> {

@@ -1,5 +1,11 @@
 //! One isolated run of the pipeline: its own namespace, schema and simulator, and the comparison of
 //! its target with the simulator's truth.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use conveyor_amqp::dead_letters::DeadLetter;
@@ -15,12 +21,6 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::ports::free_local_addr;
 use crate::process::{Worker, WorkerProcess};
 use crate::services::{Services, pg_client};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 /// Retry tiers of the scenarios' workers: short, so that tests of retries take seconds.
 pub const RETRY_DELAYS_MS: &str = "300,600,1200";

@@ -1,11 +1,11 @@
 //! The broker and database the harness runs against, proved to answer before anything starts.
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 use conveyor_amqp::BrokerAddress;
 use conveyor_amqp::settings::{BrokerArgs, DEFAULT_AMQP_URL};
 use conveyor_base::Secret;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 
 /// The PostgreSQL used when CONVEYOR_PG_URL is not set: the local server's `test` database.
 pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
