@@ -12,7 +12,7 @@ use conveyor_base::source::{Page, RateBudget, Unlimited};
 use conveyor_fetcher::state::{SharedBudget, SyncStore};
 use conveyor_kingdee::{Credentials, Gateway, ListData};
 use conveyor_postgres::{Database, PostgresArgs};
-use kingdee_sim::gate::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID};
+use kingdee_sim::gate::demo_credentials;
 use kingdee_sim::{SimConfig, Simulator};
 
 /// A list answer read as a page and checked against its counts, as the sync engine does.
@@ -55,14 +55,7 @@ async fn simulator() -> (Arc<Simulator>, Credentials) {
     let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
         .await
         .unwrap();
-    let credentials = Credentials {
-        base_url: format!("http://{addr}"),
-        client_id: DEMO_CLIENT_ID.into(),
-        client_secret: Secret::new(DEMO_CLIENT_SECRET),
-        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-        account: None,
-        ca: None,
-    };
+    let credentials = demo_credentials(addr);
     (sim, credentials)
 }
 

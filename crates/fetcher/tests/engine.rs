@@ -19,16 +19,16 @@ use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, Source, Unlimited, Window};
 use conveyor_base::telemetry::LogFormat;
-use conveyor_base::{Failure, Secret, Stage, source_time};
+use conveyor_base::{Failure, Stage, source_time};
 use conveyor_fetcher::serve::{self, RunOptions, SyncSummary};
 use conveyor_fetcher::settings::SyncSettings;
 use conveyor_fetcher::state::SyncStore;
 use conveyor_harness::Services;
-use conveyor_kingdee::{Credentials, Gateway, KingdeeSource};
+use conveyor_kingdee::{Gateway, KingdeeSource};
 use conveyor_postgres::{Database, PostgresArgs};
 use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
-use kingdee_sim::gate::{DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID};
+use kingdee_sim::gate::demo_credentials;
 use kingdee_sim::{Object, PagingChange, PagingChangeKind, SimConfig, Simulator};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -185,14 +185,7 @@ impl KingdeeUnderTest {
         let addr = kingdee_sim::spawn(simulator.clone(), ([127, 0, 0, 1], 0).into())
             .await
             .expect("the simulator starts");
-        let credentials = Credentials {
-            base_url: format!("http://{addr}"),
-            client_id: DEMO_CLIENT_ID.into(),
-            client_secret: Secret::new(DEMO_CLIENT_SECRET),
-            outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-            account: None,
-            ca: None,
-        };
+        let credentials = demo_credentials(addr);
         let gateway = Gateway::new(credentials, Unlimited, Metrics::new(), "engine-test");
         let source = KingdeeSource::new(
             gateway,

@@ -20,6 +20,18 @@ pub const DEMO_CLIENT_SECRET: &str = "sim-client-secret-7f3a9c2e51b04d68";
 pub const DEMO_OUTER_INSTANCE_ID: &str = "sim-outer-instance-1";
 pub const DEMO_ACCOUNT: &str = "演示账套";
 
+/// The demo app's credentials for a simulator at `addr`: what a client of it is configured with.
+pub fn demo_credentials(addr: std::net::SocketAddr) -> conveyor_kingdee::Credentials {
+    conveyor_kingdee::Credentials {
+        base_url: format!("http://{addr}"),
+        client_id: DEMO_CLIENT_ID.into(),
+        client_secret: conveyor_base::Secret::new(DEMO_CLIENT_SECRET),
+        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
+        account: None,
+        ca: None,
+    }
+}
+
 /// How strict and how unreliable the gateway is.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {

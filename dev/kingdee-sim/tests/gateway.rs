@@ -9,7 +9,7 @@ use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, Unlimited};
 use conveyor_kingdee::{Credentials, Gateway, ListData};
 use kingdee_sim::gate::{
-    DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_OUTER_INSTANCE_ID, Faults, GatewayConfig,
+    DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, Faults, GatewayConfig, demo_credentials,
 };
 use kingdee_sim::{Object, SimConfig, Simulator};
 use serde_json::value::RawValue;
@@ -24,12 +24,8 @@ fn checked(data: ListData, number: u64, size: u64) -> Result<Page, String> {
 /// The demo account's credentials for a gateway at `addr`, signing with `secret`.
 fn credentials(addr: std::net::SocketAddr, secret: &str) -> Credentials {
     Credentials {
-        base_url: format!("http://{addr}"),
-        client_id: DEMO_CLIENT_ID.into(),
         client_secret: Secret::new(secret),
-        outer_instance_id: DEMO_OUTER_INSTANCE_ID.into(),
-        account: None,
-        ca: None,
+        ..demo_credentials(addr)
     }
 }
 
