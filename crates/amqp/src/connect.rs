@@ -38,7 +38,7 @@ impl BrokerAddress {
 
     /// A broker trusted through `ca` too, with a client certificate for mutual TLS. TLS files with a
     /// plain `amqp://` URL are refused: the operator expects encryption that would not happen.
-    pub fn with_tls(
+    pub(crate) fn with_tls(
         url: Secret,
         ca: Option<CaBundle>,
         identity: Option<ClientIdentity>,

@@ -21,11 +21,11 @@ use crate::headers::{
 };
 
 /// Version of the body's layout; a consumer refuses bodies of a version it does not know.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 /// The largest body a worker accepts; larger ones are dead-lettered as malformed.
-pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// The AMQP content encoding of a compressed body.
-pub const LZ4: &str = "lz4";
+pub(crate) const LZ4: &str = "lz4";
 
 /// Identity of a message, carried in AMQP properties and headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,7 @@ pub enum Compression {
 
 impl Compression {
     /// Below this, compression saves too little to be worth a body the broker's tools cannot read.
-    pub const SMALLEST: usize = 4 * 1024;
+    pub(crate) const SMALLEST: usize = 4 * 1024;
 
     /// A body as published: compressed when it is large enough.
     fn encode(self, json: Vec<u8>, properties: BasicProperties) -> (Vec<u8>, BasicProperties) {
@@ -272,7 +272,7 @@ impl Meta {
     }
 
     /// Reads identity from a delivery's properties.
-    pub fn from_properties(properties: &BasicProperties) -> Result<Self, Malformed> {
+    pub(crate) fn from_properties(properties: &BasicProperties) -> Result<Self, Malformed> {
         let message_id = properties
             .message_id()
             .as_ref()

@@ -67,14 +67,9 @@ impl Topology {
         &self.namespace
     }
 
-    /// The delays of the retry tiers, shortest first.
-    pub fn retry_delays(&self) -> &[Duration] {
-        &self.retry_delays
-    }
-
     /// The retry queue of `stage` for a message retried for the `retry`-th time (1 for the first
     /// retry), with its delay; `None` when no tiers are configured.
-    pub fn retry_tier(&self, stage: Stage, retry: u32) -> Option<(String, Duration)> {
+    pub(crate) fn retry_tier(&self, stage: Stage, retry: u32) -> Option<(String, Duration)> {
         let last = self.retry_delays.len().checked_sub(1)?;
         let tier = (retry.max(1) as usize - 1).min(last);
         let delay = self.retry_delays[tier];

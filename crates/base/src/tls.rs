@@ -181,7 +181,7 @@ fn public_roots() -> &'static rustls::RootCertStore {
 }
 
 /// A rustls client configuration with the ring provider, trusting the public roots and `ca`.
-pub fn client_config(ca: Option<&CaBundle>) -> rustls::ClientConfig {
+pub(crate) fn client_config(ca: Option<&CaBundle>) -> rustls::ClientConfig {
     let mut roots = public_roots().clone();
     for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
         // Each was checked by CaBundle::load.

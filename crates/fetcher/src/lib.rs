@@ -1,12 +1,12 @@
 //! The fetcher: syncs records from the pipeline's source into its transform queue.
 //!
-//! - [`engine`]: the generic sync engine over any [`Source`](conveyor_base::source::Source) — windows,
+//! - `engine`: the generic sync engine over any [`Source`](conveyor_base::source::Source) — windows,
 //!   the steady-pass check, pages gathered into messages, the watermark.
 //! - [`serve`]: the engine run for one pipeline through every broker session.
 //! - [`state`]: the shared, durable sync state and call budget in PostgreSQL.
 //! - [`run`]: the process — its pipelines, and the one match that picks each one's source by kind.
 
-pub mod engine;
+mod engine;
 mod pass;
 mod rows;
 pub mod serve;

@@ -24,7 +24,7 @@ pub fn cover(from: DateTime<Utc>, to: DateTime<Utc>, width: Duration) -> Vec<Win
 /// Like [`cover`], with the last `tail` of the range (at most all of it) in windows of its own: the
 /// plan's tail is where late rows may still appear, and paging it apart keeps the older windows —
 /// which no row can enter any more — from being paged twice (see [`crate::engine`]).
-pub fn cover_with_tail(
+pub(crate) fn cover_with_tail(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     width: Duration,
@@ -59,12 +59,12 @@ pub fn halves(window: &Window) -> [Window; 2] {
 }
 
 /// Whether a window can still be split (a window of a second cannot: times have second precision).
-pub fn splittable(window: &Window) -> bool {
+pub(crate) fn splittable(window: &Window) -> bool {
     window.end - window.start > chrono::Duration::seconds(2)
 }
 
 /// The window as a work item on the fetch queue.
-pub fn to_work_item(window: Window) -> Record {
+pub(crate) fn to_work_item(window: Window) -> Record {
     let (start, end) = (
         window.start.timestamp_millis(),
         window.end.timestamp_millis(),
@@ -77,7 +77,7 @@ pub fn to_work_item(window: Window) -> Record {
 }
 
 /// Reads a work item.
-pub fn from_work_item(record: &Record) -> Result<Window, String> {
+pub(crate) fn from_work_item(record: &Record) -> Result<Window, String> {
     let data = record
         .fields()
         .map_err(|err| format!("work item {:?}: {err}", record.id))?;

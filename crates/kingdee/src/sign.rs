@@ -33,12 +33,12 @@ fn encode(text: &str, keep: &'static AsciiSet) -> String {
 }
 
 /// The gateway's encoding (ENC): paths and the second pass over query pairs.
-pub fn gateway_encode(text: &str) -> String {
+pub(crate) fn gateway_encode(text: &str) -> String {
     encode(text, ENC_KEEP)
 }
 
 /// Java's `URLEncoder.encode(text, UTF-8)` (FORM): the first pass over query values.
-pub fn form_encode(text: &str) -> String {
+pub(crate) fn form_encode(text: &str) -> String {
     encode(text, FORM_KEEP)
 }
 
@@ -96,7 +96,7 @@ impl<K: AsRef<str>, V: AsRef<str>> SignatureInput<'_, K, V> {
 }
 
 /// `base64(lowercase_hex(HMAC_SHA256(key, message)))`: the gateway's signature format.
-pub fn hmac_hex_base64(key: &str, message: &str) -> String {
+pub(crate) fn hmac_hex_base64(key: &str, message: &str) -> String {
     BASE64.encode(hmac_hex(key, message))
 }
 

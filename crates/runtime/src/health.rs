@@ -25,7 +25,7 @@ pub struct Readiness {
 
 impl Readiness {
     /// Keeps `gauge` at 1 while ready, 0 otherwise.
-    pub fn attach_gauge(&self, gauge: prometheus::IntGauge) {
+    pub(crate) fn attach_gauge(&self, gauge: prometheus::IntGauge) {
         gauge.set(i64::from(self.is_ready()));
         *self.gauge.lock().unwrap_or_else(|p| p.into_inner()) = Some(gauge);
     }
@@ -42,7 +42,7 @@ impl Readiness {
         }
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         let conditions = self.lock();
         !conditions.is_empty() && conditions.values().all(|met| *met)
     }
@@ -64,7 +64,7 @@ impl Readiness {
 
 /// The readiness of every pipeline a process hosts: ready when each of them is.
 #[derive(Clone, Default)]
-pub struct HostReadiness {
+pub(crate) struct HostReadiness {
     pipelines: Arc<Vec<(String, Readiness)>>,
 }
 
@@ -75,7 +75,7 @@ impl HostReadiness {
         }
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.pipelines.is_empty() && self.pipelines.iter().all(|(_, r)| r.is_ready())
     }
 
@@ -100,7 +100,7 @@ struct HealthState {
     readiness: HostReadiness,
 }
 
-pub fn router(metrics: Metrics, readiness: HostReadiness) -> Router {
+pub(crate) fn router(metrics: Metrics, readiness: HostReadiness) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -122,7 +122,7 @@ async fn ready(State(state): State<HealthState>) -> (StatusCode, String) {
 }
 
 /// Binds `addr` and serves the endpoints until `shutdown` fires. Returns the bound address.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     readiness: HostReadiness,

@@ -67,7 +67,7 @@ impl WorkerArgs {
         Ok(files)
     }
 
-    pub fn http_addr_or(&self, default_port: u16) -> SocketAddr {
+    pub(crate) fn http_addr_or(&self, default_port: u16) -> SocketAddr {
         self.http_addr
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
     }

@@ -35,7 +35,7 @@ impl DeadLetters {
 
     /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers.
     /// `attempts` is the number of tries made.
-    pub async fn send_delivery(
+    pub(crate) async fn send_delivery(
         &self,
         delivery: &Delivery,
         failure: &Failure,
@@ -59,7 +59,7 @@ impl DeadLetters {
     /// Sends a copy of a delivery that failed for a transient reason to the retry queue of its tier,
     /// with the attempt count raised; the broker returns it to the work queue after the tier's delay.
     /// Returns `false` when no retry tier is configured (the caller dead-letters instead).
-    pub async fn send_retry(
+    pub(crate) async fn send_retry(
         &self,
         delivery: &Delivery,
         failure: &Failure,
