@@ -3,7 +3,7 @@
 //! The table is one flat TOML table, so that every error keeps its line: the fields of the source's
 //! kind (what to read: `path`, `query`, `page_size`) beside the sync engine's, which every kind shares
 //! (the windows, the budget, how records are keyed and gathered). Each kind checks its own fields in
-//! [`SourceKind::check`]; the fetcher implements each kind (`conveyor_fetcher`'s one match on it).
+//! `SourceKind::check`; the fetcher implements each kind (`conveyor_fetcher`'s one match on it).
 
 use std::collections::BTreeMap;
 

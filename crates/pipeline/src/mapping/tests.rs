@@ -1,7 +1,8 @@
 //! One test (at least) per kind of rule, on records shaped like Kingdee's sales orders.
 
+use super::output::Out;
 use super::*;
-use serde_json::{Map, json};
+use serde_json::{Map, Value, json};
 
 fn spec(value: Value) -> TransformSpec {
     serde_json::from_value(value).unwrap()

@@ -5,11 +5,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use chrono::DateTime;
-use conveyor_base::Record;
+use conveyor_base::{Record, Secret, tls};
+use conveyor_pipeline::target::http::{HttpErrorOverrides, HttpTargetSpec};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use target_sim::{TargetConfig, TargetSim};
 
+use super::call::percent_encode;
 use super::*;
+use crate::target::{Target, WriteError};
 
 const COLLECTION: &str = "lines";
 
