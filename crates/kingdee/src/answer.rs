@@ -2,6 +2,8 @@
 //! tenant, a stale secret, or a refusal that retrying cannot help), read from the HTTP status, the
 //! envelope's codes and the body in one pass.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
@@ -14,9 +16,15 @@ pub(crate) const STALE_SECRET: i64 = 1_030_002_006;
 pub(crate) enum Answer<T = Box<RawValue>> {
     /// The answer's `data`, read in the same pass as the rest of the answer.
     Data(T),
+    /// Worth another try after a pause; counts as a failed try.
     Retry {
         reason: String,
-        throttled: bool,
+    },
+    /// The gateway's rate limit (HTTP 429, code 5007): wait and try again. Not a failed try: the call
+    /// was refused for its timing, not for itself. `retry_after` is the wait the gateway asked for.
+    Throttled {
+        reason: String,
+        retry_after: Option<Duration>,
     },
     TokenRejected {
         reason: String,
@@ -26,17 +34,19 @@ pub(crate) enum Answer<T = Box<RawValue>> {
     Fatal(String),
 }
 
-/// Interprets an HTTP status and body; a successful answer's `data` is read as `T`.
-pub(crate) fn read_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Answer<T> {
-    let retry = |reason: String| Answer::Retry {
-        reason,
-        throttled: false,
-    };
+/// Interprets an HTTP status, its `Retry-After` (read as seconds) and body; a successful answer's
+/// `data` is read as `T`.
+pub(crate) fn read_answer<T: DeserializeOwned>(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Answer<T> {
+    let retry = |reason: String| Answer::Retry { reason };
     match status {
         429 => {
-            return Answer::Retry {
+            return Answer::Throttled {
                 reason: "HTTP 429: rate limited".into(),
-                throttled: true,
+                retry_after,
             };
         }
         502 => return Answer::TenantMoved,
@@ -48,9 +58,9 @@ pub(crate) fn read_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Answ
             let reason = format!("gateway refused the call: code {code}");
             return match code {
                 4009..=4011 => Answer::TokenRejected { reason },
-                5007 => Answer::Retry {
+                5007 => Answer::Throttled {
                     reason,
-                    throttled: true,
+                    retry_after,
                 },
                 4006 | 5003 | 5004 | 5006 => retry(reason),
                 _ => Answer::Fatal(reason),
@@ -91,12 +101,7 @@ struct Reply<T> {
 impl<D> Reply<D> {
     /// What the answer's code means when it is not a success; `None` for a success.
     fn refusal<T>(&self) -> Option<Answer<T>> {
-        let retry = |reason: String| {
-            Some(Answer::Retry {
-                reason,
-                throttled: false,
-            })
-        };
+        let retry = |reason: String| Some(Answer::Retry { reason });
         match code_in([self.errcode.as_ref(), self.code.as_ref()]) {
             Some(0 | 200) => None,
             Some(STALE_SECRET) => Some(Answer::StaleSecret),
@@ -135,57 +140,58 @@ mod tests {
     #[test]
     fn answers_are_classified() {
         assert!(
-            matches!(read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
+            matches!(read_answer::<Box<RawValue>>(200, None, br#"{"errcode":0,"data":{"x":1}}"#), Answer::Data(d) if d.get() == r#"{"x":1}"#)
         );
         assert!(matches!(
-            read_answer::<Box<RawValue>>(200, br#"{"code":200,"msg":"ok","data":[]}"#),
+            read_answer::<Box<RawValue>>(200, None, br#"{"code":200,"msg":"ok","data":[]}"#),
             Answer::Data(_)
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(429, b""),
-            Answer::Retry {
-                throttled: true,
+            read_answer::<Box<RawValue>>(429, Some(Duration::from_secs(3)), b""),
+            Answer::Throttled {
+                retry_after: Some(wait),
                 ..
-            }
+            } if wait == Duration::from_secs(3)
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(519, br#"{"code":4011}"#),
+            read_answer::<Box<RawValue>>(519, None, br#"{"code":4011}"#),
             Answer::TokenRejected { .. }
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(519, br#"{"errcode":"4010"}"#),
+            read_answer::<Box<RawValue>>(519, None, br#"{"errcode":"4010"}"#),
             Answer::TokenRejected { .. }
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(519, br#"{"code":4008}"#),
+            read_answer::<Box<RawValue>>(519, None, br#"{"code":4008}"#),
             Answer::Fatal(_)
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(519, br#"{"code":5007}"#),
-            Answer::Retry {
-                throttled: true,
+            read_answer::<Box<RawValue>>(519, None, br#"{"code":5007}"#),
+            Answer::Throttled {
+                retry_after: None,
                 ..
             }
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(502, b""),
+            read_answer::<Box<RawValue>>(502, None, b""),
             Answer::TenantMoved
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(503, b""),
+            read_answer::<Box<RawValue>>(503, None, b""),
             Answer::Retry { .. }
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(200, br#"{"errcode":1030002006}"#),
+            read_answer::<Box<RawValue>>(200, None, br#"{"errcode":1030002006}"#),
             Answer::StaleSecret
         ));
         assert!(matches!(
-            read_answer::<Box<RawValue>>(200, br#"{"errcode":0,"data":{"#),
+            read_answer::<Box<RawValue>>(200, None, br#"{"errcode":0,"data":{"#),
             Answer::Retry { .. }
         ));
         assert!(matches!(
             read_answer::<Box<RawValue>>(
                 200,
+                None,
                 br#"{"errcode":1030002003,"description":"not found"}"#
             ),
             Answer::Fatal(_)
@@ -200,24 +206,24 @@ mod tests {
     #[test]
     fn data_is_read_as_the_call_expects_and_refusals_still_read_with_other_data() {
         assert!(matches!(
-            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":[1,2]}}"#),
+            read_answer::<Rows>(200, None, br#"{"errcode":0,"data":{"rows":[1,2]}}"#),
             Answer::Data(Rows { rows }) if rows == [1, 2]
         ));
         assert!(matches!(
-            read_answer::<Rows>(200, br#"{"errcode":0,"data":{"rows":"many"}}"#),
+            read_answer::<Rows>(200, None, br#"{"errcode":0,"data":{"rows":"many"}}"#),
             Answer::Retry { reason, .. } if reason.starts_with("unreadable data")
         ));
         assert!(matches!(
-            read_answer::<Rows>(200, br#"{"errcode":0,"data":null}"#),
+            read_answer::<Rows>(200, None, br#"{"errcode":0,"data":null}"#),
             Answer::Retry { reason, .. } if reason == "answer has no data"
         ));
         // A business error whose data is not a list is still the business error.
         assert!(matches!(
-            read_answer::<Rows>(200, br#"{"errcode":1030002003,"description":"not found","data":"x"}"#),
+            read_answer::<Rows>(200, None, br#"{"errcode":1030002003,"description":"not found","data":"x"}"#),
             Answer::Fatal(reason) if reason.contains("not found")
         ));
         assert!(matches!(
-            read_answer::<Rows>(200, br#"{"errcode":1030002006,"data":{}}"#),
+            read_answer::<Rows>(200, None, br#"{"errcode":1030002006,"data":{}}"#),
             Answer::StaleSecret
         ));
     }

@@ -5,7 +5,9 @@
 //! - HTTP 519 with 4010/4011 (token invalid/expired): fetch a new token, retry.
 //! - errcode 1030002006 on the token call (stale app_secret): authorize again, retry.
 //! - HTTP 502 (the tenant moved data centre): authorize again to learn the new domain, retry.
-//! - HTTP 429, gateway 5003/5004/5006/5007, 5xx, network errors, unreadable bodies: back off with jitter, retry.
+//! - HTTP 429 and gateway 5007 (throttled): wait as `Retry-After` says, or a growing pause, and call
+//!   again; not a failed try (see `THROTTLE`).
+//! - Gateway 5003/5004/5006, 5xx, network errors, unreadable bodies: back off with jitter, retry.
 //! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
 
 use std::time::Duration;
@@ -107,17 +109,17 @@ impl<B: RateBudget> Gateway<B> {
     }
 
     /// A signed business GET; returns the response's `data` read as `T`. Retries what can be
-    /// retried, including an answer whose data is not a `T`.
+    /// retried, including an answer whose data is not a `T`. Throttling is waited out, not counted as
+    /// a failed try (see `THROTTLE`).
     pub async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
         query: &[(String, String)],
     ) -> Result<T, GatewayError> {
         let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(RETRY.jittered(attempt)).await;
-            }
+        let mut failed_tries = 0;
+        let mut throttled = Throttled::default();
+        while failed_tries < ATTEMPTS {
             let ticket = self.ticket().await?;
             let answer = self
                 .exchange(reqwest::Method::GET, path, query, Some(&ticket))
@@ -127,14 +129,32 @@ impl<B: RateBudget> Gateway<B> {
                     self.count_request("ok");
                     return Ok(data);
                 }
-                Answer::Retry { reason, throttled } => {
-                    if throttled {
-                        self.metrics
-                            .source_throttled
-                            .with_label_values(&[&self.pipeline])
-                            .inc();
-                    }
-                    tracing::warn!(path, attempt, reason, "gateway call will be retried");
+                Answer::Throttled {
+                    reason,
+                    retry_after,
+                } => {
+                    self.metrics
+                        .source_throttled
+                        .with_label_values(&[&self.pipeline])
+                        .inc();
+                    self.count_request("retried");
+                    let Some(wait) = throttled.next_wait(retry_after) else {
+                        return Err(GatewayError::Transient(format!(
+                            "GET {path}: throttled by the gateway for {} s: {reason}",
+                            THROTTLE_PATIENCE.as_secs()
+                        )));
+                    };
+                    tracing::warn!(
+                        path,
+                        reason,
+                        wait_secs = wait.as_secs_f64(),
+                        "throttled by the gateway; waiting, then calling again (not a failed try)"
+                    );
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Answer::Retry { reason } => {
+                    tracing::warn!(path, failed_tries, reason, "gateway call will be retried");
                     last = reason;
                 }
                 Answer::TokenRejected { reason } => {
@@ -153,6 +173,10 @@ impl<B: RateBudget> Gateway<B> {
                 }
             }
             self.count_request("retried");
+            failed_tries += 1;
+            if failed_tries < ATTEMPTS {
+                tokio::time::sleep(RETRY.jittered(failed_tries)).await;
+            }
         }
         self.count_request("failed");
         Err(GatewayError::Transient(format!(
@@ -228,7 +252,7 @@ impl<B: RateBudget> Gateway<B> {
                 match self.authorize().await {
                     Ok(authorization) => session.authorization = Some(authorization),
                     Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
-                    Err(Answer::Retry { reason, .. }) => {
+                    Err(Answer::Retry { reason } | Answer::Throttled { reason, .. }) => {
                         last = reason;
                         continue;
                     }
@@ -263,9 +287,11 @@ impl<B: RateBudget> Gateway<B> {
                     last = "app_secret stale (1030002006)".into();
                 }
                 Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
-                Err(Answer::Retry { reason, .. } | Answer::TokenRejected { reason }) => {
-                    last = reason
-                }
+                Err(
+                    Answer::Retry { reason }
+                    | Answer::Throttled { reason, .. }
+                    | Answer::TokenRejected { reason },
+                ) => last = reason,
                 Err(Answer::TenantMoved) => session.authorization = None,
                 Err(Answer::Data(_)) => unreachable!("fetch_token returns data as Ok"),
             }
@@ -319,7 +345,6 @@ impl<B: RateBudget> Gateway<B> {
         let sets: Vec<AccountSet> =
             serde_json::from_str(data.get()).map_err(|err| Answer::Retry {
                 reason: format!("push_app_authorize answer: {err}"),
-                throttled: false,
             })?;
         let set =
             choose_account(&sets, self.credentials.account.as_deref()).map_err(Answer::Fatal)?;
@@ -356,7 +381,6 @@ impl<B: RateBudget> Gateway<B> {
             Ok(Answer::Data(data)) => {
                 serde_json::from_str::<Value>(data.get()).map_err(|err| Answer::Retry {
                     reason: format!("token answer: {err}"),
-                    throttled: false,
                 })?
             }
             Ok(other) => return Err(other),
@@ -367,14 +391,12 @@ impl<B: RateBudget> Gateway<B> {
             .filter(|token| !token.is_empty())
             .ok_or_else(|| Answer::Retry {
                 reason: "token answer without app-token".into(),
-                throttled: false,
             })?;
         let expires_ms = data["expires"]
             .as_i64()
             .or_else(|| data["expires"].as_str().and_then(|text| text.parse().ok()))
             .ok_or_else(|| Answer::Retry {
                 reason: "token answer without expires".into(),
-                throttled: false,
             })?;
         let now = Utc::now();
         let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or(now);
@@ -447,25 +469,94 @@ impl<B: RateBudget> Gateway<B> {
                     Some(failure) => tls::advice(failure, "CONVEYOR_KINGDEE_TLS_CA_FILE"),
                     None => format!("request failed: {}", tls::error_chain(&err)),
                 };
-                return Ok(Answer::Retry {
-                    reason,
-                    throttled: false,
-                });
+                return Ok(Answer::Retry { reason });
             }
         };
         let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
         let body = match response.bytes().await {
             Ok(body) => body,
             Err(err) => {
                 return Ok(Answer::Retry {
                     reason: format!("reading the answer: {}", err.without_url()),
-                    throttled: false,
                 });
             }
         };
-        Ok(read_answer(status, &body))
+        Ok(read_answer(status, retry_after, &body))
     }
 }
 
 /// The pause before a call is tried again: between half and all of 0.5 s, 1 s, 2 s, ... up to 16 s.
 const RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(16));
+
+/// The pause after a throttled call when the gateway does not say how long to wait: growing up to the
+/// gateway's 60-s rate window, which by then has let every earlier call go.
+const THROTTLE: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+
+/// How long one call waits out throttling in all before it fails (as transient): short of the
+/// broker's 30-minute consumer timeout, which would hand the delivery out again.
+const THROTTLE_PATIENCE: Duration = Duration::from_secs(10 * 60);
+
+/// One call's throttling so far.
+#[derive(Default)]
+struct Throttled {
+    times: u32,
+    waited: Duration,
+}
+
+impl Throttled {
+    /// The wait before calling again: what the gateway asked for, else [`THROTTLE`]'s next pause;
+    /// `None` once [`THROTTLE_PATIENCE`] is spent.
+    fn next_wait(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
+        self.times += 1;
+        let wait = retry_after
+            .map(|wait| wait.min(THROTTLE.max))
+            .unwrap_or_else(|| THROTTLE.jittered(self.times));
+        if self.waited + wait > THROTTLE_PATIENCE {
+            return None;
+        }
+        self.waited += wait;
+        Some(wait)
+    }
+}
+
+/// `Retry-After` in seconds (the gateway's form; an HTTP date is not used by it and is ignored).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: f64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttling_waits_as_told_and_gives_up_only_when_its_patience_is_spent() {
+        let mut throttled = Throttled::default();
+        assert_eq!(
+            throttled.next_wait(Some(Duration::from_secs(3))),
+            Some(Duration::from_secs(3))
+        );
+        // A wait longer than the gateway's window is not believed.
+        assert_eq!(
+            throttled.next_wait(Some(Duration::from_secs(3600))),
+            Some(THROTTLE.max)
+        );
+        // Without Retry-After the pause grows, up to the window.
+        let guessed = throttled.next_wait(None).unwrap();
+        assert!(guessed >= Duration::from_secs(4) && guessed <= Duration::from_secs(8));
+        // Far more waits than a call has tries, until the patience is spent.
+        let mut waits = 3;
+        while throttled.next_wait(Some(Duration::from_secs(30))).is_some() {
+            waits += 1;
+        }
+        assert!(waits > ATTEMPTS as usize, "{waits}");
+        assert!(throttled.waited <= THROTTLE_PATIENCE);
+    }
+}

@@ -52,6 +52,19 @@ pub(crate) async fn set_changes(
     StatusCode::NO_CONTENT
 }
 
+#[derive(Deserialize)]
+pub(crate) struct RateLimit {
+    pub(crate) calls_per_minute: u32,
+}
+
+pub(crate) async fn set_rate_limit(
+    State(sim): State<Arc<Simulator>>,
+    Json(limit): Json<RateLimit>,
+) -> StatusCode {
+    sim.set_rate_limit(limit.calls_per_minute);
+    StatusCode::NO_CONTENT
+}
+
 pub(crate) async fn revoke_tokens(State(sim): State<Arc<Simulator>>) -> StatusCode {
     sim.revoke_tokens();
     StatusCode::NO_CONTENT

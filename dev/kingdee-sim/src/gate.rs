@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use conveyor_kingdee::sign::{self, SignatureInput};
@@ -57,6 +58,9 @@ pub struct GatewayConfig {
     /// such span. 60 s as the gateway documents it; a test shortens it so that calls above the limit meet
     /// 429s within seconds rather than after a minute's worth of calls.
     pub rate_window: Duration,
+    /// Answer a 429 with `Retry-After`: the whole seconds (rounded up) until the oldest call counted
+    /// leaves the window, so that a call made then is admitted.
+    pub retry_after: bool,
     /// How far X-Api-TimeStamp may be from the simulator's clock.
     pub timestamp_window: Duration,
     pub faults: Faults,
@@ -91,6 +95,7 @@ impl Default for GatewayConfig {
             secret_rotation: None,
             calls_per_minute: 0,
             rate_window: Duration::from_secs(60),
+            retry_after: false,
             timestamp_window: Duration::from_secs(300),
             faults: Faults::default(),
         }
@@ -195,6 +200,9 @@ pub(crate) struct GateState {
     tokens_made: u64,
     /// The account set of every token issued, in order.
     pub issued_for: Vec<String>,
+    /// Calls allowed per account set in any 60 seconds (0: no limit): the configured limit until
+    /// [`crate::Simulator::set_rate_limit`] changes it, as another client of the app would.
+    pub calls_per_minute: u32,
     /// Calls admitted within the last `rate_window`, for the limit.
     limited: VecDeque<Instant>,
     /// Calls admitted within the last 60 seconds, for `max_calls_in_a_minute`.
@@ -228,6 +236,7 @@ impl GateState {
             tokens: HashMap::new(),
             tokens_made: 0,
             issued_for: Vec::new(),
+            calls_per_minute: config.calls_per_minute,
             limited: VecDeque::new(),
             minute: VecDeque::new(),
             arrivals: VecDeque::new(),
@@ -287,10 +296,11 @@ impl GateState {
         }
     }
 
-    /// Counts a call against the limit; `false` if it is over the limit (and is not counted).
-    fn admit_call(&mut self, config: &GatewayConfig, stats: &Stats) -> bool {
+    /// Counts a call against the limit; over the limit, it is not counted, and the error is how long
+    /// until a call would be admitted.
+    fn admit_call(&mut self, config: &GatewayConfig, stats: &Stats) -> Result<(), Duration> {
         let now = Instant::now();
-        if config.calls_per_minute > 0 {
+        if self.calls_per_minute > 0 {
             let window = config.rate_window.max(Duration::from_millis(1));
             while self
                 .limited
@@ -299,11 +309,13 @@ impl GateState {
             {
                 self.limited.pop_front();
             }
-            let allowed = (f64::from(config.calls_per_minute) * window.as_secs_f64() / 60.0)
+            let allowed = (f64::from(self.calls_per_minute) * window.as_secs_f64() / 60.0)
                 .round()
                 .max(1.0) as usize;
             if self.limited.len() >= allowed {
-                return false;
+                // The oldest calls leave the window first: once enough have, one more is admitted.
+                let frees_at = self.limited[self.limited.len() - allowed] + window;
+                return Err(frees_at.saturating_duration_since(now));
             }
             self.limited.push_back(now);
         }
@@ -322,7 +334,7 @@ impl GateState {
             self.arrivals.pop_front();
         }
         self.arrivals.push_back(now);
-        true
+        Ok(())
     }
 }
 
@@ -379,8 +391,8 @@ pub fn budget_breaches(
 pub(crate) enum Rejection {
     /// HTTP 519 with a gateway code.
     Gateway { code: u32, message: &'static str },
-    /// HTTP 429.
-    RateLimited,
+    /// HTTP 429, with `Retry-After` when the gateway is configured to send it.
+    RateLimited { retry_after: Option<Duration> },
     /// HTTP 502: the tenant is not in the data centre the call was routed to.
     WrongDomain,
 }
@@ -396,8 +408,15 @@ impl IntoResponse for Rejection {
                 let status = StatusCode::from_u16(519).expect("519 is a valid status code");
                 (status, Json(json!({"code": code, "msg": message}))).into_response()
             }
-            Rejection::RateLimited => {
-                (StatusCode::TOO_MANY_REQUESTS, "rate limited").into_response()
+            Rejection::RateLimited { retry_after } => {
+                let mut response = (StatusCode::TOO_MANY_REQUESTS, "rate limited").into_response();
+                if let Some(wait) = retry_after {
+                    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    response
+                        .headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from(seconds));
+                }
+                response
             }
             Rejection::WrongDomain => (StatusCode::BAD_GATEWAY, "tenant not here").into_response(),
         }
@@ -460,9 +479,11 @@ impl crate::Simulator {
         }
 
         let mut gate = self.gate.lock().expect("gate lock");
-        if !gate.admit_call(config, stats) {
+        if let Err(wait) = gate.admit_call(config, stats) {
             bump(&stats.rate_limited);
-            return Err(Rejection::RateLimited);
+            return Err(Rejection::RateLimited {
+                retry_after: config.retry_after.then_some(wait),
+            });
         }
         if business {
             let token = header("app-token");

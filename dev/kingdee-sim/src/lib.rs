@@ -33,8 +33,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::admin::{
-    arm_paging_change, arrivals, expire_tokens, move_tenant, revoke_tokens, set_changes, stats,
-    truth,
+    arm_paging_change, arrivals, expire_tokens, move_tenant, revoke_tokens, set_changes,
+    set_rate_limit, stats, truth,
 };
 use crate::auth::{authorize, gateway_path, token};
 use crate::data::{Dataset, LOCAL_TIME_FORMAT};
@@ -256,6 +256,12 @@ impl Simulator {
         self.gate.lock().expect("gate lock").domain = domain.to_owned();
     }
 
+    /// Changes the calls allowed per account set in any 60 seconds (0: no limit) from now on, as
+    /// another client of the same app starting or stopping would.
+    pub fn set_rate_limit(&self, calls_per_minute: u32) {
+        self.gate.lock().expect("gate lock").calls_per_minute = calls_per_minute;
+    }
+
     /// Revokes every app-token issued so far: a call with one is answered HTTP 519, code 4010 (token
     /// invalid), as after the gateway dropped its sessions.
     pub fn revoke_tokens(&self) {
@@ -457,6 +463,7 @@ impl Simulator {
             .route("/admin/stats", get(stats))
             .route("/admin/domain", post(move_tenant))
             .route("/admin/changes", post(set_changes))
+            .route("/admin/rate-limit", post(set_rate_limit))
             .route("/admin/tokens/revoke", post(revoke_tokens))
             .route("/admin/tokens/expire", post(expire_tokens))
             .route("/admin/paging-change", post(arm_paging_change))

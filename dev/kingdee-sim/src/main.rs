@@ -53,6 +53,9 @@ struct Cli {
     /// Calls allowed per account set in any 60 seconds (0: no limit); more are answered 429.
     #[arg(long, env = "KINGDEE_SIM_CALLS_PER_MINUTE", default_value_t = 0)]
     calls_per_minute: u32,
+    /// Answer a 429 with Retry-After (the seconds until a call would be admitted).
+    #[arg(long, env = "KINGDEE_SIM_RETRY_AFTER")]
+    retry_after: bool,
     /// Share of list calls answered 503.
     #[arg(long, env = "KINGDEE_SIM_FAULT_5XX", default_value_t = 0.0)]
     fault_5xx: f64,
@@ -114,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
             secret_rotation: (cli.secret_rotation_secs > 0)
                 .then(|| Duration::from_secs(cli.secret_rotation_secs)),
             calls_per_minute: cli.calls_per_minute,
+            retry_after: cli.retry_after,
             faults: Faults {
                 server_error: cli.fault_5xx,
                 slow: cli.fault_slow,

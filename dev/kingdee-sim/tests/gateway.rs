@@ -559,3 +559,84 @@ async fn a_row_moved_between_pages_makes_naive_paging_skip_one() {
         assert!(unchanged.modify_time.starts_with("2025-"), "{kind:?}");
     }
 }
+
+/// Throttling is waited out, not counted as a failed try: told by `Retry-After` how long to wait, a
+/// call over the limit meets one 429 and is admitted after it, where backing off by its own guess
+/// would meet several.
+#[tokio::test]
+async fn a_throttled_call_waits_as_long_as_the_gateway_says() {
+    let sim = Simulator::new(SimConfig {
+        orders: 10,
+        gateway: GatewayConfig {
+            // Two calls in any second.
+            calls_per_minute: 120,
+            rate_window: Duration::from_secs(1),
+            retry_after: true,
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    });
+    let addr = kingdee_sim::spawn(sim.clone(), ([127, 0, 0, 1], 0).into())
+        .await
+        .unwrap();
+    let metrics = Metrics::new();
+    let gateway = Gateway::new(
+        demo_credentials(addr),
+        Unlimited,
+        metrics.clone(),
+        "throttled",
+    );
+    for _ in 0..10 {
+        assert_eq!(page_of(&gateway).await, 10);
+    }
+    let stats = sim.stats();
+    // 12 calls (the two of the auth flow, then ten lists) at two a second: each 429 is followed by
+    // the two calls its wait made room for.
+    assert!(stats.rate_limited >= 4, "the limit was met: {stats:?}");
+    assert!(
+        stats.rate_limited <= 6,
+        "one 429 per wait, not a burst of them: {stats:?}"
+    );
+    assert_eq!(
+        metrics
+            .source_throttled
+            .with_label_values(&["throttled"])
+            .get(),
+        stats.rate_limited
+    );
+}
+
+/// The limit falls below what the client calls at, as when another client of the app starts: ten
+/// calls at once share one call a second, so the last of them is throttled about nine times — more
+/// than a call's eight tries — and still succeeds.
+#[tokio::test]
+async fn throttling_does_not_use_up_the_tries() {
+    let (sim, gateway) = start(SimConfig {
+        orders: 10,
+        gateway: GatewayConfig {
+            calls_per_minute: 600,
+            rate_window: Duration::from_secs(1),
+            retry_after: true,
+            ..GatewayConfig::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    assert_eq!(page_of(&gateway).await, 10);
+    sim.set_rate_limit(60);
+    let gateway = Arc::new(gateway);
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let gateway = gateway.clone();
+            tokio::spawn(async move { page_of(&gateway).await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 10);
+    }
+    assert!(
+        sim.stats().rate_limited >= 30,
+        "every waiting call was throttled each second: {:?}",
+        sim.stats()
+    );
+}
