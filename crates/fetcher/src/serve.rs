@@ -2,12 +2,15 @@
 //! windows) while planning new ones, until shutdown or, for a `--once` sync, until every window is
 //! finished.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use conveyor_amqp::Topology;
 use conveyor_amqp::consume;
+use conveyor_amqp::dead_letters::Held;
 use conveyor_base::Stage;
 use conveyor_base::source::Source;
 use conveyor_runtime::worker::{Session, WorkerRuntime};
@@ -17,6 +20,14 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{Counters, Engine};
 use crate::settings::SyncSettings;
 use crate::state::SyncStore;
+use crate::window;
+
+/// How often a `--once` sync that waits says what for.
+const WAIT_REPORT: Duration = Duration::from_secs(30);
+/// How often a `--once` sync looks whether the windows it waits for are all dead letters.
+const DEAD_LETTER_LOOK: Duration = Duration::from_secs(5);
+/// Dead letters read at most for that look (each holds one window).
+const DEAD_LETTERS_READ: usize = 10_000;
 
 /// How a fetcher process runs the sync (its command line's part).
 #[derive(Debug, Clone)]
@@ -100,14 +111,14 @@ async fn serve<S: Source>(
         &session.connection,
         settings,
         engine.clone(),
-        session.dead_letters,
+        session.dead_letters.clone(),
         runtime.metrics.clone(),
         consuming.clone(),
     );
     let driver = async {
         let outcome = if options.once {
             match engine.plan().await.context("planning the sync") {
-                Ok(()) => wait_until_synced(&engine, shutdown).await,
+                Ok(()) => wait_until_synced(&engine, &session, shutdown).await,
                 Err(err) => Err(err),
             }
         } else {
@@ -145,22 +156,58 @@ async fn plan_on_schedule<S: Source>(
     }
 }
 
-/// Waits until no window of the pipeline is left unfinished (by this process or another); fails as
-/// soon as this process dead-letters a window, since the sync can then only finish after a replay.
+/// Waits until no window of the pipeline is left unfinished (by this process or another). Fails as
+/// soon as the windows left can only be released by an operator: when this process dead-letters a
+/// window, or when every window left is in the fetch dead-letter queue (an earlier run's). Says what
+/// it waits for every [`WAIT_REPORT`].
 async fn wait_until_synced<S: Source>(
     engine: &Engine<S>,
+    session: &Session,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut reported = Instant::now();
+    let mut looked_at_dead_letters: Option<Instant> = None;
     loop {
-        if engine.store.pending().await? == 0 {
+        let pending = engine.store.pending().await?;
+        if pending.is_empty() {
             return Ok(());
         }
+        let replay = || {
+            let (pipeline, stage) = (engine.pipeline(), Stage::Fetch.as_str());
+            format!(
+                "see `conveyorctl dlq show {pipeline} --stage {stage}`, and replay once the cause is \
+                 fixed: `conveyorctl dlq replay {pipeline} --stage {stage}`"
+            )
+        };
         if let Some(reason) = engine.counters.window_given_up.lock().unwrap().clone() {
             anyhow::bail!(
-                "a window was dead-lettered ({reason}); the sync cannot finish until it is replayed: \
-                 see `conveyorctl dlq show {} --stage {}`",
-                engine.pipeline(),
-                Stage::Fetch.as_str()
+                "a window was dead-lettered ({reason}); the sync cannot finish until it is replayed: {}",
+                replay()
+            );
+        }
+        if looked_at_dead_letters.is_none_or(|at| at.elapsed() >= DEAD_LETTER_LOOK) {
+            looked_at_dead_letters = Some(Instant::now());
+            let held = dead_lettered_windows(session, &engine.topology).await?;
+            let ids: Vec<String> = pending
+                .iter()
+                .map(|window| window::to_work_item(*window).id)
+                .collect();
+            if ids.iter().all(|id| held.contains_key(id)) {
+                let reason = &held[&ids[0]];
+                anyhow::bail!(
+                    "every window left ({}) is in the fetch dead-letter queue, from an earlier run \
+                     ({reason}); the sync cannot finish until they are replayed: {}",
+                    ids.len(),
+                    replay()
+                );
+            }
+        }
+        if reported.elapsed() >= WAIT_REPORT {
+            reported = Instant::now();
+            tracing::info!(
+                windows = pending.len(),
+                oldest = ?pending[0],
+                "waiting for windows handed out and not yet finished (by this or another fetcher)"
             );
         }
         tokio::select! {
@@ -168,4 +215,27 @@ async fn wait_until_synced<S: Source>(
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+}
+
+/// The windows in the pipeline's fetch dead-letter queue, by work-item id, with why each is there.
+async fn dead_lettered_windows(
+    session: &Session,
+    topology: &Topology,
+) -> anyhow::Result<HashMap<String, String>> {
+    let queue = topology.dead_letter_queue(Stage::Fetch);
+    let held = Held::take(&session.connection, &queue, DEAD_LETTERS_READ)
+        .await
+        .with_context(|| format!("reading {queue}"))?;
+    let windows = held
+        .letters
+        .iter()
+        .flat_map(|letter| {
+            letter
+                .record_ids
+                .iter()
+                .map(|id| (id.clone(), letter.error.clone()))
+        })
+        .collect();
+    held.release().await;
+    Ok(windows)
 }

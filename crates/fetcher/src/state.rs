@@ -245,17 +245,24 @@ impl SyncStore {
         Ok(halves)
     }
 
-    /// Windows handed out and not finished.
-    pub async fn pending(&self) -> Result<i64, DatabaseError> {
+    /// Windows handed out and not finished, oldest first.
+    pub async fn pending(&self) -> Result<Vec<Window>, DatabaseError> {
         let client = self.database.client().await?;
-        Ok(client
-            .query_one(
-                "SELECT count(*) FROM conveyor_sync_windows WHERE pipeline = $1",
+        let rows = client
+            .query(
+                "SELECT window_start, window_end FROM conveyor_sync_windows WHERE pipeline = $1 \
+                 ORDER BY window_start, window_end",
                 &[&self.pipeline],
             )
             .await
-            .map_err(sql("counting pending windows"))?
-            .get(0))
+            .map_err(sql("reading pending windows"))?;
+        Ok(rows
+            .iter()
+            .map(|row| Window {
+                start: row.get(0),
+                end: row.get(1),
+            })
+            .collect())
     }
 
     /// The watermark, if the pipeline ever synced.

@@ -7,6 +7,7 @@
 //! published off the transform queue.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +20,7 @@ use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, Source, Unlimited, Window};
 use conveyor_base::telemetry::LogFormat;
-use conveyor_base::{Failure, Stage, source_time};
+use conveyor_base::{ErrorClass, Failure, Stage, source_time};
 use conveyor_fetcher::serve::{self, RunOptions, SyncSummary};
 use conveyor_fetcher::settings::SyncSettings;
 use conveyor_fetcher::state::SyncStore;
@@ -55,6 +56,8 @@ trait SourceUnderTest: Source {
 /// within a window, `PAGE_SIZE` a page, with the window's count on every page.
 struct FixtureSource {
     rows: Mutex<Vec<FixtureRow>>,
+    /// Refuse every call, as a source does with a wrong secret.
+    refusing: AtomicBool,
     /// Pages after which a row moves, one per query that reaches them.
     moves: Mutex<VecDeque<u64>>,
 }
@@ -80,6 +83,7 @@ impl FixtureSource {
             .collect();
         Self {
             rows: Mutex::new(rows),
+            refusing: AtomicBool::new(false),
             moves: Mutex::new(VecDeque::new()),
         }
     }
@@ -100,6 +104,12 @@ impl Source for FixtureSource {
     }
 
     async fn page(&self, window: &Window, number: u64) -> Result<Page, Failure> {
+        if self.refusing.load(Ordering::Relaxed) {
+            return Err(Failure::new(
+                ErrorClass::Permanent,
+                "the source refused the call: wrong secret",
+            ));
+        }
         let mut rows = self.rows.lock().unwrap();
         let mut within: Vec<usize> = (0..rows.len())
             .filter(|&at| (window.start..=window.end).contains(&rows[at].modify_time))
@@ -308,87 +318,124 @@ impl Run {
     }
 }
 
-/// Runs the engine once over `source` with `settings` in a pipeline, namespace and schema of its own,
-/// and reads what it published.
+/// A pipeline of its own (name, queue namespace, schema) for the engine to sync, once or more.
+struct EnginePipeline {
+    services: Services,
+    name: String,
+    broker: BrokerArgs,
+    args: WorkerArgs,
+    database: Database,
+}
+
+impl EnginePipeline {
+    async fn new(name: &str) -> Self {
+        let services = Services::check()
+            .await
+            .expect("RabbitMQ and PostgreSQL for the engine tests");
+        let unique = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let pipeline = format!("engine-{name}-{unique}").replace('_', "-");
+        let dir = std::env::temp_dir()
+            .join("conveyor-engine-tests")
+            .join(&unique);
+        std::fs::create_dir_all(&dir).unwrap();
+        // The host needs a pipeline file for the pipeline's name and queues; the engine gets its
+        // source and settings from the test, not from the file's [source].
+        let file = dir.join("pipeline.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{pipeline}\"\n\
+                 [source]\nkind = \"kingdee\"\npath = \"/unused\"\nstart_time = \"2026-01-01T00:00:00+08:00\"\n\
+                 [transform]\nkey = \"id\"\nversion = \"modify_time\"\nfields = [{{ to = \"id\", type = \"string\" }}, {{ to = \"modify_time\", type = \"datetime\" }}]\n\
+                 [target]\nkind = \"noop\"\n"
+            ),
+        )
+        .unwrap();
+        let broker = services
+            .broker_args(&format!("engine_{unique}"))
+            .with_retry_delays_ms(vec![200]);
+        let args = WorkerArgs {
+            pipelines: vec![file],
+            broker: broker.clone(),
+            http_addr: Some(([127, 0, 0, 1], 0).into()),
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+            drain_timeout_secs: 5,
+            max_attempts: 3,
+        };
+        let database = Database::connect(&PostgresArgs {
+            pg_url: Some(services.pg_url.clone()),
+            pg_url_file: None,
+            pg_schema: format!("engine_{unique}"),
+            pg_pool_size: 4,
+            lock_timeout_ms: None,
+        })
+        .unwrap();
+        Self {
+            services,
+            name: pipeline,
+            broker,
+            args,
+            database,
+        }
+    }
+
+    /// Runs the engine once (`--once`) over `source`, in-process, through the same host as the
+    /// fetcher binary; gives up after 60 s.
+    async fn sync_once<S: Source>(
+        &self,
+        source: Arc<S>,
+        settings: SyncSettings,
+    ) -> anyhow::Result<SyncSummary> {
+        let store = SyncStore::open(self.database.clone(), &self.name).await?;
+        let options = RunOptions {
+            once: true,
+            interval: Duration::from_secs(1),
+            concurrency: 2,
+            republish_after: Duration::from_secs(900),
+        };
+        let shutdown = CancellationToken::new();
+        let host = Host::start(&self.args, Stage::Fetch, 0, &[], &shutdown).await?;
+        let mut source = Some(source);
+        let synced =
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                host.run_each(&shutdown, |runtime, stopping| {
+                    let (source, settings, store, options) = (
+                        source.take().expect("one pipeline"),
+                        settings.clone(),
+                        store.clone(),
+                        options.clone(),
+                    );
+                    async move {
+                        serve::sync(&runtime, source, settings, store, &options, &stopping).await
+                    }
+                }),
+            )
+            .await;
+        shutdown.cancel();
+        let mut summaries = synced.context("the sync did not finish within 60 s")??;
+        Ok(summaries.pop().expect("one pipeline"))
+    }
+
+    /// Takes every message off the transform queue, and reads the fetch stage's dead letters.
+    async fn read(&self) -> anyhow::Result<Published> {
+        read_queues(&self.services, &self.broker, &self.name).await
+    }
+
+    async fn clean_up(&self) {
+        clean_up(&self.services, &self.broker, &self.name, &self.database).await;
+    }
+}
+
+/// Runs the engine once over `source` with `settings` in a pipeline of its own, and reads what it
+/// published.
 async fn sync_once<S: Source>(name: &str, source: Arc<S>, settings: SyncSettings) -> Run {
-    let services = Services::check()
-        .await
-        .expect("RabbitMQ and PostgreSQL for the engine tests");
-    let unique = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let pipeline = format!("engine-{name}-{unique}").replace('_', "-");
-    let namespace = format!("engine_{unique}");
-    let dir = std::env::temp_dir()
-        .join("conveyor-engine-tests")
-        .join(&unique);
-    std::fs::create_dir_all(&dir).unwrap();
-    // The host needs a pipeline file for the pipeline's name and queues; the engine gets its source
-    // and settings from the test, not from the file's [source].
-    let file = dir.join("pipeline.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "name = \"{pipeline}\"\n\
-             [source]\nkind = \"kingdee\"\npath = \"/unused\"\nstart_time = \"2026-01-01T00:00:00+08:00\"\n\
-             [transform]\nkey = \"id\"\nversion = \"modify_time\"\nfields = [{{ to = \"id\", type = \"string\" }}, {{ to = \"modify_time\", type = \"datetime\" }}]\n\
-             [target]\nkind = \"noop\"\n"
-        ),
-    )
-    .unwrap();
-    let broker = services
-        .broker_args(&namespace)
-        .with_retry_delays_ms(vec![200]);
-    let args = WorkerArgs {
-        pipelines: vec![file],
-        broker: broker.clone(),
-        http_addr: Some(([127, 0, 0, 1], 0).into()),
-        log_format: LogFormat::Text,
-        log_filter: "info".into(),
-        drain_timeout_secs: 5,
-        max_attempts: 3,
-    };
-    let database = Database::connect(&PostgresArgs {
-        pg_url: Some(services.pg_url.clone()),
-        pg_url_file: None,
-        pg_schema: format!("engine_{unique}"),
-        pg_pool_size: 4,
-        lock_timeout_ms: None,
-    })
-    .unwrap();
-    let store = SyncStore::open(database.clone(), &pipeline)
-        .await
-        .expect("the sync state opens");
-    let options = RunOptions {
-        once: true,
-        interval: Duration::from_secs(1),
-        concurrency: 2,
-        republish_after: Duration::from_secs(900),
-    };
-    let shutdown = CancellationToken::new();
-    let host = Host::start(&args, Stage::Fetch, 0, &[], &shutdown)
-        .await
-        .unwrap();
-    let mut source = Some(source);
-    let synced = tokio::time::timeout(
-        Duration::from_secs(60),
-        host.run_each(&shutdown, |runtime, stopping| {
-            let (source, settings, store, options) = (
-                source.take().expect("one pipeline"),
-                settings.clone(),
-                store.clone(),
-                options.clone(),
-            );
-            async move { serve::sync(&runtime, source, settings, store, &options, &stopping).await }
-        }),
-    )
-    .await;
-    shutdown.cancel();
-    let read = read_queues(&services, &broker, &pipeline).await;
-    clean_up(&services, &broker, &pipeline, &database).await;
-    let summary = synced
-        .expect("the sync finished within 60 s")
-        .expect("the sync succeeded")
-        .pop()
-        .unwrap();
+    let pipeline = EnginePipeline::new(name).await;
+    let synced = pipeline.sync_once(source, settings).await;
+    let read = pipeline.read().await;
+    pipeline.clean_up().await;
+    let summary = synced.expect("the sync succeeded");
     let (published, dead_letters) = read.expect("the queues are readable");
     Run {
         summary,
@@ -571,4 +618,40 @@ async fn fixture_a_crowded_window_is_split() {
 #[tokio::test]
 async fn kingdee_a_crowded_window_is_split() {
     a_crowded_window_is_split("kingdee-split", KingdeeUnderTest::start(120).await).await;
+}
+
+/// A `--once` sync after one that dead-lettered windows (a wrong secret, since fixed) does not wait
+/// for them, which only an operator's replay can release: it says so, with the command, and fails.
+#[tokio::test]
+async fn a_once_sync_does_not_wait_for_windows_only_a_replay_can_release() {
+    let source = Arc::new(fixture());
+    let settings = source.settings(Duration::from_secs(3 * 86_400));
+    let pipeline = EnginePipeline::new("fixture-refused").await;
+    source.refusing.store(true, Ordering::Relaxed);
+    let first = pipeline.sync_once(source.clone(), settings.clone()).await;
+    source.refusing.store(false, Ordering::Relaxed);
+    let second_started = std::time::Instant::now();
+    let second = pipeline.sync_once(source.clone(), settings).await;
+    let waited = second_started.elapsed();
+    let read = pipeline.read().await;
+    pipeline.clean_up().await;
+
+    let first = format!("{:#}", first.unwrap_err());
+    assert!(first.contains("a window was dead-lettered"), "{first}");
+    let second = format!("{:#}", second.unwrap_err());
+    assert!(
+        second.contains("in the fetch dead-letter queue")
+            && second.contains("wrong secret")
+            && second.contains(&format!(
+                "conveyorctl dlq replay {} --stage fetch",
+                pipeline.name
+            )),
+        "{second}"
+    );
+    assert!(
+        waited < Duration::from_secs(20),
+        "it did not wait: {waited:?}"
+    );
+    let (_, dead_letters) = read.unwrap();
+    assert!(!dead_letters.is_empty());
 }
