@@ -175,9 +175,19 @@ async fn broker_restarted_mid_run_loses_nothing_steps() {
     }
     step("starting the broker again");
     broker.resume().await.unwrap();
+    let back = tokio::time::Instant::now();
     for worker in &workers {
         wait_ready(worker, true, Duration::from_secs(60)).await;
     }
+    // The workers try every half second at most (they waited up to 10 s between tries before).
+    let ready_after = back.elapsed();
+    step(&format!(
+        "workers ready {ready_after:?} after the broker took connections again"
+    ));
+    assert!(
+        ready_after < Duration::from_secs(3),
+        "workers took {ready_after:?} to come back"
+    );
     step("waiting for the target");
     assert_target_equals_truth(&scenario, &workers).await;
     assert_poison_dead_lettered(&scenario).await;

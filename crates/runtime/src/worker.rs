@@ -24,8 +24,13 @@ use crate::settings::WorkerArgs;
 /// Readiness condition: connected to the broker with the topology declared.
 pub const READY_BROKER: &str = "broker";
 
-/// The pause between attempts to reach the broker and declare the topology.
-const RECONNECT: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+/// The pause between attempts to reach the broker and declare the topology: short, so that a worker
+/// is back within about half a second of the broker taking connections again. An attempt at a broker
+/// that is down is a refused TCP connection, cheap for both sides.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(500));
+
+/// While the broker stays out of reach, how often a worker says so.
+const UNREACHABLE_REPORT: Duration = Duration::from_secs(30);
 
 /// What a worker holds for one of its pipelines, whatever its broker connection.
 pub struct WorkerRuntime {
@@ -165,8 +170,17 @@ impl WorkerRuntime {
         let address = self.args.broker.address()?;
         let endpoint = conveyor_amqp::endpoint(address.url())?;
         let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
+        let mut reported: Option<std::time::Instant> = None;
         for attempt in 0.. {
             let delay = RECONNECT.delay(attempt);
+            // The first failure, then one line every UNREACHABLE_REPORT: not one per attempt.
+            let mut report = || {
+                let due = reported.is_none_or(|at| at.elapsed() >= UNREACHABLE_REPORT);
+                if due {
+                    reported = Some(std::time::Instant::now());
+                }
+                due
+            };
             match conveyor_amqp::connect(&address, &name).await {
                 Ok(connection) => {
                     // A broker that is still starting accepts connections before it can declare
@@ -192,7 +206,9 @@ impl WorkerRuntime {
                             }));
                         }
                         Err(err) => {
-                            tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "declaring the topology failed");
+                            if report() {
+                                tracing::warn!(error = %err, attempt, "declaring the topology failed; trying again");
+                            }
                             conveyor_amqp::close(&connection).await;
                         }
                     }
@@ -201,7 +217,9 @@ impl WorkerRuntime {
                     return Err(err.into());
                 }
                 Err(err) => {
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "broker not reachable");
+                    if report() {
+                        tracing::warn!(error = %err, attempt, "broker not reachable; trying again every half second");
+                    }
                 }
             }
             if !sleep_unless_cancelled(delay, shutdown).await {
