@@ -569,3 +569,111 @@ async fn the_account_set_named_in_the_settings_is_the_one_read() {
     );
     scenario.clean_up(false).await.unwrap();
 }
+
+/// A fetcher killed (SIGKILL) in the middle of one big window: the next one resumes after the last
+/// page whose records the broker had confirmed, so that the kill costs a few pages of calls — the
+/// pages in flight and the one read again to prove nothing before it moved — and not the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
+    const PAGES: u64 = 40;
+    // One window of 2,000 orders in 40 pages of 50, a page a message, 20 calls a second.
+    let source = [
+        ("window_secs", toml::Value::Integer(30 * 86_400)),
+        ("page_size", toml::Value::Integer(50)),
+        ("records_per_message", toml::Value::Integer(50)),
+        ("max_window_rows", toml::Value::Integer(10_000)),
+        ("calls_per_minute", toml::Value::Integer(1_200)),
+        ("lag_secs", toml::Value::Integer(2)),
+        ("overlap_secs", toml::Value::Integer(5)),
+    ];
+    let scenario = scenario("resume", old_backlog(36, 2_000), &source).await;
+    let workers = vec![
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut killed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    // The auth flow's two calls, then 15 pages.
+    until_calls(&scenario, 17).await;
+    killed.kill().await.unwrap();
+    let calls_at_kill = scenario.simulator.stats().calls;
+    let mut resumed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let summary = summary_of(&mut resumed).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&workers[0], &workers[1], &resumed],
+    );
+    assert_eq!(
+        log_lines(
+            &resumed,
+            "resuming the window after its last confirmed page"
+        ),
+        1,
+        "{}",
+        resumed.log_tail(20)
+    );
+    // A clean run: the auth flow, the 40 pages and the plan's tail window (empty: one call). The kill
+    // adds the second fetcher's auth flow, the page read again, and the pages in flight (fetched
+    // ahead, at most 4, and not yet published).
+    let calls = scenario.simulator.stats().calls;
+    let clean = 2 + PAGES + 1;
+    eprintln!(
+        "calls: {calls} (clean run {clean}; {calls_at_kill} when killed); the resumed fetcher: {summary}"
+    );
+    assert!(
+        calls <= clean + 2 + 1 + 4,
+        "the kill cost {} calls beyond a clean run",
+        calls - clean
+    );
+    stop(workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// A row moves to the end of the window right after page 10 is served, and the fetcher is killed a
+/// few pages later. Every row after the moved one shifted up, so the first row of page 11 slid onto
+/// page 10, already read. Its successor sees the move either way: the page it reads again holds a row
+/// not yet published (the kill came before the pages after the move were confirmed), or it resumes and
+/// meets the moved row again at the end (the ids published before the kill are kept with the
+/// progress). It pages the window again, and the target ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_after_rows_moved_still_ends_exact() {
+    let source = [
+        ("window_secs", toml::Value::Integer(30 * 86_400)),
+        ("page_size", toml::Value::Integer(50)),
+        ("records_per_message", toml::Value::Integer(50)),
+        ("max_window_rows", toml::Value::Integer(10_000)),
+        ("calls_per_minute", toml::Value::Integer(1_200)),
+        ("lag_secs", toml::Value::Integer(2)),
+        ("overlap_secs", toml::Value::Integer(5)),
+    ];
+    let scenario = scenario("resume_moved", old_backlog(37, 2_000), &source).await;
+    scenario.simulator.arm_paging_change(PagingChange {
+        after_page: 10,
+        kind: PagingChangeKind::MoveToEnd,
+    });
+    let workers = vec![
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut killed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    until_calls(&scenario, 2 + 16).await;
+    killed.kill().await.unwrap();
+    let mut resumed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    summary_of(&mut resumed).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&workers[0], &workers[1], &resumed],
+    );
+    assert_eq!(scenario.simulator.stats().paging_changes, 1);
+    assert!(
+        log_lines(&resumed, "paging it from the start") + log_lines(&resumed, "a row came twice")
+            >= 1,
+        "the fetcher after the kill saw the move:\n{}",
+        resumed.log_tail(20)
+    );
+    stop(workers).await;
+    scenario.clean_up(false).await.unwrap();
+}

@@ -35,7 +35,7 @@ use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 
-use crate::pass::{PassIds, Unconfirmed, transient};
+use crate::pass::{Checkpoints, PassIds, transient};
 use crate::rows::to_records;
 use crate::settings::SyncSettings;
 use crate::state::SyncStore;
@@ -151,16 +151,17 @@ impl<S: Source> Engine<S> {
         Ok(page)
     }
 
-    /// Adds one page's records to those `gathered` (and dead-letters its unusable rows), and publishes
-    /// them once they fill a message; returns the pending confirm of what it published. The records'
-    /// ids are added to the pass's `seen`.
+    /// Adds page `number`'s records to those `gathered` (and dead-letters its unusable rows), and
+    /// publishes them once they fill a message. The records' ids are added to the pass's `seen`.
     async fn gather_page(
         &self,
         meta: &Meta,
-        rows: Vec<Box<RawValue>>,
+        page: (u64, Vec<Box<RawValue>>),
         seen: &mut PassIds,
         gathered: &mut Vec<Record>,
-    ) -> Result<Option<PendingConfirm>, Failure> {
+        checkpoints: &mut Checkpoints,
+    ) -> Result<(), Failure> {
+        let (number, rows) = page;
         let (records, rejected) = to_records(&self.settings, rows);
         for record in &records {
             seen.add(&record.id);
@@ -177,9 +178,26 @@ impl<S: Source> Engine<S> {
         gathered.extend(records);
         let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();
         if gathered.len() < self.settings.records_per_message && bytes < MESSAGE_BYTES {
-            return Ok(None);
+            return Ok(());
         }
-        self.publish(meta, std::mem::take(gathered)).await
+        self.flush(meta, gathered, number, checkpoints).await
+    }
+
+    /// Publishes the records `gathered` (all of the pages up to `last_page` not published yet) as one
+    /// message, its confirm awaited by `checkpoints`.
+    async fn flush(
+        &self,
+        meta: &Meta,
+        gathered: &mut Vec<Record>,
+        last_page: u64,
+        checkpoints: &mut Checkpoints,
+    ) -> Result<(), Failure> {
+        let records = std::mem::take(gathered);
+        let ids = records.iter().map(|record| record.id.clone()).collect();
+        if let Some(confirm) = self.publish(meta, records).await? {
+            checkpoints.add(confirm, last_page, ids).await?;
+        }
+        Ok(())
     }
 
     /// Publishes records as one message to the transform stage; returns the pending confirm.
@@ -226,6 +244,116 @@ impl<S: Source> Engine<S> {
             .is_none_or(|until| chrono::Utc::now() <= until)
     }
 
+    /// Where a pass over `window` may start other than at its first page: after the last page an
+    /// earlier pass had confirmed (its fetcher died, or lost the broker), when that page, read again,
+    /// holds only rows the pass published and the window's count is the same. Then no row left the
+    /// pages already read and none moved from them to the end (which shifts the rows after it, and
+    /// brings an unseen row onto that page), so nothing before it can be missed. A window that may
+    /// still gain rows never resumes: it is compared pass by pass, whole.
+    async fn resume_point(&self, window: &Window) -> Result<Option<PassStart>, Failure> {
+        if self.may_gain_rows(window) {
+            return Ok(None);
+        }
+        let Some((progress, ids)) = self.store.progress(window).await.map_err(transient)? else {
+            return Ok(None);
+        };
+        let last = self.page(window, progress.pages_confirmed).await?;
+        let (records, _) = to_records(&self.settings, last.rows);
+        let unchanged =
+            last.count == progress.count && records.iter().all(|record| ids.contains(&record.id));
+        if !unchanged {
+            tracing::info!(
+                ?window,
+                "the window changed since a pass got to page {}; paging it from the start",
+                progress.pages_confirmed
+            );
+            self.store
+                .forget_progress(window)
+                .await
+                .map_err(transient)?;
+            return Ok(None);
+        }
+        tracing::info!(
+            ?window,
+            pages_confirmed = progress.pages_confirmed,
+            total_pages = last.total_pages,
+            "resuming the window after its last confirmed page"
+        );
+        Ok(Some(PassStart {
+            first: None,
+            next_page: progress.pages_confirmed + 1,
+            count: progress.count,
+            total_pages: last.total_pages,
+            seen: PassIds::from_ids(ids),
+        }))
+    }
+
+    /// One pass over `window` from `start`. What it read is published, and confirmed, before it
+    /// returns, even when rows moved: writes are idempotent. With `record`, each confirmed message
+    /// records how far the pass got (see [`Engine::resume_point`]).
+    async fn pass(
+        &self,
+        meta: &Meta,
+        window: &Window,
+        start: PassStart,
+        record: bool,
+    ) -> Result<PassOutcome, Failure> {
+        let PassStart {
+            first,
+            next_page,
+            count,
+            total_pages,
+            mut seen,
+        } = start;
+        let mut checkpoints =
+            Checkpoints::start(record.then(|| (self.store.clone(), *window, count)));
+        let mut gathered = Vec::new();
+        let mut last_page = next_page - 1;
+        if let Some(first) = first {
+            self.gather_page(
+                meta,
+                (1, first.rows),
+                &mut seen,
+                &mut gathered,
+                &mut checkpoints,
+            )
+            .await?;
+        }
+        // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
+        let mut pages = futures_util::stream::iter(next_page.max(2)..=total_pages)
+            .map(|number| async move { (number, self.page(window, number).await) })
+            .buffered(PAGES_IN_FLIGHT);
+        let mut moved = None;
+        while let Some((number, page)) = pages.next().await {
+            let page = page?;
+            if page.count != count {
+                moved = Some("the window's count changed");
+                break;
+            }
+            self.gather_page(
+                meta,
+                (number, page.rows),
+                &mut seen,
+                &mut gathered,
+                &mut checkpoints,
+            )
+            .await?;
+            last_page = number;
+            if seen.repeated {
+                moved = Some("a row came twice");
+                break;
+            }
+        }
+        drop(pages);
+        self.flush(meta, &mut gathered, last_page, &mut checkpoints)
+            .await?;
+        checkpoints.finish().await?;
+        Ok(match moved {
+            Some(reason) => PassOutcome::Moved(reason),
+            None => PassOutcome::Steady(seen.ids),
+        })
+    }
+
     /// Pages through a window and publishes every page; finishes it once all are confirmed.
     async fn sync_window(&self, meta: &Meta, window: Window) -> Result<(), Failure> {
         let outcome = |name: &str| {
@@ -236,94 +364,103 @@ impl<S: Source> Engine<S> {
         };
         // The ids of the last steady pass, while the window needs two alike (see the module's note).
         let mut previous: Option<HashSet<String>> = None;
+        let mut resume = self.resume_point(&window).await?;
         for _ in 0..WINDOW_RESTARTS {
-            let first = self.page(&window, 1).await?;
-            if first.count > self.settings.max_window_rows && window::splittable(&window) {
-                let halves = self
-                    .store
-                    .split(&window, |halves| self.publish_windows(halves.to_vec()))
-                    .await
-                    .map_err(transient)?;
-                tracing::info!(
-                    rows = first.count,
-                    ?halves,
-                    "window too large; split in two"
-                );
-                outcome("split");
-                return Ok(());
-            }
-            let (count, total_pages) = (first.count, first.total_pages);
-            let two_passes = total_pages > 1 && self.may_gain_rows(&window);
-            let mut seen = PassIds::for_count(count);
-            let mut unconfirmed = Unconfirmed::default();
-            let mut gathered = Vec::new();
-            unconfirmed
-                .add(
-                    self.gather_page(meta, first.rows, &mut seen, &mut gathered)
-                        .await?,
-                )
-                .await?;
-            // The rest of the pages, a few at a time: the call budget, not this loop, sets the pace.
-            let mut pages = futures_util::stream::iter(2..=total_pages)
-                .map(|number| self.page(&window, number))
-                .buffered(PAGES_IN_FLIGHT);
-            let mut moved = None;
-            while let Some(page) = pages.next().await {
-                let page = page?;
-                if page.count != count {
-                    moved = Some("the window's count changed");
-                    break;
+            let start = match resume.take() {
+                Some(start) => start,
+                None => {
+                    let first = self.page(&window, 1).await?;
+                    if first.count > self.settings.max_window_rows && window::splittable(&window) {
+                        let halves = self
+                            .store
+                            .split(&window, |halves| self.publish_windows(halves.to_vec()))
+                            .await
+                            .map_err(transient)?;
+                        tracing::info!(
+                            rows = first.count,
+                            ?halves,
+                            "window too large; split in two"
+                        );
+                        outcome("split");
+                        return Ok(());
+                    }
+                    PassStart::from_first(first)
                 }
-                unconfirmed
-                    .add(
-                        self.gather_page(meta, page.rows, &mut seen, &mut gathered)
-                            .await?,
-                    )
-                    .await?;
-                if seen.repeated {
-                    moved = Some("a row came twice");
-                    break;
+            };
+            let two_passes = start.total_pages > 1 && self.may_gain_rows(&window);
+            match self.pass(meta, &window, start, !two_passes).await? {
+                PassOutcome::Moved(reason) => {
+                    tracing::info!(
+                        ?window,
+                        reason,
+                        "rows moved while paging; paging the window again"
+                    );
+                    outcome("restarted");
+                    self.store
+                        .forget_progress(&window)
+                        .await
+                        .map_err(transient)?;
+                    previous = None;
+                }
+                PassOutcome::Steady(ids) if two_passes && previous.as_ref() != Some(&ids) => {
+                    tracing::info!(
+                        ?window,
+                        "late rows may still enter the window; paging it again to compare"
+                    );
+                    outcome("verifying");
+                    previous = Some(ids);
+                }
+                PassOutcome::Steady(_) => {
+                    let watermark = self.store.finish(&window).await.map_err(transient)?;
+                    if let Some(watermark) = watermark {
+                        self.metrics
+                            .sync_watermark
+                            .with_label_values(&[self.pipeline()])
+                            .set(watermark.timestamp());
+                    }
+                    self.counters.windows.fetch_add(1, Ordering::Relaxed);
+                    outcome("done");
+                    return Ok(());
                 }
             }
-            drop(pages);
-            // What this pass read is published even if the window is paged again: writes are idempotent.
-            unconfirmed.add(self.publish(meta, gathered).await?).await?;
-            unconfirmed.wait_all().await?;
-            if let Some(reason) = moved {
-                tracing::info!(
-                    ?window,
-                    reason,
-                    "rows moved while paging; paging the window again"
-                );
-                outcome("restarted");
-                previous = None;
-                continue;
-            }
-            if two_passes && previous.as_ref() != Some(&seen.ids) {
-                tracing::info!(
-                    ?window,
-                    "late rows may still enter the window; paging it again to compare"
-                );
-                outcome("verifying");
-                previous = Some(seen.ids);
-                continue;
-            }
-            let watermark = self.store.finish(&window).await.map_err(transient)?;
-            if let Some(watermark) = watermark {
-                self.metrics
-                    .sync_watermark
-                    .with_label_values(&[self.pipeline()])
-                    .set(watermark.timestamp());
-            }
-            self.counters.windows.fetch_add(1, Ordering::Relaxed);
-            outcome("done");
-            return Ok(());
         }
         Err(Failure::new(
             ErrorClass::Transient,
             format!("rows kept moving while paging {window:?}; will try the window again later"),
         ))
     }
+}
+
+/// Where a pass starts.
+struct PassStart {
+    /// The window's first page, read to decide the pass (none when resuming).
+    first: Option<Page>,
+    /// The first page still to read.
+    next_page: u64,
+    count: u64,
+    total_pages: u64,
+    /// The ids published so far.
+    seen: PassIds,
+}
+
+impl PassStart {
+    fn from_first(first: Page) -> Self {
+        Self {
+            next_page: 2,
+            count: first.count,
+            total_pages: first.total_pages,
+            seen: PassIds::for_count(first.count),
+            first: Some(first),
+        }
+    }
+}
+
+/// How a pass ended.
+enum PassOutcome {
+    /// The window held still: the ids it published.
+    Steady(HashSet<String>),
+    /// Rows moved while it was paged, for this reason: it must be paged again.
+    Moved(&'static str),
 }
 
 impl<S: Source> Handler for Engine<S> {

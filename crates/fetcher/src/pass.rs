@@ -1,9 +1,15 @@
-//! What one pass over a window keeps: the ids it saw, and the messages not yet confirmed.
+//! What one pass over a window keeps: the ids it saw, and the messages not yet confirmed with the
+//! progress each one's confirm records.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 
 use conveyor_amqp::PendingConfirm;
+use conveyor_base::source::Window;
 use conveyor_base::{ErrorClass, Failure};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::state::{Progress, SyncStore};
 
 /// Messages published and not yet confirmed that one window pass may have.
 const UNCONFIRMED: usize = 8;
@@ -14,34 +20,83 @@ pub(crate) fn transient(err: impl std::fmt::Display) -> Failure {
     Failure::new(ErrorClass::Transient, format!("{err:#}"))
 }
 
-/// Messages of a window published and not yet confirmed by the broker. At most [`UNCONFIRMED`] wait
-/// at once: a fetcher that pages faster than the broker takes messages waits for it, rather than
-/// holding the rest of the window in memory.
-#[derive(Default)]
-pub(crate) struct Unconfirmed(VecDeque<PendingConfirm>);
+/// The messages of a pass published and not yet confirmed, awaited in order by a task of their own;
+/// once one is confirmed, the pass's progress is recorded up to its last page (see
+/// [`SyncStore::record_progress`]), so that a fetcher that dies loses at most the messages in flight.
+/// At most [`UNCONFIRMED`] wait at once: a fetcher that pages faster than the broker takes messages
+/// waits for it, rather than holding the rest of the window in memory.
+pub(crate) struct Checkpoints {
+    sender: mpsc::Sender<Checkpoint>,
+    task: JoinHandle<Result<(), Failure>>,
+}
 
-impl Unconfirmed {
-    pub(crate) async fn add(&mut self, confirm: Option<PendingConfirm>) -> Result<(), Failure> {
-        self.0.extend(confirm);
-        while self.0.len() > UNCONFIRMED {
-            self.wait_oldest().await?;
+/// A published message, and how far the pass is once it is confirmed.
+struct Checkpoint {
+    confirm: PendingConfirm,
+    /// The last page whose records are all in this message or an earlier one.
+    pages_confirmed: u64,
+    ids: Vec<String>,
+}
+
+impl Checkpoints {
+    /// `record`: where to record the progress (none for a pass that may not resume).
+    pub(crate) fn start(record: Option<(SyncStore, Window, u64)>) -> Self {
+        let (sender, mut receiver) = mpsc::channel::<Checkpoint>(UNCONFIRMED);
+        let task = tokio::spawn(async move {
+            while let Some(checkpoint) = receiver.recv().await {
+                checkpoint.confirm.wait().await.map_err(transient)?;
+                if let Some((store, window, count)) = &record {
+                    let progress = Progress {
+                        pages_confirmed: checkpoint.pages_confirmed,
+                        count: *count,
+                    };
+                    store
+                        .record_progress(window, &progress, &checkpoint.ids)
+                        .await
+                        .map_err(transient)?;
+                }
+            }
+            Ok(())
+        });
+        Self { sender, task }
+    }
+
+    /// Adds a published message; waits while [`UNCONFIRMED`] others wait for their confirm.
+    pub(crate) async fn add(
+        &mut self,
+        confirm: PendingConfirm,
+        pages_confirmed: u64,
+        ids: Vec<String>,
+    ) -> Result<(), Failure> {
+        let checkpoint = Checkpoint {
+            confirm,
+            pages_confirmed,
+            ids,
+        };
+        if self.sender.send(checkpoint).await.is_err() {
+            // The task stopped at a failed confirm or record: its error is the pass's.
+            return Err(join(&mut self.task).await.err().unwrap_or_else(|| {
+                Failure::new(ErrorClass::Transient, "the confirm task stopped early")
+            }));
         }
         Ok(())
     }
 
-    pub(crate) async fn wait_all(mut self) -> Result<(), Failure> {
-        while !self.0.is_empty() {
-            self.wait_oldest().await?;
-        }
-        Ok(())
+    /// Waits until every message is confirmed and its progress recorded.
+    pub(crate) async fn finish(self) -> Result<(), Failure> {
+        let Self { sender, mut task } = self;
+        drop(sender);
+        join(&mut task).await
     }
+}
 
-    async fn wait_oldest(&mut self) -> Result<(), Failure> {
-        match self.0.pop_front() {
-            Some(confirm) => confirm.wait().await.map_err(transient),
-            None => Ok(()),
-        }
-    }
+async fn join(task: &mut JoinHandle<Result<(), Failure>>) -> Result<(), Failure> {
+    task.await.unwrap_or_else(|err| {
+        Err(Failure::new(
+            ErrorClass::Transient,
+            format!("the confirm task failed: {err}"),
+        ))
+    })
 }
 
 /// The ids one pass over a window published, and whether one came twice.
@@ -56,6 +111,14 @@ impl PassIds {
     pub(crate) fn for_count(count: u64) -> Self {
         Self {
             ids: HashSet::with_capacity(usize::try_from(count).unwrap_or(0).min(1 << 20)),
+            repeated: false,
+        }
+    }
+
+    /// The ids an earlier part of the pass published (a pass that resumes).
+    pub(crate) fn from_ids(ids: HashSet<String>) -> Self {
+        Self {
+            ids,
             repeated: false,
         }
     }

@@ -4,6 +4,7 @@
 //! The watermark moves only when windows finish, and only up to the start of the oldest unfinished one:
 //! a crash at any moment may repeat a window, never skip one.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
@@ -37,6 +38,33 @@ async fn lock_windows(
     Ok(())
 }
 
+/// How far a pass over a window got: every record of its pages up to `pages_confirmed` is confirmed,
+/// and the window held `count` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub pages_confirmed: u64,
+    pub count: u64,
+}
+
+async fn forget_progress(
+    transaction: &tokio_postgres::Transaction<'_>,
+    pipeline: &str,
+    window: &Window,
+) -> Result<(), DatabaseError> {
+    for table in ["conveyor_sync_progress", "conveyor_sync_seen"] {
+        transaction
+            .execute(
+                &format!(
+                    "DELETE FROM {table} WHERE pipeline = $1 AND window_start = $2 AND window_end = $3"
+                ),
+                &[&pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql("forgetting how far a pass got"))?;
+    }
+    Ok(())
+}
+
 /// What a plan handed out.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -62,6 +90,10 @@ impl SyncStore {
             (
                 "V2__rate_budget_unlogged",
                 include_str!("../migrations/V2__rate_budget_unlogged.sql"),
+            ),
+            (
+                "V3__sync_progress",
+                include_str!("../migrations/V3__sync_progress.sql"),
             ),
         ]
         .map(|(name, sql)| {
@@ -179,7 +211,101 @@ impl SyncStore {
             )
             .await
             .map_err(sql(action))?;
-        Ok(())
+        forget_progress(transaction, &self.pipeline, window).await
+    }
+
+    /// Records that every record of `window`'s pages up to `pages_confirmed` is confirmed, with the
+    /// window's `count` and the ids those pages added. Nothing is recorded for a window no longer
+    /// pending (finished meanwhile by a fetcher it was handed out to again).
+    pub async fn record_progress(
+        &self,
+        window: &Window,
+        progress: &Progress,
+        new_ids: &[String],
+    ) -> Result<(), DatabaseError> {
+        let mut client = self.database.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(sql("starting to record progress"))?;
+        let pending = "EXISTS (SELECT 1 FROM conveyor_sync_windows \
+                         WHERE pipeline = $1 AND window_start = $2 AND window_end = $3)";
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO conveyor_sync_seen (pipeline, window_start, window_end, id) \
+                     SELECT $1, $2, $3, unnest($4::text[]) WHERE {pending} ON CONFLICT DO NOTHING"
+                ),
+                &[&self.pipeline, &window.start, &window.end, &new_ids],
+            )
+            .await
+            .map_err(sql("recording the ids a pass published"))?;
+        let (pages, count) = (progress.pages_confirmed as i64, progress.count as i64);
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO conveyor_sync_progress (pipeline, window_start, window_end, pages_confirmed, row_count) \
+                     SELECT $1, $2, $3, $4, $5 WHERE {pending} \
+                     ON CONFLICT (pipeline, window_start, window_end) DO UPDATE \
+                       SET pages_confirmed = EXCLUDED.pages_confirmed, row_count = EXCLUDED.row_count, updated_at = now()"
+                ),
+                &[&self.pipeline, &window.start, &window.end, &pages, &count],
+            )
+            .await
+            .map_err(sql("recording how far a pass got"))?;
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing progress"))
+    }
+
+    /// How far the last pass over `window` got, with the ids it published.
+    pub async fn progress(
+        &self,
+        window: &Window,
+    ) -> Result<Option<(Progress, HashSet<String>)>, DatabaseError> {
+        let client = self.database.client().await?;
+        let Some(row) = client
+            .query_opt(
+                "SELECT pages_confirmed, row_count FROM conveyor_sync_progress \
+                 WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
+                &[&self.pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql("reading how far a pass got"))?
+        else {
+            return Ok(None);
+        };
+        let progress = Progress {
+            pages_confirmed: row.get::<_, i64>(0).max(0) as u64,
+            count: row.get::<_, i64>(1).max(0) as u64,
+        };
+        let ids = client
+            .query(
+                "SELECT id FROM conveyor_sync_seen \
+                 WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
+                &[&self.pipeline, &window.start, &window.end],
+            )
+            .await
+            .map_err(sql("reading the ids a pass published"))?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        Ok(Some((progress, ids)))
+    }
+
+    /// Forgets how far passes over `window` got: the next pass starts from its first page.
+    pub async fn forget_progress(&self, window: &Window) -> Result<(), DatabaseError> {
+        let mut client = self.database.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(sql("starting to forget progress"))?;
+        forget_progress(&transaction, &self.pipeline, window).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing forgotten progress"))
     }
 
     /// Records a window as finished (every record of it confirmed by the broker) and moves the
