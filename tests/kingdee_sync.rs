@@ -570,14 +570,10 @@ async fn the_account_set_named_in_the_settings_is_the_one_read() {
     scenario.clean_up(false).await.unwrap();
 }
 
-/// A fetcher killed (SIGKILL) in the middle of one big window: the next one resumes after the last
-/// page whose records the broker had confirmed, so that the kill costs a few pages of calls — the
-/// pages in flight and the one read again to prove nothing before it moved — and not the window.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
-    const PAGES: u64 = 40;
-    // One window of 2,000 orders in 40 pages of 50, a page a message, 20 calls a second.
-    let source = [
+/// One window of 2,000 orders (with `old_backlog`) in 40 pages of 50, a page a message, 20 calls a
+/// second.
+fn one_big_window() -> [(&'static str, toml::Value); 7] {
+    [
         ("window_secs", toml::Value::Integer(30 * 86_400)),
         ("page_size", toml::Value::Integer(50)),
         ("records_per_message", toml::Value::Integer(50)),
@@ -585,7 +581,16 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
         ("calls_per_minute", toml::Value::Integer(1_200)),
         ("lag_secs", toml::Value::Integer(2)),
         ("overlap_secs", toml::Value::Integer(5)),
-    ];
+    ]
+}
+
+/// A fetcher killed (SIGKILL) in the middle of one big window: the next one resumes after the last
+/// page whose records the broker had confirmed, so that the kill costs a few pages of calls — the
+/// pages in flight and the one read again to prove nothing before it moved — and not the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
+    const PAGES: u64 = 40;
+    let source = one_big_window();
     let scenario = scenario("resume", old_backlog(36, 2_000), &source).await;
     let workers = vec![
         common::spawn_ready(&scenario, Worker::Transformer).await,
@@ -638,15 +643,7 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
 /// progress). It pages the window again, and the target ends exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetcher_killed_after_rows_moved_still_ends_exact() {
-    let source = [
-        ("window_secs", toml::Value::Integer(30 * 86_400)),
-        ("page_size", toml::Value::Integer(50)),
-        ("records_per_message", toml::Value::Integer(50)),
-        ("max_window_rows", toml::Value::Integer(10_000)),
-        ("calls_per_minute", toml::Value::Integer(1_200)),
-        ("lag_secs", toml::Value::Integer(2)),
-        ("overlap_secs", toml::Value::Integer(5)),
-    ];
+    let source = one_big_window();
     let scenario = scenario("resume_moved", old_backlog(37, 2_000), &source).await;
     scenario.simulator.arm_paging_change(PagingChange {
         after_page: 10,
