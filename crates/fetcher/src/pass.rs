@@ -45,13 +45,22 @@ impl Checkpoints {
         let task = tokio::spawn(async move {
             while let Some(checkpoint) = receiver.recv().await {
                 checkpoint.confirm.wait().await.map_err(transient)?;
+                let mut pages_confirmed = checkpoint.pages_confirmed;
+                let mut ids = checkpoint.ids;
+                // The messages that queued up meanwhile are recorded in the same write: when writes
+                // are slower than confirms, they are fewer, not later.
+                while let Ok(next) = receiver.try_recv() {
+                    next.confirm.wait().await.map_err(transient)?;
+                    pages_confirmed = next.pages_confirmed;
+                    ids.extend(next.ids);
+                }
                 if let Some((store, window, count)) = &record {
                     let progress = Progress {
-                        pages_confirmed: checkpoint.pages_confirmed,
+                        pages_confirmed,
                         count: *count,
                     };
                     store
-                        .record_progress(window, &progress, &checkpoint.ids)
+                        .record_progress(window, &progress, &ids)
                         .await
                         .map_err(transient)?;
                 }

@@ -223,40 +223,37 @@ impl SyncStore {
         progress: &Progress,
         new_ids: &[String],
     ) -> Result<(), DatabaseError> {
-        let mut client = self.database.client().await?;
-        let transaction = client
-            .transaction()
-            .await
-            .map_err(sql("starting to record progress"))?;
-        let pending = "EXISTS (SELECT 1 FROM conveyor_sync_windows \
-                         WHERE pipeline = $1 AND window_start = $2 AND window_end = $3)";
-        transaction
-            .execute(
-                &format!(
-                    "INSERT INTO conveyor_sync_seen (pipeline, window_start, window_end, id) \
-                     SELECT $1, $2, $3, unnest($4::text[]) WHERE {pending} ON CONFLICT DO NOTHING"
-                ),
-                &[&self.pipeline, &window.start, &window.end, &new_ids],
+        let client = self.database.client().await?;
+        // One statement, so one round trip: the ids and the progress, or neither.
+        let record = client
+            .prepare_cached(
+                "WITH pending AS (SELECT 1 FROM conveyor_sync_windows \
+                   WHERE pipeline = $1 AND window_start = $2 AND window_end = $3), \
+                 seen AS (INSERT INTO conveyor_sync_seen (pipeline, window_start, window_end, last_page, ids) \
+                   SELECT $1, $2, $3, $4, $6 FROM pending ON CONFLICT DO NOTHING) \
+                 INSERT INTO conveyor_sync_progress (pipeline, window_start, window_end, pages_confirmed, row_count) \
+                 SELECT $1, $2, $3, $4, $5 FROM pending \
+                 ON CONFLICT (pipeline, window_start, window_end) DO UPDATE \
+                   SET pages_confirmed = EXCLUDED.pages_confirmed, row_count = EXCLUDED.row_count, updated_at = now()",
             )
             .await
-            .map_err(sql("recording the ids a pass published"))?;
+            .map_err(sql("preparing to record progress"))?;
         let (pages, count) = (progress.pages_confirmed as i64, progress.count as i64);
-        transaction
+        client
             .execute(
-                &format!(
-                    "INSERT INTO conveyor_sync_progress (pipeline, window_start, window_end, pages_confirmed, row_count) \
-                     SELECT $1, $2, $3, $4, $5 WHERE {pending} \
-                     ON CONFLICT (pipeline, window_start, window_end) DO UPDATE \
-                       SET pages_confirmed = EXCLUDED.pages_confirmed, row_count = EXCLUDED.row_count, updated_at = now()"
-                ),
-                &[&self.pipeline, &window.start, &window.end, &pages, &count],
+                &record,
+                &[
+                    &self.pipeline,
+                    &window.start,
+                    &window.end,
+                    &pages,
+                    &count,
+                    &new_ids,
+                ],
             )
             .await
             .map_err(sql("recording how far a pass got"))?;
-        transaction
-            .commit()
-            .await
-            .map_err(sql("committing progress"))
+        Ok(())
     }
 
     /// How far the last pass over `window` got, with the ids it published.
@@ -282,7 +279,7 @@ impl SyncStore {
         };
         let ids = client
             .query(
-                "SELECT id FROM conveyor_sync_seen \
+                "SELECT unnest(ids) FROM conveyor_sync_seen \
                  WHERE pipeline = $1 AND window_start = $2 AND window_end = $3",
                 &[&self.pipeline, &window.start, &window.end],
             )
