@@ -110,7 +110,7 @@ const ERROR_CLASSES: &[&str] = &["permanent", "transient"];
 const MESSAGE_ERROR_CLASSES: &[&str] = &["malformed", "permanent", "transient"];
 const QUEUE_KINDS: &[&str] = &["work", "retry", "dead_letter"];
 const SOURCE_OUTCOMES: &[&str] = &["ok", "retried", "failed"];
-const WINDOW_OUTCOMES: &[&str] = &["done", "split", "restarted"];
+const WINDOW_OUTCOMES: &[&str] = &["done", "split", "restarted", "verifying"];
 const ROW_OUTCOMES: &[&str] = &["applied", "stale"];
 
 impl Metrics {
