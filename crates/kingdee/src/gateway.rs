@@ -529,12 +529,28 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .trim()
         .parse()
         .ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    // Whatever the header holds, never a panic: a value out of range is no value.
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_and_nonsense_is_ignored() {
+        let header = |value: &str| {
+            let mut headers = reqwest::header::HeaderMap::new();
+            headers.insert(reqwest::header::RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers)
+        };
+        assert_eq!(header("3"), Some(Duration::from_secs(3)));
+        assert_eq!(header(" 0.5 "), Some(Duration::from_millis(500)));
+        for nonsense in ["-1", "1e300", "NaN", "inf", "Wed, 21 Oct 2026 07:28:00 GMT"] {
+            assert_eq!(header(nonsense), None, "{nonsense}");
+        }
+        assert_eq!(retry_after(&reqwest::header::HeaderMap::new()), None);
+    }
 
     #[test]
     fn throttling_waits_as_told_and_gives_up_only_when_its_patience_is_spent() {
