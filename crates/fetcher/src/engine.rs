@@ -193,7 +193,11 @@ impl<S: Source> Engine<S> {
         checkpoints: &mut Checkpoints,
     ) -> Result<(), Failure> {
         let records = std::mem::take(gathered);
-        let ids = records.iter().map(|record| record.id.clone()).collect();
+        // The ids are kept only for a pass that records its progress: a copy of each costs.
+        let ids = match checkpoints.recording() {
+            true => records.iter().map(|record| record.id.clone()).collect(),
+            false => Vec::new(),
+        };
         if let Some(confirm) = self.publish(meta, records).await? {
             checkpoints.add(confirm, last_page, ids).await?;
         }

@@ -28,6 +28,8 @@ pub(crate) fn transient(err: impl std::fmt::Display) -> Failure {
 pub(crate) struct Checkpoints {
     sender: mpsc::Sender<Checkpoint>,
     task: JoinHandle<Result<(), Failure>>,
+    /// Whether progress is recorded (else the ids of a message are not needed).
+    recording: bool,
 }
 
 /// A published message, and how far the pass is once it is confirmed.
@@ -41,6 +43,7 @@ struct Checkpoint {
 impl Checkpoints {
     /// `record`: where to record the progress (none for a pass that may not resume).
     pub(crate) fn start(record: Option<(SyncStore, Window, u64)>) -> Self {
+        let recording = record.is_some();
         let (sender, mut receiver) = mpsc::channel::<Checkpoint>(UNCONFIRMED);
         let task = tokio::spawn(async move {
             while let Some(checkpoint) = receiver.recv().await {
@@ -67,7 +70,15 @@ impl Checkpoints {
             }
             Ok(())
         });
-        Self { sender, task }
+        Self {
+            sender,
+            task,
+            recording,
+        }
+    }
+
+    pub(crate) fn recording(&self) -> bool {
+        self.recording
     }
 
     /// Adds a published message; waits while [`UNCONFIRMED`] others wait for their confirm.
@@ -93,7 +104,9 @@ impl Checkpoints {
 
     /// Waits until every message is confirmed and its progress recorded.
     pub(crate) async fn finish(self) -> Result<(), Failure> {
-        let Self { sender, mut task } = self;
+        let Self {
+            sender, mut task, ..
+        } = self;
         drop(sender);
         join(&mut task).await
     }
