@@ -472,23 +472,7 @@ impl Scenario {
 
     /// Deletes the scenario's queues and exchanges (and its schema unless `keep_schema`).
     pub async fn clean_up(&self, keep_schema: bool) -> anyhow::Result<()> {
-        let connection =
-            conveyor_amqp::connect(&self.services.broker()?, "conveyor-harness").await?;
-        let channel = connection.create_channel().await?;
-        for queue in self.topologies().iter().flat_map(Topology::queues) {
-            channel
-                .queue_delete(queue.as_str().into(), Default::default())
-                .await
-                .with_context(|| format!("deleting queue {queue}"))?;
-        }
-        let topology = self.topology();
-        for exchange in [topology.exchange(), topology.dead_letter_exchange()] {
-            channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await
-                .with_context(|| format!("deleting exchange {exchange}"))?;
-        }
-        conveyor_amqp::close(&connection).await;
+        self.services.delete_topology(&self.topologies()).await?;
         self.cleaned.store(true, Ordering::Relaxed);
         if !keep_schema {
             let client = pg_client(&self.services.pg_url).await?;

@@ -3,8 +3,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use conveyor_amqp::BrokerAddress;
 use conveyor_amqp::settings::{BrokerArgs, DEFAULT_AMQP_URL};
+use conveyor_amqp::{BrokerAddress, Topology};
 use conveyor_base::Secret;
 
 /// The PostgreSQL used when CONVEYOR_PG_URL is not set: the local server's `test` database.
@@ -85,6 +85,30 @@ impl Services {
                 self.amqp_tls.cert_file.clone(),
                 self.amqp_tls.key_file.clone(),
             )
+    }
+}
+
+impl Services {
+    /// Deletes the queues of `topologies` and their namespace's exchanges.
+    pub async fn delete_topology(&self, topologies: &[Topology]) -> anyhow::Result<()> {
+        let connection = conveyor_amqp::connect(&self.broker()?, "conveyor-harness").await?;
+        let channel = connection.create_channel().await?;
+        for queue in topologies.iter().flat_map(Topology::queues) {
+            channel
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await
+                .with_context(|| format!("deleting queue {queue}"))?;
+        }
+        if let Some(topology) = topologies.first() {
+            for exchange in [topology.exchange(), topology.dead_letter_exchange()] {
+                channel
+                    .exchange_delete(exchange.as_str().into(), Default::default())
+                    .await
+                    .with_context(|| format!("deleting exchange {exchange}"))?;
+            }
+        }
+        conveyor_amqp::close(&connection).await;
+        Ok(())
     }
 }
 
