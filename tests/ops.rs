@@ -128,6 +128,7 @@ async fn workers_export_every_documented_metric_and_no_secret() {
                 "conveyor_source_token_refreshes_total",
                 "conveyor_source_throttled_total",
                 "conveyor_source_rate_wait_seconds_total",
+                "conveyor_source_call_rate_per_minute",
                 "conveyor_sync_windows_total",
                 "conveyor_sync_watermark_seconds",
             ]),

@@ -5,8 +5,8 @@
 
 use crate::Stage;
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metrics of one worker process.
@@ -60,6 +60,9 @@ pub struct Metrics {
     pub source_throttled: IntCounterVec,
     /// Seconds spent waiting for the shared call budget before calling the source.
     pub source_rate_wait_seconds: CounterVec,
+    /// Calls per minute the shared budget allows now: the configured budget, or less after the
+    /// source throttled calls, climbing back slowly.
+    pub source_call_rate: GaugeVec,
     /// Modify-time windows a fetcher finished, split, or had to page again because rows moved.
     pub sync_windows: IntCounterVec,
     /// The sync watermark (epoch seconds): everything modified before it is safely in the broker.
@@ -96,6 +99,7 @@ pub const DOCUMENTED: &[&str] = &[
     "conveyor_source_token_refreshes_total",
     "conveyor_source_throttled_total",
     "conveyor_source_rate_wait_seconds_total",
+    "conveyor_source_call_rate_per_minute",
     "conveyor_sync_windows_total",
     "conveyor_sync_watermark_seconds",
     "conveyor_ready",
@@ -140,6 +144,11 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            register(Box::new(metric.clone()));
+            metric
+        };
+        let float_gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             register(Box::new(metric.clone()));
             metric
         };
@@ -238,6 +247,11 @@ impl Metrics {
             source_rate_wait_seconds: float_counter(
                 "conveyor_source_rate_wait_seconds_total",
                 "Seconds spent waiting for the shared call budget",
+                &["pipeline"],
+            ),
+            source_call_rate: float_gauge(
+                "conveyor_source_call_rate_per_minute",
+                "Calls per minute the shared budget allows now, after throttling",
                 &["pipeline"],
             ),
             sync_windows: counter(
@@ -367,6 +381,11 @@ mod tests {
             metrics.initialize("orders", stage);
         }
         metrics.sync_watermark.with_label_values(&["orders"]).set(1);
+        // Set by the fetcher's budget once it knows the configured limit.
+        metrics
+            .source_call_rate
+            .with_label_values(&["orders"])
+            .set(300.0);
         let rendered = names_in(&metrics.render());
         let documented: std::collections::BTreeSet<String> =
             DOCUMENTED.iter().map(|name| name.to_string()).collect();

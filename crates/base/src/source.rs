@@ -97,6 +97,14 @@ pub trait Source: Send + Sync + 'static {
 pub trait RateBudget: Send + Sync + 'static {
     /// Waits for the next call slot; returns how long it waited.
     fn acquire(&self) -> impl Future<Output = Result<Duration, String>> + Send;
+
+    /// The source refused a call for its rate; `retry_after` is the wait it asked for, if it said.
+    /// Returns whether the budget slows every caller itself from now on (the caller then just acquires
+    /// again), or leaves the waiting to the caller (the default).
+    fn throttled(&self, retry_after: Option<Duration>) -> impl Future<Output = bool> + Send {
+        let _ = retry_after;
+        async { false }
+    }
 }
 
 /// No budget: for one-off tools.

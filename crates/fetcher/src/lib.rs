@@ -3,9 +3,11 @@
 //! - `engine`: the generic sync engine over any [`Source`](conveyor_base::source::Source) — windows,
 //!   the steady-pass check, pages gathered into messages, the watermark.
 //! - [`serve`]: the engine run for one pipeline through every broker session.
-//! - [`state`]: the shared, durable sync state and call budget in PostgreSQL.
+//! - [`state`]: the shared, durable sync state in PostgreSQL.
+//! - [`budget`]: the call budget shared by every fetcher of an account set, adapting to throttling.
 //! - [`run`]: the process — its pipelines, and the one match that picks each one's source by kind.
 
+pub mod budget;
 mod engine;
 mod pass;
 mod rows;
@@ -27,9 +29,10 @@ use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::SharedBudget;
 use crate::serve::RunOptions;
 use crate::settings::SyncSettings;
-use crate::state::{SharedBudget, SyncStore};
+use crate::state::SyncStore;
 
 /// The fetcher's command line (every flag also reads an environment variable).
 #[derive(Debug, clap::Parser)]
@@ -99,6 +102,12 @@ async fn sync_pipeline(
                 database,
                 KingdeeArgs::budget_key(&credentials),
                 spec.calls_per_minute,
+            )
+            .with_rate_gauge(
+                runtime
+                    .metrics
+                    .source_call_rate
+                    .with_label_values(&[runtime.pipeline.name()]),
             );
             let gateway = Gateway::new(
                 credentials,

@@ -1,5 +1,5 @@
 //! The fetchers' shared, durable state in PostgreSQL: the sync watermark, the windows handed out and not
-//! yet finished, and the call budget of each account set.
+//! yet finished, and how far a pass over a window got (the call budget is in [`crate::budget`]).
 //!
 //! The watermark moves only when windows finish, and only up to the start of the oldest unfinished one:
 //! a crash at any moment may repeat a window, never skip one.
@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
-use conveyor_base::source::{RateBudget, Window};
+use conveyor_base::source::Window;
 use conveyor_postgres::{Database, DatabaseError};
 
 const HISTORY_TABLE: &str = "conveyor_state_migrations";
@@ -94,6 +94,10 @@ impl SyncStore {
             (
                 "V3__sync_progress",
                 include_str!("../migrations/V3__sync_progress.sql"),
+            ),
+            (
+                "V4__adaptive_rate",
+                include_str!("../migrations/V4__adaptive_rate.sql"),
             ),
         ]
         .map(|(name, sql)| {
@@ -399,60 +403,5 @@ impl SyncStore {
             .await
             .map_err(sql("reading the watermark"))?
             .map(|row| row.get(0)))
-    }
-}
-
-/// A call budget kept in PostgreSQL, shared by every fetcher of an account set: calls are spaced evenly
-/// (the next free slot is reserved atomically), so that no 60 seconds ever hold more than the budget,
-/// however many processes call.
-pub struct SharedBudget {
-    database: Database,
-    key: String,
-    spacing: Duration,
-}
-
-impl SharedBudget {
-    /// `calls_per_minute` is the gateway's limit; calls are spaced 2% wider than it allows, as margin
-    /// for network jitter between the reservation and the call's arrival.
-    pub fn new(database: Database, key: String, calls_per_minute: u32) -> Self {
-        let spacing = Duration::from_secs_f64(60.0 / f64::from(calls_per_minute.max(1)) * 1.02);
-        Self {
-            database,
-            key,
-            spacing,
-        }
-    }
-}
-
-impl RateBudget for SharedBudget {
-    async fn acquire(&self) -> Result<Duration, String> {
-        let client = self
-            .database
-            .client()
-            .await
-            .map_err(|err| err.to_string())?;
-        let spacing = self.spacing.as_secs_f64();
-        // Prepared once per connection: a reservation precedes every call to the source.
-        let reserve = client
-            .prepare_cached(
-                "INSERT INTO conveyor_rate_budget AS b (budget, next_slot) \
-                 VALUES ($1, clock_timestamp() + make_interval(secs => $2)) \
-                 ON CONFLICT (budget) DO UPDATE \
-                   SET next_slot = GREATEST(b.next_slot, clock_timestamp()) + make_interval(secs => $2) \
-                 RETURNING (extract(epoch FROM (next_slot - clock_timestamp())) - $2)::float8",
-            )
-            .await
-            .map_err(|err| format!("preparing the call slot reservation: {err}"))?;
-        let wait: f64 = client
-            .query_one(&reserve, &[&self.key, &spacing])
-            .await
-            .map_err(|err| format!("reserving a call slot: {err}"))?
-            .get(0);
-        drop(client);
-        let wait = Duration::from_secs_f64(wait.max(0.0));
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        Ok(wait)
     }
 }

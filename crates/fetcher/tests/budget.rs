@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use conveyor_base::Secret;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, RateBudget, Unlimited};
-use conveyor_fetcher::state::{SharedBudget, SyncStore};
+use conveyor_fetcher::budget::SharedBudget;
+use conveyor_fetcher::state::SyncStore;
 use conveyor_kingdee::{Credentials, Gateway, ListData};
 use conveyor_postgres::{Database, PostgresArgs};
 use kingdee_sim::gate::demo_credentials;
@@ -59,6 +60,31 @@ async fn simulator() -> (Arc<Simulator>, Credentials) {
     (sim, credentials)
 }
 
+/// A new schema with the sync state's tables, and a connection pool into it for each of `GATEWAYS`
+/// processes.
+async fn fresh_state(prefix: &str) -> (String, Vec<Database>) {
+    let schema = format!("{prefix}_{}", std::process::id());
+    let databases: Vec<Database> = (0..GATEWAYS)
+        .map(|_| Database::connect(&postgres_args(&schema)).unwrap())
+        .collect();
+    drop_schema(&databases[0], &schema).await;
+    SyncStore::open(databases[0].clone(), "orders")
+        .await
+        .unwrap();
+    (schema, databases)
+}
+
+async fn drop_schema(database: &Database, schema: &str) {
+    let client = database
+        .client()
+        .await
+        .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
+    client
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await
+        .unwrap();
+}
+
 /// Every task of every gateway pages at once, as the fetch tasks of several processes do.
 async fn call_from_all<B: RateBudget>(gateways: Vec<Gateway<B>>) {
     let mut tasks = tokio::task::JoinSet::new();
@@ -87,22 +113,7 @@ async fn call_from_all<B: RateBudget>(gateways: Vec<Gateway<B>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_budgets_of_one_account_set_pace_their_calls_together() {
-    let schema = format!("fetcher_budget_{}", std::process::id());
-    let databases: Vec<Database> = (0..GATEWAYS)
-        .map(|_| Database::connect(&postgres_args(&schema)).unwrap())
-        .collect();
-    let client = databases[0]
-        .client()
-        .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 (ops/services.sh starts it)");
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
-    drop(client);
-    SyncStore::open(databases[0].clone(), "orders")
-        .await
-        .unwrap();
+    let (schema, databases) = fresh_state("fetcher_budget").await;
 
     let (sim, credentials) = simulator().await;
     let gateways = databases
@@ -141,9 +152,39 @@ async fn two_budgets_of_one_account_set_pace_their_calls_together() {
     let breaches = kingdee_sim::gate::budget_breaches(&unpaced.call_arrivals(), BUDGET, &windows());
     assert_eq!(breaches.len(), 4, "{breaches:?}");
 
-    let client = databases[0].client().await.unwrap();
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await
-        .unwrap();
+    drop_schema(&databases[0], &schema).await;
+}
+
+/// One process's call is throttled: every process's next call waits as long as the source said, and
+/// both now pace calls at the cut rate (each sees it at its next reservation), which the gauge shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_call_holds_every_process_back_and_cuts_the_shared_rate() {
+    let (schema, databases) = fresh_state("fetcher_budget_cut").await;
+    let metrics = Metrics::new();
+    let gauges =
+        ["first", "second"].map(|name| metrics.source_call_rate.with_label_values(&[name]));
+    let [first, second] = [0, 1].map(|index| {
+        SharedBudget::new(databases[index].clone(), "tenant/account".into(), BUDGET)
+            .with_rate_gauge(gauges[index].clone())
+    });
+    first.acquire().await.unwrap();
+    assert_eq!(gauges[1].get(), f64::from(BUDGET));
+
+    assert!(first.throttled(Some(Duration::from_secs(1))).await);
+    assert_eq!(gauges[0].get(), 540.0, "cut by a tenth");
+    let waited = second.acquire().await.unwrap();
+    assert!(
+        waited >= Duration::from_millis(900) && waited <= Duration::from_millis(1500),
+        "{waited:?}"
+    );
+    assert!((gauges[1].get() - 540.0).abs() < 0.5, "{}", gauges[1].get());
+    // A refusal a second later is a new overshoot: cut again. Without Retry-After, every caller
+    // pauses for two spacings at the new rate.
+    assert!(second.throttled(None).await);
+    let waited = first.acquire().await.unwrap();
+    assert!(waited >= Duration::from_millis(200), "{waited:?}");
+    let rate = gauges[0].get();
+    assert!((480.0..500.0).contains(&rate), "{rate}");
+
+    drop_schema(&databases[0], &schema).await;
 }

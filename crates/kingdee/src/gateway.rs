@@ -5,12 +5,13 @@
 //! - HTTP 519 with 4010/4011 (token invalid/expired): fetch a new token, retry.
 //! - errcode 1030002006 on the token call (stale app_secret): authorize again, retry.
 //! - HTTP 502 (the tenant moved data centre): authorize again to learn the new domain, retry.
-//! - HTTP 429 and gateway 5007 (throttled): wait as `Retry-After` says, or a growing pause, and call
-//!   again; not a failed try (see `THROTTLE`).
+//! - HTTP 429 and gateway 5007 (throttled): tell the rate budget, which may hold every call back
+//!   (the shared one does, and cuts its rate); else wait as `Retry-After` says, or a growing pause. Then
+//!   call again: not a failed try (see `THROTTLE`).
 //! - Gateway 5003/5004/5006, 5xx, network errors, unreadable bodies: back off with jitter, retry.
 //! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_base::Secret;
@@ -144,13 +145,22 @@ impl<B: RateBudget> Gateway<B> {
                             THROTTLE_PATIENCE.as_secs()
                         )));
                     };
-                    tracing::warn!(
-                        path,
-                        reason,
-                        wait_secs = wait.as_secs_f64(),
-                        "throttled by the gateway; waiting, then calling again (not a failed try)"
-                    );
-                    tokio::time::sleep(wait).await;
+                    if self.budget.throttled(retry_after).await {
+                        tracing::warn!(
+                            path,
+                            reason,
+                            "throttled by the gateway; the call budget holds every call back, then \
+                             this one is made again (not a failed try)"
+                        );
+                    } else {
+                        tracing::warn!(
+                            path,
+                            reason,
+                            wait_secs = wait.as_secs_f64(),
+                            "throttled by the gateway; waiting, then calling again (not a failed try)"
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
                     continue;
                 }
                 Answer::Retry { reason } => {
@@ -340,7 +350,12 @@ impl<B: RateBudget> Gateway<B> {
         {
             Ok(Answer::Data(data)) => data,
             Ok(other) => return Err(other),
-            Err(err) => return Err(Answer::Fatal(err.to_string())),
+            // Only the rate budget fails an exchange: worth retrying, not a fault of the credentials.
+            Err(err) => {
+                return Err(Answer::Retry {
+                    reason: err.to_string(),
+                });
+            }
         };
         let sets: Vec<AccountSet> =
             serde_json::from_str(data.get()).map_err(|err| Answer::Retry {
@@ -384,7 +399,12 @@ impl<B: RateBudget> Gateway<B> {
                 })?
             }
             Ok(other) => return Err(other),
-            Err(err) => return Err(Answer::Fatal(err.to_string())),
+            // Only the rate budget fails an exchange: worth retrying, not a fault of the credentials.
+            Err(err) => {
+                return Err(Answer::Retry {
+                    reason: err.to_string(),
+                });
+            }
         };
         let value = data["app-token"]
             .as_str()
@@ -501,22 +521,20 @@ const THROTTLE_PATIENCE: Duration = Duration::from_secs(10 * 60);
 #[derive(Default)]
 struct Throttled {
     times: u32,
-    waited: Duration,
+    since: Option<Instant>,
 }
 
 impl Throttled {
     /// The wait before calling again: what the gateway asked for, else [`THROTTLE`]'s next pause;
-    /// `None` once [`THROTTLE_PATIENCE`] is spent.
+    /// `None` once [`THROTTLE_PATIENCE`] is spent (counted from the first refusal, whoever waited:
+    /// this call, or the budget for every call).
     fn next_wait(&mut self, retry_after: Option<Duration>) -> Option<Duration> {
         self.times += 1;
+        let since = *self.since.get_or_insert_with(Instant::now);
         let wait = retry_after
             .map(|wait| wait.min(THROTTLE.max))
             .unwrap_or_else(|| THROTTLE.jittered(self.times));
-        if self.waited + wait > THROTTLE_PATIENCE {
-            return None;
-        }
-        self.waited += wait;
-        Some(wait)
+        (since.elapsed() + wait <= THROTTLE_PATIENCE).then_some(wait)
     }
 }
 
@@ -567,12 +585,12 @@ mod tests {
         // Without Retry-After the pause grows, up to the window.
         let guessed = throttled.next_wait(None).unwrap();
         assert!(guessed >= Duration::from_secs(4) && guessed <= Duration::from_secs(8));
-        // Far more waits than a call has tries, until the patience is spent.
-        let mut waits = 3;
-        while throttled.next_wait(Some(Duration::from_secs(30))).is_some() {
-            waits += 1;
-        }
-        assert!(waits > ATTEMPTS as usize, "{waits}");
-        assert!(throttled.waited <= THROTTLE_PATIENCE);
+        // The patience is counted from the first refusal.
+        let mut patient = Throttled {
+            times: 0,
+            since: Instant::now().checked_sub(THROTTLE_PATIENCE - Duration::from_secs(40)),
+        };
+        assert!(patient.next_wait(Some(Duration::from_secs(30))).is_some());
+        assert_eq!(patient.next_wait(Some(Duration::from_secs(50))), None);
     }
 }
