@@ -257,7 +257,7 @@ fn pacing_windows() -> [Duration; 3] {
 /// Two fetcher processes share the work of a backlog and its call budget: the simulator, which has no
 /// limit of its own here, times every call, and the calls keep the budget in any span of 0.5, 1 and
 /// 2 s and take at least as long as the budget needs for them. Without the shared budget (or with one
-/// per process) the same sync breaks both checks.
+/// per process) the same sync breaks both checks. They log in once: the app-token is shared too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_fetcher_processes_keep_one_call_budget() {
     // One call every 102 ms: the ~60 calls of this sync take about six seconds.
@@ -284,8 +284,10 @@ async fn two_fetcher_processes_keep_one_call_budget() {
         arrivals.len()
     );
     assert_eq!(
-        stats.tokens_issued, 2,
-        "one token for each process: {stats:?}"
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "one login for both processes (the second waits for the first's and takes up its token): \
+         {stats:?}"
     );
     for summary in &summaries {
         assert!(
@@ -622,17 +624,79 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
         resumed.log_tail(20)
     );
     // A clean run: the auth flow, the 40 pages and the plan's tail window (empty: one call). The kill
-    // adds the second fetcher's auth flow, the page read again, and the pages in flight (fetched
-    // ahead, at most 4, and not yet published).
-    let calls = scenario.simulator.stats().calls;
+    // adds the page read again and the pages in flight (fetched ahead, at most 4, and not yet
+    // confirmed); the second fetcher takes up the first one's app-token.
+    let stats = scenario.simulator.stats();
     let clean = 2 + PAGES + 1;
     eprintln!(
-        "calls: {calls} (clean run {clean}; {calls_at_kill} when killed); the resumed fetcher: {summary}"
+        "calls: {} (clean run {clean}; {calls_at_kill} when killed); the resumed fetcher: {summary}",
+        stats.calls
+    );
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "{stats:?}"
     );
     assert!(
-        calls <= clean + 2 + 1 + 4,
+        stats.calls <= clean + 1 + 4,
         "the kill cost {} calls beyond a clean run",
-        calls - clean
+        stats.calls - clean
+    );
+    stop(workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
+
+/// Four SIGKILLs spread over one big window, 2.4 s apart, each fetcher restarted at once (the
+/// issue's run, at the pace of a budget of 300 calls a minute): each kill costs at most two pages of calls beyond a clean
+/// run — the page read again to prove nothing before it moved, and the page in flight — because the
+/// next fetcher resumes after the last confirmed page and takes up the saved app-token. (Each restart
+/// also plans a window up to its own start: empty here, one call each, counted apart.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_fetcher_kills_cost_at_most_two_pages_each() {
+    const PAGES: u64 = 40;
+    const KILLS: u64 = 4;
+    let source = one_big_window().map(|(name, value)| match name {
+        "calls_per_minute" => (name, toml::Value::Integer(300)),
+        _ => (name, value),
+    });
+    let scenario = scenario("kills", old_backlog(38, 2_000), &source).await;
+    let workers = vec![
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    // Each fetcher lives 2.4 s: started and ready in about one, then pages at five a second.
+    until_calls(&scenario, 3).await;
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(2_400)).await;
+        fetcher.kill().await.unwrap();
+        fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    }
+    let summary = summary_of(&mut fetcher).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&workers[0], &workers[1], &fetcher],
+    );
+    // The window's pages: every call but the one login and the empty windows (each restarted
+    // fetcher plans a new one up to its own start, and the killed ones may be read again).
+    let stats = scenario.simulator.stats();
+    let page_calls = stats.calls - stats.authorizations - stats.tokens_issued - stats.empty_lists;
+    eprintln!(
+        "{page_calls} calls for the window's {PAGES} pages with {KILLS} kills, {} empty windows; \
+         the last fetcher: {summary}",
+        stats.empty_lists
+    );
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert!(
+        page_calls <= PAGES + 2 * KILLS,
+        "{KILLS} kills cost {} page calls beyond a clean run's {PAGES}: {stats:?}",
+        page_calls - PAGES
     );
     stop(workers).await;
     scenario.clean_up(false).await.unwrap();

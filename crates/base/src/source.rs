@@ -27,12 +27,13 @@
 //!   window again later can help.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use crate::Failure;
+use crate::{Failure, Secret};
 
 /// Records modified from `start` to `end`, both inclusive (reading both ends costs at most a repeated
 /// row, which idempotent writes absorb).
@@ -105,6 +106,37 @@ pub trait RateBudget: Send + Sync + 'static {
         let _ = retry_after;
         async { false }
     }
+}
+
+/// A source's login: a token and the address it is good at, as a source's client fetched it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedSession {
+    pub token: Secret,
+    /// Where calls with this token go (Kingdee: the tenant's data centre).
+    pub address: String,
+    pub fetched_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a [`SessionStore`] call returns: rarely called, so boxed.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
+/// Where every process calling one source account keeps its login, so that a restarted or added
+/// process takes up the token another one fetched instead of logging in again (token calls are few
+/// and counted: Kingdee allows about two a minute).
+pub trait SessionStore: Send + Sync + 'static {
+    /// The session saved last, if any.
+    fn load(&self) -> StoreFuture<'_, Option<SavedSession>>;
+
+    /// Saves `session` in place of any other.
+    fn save<'a>(&'a self, session: &'a SavedSession) -> StoreFuture<'a, ()>;
+
+    /// Forgets the saved session if its token is `refused` (not a newer one saved meanwhile).
+    fn forget<'a>(&'a self, refused: &'a Secret) -> StoreFuture<'a, ()>;
+
+    /// Waits until no other process is logging in to the account, then holds the login for this one
+    /// until the returned guard is dropped: processes started together log in once, not each.
+    fn lock_login(&self) -> StoreFuture<'_, Box<dyn Send>>;
 }
 
 /// No budget: for one-off tools.

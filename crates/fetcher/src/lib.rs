@@ -5,6 +5,7 @@
 //! - [`serve`]: the engine run for one pipeline through every broker session.
 //! - [`state`]: the shared, durable sync state in PostgreSQL.
 //! - [`budget`]: the call budget shared by every fetcher of an account set, adapting to throttling.
+//! - [`session`]: the source's login, shared by every fetcher of an account set.
 //! - [`run`]: the process — its pipelines, and the one match that picks each one's source by kind.
 
 pub mod budget;
@@ -12,6 +13,7 @@ mod engine;
 mod pass;
 mod rows;
 pub mod serve;
+pub mod session;
 pub mod settings;
 pub mod state;
 pub mod window;
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::SharedBudget;
 use crate::serve::RunOptions;
+use crate::session::SessionTable;
 use crate::settings::SyncSettings;
 use crate::state::SyncStore;
 
@@ -99,7 +102,7 @@ async fn sync_pipeline(
         SourceKind::Kingdee => {
             let credentials = cli.kingdee.credentials()?;
             let budget = SharedBudget::new(
-                database,
+                database.clone(),
                 KingdeeArgs::budget_key(&credentials),
                 spec.calls_per_minute,
             )
@@ -109,12 +112,14 @@ async fn sync_pipeline(
                     .source_call_rate
                     .with_label_values(&[runtime.pipeline.name()]),
             );
+            let session = SessionTable::new(database, KingdeeArgs::session_key(&credentials));
             let gateway = Gateway::new(
                 credentials,
                 budget,
                 runtime.metrics.clone(),
                 runtime.pipeline.name(),
-            );
+            )
+            .with_session_store(session);
             let source = KingdeeSource::new(gateway, &spec.path, &spec.query, spec.page_size);
             source
                 .check()

@@ -99,6 +99,10 @@ impl SyncStore {
                 "V4__adaptive_rate",
                 include_str!("../migrations/V4__adaptive_rate.sql"),
             ),
+            (
+                "V5__source_session",
+                include_str!("../migrations/V5__source_session.sql"),
+            ),
         ]
         .map(|(name, sql)| {
             refinery::Migration::unapplied(name, sql)

@@ -1,5 +1,7 @@
 //! The gateway client: the auth flow (push_app_authorize → app_signature → kingdee_auth_token), a cached
 //! app-token refreshed before it expires by one task at a time, signed business calls, and retries.
+//! With a [`SessionStore`], the token is also saved for every process of the account set: a restarted
+//! or added fetcher takes it up instead of running the auth flow again.
 //!
 //! What each answer means, and what the client does about it:
 //! - HTTP 519 with 4010/4011 (token invalid/expired): fetch a new token, retry.
@@ -11,13 +13,14 @@
 //! - Gateway 5003/5004/5006, 5xx, network errors, unreadable bodies: back off with jitter, retry.
 //! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use conveyor_base::Secret;
 use conveyor_base::backoff::Backoff;
 use conveyor_base::metrics::Metrics;
-use conveyor_base::source::RateBudget;
+use conveyor_base::source::{RateBudget, SavedSession, SessionStore};
 use conveyor_base::tls;
 use rand::RngExt as _;
 use serde::de::DeserializeOwned;
@@ -55,17 +58,25 @@ struct Authorization {
     account_name: String,
 }
 
-#[derive(Debug, Clone)]
-struct Token {
-    value: Secret,
-    expires_at: DateTime<Utc>,
-    fetched_at: DateTime<Utc>,
-}
-
 #[derive(Debug, Default)]
 struct Session {
     authorization: Option<Authorization>,
-    token: Option<Token>,
+    /// The app-token, and the domain it was fetched for.
+    token: Option<SavedSession>,
+}
+
+/// Whether `token` is young enough to use: it is refreshed once 80% of its lifetime has passed, well
+/// before the gateway refuses it.
+fn fresh(token: &SavedSession, now: DateTime<Utc>) -> bool {
+    let lifetime = token.expires_at - token.fetched_at;
+    now < token.fetched_at + lifetime * 4 / 5
+}
+
+fn ticket_of(token: &SavedSession) -> Ticket {
+    Ticket {
+        token: token.token.clone(),
+        domain: token.address.clone(),
+    }
 }
 
 /// What a business call needs from the session.
@@ -89,6 +100,7 @@ pub struct Gateway<B> {
     credentials: Credentials,
     budget: B,
     session: Mutex<Session>,
+    saved: Option<Arc<dyn SessionStore>>,
     metrics: Metrics,
     pipeline: String,
 }
@@ -104,9 +116,16 @@ impl<B: RateBudget> Gateway<B> {
             credentials,
             budget,
             session: Mutex::new(Session::default()),
+            saved: None,
             metrics,
             pipeline: pipeline.to_owned(),
         }
+    }
+
+    /// Keeps the app-token in `store` too, shared with every process of the account set.
+    pub fn with_session_store(mut self, store: impl SessionStore) -> Self {
+        self.saved = Some(Arc::new(store));
+        self
     }
 
     /// A signed business GET; returns the response's `data` read as `T`. Retries what can be
@@ -121,7 +140,7 @@ impl<B: RateBudget> Gateway<B> {
         let mut failed_tries = 0;
         let mut throttled = Throttled::default();
         while failed_tries < ATTEMPTS {
-            let ticket = self.ticket().await?;
+            let ticket = self.ticket(true).await?;
             let answer = self
                 .exchange(reqwest::Method::GET, path, query, Some(&ticket))
                 .await?;
@@ -174,7 +193,7 @@ impl<B: RateBudget> Gateway<B> {
                 }
                 Answer::TenantMoved | Answer::StaleSecret => {
                     tracing::info!(path, "tenant moved or secret stale; authorizing again");
-                    self.forget_authorization(&ticket.domain).await;
+                    self.forget_authorization(&ticket).await;
                     last = "HTTP 502: the tenant's data centre moved".into();
                 }
                 Answer::Fatal(reason) => {
@@ -215,7 +234,7 @@ impl<B: RateBudget> Gateway<B> {
             let mut session = self.session.lock().await;
             session.token = None;
         }
-        self.ticket().await?;
+        self.ticket(false).await?;
         let session = self.session.lock().await;
         let authorization = session.authorization.as_ref().expect("ticket() authorized");
         let token = session.token.as_ref().expect("ticket() fetched a token");
@@ -235,22 +254,32 @@ impl<B: RateBudget> Gateway<B> {
 
     /// The current token and domain, authorizing and fetching a token first if needed. The session lock
     /// is held while refreshing, so however many tasks call, one refresh runs and the rest wait for it.
-    async fn ticket(&self) -> Result<Ticket, GatewayError> {
+    /// With `reuse_saved`, a fresh token another process saved is taken up first.
+    async fn ticket(&self, reuse_saved: bool) -> Result<Ticket, GatewayError> {
         let mut session = self.session.lock().await;
-        let now = Utc::now();
-        if let Some(token) = &session.token {
-            // Refresh when 80% of the lifetime has passed, well before the gateway refuses it.
-            let lifetime = token.expires_at - token.fetched_at;
-            if now < token.fetched_at + lifetime * 4 / 5 {
-                let domain = session
-                    .authorization
-                    .as_ref()
-                    .map(|a| a.domain.clone())
-                    .unwrap_or_default();
-                return Ok(Ticket {
-                    token: token.value.clone(),
-                    domain,
-                });
+        if let Some(token) = session
+            .token
+            .as_ref()
+            .filter(|token| fresh(token, Utc::now()))
+        {
+            return Ok(ticket_of(token));
+        }
+        let mut _login = None;
+        if reuse_saved && let Some(store) = &self.saved {
+            if let Some(token) = self.load_saved().await {
+                let ticket = ticket_of(&token);
+                session.token = Some(token);
+                return Ok(ticket);
+            }
+            // Held until this login ends; another process's login may end meanwhile with a token.
+            match store.lock_login().await {
+                Ok(guard) => _login = Some(guard),
+                Err(err) => tracing::warn!(%err, "cannot wait for other processes' login"),
+            }
+            if let Some(token) = self.load_saved().await {
+                let ticket = ticket_of(&token);
+                session.token = Some(token);
+                return Ok(ticket);
             }
         }
         let mut last = String::new();
@@ -284,10 +313,8 @@ impl<B: RateBudget> Gateway<B> {
             let authorization = session.authorization.clone().expect("authorized above");
             match self.fetch_token(&authorization).await {
                 Ok(token) => {
-                    let ticket = Ticket {
-                        token: token.value.clone(),
-                        domain: authorization.domain.clone(),
-                    };
+                    self.save(&token).await;
+                    let ticket = ticket_of(&token);
                     session.token = Some(token);
                     return Ok(ticket);
                 }
@@ -311,26 +338,67 @@ impl<B: RateBudget> Gateway<B> {
         )))
     }
 
+    /// The saved token, when there is a store, it answers and the token is fresh. A store that fails
+    /// costs an auth flow, not the call.
+    async fn load_saved(&self) -> Option<SavedSession> {
+        let store = self.saved.as_ref()?;
+        match store.load().await {
+            Ok(Some(token)) if fresh(&token, Utc::now()) => {
+                tracing::info!(
+                    expires_at = %token.expires_at,
+                    "took up the saved app-token"
+                );
+                Some(token)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the saved app-token; fetching one");
+                None
+            }
+        }
+    }
+
+    async fn save(&self, token: &SavedSession) {
+        if let Some(store) = &self.saved
+            && let Err(err) = store.save(token).await
+        {
+            tracing::warn!(%err, "cannot save the app-token for other processes");
+        }
+    }
+
+    /// Drops the refused token here and in the store, unless a newer one replaced it meanwhile.
     async fn forget_token(&self, refused: &Secret) {
         let mut session = self.session.lock().await;
         if session
             .token
             .as_ref()
-            .is_some_and(|token| token.value == *refused)
+            .is_some_and(|token| token.token == *refused)
         {
             session.token = None;
         }
+        self.forget_saved(refused).await;
     }
 
-    async fn forget_authorization(&self, domain: &str) {
+    async fn forget_authorization(&self, ticket: &Ticket) {
         let mut session = self.session.lock().await;
-        if session
-            .authorization
-            .as_ref()
-            .is_some_and(|a| a.domain == domain)
+        let moved = |domain: &str| domain == ticket.domain;
+        if session.token.as_ref().is_some_and(|t| moved(&t.address))
+            || session
+                .authorization
+                .as_ref()
+                .is_some_and(|a| moved(&a.domain))
         {
             session.authorization = None;
             session.token = None;
+        }
+        self.forget_saved(&ticket.token).await;
+    }
+
+    async fn forget_saved(&self, refused: &Secret) {
+        if let Some(store) = &self.saved
+            && let Err(err) = store.forget(refused).await
+        {
+            tracing::warn!(%err, "cannot drop the refused app-token from the store");
         }
     }
 
@@ -377,7 +445,7 @@ impl<B: RateBudget> Gateway<B> {
     }
 
     /// kingdee_auth_token: a fresh app-token.
-    async fn fetch_token(&self, authorization: &Authorization) -> Result<Token, Answer> {
+    async fn fetch_token(&self, authorization: &Authorization) -> Result<SavedSession, Answer> {
         self.metrics
             .source_token_refreshes
             .with_label_values(&[&self.pipeline])
@@ -421,8 +489,9 @@ impl<B: RateBudget> Gateway<B> {
         let now = Utc::now();
         let expires_at = DateTime::from_timestamp_millis(expires_ms).unwrap_or(now);
         tracing::info!(expires_at = %expires_at, "fetched an app-token");
-        Ok(Token {
-            value: Secret::new(value),
+        Ok(SavedSession {
+            token: Secret::new(value),
+            address: authorization.domain.clone(),
             expires_at,
             fetched_at: now,
         })

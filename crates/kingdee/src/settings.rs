@@ -104,4 +104,15 @@ impl KingdeeArgs {
             credentials.account.as_deref().unwrap_or("*")
         )
     }
+
+    /// Names the login of an account set: the app, the tenant's authorization and the account set, at
+    /// one gateway (a token is good only where it was fetched).
+    pub fn session_key(credentials: &Credentials) -> String {
+        format!(
+            "{} {} {}",
+            credentials.base_url,
+            credentials.client_id,
+            Self::budget_key(credentials)
+        )
+    }
 }

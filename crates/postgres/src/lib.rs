@@ -140,6 +140,12 @@ impl Database {
             .map_err(|err| DatabaseError::Pool(format!("{} ({})", err, self.endpoint)))
     }
 
+    /// A connection taken out of the pool, closed when dropped: for a session-level lock, which the
+    /// server then releases whatever happens to this process.
+    pub async fn own_client(&self) -> Result<deadpool_postgres::ClientWrapper, DatabaseError> {
+        Ok(deadpool_postgres::Object::take(self.client().await?))
+    }
+
     /// Creates the schema if needed and runs `migrations`, recording them in `history_table`, under an
     /// advisory lock so that processes starting together do not race. `name` names them in errors.
     pub async fn migrate(

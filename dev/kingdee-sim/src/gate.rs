@@ -123,6 +123,8 @@ pub struct Stats {
     pub tokens_invalidated: AtomicU64,
     /// Rows moved between two pages of a list query ([`crate::Simulator::arm_paging_change`]).
     pub paging_changes: AtomicU64,
+    /// List calls answered with no rows at all (`count` 0): windows with nothing in them.
+    pub empty_lists: AtomicU64,
 }
 
 /// A copy of [`Stats`] that serializes.
@@ -145,6 +147,7 @@ pub struct StatsSnapshot {
     pub orders_created: u64,
     pub tokens_invalidated: u64,
     pub paging_changes: u64,
+    pub empty_lists: u64,
 }
 
 impl Stats {
@@ -167,6 +170,7 @@ impl Stats {
             orders_created: read(&self.orders_created),
             tokens_invalidated: read(&self.tokens_invalidated),
             paging_changes: read(&self.paging_changes),
+            empty_lists: read(&self.empty_lists),
         }
     }
 }

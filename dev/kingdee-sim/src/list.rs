@@ -124,6 +124,9 @@ pub(crate) fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> V
         headers: serde_json::Map<String, Value>,
         rows: Vec<Box<RawValue>>,
     }
+    if listing.count == 0 {
+        crate::gate::bump(&sim.stats.empty_lists);
+    }
     let paging_size = if sim.config.total_page_from_requested_size {
         paging.requested_size
     } else {
