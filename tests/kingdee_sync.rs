@@ -7,8 +7,8 @@
 //! keep one call budget (the simulator times every call); tokens revoked or expired mid-sync are
 //! replaced once; a client whose budget is above the gateway's limit backs off from 429s, and one
 //! whose gateway allows a quarter of its budget syncs at the gateway's rate; rows moved between two
-//! pages of a window are not skipped; the named account set is the one used; a killed fetcher resumes
-//! after its last confirmed page.
+//! pages of a window are not skipped; the named account set is the one used; a fetcher killed, or
+//! cut off by broker restarts, resumes after its last confirmed page.
 
 mod common;
 
@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use common::bin_dir;
 use conveyor_base::Stage;
+use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::{Comparison, Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::gate::{Faults, GatewayConfig};
 use kingdee_sim::{ChangeRates, PagingChange, PagingChangeKind, SimConfig};
@@ -700,6 +701,88 @@ async fn four_fetcher_kills_cost_at_most_two_pages_each() {
     );
     stop(workers).await;
     scenario.clean_up(false).await.unwrap();
+}
+
+/// Three restarts of the broker (a node of the test's own) during one big window, 1.5 s of paging
+/// apart: the fetcher loses its session each time, reconnects, gets the window again and resumes after
+/// its last confirmed page with the app-token it holds, so each restart costs at most two pages of
+/// calls beyond a clean run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_broker_restarts_cost_at_most_two_pages_each() {
+    const PAGES: u64 = 40;
+    const RESTARTS: u64 = 3;
+    let mut broker = OwnBroker::start(&format!("sync-restarts-{}", std::process::id()))
+        .await
+        .unwrap_or_else(|err| panic!("this test runs a RabbitMQ node of its own: {err:#}"));
+    let services = Services {
+        amqp_url: broker.url(),
+        amqp_tls: Default::default(),
+        pg_url: common::services().await.pg_url,
+    };
+    let source = one_big_window().map(|(name, value)| match name {
+        "calls_per_minute" => (name, toml::Value::Integer(300)),
+        _ => (name, value),
+    });
+    let scenario = Scenario::start(
+        services,
+        &common::sales_orders_pipeline(),
+        &bin_dir(),
+        "restarts",
+        old_backlog(39, 2_000),
+        &source,
+    )
+    .await
+    .expect("scenario starts");
+    let workers = vec![
+        common::spawn_ready(&scenario, Worker::Transformer).await,
+        common::spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    until_calls(&scenario, 3).await;
+    for _ in 0..RESTARTS {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        broker.stop().await.unwrap();
+        broker.resume().await.unwrap();
+        // Paging again before the next restart.
+        let calls = scenario.simulator.stats().calls;
+        until_calls(&scenario, calls + 1).await;
+    }
+    let summary = summary_of(&mut fetcher).await;
+    let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
+    assert_exact(
+        &scenario,
+        &comparison,
+        &[&workers[0], &workers[1], &fetcher],
+    );
+    assert!(
+        log_lines(
+            &fetcher,
+            "resuming the window after its last confirmed page"
+        ) as u64
+            >= RESTARTS,
+        "every restart landed in the window:\n{}",
+        fetcher.log_tail(30)
+    );
+    let stats = scenario.simulator.stats();
+    let page_calls = stats.calls - stats.authorizations - stats.tokens_issued - stats.empty_lists;
+    eprintln!(
+        "{page_calls} calls for the window's {PAGES} pages with {RESTARTS} broker restarts, {} empty \
+         windows; the fetcher: {summary}",
+        stats.empty_lists
+    );
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "{stats:?}"
+    );
+    assert!(
+        page_calls <= PAGES + 2 * RESTARTS,
+        "{RESTARTS} restarts cost {} page calls beyond a clean run's {PAGES}: {stats:?}",
+        page_calls - PAGES
+    );
+    stop(workers).await;
+    scenario.clean_up(false).await.unwrap();
+    broker.stop().await.unwrap();
 }
 
 /// A row moves to the end of the window right after page 10 is served, and the fetcher is killed a

@@ -34,6 +34,7 @@ use conveyor_base::source::{Page, Source, Window};
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::pass::{Checkpoints, PassIds, transient};
 use crate::rows::to_records;
@@ -75,6 +76,9 @@ pub(crate) struct Engine<S> {
     pub(crate) counters: Arc<Counters>,
     /// A window handed out and not finished after this long is handed out again.
     pub(crate) republish_after: Duration,
+    /// Cancelled when the broker session is lost: a window being paged stops at once, before the
+    /// calls already waiting for their slot are made for pages it could not publish.
+    pub(crate) session_lost: CancellationToken,
 }
 
 impl<S: Source> Engine<S> {
@@ -476,7 +480,12 @@ impl<S: Source> Handler for Engine<S> {
                     return Disposition::DeadLetter(Failure::new(ErrorClass::Malformed, problem));
                 }
             };
-            match self.sync_window(&envelope.meta, window).await {
+            let synced = tokio::select! {
+                biased;
+                () = self.session_lost.cancelled() => Err(transient("lost the broker session")),
+                synced = self.sync_window(&envelope.meta, window) => synced,
+            };
+            match synced {
                 Ok(()) => {}
                 Err(failure) if failure.class == ErrorClass::Transient => {
                     return Disposition::Retry(failure);

@@ -81,6 +81,7 @@ pub async fn sync<S: Source>(
                 metrics: runtime.metrics.clone(),
                 counters: counters.clone(),
                 republish_after: options.republish_after,
+                session_lost: CancellationToken::new(),
             });
             serve(runtime, session, engine, options, shutdown)
         })
@@ -130,9 +131,13 @@ async fn serve<S: Source>(
     };
     tokio::pin!(consumer);
     tokio::pin!(driver);
-    // The consumer returns early only on a broker failure; then the driver is abandoned.
+    // The consumer returns early only on a broker failure; then the driver is abandoned, and so are
+    // the windows being paged.
     let (outcome, consumed) = tokio::select! {
-        consumed = &mut consumer => (Ok(()), consumed),
+        consumed = &mut consumer => {
+            engine.session_lost.cancel();
+            (Ok(()), consumed)
+        }
         outcome = &mut driver => (outcome, consumer.await),
     };
     consumed?;
