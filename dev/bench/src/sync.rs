@@ -5,12 +5,19 @@
 //! records, 300 calls per minute: about 600 calls, two minutes) make the sync need well over one
 //! minute's worth of calls, so that the limit binds: a backlog synced in less than a minute's worth
 //! would meet no 429 however fast it called.
+//!
+//! Fault modes measure what faults cost: `--source-limit` (another client of the app spends part of
+//! the limit, so the gateway allows less than the budget; `--retry-after` makes it say when to call
+//! again) and `--kill-fetcher-every` (the first fetcher is SIGKILLed and restarted at once). The report
+//! sets the calls against the ideal ones (the pages, the login and the plan's empty tail window) and
+//! the time against the ideal at the rate the gateway allows, and counts dead-lettered windows.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use conveyor_harness::{Scenario, Services, Worker};
+use conveyor_base::Stage;
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use kingdee_sim::gate::GatewayConfig;
 use serde::Serialize;
@@ -31,6 +38,16 @@ pub struct SyncArgs {
     /// Fetcher processes sharing the work and the budget.
     #[arg(long, default_value_t = 1)]
     fetchers: usize,
+    /// Fault: the gateway allows only this many calls per minute (another client spends the rest),
+    /// below the budget of --calls-per-minute.
+    #[arg(long)]
+    source_limit: Option<u32>,
+    /// With --source-limit: the gateway's 429s say when to call again (Retry-After).
+    #[arg(long)]
+    retry_after: bool,
+    /// Fault: SIGKILL the first fetcher every this many seconds, restarting it at once.
+    #[arg(long)]
+    kill_fetcher_every: Option<f64>,
 }
 
 /// What `bench sync` measured.
@@ -39,7 +56,15 @@ pub struct SyncReport {
     pub records: usize,
     pub fetchers: usize,
     pub calls_per_minute: u32,
+    /// What the gateway allowed, calls per minute.
+    pub source_limit: u32,
+    pub fetcher_kills: u32,
     pub calls: u64,
+    /// The pages, the login's two calls and the plan's empty tail window.
+    pub ideal_calls: u64,
+    pub ratio_to_ideal_calls: f64,
+    /// Windows dead-lettered by the fetchers.
+    pub dead_letters: usize,
     pub rejected_429: u64,
     pub max_calls_in_a_minute: u64,
     pub seconds: f64,
@@ -54,11 +79,19 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
     // The backlog's timeline ends before now, so that one window holds all of it: orders are created
     // at most 2 minutes apart and modified within 3 days.
     let days = (args.orders as i64 * 120 / 86_400) + 5;
+    let source_limit = args.source_limit.unwrap_or(args.calls_per_minute);
+    anyhow::ensure!(
+        source_limit <= args.calls_per_minute,
+        "--source-limit {source_limit} is above the budget (--calls-per-minute {}): the fault is a \
+         gateway allowing less than the budget",
+        args.calls_per_minute
+    );
     let sim = SimConfig {
         orders: args.orders,
         epoch: kingdee_sim::data::days_ago(days),
         gateway: GatewayConfig {
-            calls_per_minute: args.calls_per_minute,
+            calls_per_minute: source_limit,
+            retry_after: args.retry_after,
             ..GatewayConfig::default()
         },
         ..SimConfig::default()
@@ -69,8 +102,7 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
             "max_window_rows",
             toml::Value::Integer(args.orders as i64 + 1),
         ),
-        // The budget is the limit itself (the harness sets it so too; said here, since it is what is
-        // measured).
+        // The budget is the limit itself unless --source-limit cuts the gateway's.
         (
             "calls_per_minute",
             toml::Value::Integer(i64::from(args.calls_per_minute)),
@@ -85,9 +117,11 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
         &source,
     )
     .await?;
-    let minutes_of_calls = (args.orders as f64 / 100.0).ceil() / f64::from(args.calls_per_minute);
+    let pages = (args.orders as f64 / 100.0).ceil();
+    let minutes_of_calls = pages / f64::from(source_limit);
     eprintln!(
-        "bench sync: {} records, {} calls/minute (budget = limit), {} fetcher(s): {minutes_of_calls:.1} minutes' worth of calls",
+        "bench sync: {} records, budget {} calls/minute, gateway limit {source_limit}, {} fetcher(s): \
+         {minutes_of_calls:.1} minutes' worth of calls",
         args.orders, args.calls_per_minute, args.fetchers
     );
     if minutes_of_calls <= 1.0 {
@@ -99,6 +133,10 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
     let mut fetchers = (0..args.fetchers)
         .map(|_| scenario.spawn(Worker::Fetcher, &["--once"]))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut fetcher_kills = 0;
+    if let Some(every) = args.kill_fetcher_every {
+        fetcher_kills = kill_until_done(&scenario, &mut fetchers[0], every).await?;
+    }
     for fetcher in &mut fetchers {
         let status = fetcher.wait(Duration::from_secs(3_600)).await?;
         if !status.success() {
@@ -107,18 +145,44 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
     }
     let seconds = started.elapsed().as_secs_f64();
     let stats = scenario.simulator.stats();
+    let dead_letters = scenario.peek_dead_letters(Stage::Fetch).await?.len();
     scenario.clean_up(false).await?;
-    let ideal_seconds =
-        (args.orders as f64 / 100.0).ceil() / f64::from(args.calls_per_minute) * 60.0;
+    let ideal_seconds = pages / f64::from(source_limit) * 60.0;
+    let ideal_calls = pages as u64 + 2 + 1;
     Ok(SyncReport {
         records: args.orders,
         fetchers: args.fetchers,
         calls_per_minute: args.calls_per_minute,
+        source_limit,
+        fetcher_kills,
         calls: stats.calls,
+        ideal_calls,
+        ratio_to_ideal_calls: stats.calls as f64 / ideal_calls as f64,
+        dead_letters,
         rejected_429: stats.rate_limited,
         max_calls_in_a_minute: stats.max_calls_in_a_minute,
         seconds,
         ideal_seconds,
         ratio_to_ideal: seconds / ideal_seconds,
     })
+}
+
+/// SIGKILLs `fetcher` every `every` seconds and starts another in its place, until one finishes;
+/// returns the kills.
+async fn kill_until_done(
+    scenario: &Scenario,
+    fetcher: &mut WorkerProcess,
+    every: f64,
+) -> anyhow::Result<u32> {
+    let mut kills = 0;
+    while fetcher
+        .exited_within(Duration::from_secs_f64(every))
+        .await?
+        .is_none()
+    {
+        fetcher.kill().await?;
+        kills += 1;
+        *fetcher = scenario.spawn(Worker::Fetcher, &["--once"])?;
+    }
+    Ok(kills)
 }

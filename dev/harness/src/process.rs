@@ -76,11 +76,19 @@ impl WorkerProcess {
         }
     }
 
+    /// The worker's exit status if it exits within `timeout`; `None` while it still runs.
+    pub async fn exited_within(&mut self, timeout: Duration) -> anyhow::Result<Option<ExitStatus>> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => Ok(Some(status?)),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Waits for the process to exit.
     pub async fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => Ok(status?),
-            Err(_) => bail!(
+        match self.exited_within(timeout).await? {
+            Some(status) => Ok(status),
+            None => bail!(
                 "{} did not exit within {timeout:?}; log: {}",
                 self.worker.binary(),
                 self.log.display()
