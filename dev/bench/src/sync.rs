@@ -8,7 +8,8 @@
 //!
 //! Fault modes measure what faults cost: `--source-limit` (another client of the app spends part of
 //! the limit, so the gateway allows less than the budget; `--retry-after` makes it say when to call
-//! again) and `--kill-fetcher-every` (the first fetcher is SIGKILLed and restarted at once). The report
+//! again), `--kill-fetcher-every` (the first fetcher is SIGKILLed and restarted at once) and
+//! `--restart-broker-every` (the bench runs a RabbitMQ node of its own and restarts it). The report
 //! sets the calls against the ideal ones (the pages, the login and the plan's empty tail window) and
 //! the time against the ideal at the rate the gateway allows, and counts dead-lettered windows.
 
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use conveyor_base::Stage;
+use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use kingdee_sim::gate::GatewayConfig;
@@ -48,6 +50,10 @@ pub struct SyncArgs {
     /// Fault: SIGKILL the first fetcher every this many seconds, restarting it at once.
     #[arg(long)]
     kill_fetcher_every: Option<f64>,
+    /// Fault: run on a RabbitMQ node of the bench's own and restart it every this many seconds of
+    /// work (the time the node takes to stop and start again comes on top).
+    #[arg(long)]
+    restart_broker_every: Option<f64>,
 }
 
 /// What `bench sync` measured.
@@ -59,6 +65,7 @@ pub struct SyncReport {
     /// What the gateway allowed, calls per minute.
     pub source_limit: u32,
     pub fetcher_kills: u32,
+    pub broker_restarts: u32,
     pub calls: u64,
     /// The pages, the login's two calls and the plan's empty tail window.
     pub ideal_calls: u64,
@@ -75,7 +82,15 @@ pub struct SyncReport {
 
 /// Syncs the backlog with the fetcher binary of `bin_dir`.
 pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> {
-    let services = Services::check().await?;
+    let mut services = Services::check().await?;
+    let mut own_broker = match args.restart_broker_every {
+        Some(_) => {
+            let broker = OwnBroker::start(&format!("bench-sync-{}", std::process::id())).await?;
+            services.amqp_url = broker.url();
+            Some(broker)
+        }
+        None => None,
+    };
     // The backlog's timeline ends before now, so that one window holds all of it: orders are created
     // at most 2 minutes apart and modified within 3 days.
     let days = (args.orders as i64 * 120 / 86_400) + 5;
@@ -137,6 +152,18 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
     if let Some(every) = args.kill_fetcher_every {
         fetcher_kills = kill_until_done(&scenario, &mut fetchers[0], every).await?;
     }
+    let mut broker_restarts = 0;
+    if let (Some(every), Some(broker)) = (args.restart_broker_every, own_broker.as_mut()) {
+        while fetchers[0]
+            .exited_within(Duration::from_secs_f64(every))
+            .await?
+            .is_none()
+        {
+            broker.stop().await?;
+            broker.resume().await?;
+            broker_restarts += 1;
+        }
+    }
     for fetcher in &mut fetchers {
         let status = fetcher.wait(Duration::from_secs(3_600)).await?;
         if !status.success() {
@@ -147,6 +174,9 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
     let stats = scenario.simulator.stats();
     let dead_letters = scenario.peek_dead_letters(Stage::Fetch).await?.len();
     scenario.clean_up(false).await?;
+    if let Some(broker) = own_broker.as_mut() {
+        broker.stop().await?;
+    }
     let ideal_seconds = pages / f64::from(source_limit) * 60.0;
     let ideal_calls = pages as u64 + 2 + 1;
     Ok(SyncReport {
@@ -155,6 +185,7 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
         calls_per_minute: args.calls_per_minute,
         source_limit,
         fetcher_kills,
+        broker_restarts,
         calls: stats.calls,
         ideal_calls,
         ratio_to_ideal_calls: stats.calls as f64 / ideal_calls as f64,
