@@ -205,6 +205,7 @@ impl<H: Handler> Context<H> {
                     .await
             }
             Disposition::Retry(failure) => self.retry(&delivery, failure, records).await,
+            Disposition::Defer(failure) => self.defer(&delivery, failure, records).await,
             Disposition::Release => {
                 if let Err(err) = delivery.acker.nack(requeue()).await {
                     tracing::debug!(error = %err, "could not release a message; the broker redelivers it when the channel closes");
@@ -301,6 +302,32 @@ impl<H: Handler> Context<H> {
                 false
             }
             Ok(false) => self.dead_letter(delivery, &failure, tries, records).await,
+            Err(err) => {
+                tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
+                self.hand_back(delivery).await;
+                false
+            }
+        }
+    }
+
+    /// Puts a delivery whose source asked to wait back with a delay, its attempts not counted; `true`
+    /// only if it was dead-lettered (no retry tier is configured).
+    async fn defer(&self, delivery: &Delivery, failure: Failure, records: Option<u64>) -> bool {
+        let attempts = attempt_of(delivery);
+        tracing::warn!(error = %failure.message, "the source asks to wait; putting the message back with a delay (not a failed attempt)");
+        match self
+            .dead_letters
+            .send_deferred(delivery, &failure, attempts)
+            .await
+        {
+            Ok(true) => {
+                ack(delivery).await;
+                false
+            }
+            Ok(false) => {
+                self.dead_letter(delivery, &failure, attempts + 1, records)
+                    .await
+            }
             Err(err) => {
                 tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
                 self.hand_back(delivery).await;

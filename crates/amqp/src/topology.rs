@@ -15,6 +15,10 @@ use crate::error::{BrokerError, amqp};
 use crate::headers::long_string;
 use crate::settings::{BrokerArgs, QueueType};
 
+/// How long work waits, at least, when its source asked to be called later (see [`Topology::defer_tier`]):
+/// about as long as a rate-limit window.
+const DEFER_DELAY: Duration = Duration::from_secs(30);
+
 /// A quorum queue dead-letters a message redelivered this often: a last guard against a message that
 /// keeps crashing its consumer. (RabbitMQ 4 drops such messages unless a dead-letter exchange is set.)
 pub const DELIVERY_LIMIT: u32 = 20;
@@ -74,6 +78,17 @@ impl Topology {
         let tier = (retry.max(1) as usize - 1).min(last);
         let delay = self.retry_delays[tier];
         Some((self.retry_queue(stage, delay), delay))
+    }
+
+    /// The retry queue for work put back because its source asked to wait: the first tier of at
+    /// least [`DEFER_DELAY`], else the longest; `None` when no tiers are configured.
+    pub(crate) fn defer_tier(&self, stage: Stage) -> Option<(String, Duration)> {
+        let delay = self
+            .retry_delays
+            .iter()
+            .find(|delay| **delay >= DEFER_DELAY)
+            .or(self.retry_delays.last())?;
+        Some((self.retry_queue(stage, *delay), *delay))
     }
 
     fn retry_queue(&self, stage: Stage, delay: Duration) -> String {

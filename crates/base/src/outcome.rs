@@ -10,6 +10,9 @@ pub enum ErrorClass {
     Permanent,
     /// The target or a dependency failed for now: retrying may help.
     Transient,
+    /// The source asked to be called later (its rate limit), for longer than a worker holds a
+    /// message: no fault, so the work is put back with a delay and no attempt counted.
+    Throttled,
 }
 
 impl ErrorClass {
@@ -18,6 +21,7 @@ impl ErrorClass {
             ErrorClass::Malformed => "malformed",
             ErrorClass::Permanent => "permanent",
             ErrorClass::Transient => "transient",
+            ErrorClass::Throttled => "throttled",
         }
     }
 }
@@ -51,4 +55,8 @@ pub enum Disposition {
     /// The worker cannot take it now (it is stopping, or its target is down): give it back to the work
     /// queue as it is, without counting an attempt.
     Release,
+    /// It waits on something that is no fault (the source throttles it): send a copy to a retry tier
+    /// of about a minute, with the same attempt count, then ack. Never dead-letters it, and never holds
+    /// it past the broker's consumer timeout.
+    Defer(Failure),
 }

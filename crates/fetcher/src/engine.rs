@@ -490,6 +490,9 @@ impl<S: Source> Handler for Engine<S> {
                 Err(failure) if failure.class == ErrorClass::Transient => {
                     return Disposition::Retry(failure);
                 }
+                Err(failure) if failure.class == ErrorClass::Throttled => {
+                    return Disposition::Defer(failure);
+                }
                 Err(failure) => return Disposition::DeadLetter(failure),
             }
         }

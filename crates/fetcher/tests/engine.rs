@@ -7,7 +7,7 @@
 //! published off the transform queue.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,8 @@ struct FixtureSource {
     rows: Mutex<Vec<FixtureRow>>,
     /// Refuse every call, as a source does with a wrong secret.
     refusing: AtomicBool,
+    /// Calls still to be answered "call again later", as a source past the gateway's patience is.
+    throttled_calls: AtomicU32,
     /// Pages after which a row moves, one per query that reaches them.
     moves: Mutex<VecDeque<u64>>,
 }
@@ -84,6 +86,7 @@ impl FixtureSource {
         Self {
             rows: Mutex::new(rows),
             refusing: AtomicBool::new(false),
+            throttled_calls: AtomicU32::new(0),
             moves: Mutex::new(VecDeque::new()),
         }
     }
@@ -108,6 +111,17 @@ impl Source for FixtureSource {
             return Err(Failure::new(
                 ErrorClass::Permanent,
                 "the source refused the call: wrong secret",
+            ));
+        }
+        let throttling =
+            self.throttled_calls
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(1)
+                });
+        if throttling.is_ok() {
+            return Err(Failure::new(
+                ErrorClass::Throttled,
+                "throttled by the source for 600 s",
             ));
         }
         let mut rows = self.rows.lock().unwrap();
@@ -645,4 +659,32 @@ async fn a_once_sync_does_not_wait_for_windows_only_a_replay_can_release() {
     );
     let (_, dead_letters) = read.unwrap();
     assert!(!dead_letters.is_empty());
+}
+
+/// A window whose source keeps asking to wait (throttled past what one call waits) is put back with a
+/// delay each time, its attempts not counted: five deferrals, against `max_attempts` of 3, dead-letter
+/// no window, and the sync ends whole once the source answers.
+#[tokio::test]
+async fn a_window_its_source_throttles_is_put_back_without_counting_an_attempt() {
+    const DEFERRALS: u32 = 5;
+    let source = Arc::new(fixture());
+    source.throttled_calls.store(DEFERRALS, Ordering::Relaxed);
+    // One window holds every row, so that every deferral is of the same work item.
+    let settings = source.settings(Duration::from_secs(400 * 86_400));
+    let run = sync_once("fixture-throttled", source.clone(), settings).await;
+    assert_eq!(source.throttled_calls.load(Ordering::Relaxed), 0);
+    run.assert_complete(&source.truth());
+    assert_eq!(
+        run.dead_letters.len() as u64,
+        run.summary.dead_lettered,
+        "only the rows without an id: {:?}",
+        run.dead_letters
+    );
+    assert!(
+        run.dead_letters
+            .iter()
+            .all(|letter| letter.class == "permanent"),
+        "{:?}",
+        run.dead_letters
+    );
 }

@@ -9,7 +9,8 @@
 //! - HTTP 502 (the tenant moved data centre): authorize again to learn the new domain, retry.
 //! - HTTP 429 and gateway 5007 (throttled): tell the rate budget, which may hold every call back
 //!   (the shared one does, and cuts its rate); else wait as `Retry-After` says, or a growing pause. Then
-//!   call again: not a failed try (see `THROTTLE`).
+//!   call again: not a failed try (see `THROTTLE`). A call still refused after `THROTTLE_PATIENCE`
+//!   ends as [`GatewayError::Throttled`]: the work is put back for later, with no attempt counted.
 //! - Gateway 5003/5004/5006, 5xx, network errors, unreadable bodies: back off with jitter, retry.
 //! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
 
@@ -47,6 +48,9 @@ pub enum GatewayError {
     /// Retrying cannot help: wrong credentials, a refused signature, a business error.
     #[error("{0}")]
     Permanent(String),
+    /// Throttled for longer than one call waits: the work should be put back for later, no fault.
+    #[error("{0}")]
+    Throttled(String),
 }
 
 /// The account set's keys and data centre, from push_app_authorize.
@@ -159,7 +163,7 @@ impl<B: RateBudget> Gateway<B> {
                         .inc();
                     self.count_request("retried");
                     let Some(wait) = throttled.next_wait(retry_after) else {
-                        return Err(GatewayError::Transient(format!(
+                        return Err(GatewayError::Throttled(format!(
                             "GET {path}: throttled by the gateway for {} s: {reason}",
                             THROTTLE_PATIENCE.as_secs()
                         )));

@@ -43,6 +43,7 @@ impl From<GatewayError> for Failure {
         match err {
             GatewayError::Transient(message) => Failure::new(ErrorClass::Transient, message),
             GatewayError::Permanent(message) => Failure::new(ErrorClass::Permanent, message),
+            GatewayError::Throttled(message) => Failure::new(ErrorClass::Throttled, message),
         }
     }
 }

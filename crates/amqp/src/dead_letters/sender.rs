@@ -1,6 +1,8 @@
 //! Sending to a stage's dead-letter queue: the payload unchanged, the failure in headers, counted in
 //! the stage's metrics.
 
+use std::time::Duration;
+
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Failure, Record, Stage};
 use lapin::BasicProperties;
@@ -65,9 +67,35 @@ impl DeadLetters {
         failure: &Failure,
         retry: u32,
     ) -> Result<bool, BrokerError> {
-        let Some((queue, delay)) = self.topology.retry_tier(self.stage, retry) else {
+        let Some(tier) = self.topology.retry_tier(self.stage, retry) else {
             return Ok(false);
         };
+        self.send_delayed(delivery, failure, retry, tier).await?;
+        Ok(true)
+    }
+
+    /// Sends a copy of a delivery whose source asked to wait to the retry tier nearest a minute, with
+    /// the attempt count as it was. Returns `false` when no retry tier is configured.
+    pub(crate) async fn send_deferred(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+        attempts: u32,
+    ) -> Result<bool, BrokerError> {
+        let Some(tier) = self.topology.defer_tier(self.stage) else {
+            return Ok(false);
+        };
+        self.send_delayed(delivery, failure, attempts, tier).await?;
+        Ok(true)
+    }
+
+    async fn send_delayed(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+        retry: u32,
+        (queue, delay): (String, Duration),
+    ) -> Result<(), BrokerError> {
         let record_ids = record_ids_in(&delivery.data, &delivery.properties);
         let (exchange, routing_key) = original_route(delivery);
         let mut properties = self.with_failure(
@@ -91,7 +119,7 @@ impl DeadLetters {
             .records_retried
             .with_label_values(&[self.topology.pipeline(), self.stage.as_str()])
             .inc_by(record_ids.len().max(1) as u64);
-        Ok(true)
+        Ok(())
     }
 
     /// Dead-letters records of a batch, each as its own message that continues the batch's trace.
