@@ -14,6 +14,7 @@ mod sql;
 mod stage;
 pub mod telemetry;
 pub mod tls;
+pub mod waiting;
 
 pub use outcome::{Disposition, ErrorClass, Failure};
 pub use record::Record;

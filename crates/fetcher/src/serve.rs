@@ -23,7 +23,7 @@ use crate::state::SyncStore;
 use crate::window;
 
 /// How often a `--once` sync that waits says what for.
-const WAIT_REPORT: Duration = Duration::from_secs(30);
+const WAIT_REPORT: Duration = conveyor_base::waiting::REPORT_EVERY;
 /// How often a `--once` sync looks whether the windows it waits for are all dead letters.
 const DEAD_LETTER_LOOK: Duration = Duration::from_secs(5);
 /// Dead letters read at most for that look (each holds one window).

@@ -6,6 +6,7 @@
 use conveyor_base::Secret;
 use conveyor_base::source::{SavedSession, SessionStore, StoreFuture};
 use conveyor_base::tls::error_chain;
+use conveyor_base::waiting;
 use conveyor_postgres::Database;
 
 /// One account set's row of `conveyor_source_session`.
@@ -93,11 +94,12 @@ impl SessionStore for SessionTable {
                 .own_client()
                 .await
                 .map_err(|e| error_chain(&e))?;
-            client
-                .execute(
-                    "SELECT pg_advisory_lock(hashtext('conveyor-login:' || $1))",
-                    &[&self.key],
-                )
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.key];
+            let lock = client.execute(
+                "SELECT pg_advisory_lock(hashtext('conveyor-login:' || $1))",
+                &params,
+            );
+            waiting::reported("another fetcher's login", waiting::REPORT_EVERY, lock)
                 .await
                 .map_err(failed("waiting for another process's login"))?;
             Ok(Box::new(client) as Box<dyn Send>)

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use conveyor_base::source::Window;
+use conveyor_base::waiting;
 use conveyor_postgres::{Database, DatabaseError};
 
 const HISTORY_TABLE: &str = "conveyor_state_migrations";
@@ -28,11 +29,13 @@ async fn lock_windows(
     transaction: &tokio_postgres::Transaction<'_>,
     pipeline: &str,
 ) -> Result<(), DatabaseError> {
-    transaction
-        .execute(
-            "SELECT pg_advisory_xact_lock(hashtext('conveyor-plan:' || $1))",
-            &[&pipeline],
-        )
+    // Another fetcher plans or splits meanwhile (or one hangs holding it).
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pipeline];
+    let lock = transaction.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('conveyor-plan:' || $1))",
+        &params,
+    );
+    waiting::reported("the window lock", waiting::REPORT_EVERY, lock)
         .await
         .map_err(sql("taking the window lock"))?;
     Ok(())
