@@ -37,6 +37,10 @@ pub struct SyncArgs {
     /// budget.
     #[arg(long, default_value_t = 300)]
     calls_per_minute: u32,
+    /// Rows above which a window is split in two (`source.max_window_rows`); by default the whole
+    /// backlog fits one window. Smaller values measure what splitting and small windows cost.
+    #[arg(long)]
+    max_window_rows: Option<u64>,
     /// Fetcher processes sharing the work and the budget.
     #[arg(long, default_value_t = 1)]
     fetchers: usize,
@@ -66,6 +70,8 @@ pub struct SyncReport {
     pub source_limit: u32,
     pub fetcher_kills: u32,
     pub broker_restarts: u32,
+    /// `source.max_window_rows`, when set (else the backlog is one window).
+    pub max_window_rows: Option<u64>,
     pub calls: u64,
     /// The pages, the login's two calls and the plan's empty tail window.
     pub ideal_calls: u64,
@@ -115,7 +121,10 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
         ("window_secs", toml::Value::Integer((days + 2) * 86_400)),
         (
             "max_window_rows",
-            toml::Value::Integer(args.orders as i64 + 1),
+            toml::Value::Integer(
+                args.max_window_rows
+                    .map_or(args.orders as i64 + 1, |rows| rows as i64),
+            ),
         ),
         // The budget is the limit itself unless --source-limit cuts the gateway's.
         (
@@ -186,6 +195,7 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
         source_limit,
         fetcher_kills,
         broker_restarts,
+        max_window_rows: args.max_window_rows,
         calls: stats.calls,
         ideal_calls,
         ratio_to_ideal_calls: stats.calls as f64 / ideal_calls as f64,
