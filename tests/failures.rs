@@ -179,13 +179,14 @@ async fn broker_restarted_mid_run_loses_nothing_steps() {
     for worker in &workers {
         wait_ready(worker, true, Duration::from_secs(60)).await;
     }
-    // The workers try every half second at most (they waited up to 10 s between tries before).
+    // The workers try every half second at most (they waited up to 10 s between tries before): ready
+    // within a second of the broker (measured: 0.3-0.5 s).
     let ready_after = back.elapsed();
     step(&format!(
         "workers ready {ready_after:?} after the broker took connections again"
     ));
     assert!(
-        ready_after < Duration::from_secs(3),
+        ready_after < Duration::from_secs(1),
         "workers took {ready_after:?} to come back"
     );
     step("waiting for the target");
