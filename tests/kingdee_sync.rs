@@ -785,29 +785,40 @@ async fn three_broker_restarts_cost_at_most_two_pages_each() {
     broker.stop().await.unwrap();
 }
 
-/// A row moves to the end of the window right after page 10 is served, and the fetcher is killed a
-/// few pages later. Every row after the moved one shifted up, so the first row of page 11 slid onto
-/// page 10, already read. Its successor sees the move either way: the page it reads again holds a row
-/// not yet published (the kill came before the pages after the move were confirmed), or it resumes and
-/// meets the moved row again at the end (the ids published before the kill are kept with the
-/// progress). It pages the window again, and the target ends exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fetcher_killed_after_rows_moved_still_ends_exact() {
-    let source = one_big_window();
-    let scenario = scenario("resume_moved", old_backlog(37, 2_000), &source).await;
+/// A row changes right after page 10 is served, and the fetcher is killed a few pages later — for
+/// each of the simulator's changes: the row leaves the window, moves to its end, or leaves while a
+/// late one enters. Every row after it shifted one place up, so the first row of page 11 slid onto
+/// page 10, already read. The move is seen either way: by the killed fetcher (the count changed), or
+/// by its successor, whose page read again holds a row not yet published (the kill came before the
+/// pages after the move were confirmed), or which resumes and meets the moved row again at the end
+/// (the ids published before the kill are kept with the progress). The window is paged again, and,
+/// once the next sync has read the window the left row went to, the target ends exact.
+async fn a_fetcher_killed_after_rows_moved_still_ends_exact(prefix: &str, move_: Move) {
+    let scenario = scenario(prefix, move_.sim, &move_.source).await;
     scenario.simulator.arm_paging_change(PagingChange {
-        after_page: 10,
-        kind: PagingChangeKind::MoveToEnd,
+        after_page: move_.after_page,
+        kind: move_.kind,
     });
     let workers = vec![
         common::spawn_ready(&scenario, Worker::Transformer).await,
         common::spawn_ready(&scenario, Worker::Writer).await,
     ];
+    // Past the lag (and the second the orders' times are written in), so that the plan takes in
+    // orders modified as the simulator started.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     let mut killed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
-    until_calls(&scenario, 2 + 16).await;
+    // The auth flow, then a few pages after the move.
+    until_calls(&scenario, 2 + move_.after_page as u64 + 6).await;
     killed.kill().await.unwrap();
     let mut resumed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     summary_of(&mut resumed).await;
+    // A row that left was modified just now: its new version belongs to the next sync's windows, once
+    // the lag (2 s) has passed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    scenario
+        .run_fetcher_once(Duration::from_secs(60))
+        .await
+        .unwrap();
     let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
     assert_exact(
         &scenario,
@@ -815,14 +826,79 @@ async fn a_fetcher_killed_after_rows_moved_still_ends_exact() {
         &[&workers[0], &workers[1], &resumed],
     );
     assert_eq!(scenario.simulator.stats().paging_changes, 1);
+    let seen = [
+        "rows moved while paging",
+        "paging it from the start",
+        "late rows may still enter",
+    ]
+    .iter()
+    .map(|text| log_lines(&killed, text) + log_lines(&resumed, text))
+    .sum::<usize>();
     assert!(
-        log_lines(&resumed, "paging it from the start") + log_lines(&resumed, "a row came twice")
-            >= 1,
-        "the fetcher after the kill saw the move:\n{}",
+        seen >= 1,
+        "a fetcher saw the move ({:?}):\n{}\n{}",
+        move_.kind,
+        killed.log_tail(20),
         resumed.log_tail(20)
     );
     stop(workers).await;
     scenario.clean_up(false).await.unwrap();
+}
+
+/// A change of the simulator's, where it is made: in which window, after which page.
+struct Move {
+    sim: SimConfig,
+    source: Vec<(&'static str, toml::Value)>,
+    kind: PagingChangeKind,
+    after_page: usize,
+}
+
+/// A row leaving or moving to the end, in one big window of an old backlog (40 pages, one pass).
+fn in_an_old_window(seed: u64, kind: PagingChangeKind) -> Move {
+    Move {
+        sim: old_backlog(seed, 2_000),
+        source: one_big_window().to_vec(),
+        kind,
+        after_page: 10,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_after_a_row_moved_to_the_end_still_ends_exact() {
+    let move_ = in_an_old_window(37, PagingChangeKind::MoveToEnd);
+    a_fetcher_killed_after_rows_moved_still_ends_exact("resume_moved", move_).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_after_a_row_left_still_ends_exact() {
+    let move_ = in_an_old_window(40, PagingChangeKind::Leave);
+    a_fetcher_killed_after_rows_moved_still_ends_exact("resume_left", move_).await;
+}
+
+/// A late row entering is within the source's contract only in a window that may still gain late
+/// rows (its end within lag + overlap of now), which is paged until two passes agree: here the plan's
+/// newest window, of orders made as the simulator started (8 pages).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetcher_killed_after_a_row_left_as_one_entered_still_ends_exact() {
+    let move_ = Move {
+        sim: SimConfig {
+            seed: 41,
+            orders: 400,
+            epoch: kingdee_sim::data::days_ago(0),
+            ..SimConfig::default()
+        },
+        source: vec![
+            ("window_secs", toml::Value::Integer(86_400)),
+            ("page_size", toml::Value::Integer(50)),
+            ("records_per_message", toml::Value::Integer(50)),
+            ("calls_per_minute", toml::Value::Integer(1_200)),
+            ("lag_secs", toml::Value::Integer(2)),
+            ("overlap_secs", toml::Value::Integer(30)),
+        ],
+        kind: PagingChangeKind::LeaveAndEnter,
+        after_page: 1,
+    };
+    a_fetcher_killed_after_rows_moved_still_ends_exact("resume_swapped", move_).await;
 }
 
 /// Another client of the app spends three quarters of the limit: the gateway allows 1,500 calls a
