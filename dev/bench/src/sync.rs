@@ -76,6 +76,9 @@ pub struct SyncReport {
     /// The pages, the login's two calls and the plan's empty tail window.
     pub ideal_calls: u64,
     pub ratio_to_ideal_calls: f64,
+    /// Rows fetched more than once (rows served by the simulator beyond the backlog): what the
+    /// faults made the fetchers read again, and an upper bound of the rows written again.
+    pub rows_fetched_again: u64,
     /// Windows dead-lettered by the fetchers.
     pub dead_letters: usize,
     pub rejected_429: u64,
@@ -199,6 +202,7 @@ pub async fn run(args: &SyncArgs, bin_dir: &Path) -> anyhow::Result<SyncReport> 
         calls: stats.calls,
         ideal_calls,
         ratio_to_ideal_calls: stats.calls as f64 / ideal_calls as f64,
+        rows_fetched_again: stats.rows_served.saturating_sub(args.orders as u64),
         dead_letters,
         rejected_429: stats.rate_limited,
         max_calls_in_a_minute: stats.max_calls_in_a_minute,

@@ -125,6 +125,8 @@ pub struct Stats {
     pub paging_changes: AtomicU64,
     /// List calls answered with no rows at all (`count` 0): windows with nothing in them.
     pub empty_lists: AtomicU64,
+    /// Rows served by list calls, all pages together: above the rows there are, rows read again.
+    pub rows_served: AtomicU64,
 }
 
 /// A copy of [`Stats`] that serializes.
@@ -148,6 +150,7 @@ pub struct StatsSnapshot {
     pub tokens_invalidated: u64,
     pub paging_changes: u64,
     pub empty_lists: u64,
+    pub rows_served: u64,
 }
 
 impl Stats {
@@ -171,6 +174,7 @@ impl Stats {
             tokens_invalidated: read(&self.tokens_invalidated),
             paging_changes: read(&self.paging_changes),
             empty_lists: read(&self.empty_lists),
+            rows_served: read(&self.rows_served),
         }
     }
 }

@@ -127,6 +127,10 @@ pub(crate) fn page_body(sim: &Simulator, paging: &Paging, listing: Listing) -> V
     if listing.count == 0 {
         crate::gate::bump(&sim.stats.empty_lists);
     }
+    sim.stats.rows_served.fetch_add(
+        listing.rows.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let paging_size = if sim.config.total_page_from_requested_size {
         paging.requested_size
     } else {
