@@ -482,7 +482,8 @@ impl<S: Source> Handler for Engine<S> {
             };
             let synced = tokio::select! {
                 biased;
-                () = self.session_lost.cancelled() => Err(transient("lost the broker session")),
+                // No attempt is spent: the broker redelivers the window to the next session.
+                () = self.session_lost.cancelled() => return Disposition::Release,
                 synced = self.sync_window(&envelope.meta, window) => synced,
             };
             match synced {
