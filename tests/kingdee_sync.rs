@@ -284,12 +284,8 @@ async fn two_fetcher_processes_keep_one_call_budget() {
         "a sync of a few seconds: {} calls",
         arrivals.len()
     );
-    assert_eq!(
-        (stats.authorizations, stats.tokens_issued),
-        (1, 1),
-        "one login for both processes (the second waits for the first's and takes up its token): \
-         {stats:?}"
-    );
+    // The second process waits for the first one's login and takes up its token.
+    assert_one_login(&stats);
     for summary in &summaries {
         assert!(
             summary["pages"].as_u64().unwrap() > 0,
@@ -328,10 +324,7 @@ async fn a_sync_goes_on_after_its_token_is_revoked_and_expired() {
     // About 6 s for the sync: time to drop the tokens twice while it runs.
     source.push(("calls_per_minute", toml::Value::Integer(600)));
     let scenario = scenario("tokens", old_backlog(32, 2_000), &source).await;
-    let writers = [
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let writers = transformer_and_writer(&scenario).await;
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     until_calls(&scenario, 12).await;
     scenario.simulator.revoke_tokens();
@@ -357,7 +350,7 @@ async fn a_sync_goes_on_after_its_token_is_revoked_and_expired() {
         "one new token after each drop, and no new authorization: {stats:?}"
     );
     assert!(summary["records"].as_u64().unwrap() >= 2_000, "{summary}");
-    stop(writers.into()).await;
+    stop(writers).await;
     scenario.clean_up(false).await.unwrap();
 }
 
@@ -376,10 +369,7 @@ async fn a_fetcher_over_the_gateway_limit_backs_off_and_ends_whole() {
     let mut source = half_day_windows(50);
     source.push(("calls_per_minute", toml::Value::Integer(60_000)));
     let scenario = scenario("throttled", sim, &source).await;
-    let writers = [
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let writers = transformer_and_writer(&scenario).await;
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     summary_of(&mut fetcher).await;
     let comparison = until_exact(&scenario, Duration::from_secs(60)).await;
@@ -405,17 +395,23 @@ async fn a_fetcher_over_the_gateway_limit_backs_off_and_ends_whole() {
         "the fetcher saw the 429s:\n{}",
         fetcher.log_tail(20)
     );
-    stop(writers.into()).await;
+    stop(writers).await;
     scenario.clean_up(false).await.unwrap();
+}
+
+/// Starts the transformer and the writer, each ready.
+async fn transformer_and_writer(scenario: &Scenario) -> Vec<WorkerProcess> {
+    vec![
+        common::spawn_ready(scenario, Worker::Transformer).await,
+        common::spawn_ready(scenario, Worker::Writer).await,
+    ]
 }
 
 /// Starts the transformer, the writer and a fetcher that plans every second.
 async fn pipeline(scenario: &Scenario) -> Vec<WorkerProcess> {
-    vec![
-        common::spawn_ready(scenario, Worker::Transformer).await,
-        common::spawn_ready(scenario, Worker::Writer).await,
-        scenario.spawn(Worker::Fetcher, &[]).unwrap(),
-    ]
+    let mut workers = transformer_and_writer(scenario).await;
+    workers.push(scenario.spawn(Worker::Fetcher, &[]).unwrap());
+    workers
 }
 
 /// Between page 1 and page 2 of a window the simulator moves the first row: once it leaves the window
@@ -479,10 +475,7 @@ async fn a_row_leaving_while_a_late_one_enters_is_not_skipped() {
         after_page: 1,
         kind: PagingChangeKind::LeaveAndEnter,
     });
-    let writers = [
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let writers = transformer_and_writer(&scenario).await;
     // Past the lag (and the second the orders' times are written in), so that the plan takes them in.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
@@ -533,7 +526,7 @@ async fn a_row_leaving_while_a_late_one_enters_is_not_skipped() {
         "the target misses records modified before the watermark {watermark}: {comparison:?}\n{}",
         fetcher.log_tail(20)
     );
-    stop(writers.into()).await;
+    stop(writers).await;
     scenario.clean_up(false).await.unwrap();
 }
 
@@ -598,10 +591,7 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
     const PAGES: u64 = 40;
     let source = one_big_window();
     let scenario = scenario("resume", old_backlog(36, 2_000), &source).await;
-    let workers = vec![
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let workers = transformer_and_writer(&scenario).await;
     let mut killed = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     // The auth flow's two calls, then 15 pages.
     until_calls(&scenario, 17).await;
@@ -633,11 +623,7 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
         "calls: {} (clean run {clean}; {calls_at_kill} when killed); the resumed fetcher: {summary}",
         stats.calls
     );
-    assert_eq!(
-        (stats.authorizations, stats.tokens_issued),
-        (1, 1),
-        "{stats:?}"
-    );
+    assert_one_login(&stats);
     assert!(
         stats.calls <= clean + 1 + 4,
         "the kill cost {} calls beyond a clean run",
@@ -645,6 +631,15 @@ async fn a_fetcher_killed_mid_window_resumes_after_its_last_confirmed_page() {
     );
     stop(workers).await;
     scenario.clean_up(false).await.unwrap();
+}
+
+/// One authorization and one token in all, however many fetchers ran.
+fn assert_one_login(stats: &kingdee_sim::gate::StatsSnapshot) {
+    assert_eq!(
+        (stats.authorizations, stats.tokens_issued),
+        (1, 1),
+        "one login: {stats:?}"
+    );
 }
 
 /// `source` paced at 300 calls a minute, a page every 200 ms: slow enough for faults to land between
@@ -673,11 +668,7 @@ fn assert_each_fault_cost_two_pages_at_most(
         "{page_calls} calls for the window's {pages} pages with {faults} {what}, {} empty windows",
         stats.empty_lists
     );
-    assert_eq!(
-        (stats.authorizations, stats.tokens_issued),
-        (1, 1),
-        "one login: {stats:?}"
-    );
+    assert_one_login(&stats);
     assert!(
         page_calls <= pages + 2 * faults,
         "{faults} {what} cost {} page calls beyond a clean run's {pages}: {stats:?}",
@@ -695,10 +686,7 @@ async fn four_fetcher_kills_cost_at_most_two_pages_each() {
     const KILLS: u64 = 4;
     let source = at_five_calls_a_second(one_big_window());
     let scenario = scenario("kills", old_backlog(38, 2_000), &source).await;
-    let workers = vec![
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let workers = transformer_and_writer(&scenario).await;
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     // Each fetcher lives 2.4 s: started and ready in about one, then pages at five a second.
     until_calls(&scenario, 3).await;
@@ -747,10 +735,7 @@ async fn three_broker_restarts_cost_at_most_two_pages_each() {
     )
     .await
     .expect("scenario starts");
-    let workers = vec![
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let workers = transformer_and_writer(&scenario).await;
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     until_calls(&scenario, 3).await;
     for _ in 0..RESTARTS {
@@ -798,10 +783,7 @@ async fn a_fetcher_killed_after_rows_moved_still_ends_exact(prefix: &str, move_:
         after_page: move_.after_page,
         kind: move_.kind,
     });
-    let workers = vec![
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let workers = transformer_and_writer(&scenario).await;
     // Past the lag (and the second the orders' times are written in), so that the plan takes in
     // orders modified as the simulator started.
     tokio::time::sleep(Duration::from_millis(3_500)).await;
@@ -927,10 +909,7 @@ async fn sync_under_a_lower_source_limit(prefix: &str, retry_after: bool) {
         }
     }
     let scenario = scenario(prefix, sim, &source).await;
-    let workers = vec![
-        common::spawn_ready(&scenario, Worker::Transformer).await,
-        common::spawn_ready(&scenario, Worker::Writer).await,
-    ];
+    let workers = transformer_and_writer(&scenario).await;
     let started = tokio::time::Instant::now();
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     let summary = summary_of(&mut fetcher).await;

@@ -292,22 +292,12 @@ impl<H: Handler> Context<H> {
             return self.dead_letter(delivery, &failure, tries, records).await;
         }
         tracing::warn!(class = failure.class.as_str(), attempt = tries, error = %failure.message, "will retry a message");
-        match self
+        let sent = self
             .dead_letters
             .send_retry(delivery, &failure, tries)
+            .await;
+        self.settle_delayed(delivery, sent, &failure, tries, records)
             .await
-        {
-            Ok(true) => {
-                ack(delivery).await;
-                false
-            }
-            Ok(false) => self.dead_letter(delivery, &failure, tries, records).await,
-            Err(err) => {
-                tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
-                self.hand_back(delivery).await;
-                false
-            }
-        }
     }
 
     /// Puts a delivery whose source asked to wait back with a delay, its attempts not counted; `true`
@@ -315,19 +305,31 @@ impl<H: Handler> Context<H> {
     async fn defer(&self, delivery: &Delivery, failure: Failure, records: Option<u64>) -> bool {
         let attempts = attempt_of(delivery);
         tracing::warn!(error = %failure.message, "the source asks to wait; putting the message back with a delay (not a failed attempt)");
-        match self
+        let sent = self
             .dead_letters
             .send_deferred(delivery, &failure, attempts)
+            .await;
+        self.settle_delayed(delivery, sent, &failure, attempts + 1, records)
             .await
-        {
+    }
+
+    /// Settles a delivery once its delayed copy was `sent`: acks it; dead-letters it (as attempt
+    /// `attempts`) when no retry tier is configured; hands it back when the copy was not confirmed.
+    /// `true` only when it was dead-lettered.
+    async fn settle_delayed(
+        &self,
+        delivery: &Delivery,
+        sent: Result<bool, BrokerError>,
+        failure: &Failure,
+        attempts: u32,
+        records: Option<u64>,
+    ) -> bool {
+        match sent {
             Ok(true) => {
                 ack(delivery).await;
                 false
             }
-            Ok(false) => {
-                self.dead_letter(delivery, &failure, attempts + 1, records)
-                    .await
-            }
+            Ok(false) => self.dead_letter(delivery, failure, attempts, records).await,
             Err(err) => {
                 tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
                 self.hand_back(delivery).await;

@@ -14,6 +14,8 @@ use conveyor_base::source::RateBudget;
 use conveyor_base::tls::error_chain;
 use conveyor_postgres::Database;
 
+use crate::state::failed;
+
 /// Spacing is this much wider than the rate allows, as margin for network jitter between the
 /// reservation and the call's arrival.
 const MARGIN: f64 = 1.02;
@@ -31,11 +33,6 @@ const FIRST_PAUSE_SPACINGS: f64 = 2.0;
 const LONGEST_PAUSE: f64 = 30.0;
 /// A `Retry-After` beyond the gateway's 60-s rate window is not believed.
 const LONGEST_RETRY_AFTER: f64 = 60.0;
-
-/// A failed statement, said with its causes (a database error's own message is only "db error").
-fn failed(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> String {
-    move |err| format!("{action}: {}", error_chain(&err))
-}
 
 /// The budget's adaptive state, as kept in its row; times are seconds before now.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -9,6 +9,8 @@ use conveyor_base::tls::error_chain;
 use conveyor_base::waiting;
 use conveyor_postgres::Database;
 
+use crate::state::failed;
+
 /// One account set's row of `conveyor_source_session`.
 pub struct SessionTable {
     database: Database,
@@ -20,10 +22,6 @@ impl SessionTable {
     pub fn new(database: Database, key: String) -> Self {
         Self { database, key }
     }
-}
-
-fn failed(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> String {
-    move |err| format!("{action}: {}", error_chain(&err))
 }
 
 impl SessionStore for SessionTable {

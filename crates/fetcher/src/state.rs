@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use conveyor_base::source::Window;
+use conveyor_base::tls::error_chain;
 use conveyor_base::waiting;
 use conveyor_postgres::{Database, DatabaseError};
 
@@ -19,6 +20,12 @@ fn sql(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatabaseEr
         action: action.to_owned(),
         source,
     }
+}
+
+/// A failed statement said as text with its causes (a database error's own message is only "db
+/// error"), for the budget's and the login's errors.
+pub(crate) fn failed(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> String {
+    move |err| error_chain(&sql(action)(err))
 }
 
 /// Takes the pipeline's window lock until the end of `transaction`. Plans and splits hold it while

@@ -270,20 +270,20 @@ impl<B: RateBudget> Gateway<B> {
         }
         let mut _login = None;
         if reuse_saved && let Some(store) = &self.saved {
-            if let Some(token) = self.load_saved().await {
-                let ticket = ticket_of(&token);
-                session.token = Some(token);
-                return Ok(ticket);
-            }
-            // Held until this login ends; another process's login may end meanwhile with a token.
-            match store.lock_login().await {
-                Ok(guard) => _login = Some(guard),
-                Err(err) => tracing::warn!(%err, "cannot wait for other processes' login"),
-            }
-            if let Some(token) = self.load_saved().await {
-                let ticket = ticket_of(&token);
-                session.token = Some(token);
-                return Ok(ticket);
+            // Before waiting for another process's login, and after it: it may have saved a token.
+            for wait_for_login in [false, true] {
+                if wait_for_login {
+                    // Held until this login ends.
+                    match store.lock_login().await {
+                        Ok(guard) => _login = Some(guard),
+                        Err(err) => tracing::warn!(%err, "cannot wait for other processes' login"),
+                    }
+                }
+                if let Some(token) = self.load_saved().await {
+                    let ticket = ticket_of(&token);
+                    session.token = Some(token);
+                    return Ok(ticket);
+                }
             }
         }
         let mut last = String::new();

@@ -11,7 +11,8 @@
 //! again), `--kill-fetcher-every` (the first fetcher is SIGKILLed and restarted at once) and
 //! `--restart-broker-every` (the bench runs a RabbitMQ node of its own and restarts it). The report
 //! sets the calls against the ideal ones (the pages, the login and the plan's empty tail window) and
-//! the time against the ideal at the rate the gateway allows, and counts dead-lettered windows.
+//! the time against the ideal at the rate the gateway allows, and counts the rows fetched again and
+//! the dead-lettered windows.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
