@@ -31,6 +31,8 @@ const SPACINGS_PER_CUT: f64 = 4.0;
 /// being refused, up to `LONGEST_PAUSE`.
 const FIRST_PAUSE_SPACINGS: f64 = 2.0;
 const LONGEST_PAUSE: f64 = 30.0;
+/// A refusal that cuts the rate pauses at most this many spacings of the new rate.
+const CUT_PAUSE_SPACINGS: f64 = 16.0;
 /// A `Retry-After` beyond the gateway's 60-s rate window is not believed.
 const LONGEST_RETRY_AFTER: f64 = 60.0;
 
@@ -87,7 +89,14 @@ fn throttling(limit: f64, state: Adaptation, retry_after: Option<Duration>) -> T
                     .throttled_ago
                     .is_some_and(|ago| ago <= 2.0 * state.pause + 2.0 * spacing);
             let pause = if refused_again {
-                (state.pause * 2.0).min(LONGEST_PAUSE)
+                let longest = match cut_to {
+                    // A cut gives the new rate its chance soon: the pause is at most a few of its
+                    // spacings, so that a rate far above the source's is cut again in seconds,
+                    // not after half a minute.
+                    Some(_) => LONGEST_PAUSE.min(CUT_PAUSE_SPACINGS * spacing),
+                    None => LONGEST_PAUSE,
+                };
+                (state.pause * 2.0).min(longest)
             } else {
                 FIRST_PAUSE_SPACINGS * spacing
             };
