@@ -16,6 +16,7 @@ use conveyor_harness::own_broker::OwnBroker;
 use conveyor_harness::proxy::TcpProxy;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
 use kingdee_sim::SimConfig;
+use lapin::options::BasicGetOptions;
 use rand::RngExt as _;
 
 /// A failure test that has not finished by then fails, saying which step it was in, rather than hang.
@@ -243,8 +244,8 @@ async fn workers_killed_at_random_moments_lose_nothing_steps() {
     let mut writer = scenario.spawn(Worker::Writer, &[]).unwrap();
     let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
     let mut kills = Vec::new();
-    for _ in 0..8 {
-        let pause = rand::rng().random_range(100..700);
+    for _ in 0..20 {
+        let pause = rand::rng().random_range(50..400);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let victim: &mut WorkerProcess = match rand::rng().random_range(0..3) {
             0 => &mut fetcher,
@@ -270,8 +271,116 @@ async fn workers_killed_at_random_moments_lose_nothing_steps() {
     assert_target_equals_truth(&scenario, &workers).await;
     assert_poison_dead_lettered(&scenario).await;
     assert_eq!(dead_letter_count(&scenario, Stage::Write).await, 0);
+
+    // The ledger survived every kill: nothing unaccounted for, record for record.
+    let status = ledger_status(&scenario, true);
+    assert_eq!(status["unaccounted"], 0, "{status}");
+    assert_eq!(status["in_flight"], 0, "{status}");
+    let source = scenario
+        .simulator
+        .truth(kingdee_sim::Object::SalesOrder)
+        .len();
+    let ids = &status["ids"];
+    assert_eq!(ids["fetched"], source, "{status}");
+    let settled = ids["written"].as_u64().unwrap()
+        + ids["dead_lettered"].as_u64().unwrap()
+        + ids["filtered"].as_u64().unwrap();
+    assert_eq!(settled, source as u64, "{status}");
+    assert_eq!(
+        ids["dead_lettered"],
+        scenario.simulator.poisoned_orders().len(),
+        "{status}"
+    );
+
+    // A message taken from the write queue behind the pipeline's back is named, and status fails.
+    let mut writer = workers.pop().unwrap();
+    writer.kill().await.unwrap();
+    let stolen_ids = ["stolen-1", "stolen-2"];
+    publish_orders(&scenario, &stolen_ids).await;
+    let stolen = take_one(&scenario, Stage::Write).await;
+    let status = ledger_status(&scenario, false);
+    assert_eq!(status["unaccounted"], 2, "{status}");
+    let named = &status["unaccounted_messages"][0];
+    assert_eq!(named["message_id"], stolen.as_str(), "{status}");
+    assert_eq!(named["stage"], "write", "{status}");
+    assert_eq!(
+        named["record_ids"],
+        serde_json::json!(stolen_ids),
+        "{status}"
+    );
     stop_all(&mut workers).await;
     scenario.clean_up(false).await.unwrap();
+}
+
+/// `conveyorctl status --json` of the scenario's pipeline (without any worker's metrics), asserted
+/// to succeed or to fail.
+fn ledger_status(scenario: &Scenario, succeeds: bool) -> serde_json::Value {
+    let output = ctl(scenario, &["status", "sales_orders", "--json"]);
+    assert_eq!(
+        output.status.success(),
+        succeeds,
+        "{}{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let parsed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    parsed[0].clone()
+}
+
+/// Publishes source rows with these ids into the transform queue, as a fetcher would.
+async fn publish_orders(scenario: &Scenario, ids: &[&str]) {
+    let modified = "2025-03-01T08:00:00+08:00";
+    let records = ids
+        .iter()
+        .map(|id| {
+            Record::new(
+                (*id).into(),
+                modified.parse().unwrap(),
+                &serde_json::json!({"id": id, "bill_no": format!("XSDD-{id}"), "modify_time": "2025-03-01 08:00:00"}),
+            )
+        })
+        .collect();
+    let (body, properties) = Envelope {
+        meta: Meta::new_trace("sales_orders").next_stage(),
+        records,
+    }
+    .to_amqp(Compression::default());
+    scenario
+        .publish_raw(Stage::Transform, &body, properties)
+        .await
+        .unwrap();
+}
+
+/// Takes the next message off a stage's work queue for good (waiting for one); returns its id.
+async fn take_one(scenario: &Scenario, stage: Stage) -> String {
+    let connection = conveyor_amqp::connect(&scenario.services.broker().unwrap(), "test")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = scenario.topology().queue(stage);
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let message = loop {
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        if let Some(message) = got {
+            break message;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing reached {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    conveyor_amqp::close(&connection).await;
+    message
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .expect("a message id")
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,7 +767,7 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
 
 async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_replayed_steps() {
     use conveyor_amqp::{DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT};
-    use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
+    use lapin::options::{BasicRejectOptions, QueueDeclareOptions};
     use lapin::types::{AMQPValue, FieldTable};
 
     let scenario = scenario("delivery_limit", orders(10)).await;

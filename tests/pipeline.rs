@@ -783,7 +783,6 @@ async fn status_accounts_for_flattened_records_stage_by_stage() {
         assert_eq!(status["written"], lines);
         assert_eq!(status["dead_lettered"], 0);
         assert_eq!(status["malformed_messages"], 2, "{status:#}");
-        assert!(status["retried"].as_u64().unwrap() > 0, "429s were retried");
         assert_eq!(
             (&status["in_flight"], &status["unaccounted"]),
             (&0.into(), &0.into())
@@ -792,7 +791,7 @@ async fn status_accounts_for_flattened_records_stage_by_stage() {
         // The text report says so too.
         let text = succeeded("conveyorctl status", status_command(scenario, &all, false));
         assert!(
-            text.contains("ok: every record that entered a stage is settled"),
+            text.contains("ok: every record sent into a stage is settled"),
             "{text}"
         );
         stop_all(&mut workers).await;
@@ -816,10 +815,13 @@ async fn status_flags_records_purged_behind_the_pipelines_back() {
         step("waiting for every line in the write queue, with no writer running");
         let write_queue = scenario.topology().queue(Stage::Write);
         loop {
-            let (status_ok, status, _) = status(scenario, &workers.iter().collect::<Vec<_>>());
-            let published = stage(&status, "write")["entered"].as_u64().unwrap() as usize;
-            if status_ok && published == lines {
-                break;
+            // Until the first settlement, the ledger knows nothing of the pipeline: status says so.
+            let output = status_command(scenario, &workers.iter().collect::<Vec<_>>(), true);
+            if output.status.success() {
+                let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+                if stage(&status[0], "write")["entered"] == lines {
+                    break;
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

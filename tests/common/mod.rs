@@ -78,6 +78,8 @@ pub fn ctl_command(scenario: &Scenario, args: &[&str]) -> std::process::Command 
         .args(args)
         .env("CONVEYOR_NAMESPACE", &scenario.namespace)
         .env("CONVEYOR_AMQP_URL", scenario.services.amqp_url.expose())
+        .env("CONVEYOR_PG_URL", scenario.services.pg_url.expose())
+        .env("CONVEYOR_PG_SCHEMA", &scenario.schema)
         .env(
             "CONVEYOR_RETRY_DELAYS_MS",
             conveyor_harness::RETRY_DELAYS_MS,

@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use conveyor_base::backoff::Backoff;
+use conveyor_base::ledger::{Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Stage};
 
 use crate::dead_letters::DeadLetters;
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, record_ids_in};
 use crate::error::{BrokerError, amqp};
 use crate::headers::*;
 use crate::topology::Topology;
@@ -59,6 +60,7 @@ pub async fn run<H: Handler>(
     settings: ConsumeSettings,
     handler: Arc<H>,
     dead_letters: DeadLetters,
+    ledger: SharedLedger,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
@@ -90,6 +92,7 @@ pub async fn run<H: Handler>(
         max_attempts: settings.max_attempts.max(1),
         handler,
         dead_letters,
+        ledger,
         metrics,
     });
     let outcome = loop {
@@ -151,6 +154,7 @@ struct Context<H> {
     max_attempts: u32,
     handler: Arc<H>,
     dead_letters: DeadLetters,
+    ledger: SharedLedger,
     metrics: Metrics,
 }
 
@@ -243,10 +247,10 @@ impl<H: Handler> Context<H> {
         }
     }
 
-    /// Dead-letters a whole message and acks it; `false` if it went back to its queue instead.
-    /// Dead-letters a delivery and acks it; `records` are those of a readable message, counted as
-    /// dead-lettered (at a stage that carries records) once the original is acked, as settled ones
-    /// are. A malformed message's are not: it never entered the pipeline through conveyor.
+    /// Dead-letters a delivery, records it in the ledger and acks it; `false` if it went back to its
+    /// queue instead. `records` are those of a readable message, counted as dead-lettered (at a stage
+    /// that carries records) once the original is acked, as settled ones are. A malformed message's
+    /// are not: it never entered the pipeline through conveyor.
     async fn dead_letter(
         &self,
         delivery: &Delivery,
@@ -261,6 +265,11 @@ impl<H: Handler> Context<H> {
             .await
         {
             Ok(()) => {
+                if let Err(err) = self.record_dead_letter(delivery, failure, records).await {
+                    tracing::error!(error = %err, "could not record a dead letter in the ledger; the message goes back to the queue");
+                    self.hand_back(delivery).await;
+                    return false;
+                }
                 self.handler.dead_lettered(failure);
                 let acked = ack(delivery).await;
                 if acked
@@ -277,6 +286,36 @@ impl<H: Handler> Context<H> {
                 false
             }
         }
+    }
+
+    /// Records in the ledger that the stage dead-lettered a whole delivery (a malformed one as
+    /// such: its records, if any, are not the pipeline's).
+    async fn record_dead_letter(
+        &self,
+        delivery: &Delivery,
+        failure: &Failure,
+        records: Option<u64>,
+    ) -> Result<(), String> {
+        if !self.ledger.enabled() {
+            return Ok(());
+        }
+        let message_id = match delivery.properties.message_id() {
+            Some(id) => id.to_string(),
+            // Nothing redelivered can be matched to it: each copy is its own unreadable message.
+            None => format!("no-message-id-{}", uuid::Uuid::new_v4()),
+        };
+        let (class, record_ids) = match records {
+            Some(_) => (
+                failure.class,
+                record_ids_in(&delivery.data, &delivery.properties),
+            ),
+            None => (ErrorClass::Malformed, Vec::new()),
+        };
+        self.ledger
+            .settle(Settled::dead_lettered(
+                self.stage, message_id, class, record_ids,
+            ))
+            .await
     }
 
     /// Sends a copy to the next retry tier and acks the original once the copy is confirmed; after the

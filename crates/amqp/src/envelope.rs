@@ -48,6 +48,18 @@ impl Meta {
         }
     }
 
+    /// The message this one becomes at the next stage, its id derived from this one's and `part`: a
+    /// redelivered message passed on again is the same message downstream, so that the ledger and
+    /// the next stage absorb the repeat.
+    pub fn derived(&self, part: &str) -> Self {
+        Self {
+            message_id: Uuid::new_v5(&self.message_id, part.as_bytes()),
+            pipeline: self.pipeline.clone(),
+            trace_id: self.trace_id,
+            attempt: 0,
+        }
+    }
+
     /// A new message that continues this one's trace at the next stage.
     pub fn next_stage(&self) -> Self {
         Self {
@@ -303,7 +315,7 @@ impl Meta {
 }
 
 /// The ids of the records in a body, as far as it can be read; empty for an unreadable body.
-pub(crate) fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
+pub fn record_ids_in(body: &[u8], properties: &BasicProperties) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Ids {
         records: Vec<IdOnly>,

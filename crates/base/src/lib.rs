@@ -3,6 +3,7 @@
 
 pub mod backoff;
 pub mod json;
+pub mod ledger;
 pub mod metrics;
 mod outcome;
 mod record;

@@ -11,7 +11,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use conveyor_amqp::dead_letters::{self, DeadLetter, Filter};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::Stage;
+use conveyor_ledger::LedgerArgs;
 use conveyor_ops::dead_letters::Selection;
+use conveyor_postgres::{Database, PostgresArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +42,8 @@ pub enum DlqCommand {
         /// Say what would be replayed, and replay nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        ledger: LedgerAccess,
     },
     /// Remove dead letters for good.
     Purge {
@@ -48,6 +52,8 @@ pub enum DlqCommand {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        ledger: LedgerAccess,
     },
     /// Write dead letters as JSON Lines, one message a line, for offline analysis. Removes nothing.
     Export {
@@ -87,6 +93,28 @@ pub struct Select {
     max_messages: usize,
     #[command(flatten)]
     broker: BrokerArgs,
+}
+
+/// Where the ledger that records a replay or a purge is: the workers' own settings.
+#[derive(Debug, Args)]
+pub struct LedgerAccess {
+    #[command(flatten)]
+    postgres: PostgresArgs,
+    #[command(flatten)]
+    ledger: LedgerArgs,
+}
+
+impl LedgerAccess {
+    /// The ledger's database, or `None` when it is switched off.
+    fn database(&self) -> anyhow::Result<Option<Database>> {
+        if !self.ledger.enabled {
+            return Ok(None);
+        }
+        let database = Database::connect(&self.postgres).context(
+            "the ledger records every replay and purge (CONVEYOR_LEDGER=off if the workers keep none)",
+        )?;
+        Ok(Some(database))
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -142,8 +170,16 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             broker,
         } => list(&pipelines, json, &broker).await,
         DlqCommand::Show { select, json } => show(&select, json).await,
-        DlqCommand::Replay { select, dry_run } => replay(&select, dry_run).await,
-        DlqCommand::Purge { select, yes } => purge(&select, yes).await,
+        DlqCommand::Replay {
+            select,
+            dry_run,
+            ledger,
+        } => replay(&select, dry_run, &ledger).await,
+        DlqCommand::Purge {
+            select,
+            yes,
+            ledger,
+        } => purge(&select, yes, &ledger).await,
         DlqCommand::Export { select, output } => export(&select, output).await,
     }
 }
@@ -218,7 +254,7 @@ async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
+async fn replay(select: &Select, dry_run: bool, ledger: &LedgerAccess) -> anyhow::Result<()> {
     let selection = select.selection();
     if dry_run {
         let letters = conveyor_ops::dead_letters::show(&select.broker, &selection).await?;
@@ -239,10 +275,16 @@ async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let database = ledger.database()?;
     let mut bar = None;
-    let replayed = conveyor_ops::dead_letters::replay(&select.broker, &selection, |total| {
-        bar.get_or_insert_with(|| progress(total as u64)).inc(1);
-    })
+    let replayed = conveyor_ops::dead_letters::replay(
+        &select.broker,
+        database.as_ref(),
+        &selection,
+        |total| {
+            bar.get_or_insert_with(|| progress(total as u64)).inc(1);
+        },
+    )
     .await?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
@@ -262,10 +304,14 @@ async fn replay(select: &Select, dry_run: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn purge(select: &Select, yes: bool) -> anyhow::Result<()> {
-    let purged = conveyor_ops::dead_letters::purge(&select.broker, &select.selection(), |total| {
-        Ok(yes || confirm(total)?)
-    })
+async fn purge(select: &Select, yes: bool, ledger: &LedgerAccess) -> anyhow::Result<()> {
+    let database = ledger.database()?;
+    let purged = conveyor_ops::dead_letters::purge(
+        &select.broker,
+        database.as_ref(),
+        &select.selection(),
+        |total| Ok(yes || confirm(total)?),
+    )
     .await?;
     let Some(removed) = purged else {
         bail!("nothing purged: not confirmed (use --yes to skip the question)");

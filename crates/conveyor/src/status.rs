@@ -1,16 +1,30 @@
-//! `conveyorctl status`: where every record of a pipeline is (the counting is
+//! `conveyorctl status`: where every record of a pipeline is, from the ledger (the counting is
 //! [`conveyor_ops::status`]; this is the command line around it).
 
+use std::time::Duration;
+
 use anyhow::bail;
+use chrono::{DateTime, Utc};
 use conveyor_amqp::settings::BrokerArgs;
-use conveyor_ops::status::PipelineStatus;
+use conveyor_ledger::read::Span;
+use conveyor_ops::status::{PipelineStatus, Request};
+use conveyor_postgres::{Database, PostgresArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Pipelines: names, or pipeline files.
     #[arg(required = true)]
     pipelines: Vec<String>,
-    /// A worker's /metrics URL (or its base URL); repeat for every worker of the pipelines.
+    /// Add up only what was settled (and sent) at or after this time (RFC 3339).
+    #[arg(long)]
+    since: Option<DateTime<Utc>>,
+    /// Add up only what was settled (and sent) before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// Seconds a message must stay in flight, with nothing queued at its stage, to be unaccounted for.
+    #[arg(long, default_value_t = 3)]
+    settle_wait_secs: u64,
+    /// A worker's /metrics URL (or its base URL): its messages in hand count as held, not missing.
     #[arg(
         long = "worker",
         env = "CONVEYOR_STATUS_WORKERS",
@@ -21,11 +35,23 @@ pub struct StatusArgs {
     json: bool,
     #[command(flatten)]
     broker: BrokerArgs,
+    /// Where the ledger is: the workers' own PostgreSQL settings.
+    #[command(flatten)]
+    postgres: PostgresArgs,
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let statuses =
-        conveyor_ops::status::status(&args.broker, &args.workers, &args.pipelines).await?;
+    let database = Database::connect(&args.postgres)?;
+    let request = Request {
+        pipelines: args.pipelines.clone(),
+        span: Span {
+            since: args.since,
+            until: args.until,
+        },
+        settle_wait: Duration::from_secs(args.settle_wait_secs),
+        workers: args.workers.clone(),
+    };
+    let statuses = conveyor_ops::status::status(&args.broker, &database, &request).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&statuses)?);
     } else {
@@ -35,7 +61,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     if let Some(bad) = statuses.iter().find(|s| s.unaccounted != 0) {
         bail!(
-            "pipeline {}: record(s) unaccounted for ({}); did a worker restart and lose its counts, or was one left out?",
+            "pipeline {}: record(s) unaccounted for ({}): sent into a stage, never settled there, and in none of its queues",
             bad.pipeline,
             bad.unaccounted_stages().join(", ")
         );
@@ -48,77 +74,75 @@ fn render(status: &PipelineStatus) -> String {
     let mut out = format!("pipeline {}\n", status.pipeline);
     out += &format!("  fetched          {:>10}\n", status.fetched);
     out += &format!(
-        "  {:<10} {:>10} {:>10} {:>14} {:>10} {:>8} {:>8}\n",
-        "stage", "entered", "settled", "dead-lettered", "in flight", "queued", "in hand"
+        "  {:<10} {:>10} {:>10} {:>10} {:>10} {:>14} {:>10} {:>8}\n",
+        "stage",
+        "entered",
+        "settled",
+        "passed on",
+        "written",
+        "dead-lettered",
+        "in flight",
+        "queued"
     );
     for stage in &status.stages {
         out += &format!(
-            "  {:<10} {:>10} {:>10} {:>14} {:>10} {:>8} {:>8}\n",
+            "  {:<10} {:>10} {:>10} {:>10} {:>10} {:>14} {:>10} {:>8}\n",
             stage.stage,
             stage.entered,
             stage.settled,
-            stage.dead_lettered,
+            stage.passed_on,
+            stage.written + stage.already_newer,
+            stage.dead_lettered.values().sum::<u64>(),
             stage.in_flight,
-            stage.queued_messages,
-            stage.unacked_messages
+            stage.queued_messages
         );
     }
-    out += &format!("  written          {:>10}\n", status.written);
     out += &format!(
-        "  dead-lettered    {:>10}  record(s), and {} malformed message(s); {} message(s) in the dead-letter queues\n",
-        status.dead_lettered, status.malformed_messages, status.dead_letter_messages
+        "  written          {:>10}  ({} applied, {} already newer in the target)\n",
+        status.written, status.applied, status.already_newer
+    );
+    let classes: Vec<String> = status
+        .dead_lettered_by_class
+        .iter()
+        .map(|(class, records)| format!("{class} {records}"))
+        .collect();
+    out += &format!(
+        "  dead-lettered    {:>10}  record(s) [{}], and {} malformed message(s); {} message(s) in the dead-letter queues\n",
+        status.dead_lettered,
+        classes.join(", "),
+        status.malformed_messages,
+        status.dead_letter_messages
     );
     out += &format!(
         "  filtered         {:>10}  (skipped by the rules)\n",
         status.filtered
     );
     out += &format!(
-        "  replayed         {:>10}  ({} retries so far)\n",
-        status.replayed, status.retried
+        "  replayed         {:>10}  ({} purged)\n",
+        status.replayed, status.purged
     );
-    for stage in status.stages.iter().filter(|s| s.unaccounted != 0) {
-        let what = if stage.unaccounted > 0 {
-            "entered the stage and are neither settled, queued nor in a worker's hands"
-        } else {
-            "settled more often than they entered the stage (counted twice)"
-        };
+    out += &format!(
+        "  ids              fetched {}, written {}, dead-lettered {}, filtered {}\n",
+        status.ids.fetched, status.ids.written, status.ids.dead_lettered, status.ids.filtered
+    );
+    for message in &status.unaccounted_messages {
         out += &format!(
-            "  UNACCOUNTED      {:>10}  at {}: record(s) that {what}\n",
-            stage.unaccounted, stage.stage
+            "  UNACCOUNTED      message {} at {} (sent by {} at {}, from {}): record(s) {}\n",
+            message.message_id,
+            message.stage,
+            message.sent_by,
+            message.sent_at.to_rfc3339(),
+            message.parent_id,
+            message.record_ids.join(", ")
         );
     }
-    if status.unaccounted == 0 && status.stages.iter().all(|s| s.in_flight == 0) {
-        out += "  ok: every record that entered a stage is settled (passed on, written, filtered or dead-lettered)\n";
+    if status.unaccounted == 0 && status.in_flight == 0 {
+        out += "  ok: every record sent into a stage is settled (passed on, written, filtered or dead-lettered)\n";
+    } else if status.unaccounted == 0 {
+        out += &format!(
+            "  in flight: {} record(s) queued or in a worker's hands\n",
+            status.in_flight
+        );
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use conveyor_base::Stage;
-    use conveyor_ops::status::{QueueDepths, count, parse_metrics};
-
-    use super::*;
-
-    const WRITTEN: &str = r#"conveyor_records_out_total{pipeline="p",stage="fetch"} 3
-conveyor_records_settled_total{pipeline="p",stage="transform"} 3
-conveyor_records_out_total{pipeline="p",stage="transform"} 3
-conveyor_records_settled_total{pipeline="p",stage="write"} 2
-"#;
-
-    #[test]
-    fn the_report_says_ok_or_names_what_is_unaccounted() {
-        let quiet = QueueDepths {
-            queued: [(Stage::Transform, 0), (Stage::Write, 0)].into(),
-            dead_letters: 0,
-        };
-        let lost = render(&count("p", &parse_metrics(WRITTEN), &quiet));
-        assert!(
-            lost.contains("UNACCOUNTED               1  at write"),
-            "{lost}"
-        );
-        let whole = WRITTEN.replace("stage=\"write\"} 2", "stage=\"write\"} 3");
-        let ok = render(&count("p", &parse_metrics(&whole), &quiet));
-        assert!(ok.contains("ok: every record"), "{ok}");
-    }
 }

@@ -29,6 +29,7 @@ use conveyor_amqp::consume::Handler;
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::{Envelope, Meta};
 use conveyor_amqp::{PendingConfirm, Publisher, Topology};
+use conveyor_base::ledger::{Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, Source, Window};
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
@@ -79,6 +80,8 @@ pub(crate) struct Engine<S> {
     /// Cancelled when the broker session is lost: a window being paged stops at once, before the
     /// calls already waiting for their slot are made for pages it could not publish.
     pub(crate) session_lost: CancellationToken,
+    /// Where the pages each window sent on are recorded.
+    pub(crate) ledger: SharedLedger,
 }
 
 impl<S: Source> Engine<S> {
@@ -174,10 +177,26 @@ impl<S: Source> Engine<S> {
             self.counters
                 .dead_lettered
                 .fetch_add(rejected.len() as u64, Ordering::Relaxed);
+            let settled: Vec<Settled> = rejected
+                .iter()
+                .map(|(record, failure)| {
+                    // The same row refused again (a window paged twice) is the same dead letter.
+                    let letter = meta.derived(record.data.get()).message_id;
+                    Settled::dead_lettered(
+                        Stage::Fetch,
+                        letter.to_string(),
+                        failure.class,
+                        vec![record.id.clone()],
+                    )
+                })
+                .collect();
             self.dead_letters
                 .send_records(meta, rejected)
                 .await
                 .map_err(transient)?;
+            for settled in settled {
+                self.ledger.settle(settled).await.map_err(transient)?;
+            }
         }
         gathered.extend(records);
         let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();
@@ -198,7 +217,7 @@ impl<S: Source> Engine<S> {
     ) -> Result<(), Failure> {
         let records = std::mem::take(gathered);
         // The ids are kept only for a pass that records its progress: a copy of each costs.
-        let ids = match checkpoints.recording() {
+        let ids = match checkpoints.keeps_ids() {
             true => records.iter().map(|record| record.id.clone()).collect(),
             false => Vec::new(),
         };
@@ -208,21 +227,20 @@ impl<S: Source> Engine<S> {
         Ok(())
     }
 
-    /// Publishes records as one message to the transform stage; returns the pending confirm.
+    /// Publishes records as one message to the transform stage; returns the pending confirm and the
+    /// message's id.
     async fn publish(
         &self,
         meta: &Meta,
         records: Vec<Record>,
-    ) -> Result<Option<PendingConfirm>, Failure> {
+    ) -> Result<Option<(PendingConfirm, String)>, Failure> {
         if records.is_empty() {
             return Ok(None);
         }
         let count = records.len() as u64;
-        let (body, properties) = Envelope {
-            meta: meta.next_stage(),
-            records,
-        }
-        .to_amqp(self.topology.compression());
+        let meta = meta.next_stage();
+        let message_id = meta.message_id.to_string();
+        let (body, properties) = Envelope { meta, records }.to_amqp(self.topology.compression());
         let confirm = self
             .publisher
             .send(
@@ -238,7 +256,7 @@ impl<S: Source> Engine<S> {
             .records_out
             .with_label_values(&[self.pipeline(), Stage::Fetch.as_str()])
             .inc_by(count);
-        Ok(Some(confirm))
+        Ok(Some((confirm, message_id)))
     }
 
     /// Whether rows may still become visible in `window` late: its end is within `lag + overlap` of
@@ -313,8 +331,11 @@ impl<S: Source> Engine<S> {
             total_pages,
             mut seen,
         } = start;
-        let mut checkpoints =
-            Checkpoints::start(record.then(|| (self.store.clone(), *window, count)));
+        let mut checkpoints = Checkpoints::start(
+            record.then(|| (self.store.clone(), *window, count)),
+            self.ledger.clone(),
+            meta.message_id.to_string(),
+        );
         let mut gathered = Vec::new();
         let mut last_page = next_page - 1;
         if let Some(first) = first {
@@ -497,7 +518,12 @@ impl<S: Source> Handler for Engine<S> {
                 Err(failure) => return Disposition::DeadLetter(failure),
             }
         }
-        Disposition::Done
+        // The records it sent on are recorded already, each message once confirmed.
+        let settled = Settled::new(Stage::Fetch, envelope.meta.message_id.to_string(), 0);
+        match self.ledger.settle(settled).await {
+            Ok(()) => Disposition::Done,
+            Err(err) => Disposition::Retry(Failure::new(ErrorClass::Transient, err)),
+        }
     }
 
     fn dead_lettered(&self, failure: &Failure) {

@@ -25,7 +25,7 @@ use conveyor_base::Stage;
 use conveyor_base::source::Source as _;
 use conveyor_kingdee::{Gateway, KingdeeArgs, KingdeeSource};
 use conveyor_pipeline::source::SourceKind;
-use conveyor_postgres::{Database, PostgresArgs};
+use conveyor_postgres::Database;
 use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
@@ -49,8 +49,6 @@ pub struct Cli {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub kingdee: KingdeeArgs,
-    #[command(flatten)]
-    pub postgres: PostgresArgs,
     /// Sync up to now (less the lag), print a summary and exit.
     #[arg(long)]
     pub once: bool,
@@ -95,7 +93,7 @@ async fn sync_pipeline(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let spec = &runtime.pipeline.spec.source;
-    let database = Database::connect(&cli.postgres)?;
+    let database = Database::connect(&cli.worker.postgres)?;
     let store = SyncStore::open(database.clone(), runtime.pipeline.name()).await?;
     let (settings, options) = (SyncSettings::of(spec), cli.run_options());
     let summary = match spec.kind {

@@ -4,8 +4,9 @@
 use std::collections::HashSet;
 
 use conveyor_amqp::PendingConfirm;
+use conveyor_base::ledger::{Sent, SharedLedger};
 use conveyor_base::source::Window;
-use conveyor_base::{ErrorClass, Failure};
+use conveyor_base::{ErrorClass, Failure, Stage};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -28,35 +29,55 @@ pub(crate) fn transient(err: impl std::fmt::Display) -> Failure {
 pub(crate) struct Checkpoints {
     sender: mpsc::Sender<Checkpoint>,
     task: JoinHandle<Result<(), Failure>>,
-    /// Whether progress is recorded (else the ids of a message are not needed).
-    recording: bool,
+    /// Whether progress or the ledger is recorded (else the ids of a message are not needed).
+    keeps_ids: bool,
 }
 
 /// A published message, and how far the pass is once it is confirmed.
 struct Checkpoint {
     confirm: PendingConfirm,
+    message_id: String,
     /// The last page whose records are all in this message or an earlier one.
     pages_confirmed: u64,
     ids: Vec<String>,
 }
 
 impl Checkpoints {
-    /// `record`: where to record the progress (none for a pass that may not resume).
-    pub(crate) fn start(record: Option<(SyncStore, Window, u64)>) -> Self {
-        let recording = record.is_some();
+    /// `record`: where to record the progress (none for a pass that may not resume). Each confirmed
+    /// message is recorded in `ledger` as sent by the window's message `window_message`.
+    pub(crate) fn start(
+        record: Option<(SyncStore, Window, u64)>,
+        ledger: SharedLedger,
+        window_message: String,
+    ) -> Self {
+        let keeps_ids = record.is_some() || ledger.enabled();
         let (sender, mut receiver) = mpsc::channel::<Checkpoint>(UNCONFIRMED);
         let task = tokio::spawn(async move {
             while let Some(checkpoint) = receiver.recv().await {
                 checkpoint.confirm.wait().await.map_err(transient)?;
                 let mut pages_confirmed = checkpoint.pages_confirmed;
-                let mut ids = checkpoint.ids;
+                let mut sent = vec![(checkpoint.message_id, checkpoint.ids)];
                 // The messages that queued up meanwhile are recorded in the same write: when writes
                 // are slower than confirms, they are fewer, not later.
                 while let Ok(next) = receiver.try_recv() {
                     next.confirm.wait().await.map_err(transient)?;
                     pages_confirmed = next.pages_confirmed;
-                    ids.extend(next.ids);
+                    sent.push((next.message_id, next.ids));
                 }
+                if ledger.enabled() {
+                    let sent = sent
+                        .iter()
+                        .map(|(message_id, ids)| Sent {
+                            stage: Stage::Transform,
+                            message_id: message_id.clone(),
+                            by: Stage::Fetch.as_str(),
+                            parent_id: window_message.clone(),
+                            record_ids: ids.clone(),
+                        })
+                        .collect();
+                    ledger.sent(sent).await.map_err(transient)?;
+                }
+                let ids: Vec<String> = sent.into_iter().flat_map(|(_, ids)| ids).collect();
                 if let Some((store, window, count)) = &record {
                     let progress = Progress {
                         pages_confirmed,
@@ -73,23 +94,25 @@ impl Checkpoints {
         Self {
             sender,
             task,
-            recording,
+            keeps_ids,
         }
     }
 
-    pub(crate) fn recording(&self) -> bool {
-        self.recording
+    /// Whether the ids of each message's records are wanted.
+    pub(crate) fn keeps_ids(&self) -> bool {
+        self.keeps_ids
     }
 
     /// Adds a published message; waits while [`UNCONFIRMED`] others wait for their confirm.
     pub(crate) async fn add(
         &mut self,
-        confirm: PendingConfirm,
+        (confirm, message_id): (PendingConfirm, String),
         pages_confirmed: u64,
         ids: Vec<String>,
     ) -> Result<(), Failure> {
         let checkpoint = Checkpoint {
             confirm,
+            message_id,
             pages_confirmed,
             ids,
         };

@@ -82,6 +82,7 @@ pub async fn sync<S: Source>(
                 counters: counters.clone(),
                 republish_after: options.republish_after,
                 session_lost: CancellationToken::new(),
+                ledger: runtime.ledger.clone(),
             });
             serve(runtime, session, engine, options, shutdown)
         })
@@ -113,6 +114,7 @@ async fn serve<S: Source>(
         settings,
         engine.clone(),
         session.dead_letters.clone(),
+        runtime.ledger.clone(),
         runtime.metrics.clone(),
         consuming.clone(),
     );

@@ -26,6 +26,7 @@ use conveyor_fetcher::settings::SyncSettings;
 use conveyor_fetcher::state::SyncStore;
 use conveyor_harness::Services;
 use conveyor_kingdee::{Gateway, KingdeeSource};
+use conveyor_ledger::LedgerArgs;
 use conveyor_postgres::{Database, PostgresArgs};
 use conveyor_runtime::host::Host;
 use conveyor_runtime::settings::WorkerArgs;
@@ -368,23 +369,28 @@ impl EnginePipeline {
         let broker = services
             .broker_args(&format!("engine_{unique}"))
             .with_retry_delays_ms(vec![200]);
+        let postgres = PostgresArgs {
+            pg_url: Some(services.pg_url.clone()),
+            pg_url_file: None,
+            pg_schema: format!("engine_{unique}"),
+            pg_pool_size: 4,
+            lock_timeout_ms: None,
+        };
+        let database = Database::connect(&postgres).unwrap();
         let args = WorkerArgs {
             pipelines: vec![file],
             broker: broker.clone(),
+            postgres,
+            ledger: LedgerArgs {
+                enabled: true,
+                ledger_retention_days: 30,
+            },
             http_addr: Some(([127, 0, 0, 1], 0).into()),
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             drain_timeout_secs: 5,
             max_attempts: 3,
         };
-        let database = Database::connect(&PostgresArgs {
-            pg_url: Some(services.pg_url.clone()),
-            pg_url_file: None,
-            pg_schema: format!("engine_{unique}"),
-            pg_pool_size: 4,
-            lock_timeout_ms: None,
-        })
-        .unwrap();
         Self {
             services,
             name: pipeline,

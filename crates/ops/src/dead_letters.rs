@@ -1,6 +1,7 @@
 //! The operator's actions on dead letters: count, show, replay, purge and export them. Each one
 //! connects, takes the selected queues' letters (holding them, so that nothing leaves a queue until it
-//! is replayed elsewhere or purged), acts, hands back the rest and returns what it did.
+//! is replayed elsewhere or purged), acts, hands back the rest and returns what it did. A replay and a
+//! purge are recorded in the ledger (who, when, which letters) before any letter leaves its queue.
 
 use std::io::Write;
 
@@ -8,6 +9,8 @@ use conveyor_amqp::dead_letters::{self, DeadLetter, Filter, Held, QueueCounts};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::Stage;
+use conveyor_ledger::action::{self, ActionKind, Moved};
+use conveyor_postgres::Database;
 use lapin::Connection;
 
 /// Which dead letters an action applies to.
@@ -28,7 +31,7 @@ pub struct Selection {
 struct Taken {
     connection: Connection,
     topology: Topology,
-    queues: Vec<(Held, Vec<usize>)>,
+    queues: Vec<(Stage, Held, Vec<usize>)>,
 }
 
 impl Taken {
@@ -50,7 +53,7 @@ impl Taken {
                 .map(|(index, _)| index)
                 .take(selection.limit.unwrap_or(usize::MAX))
                 .collect();
-            queues.push((held, matching));
+            queues.push((stage, held, matching));
         }
         Ok(Self {
             connection,
@@ -60,12 +63,15 @@ impl Taken {
     }
 
     fn matching(&self) -> usize {
-        self.queues.iter().map(|(_, matching)| matching.len()).sum()
+        self.queues
+            .iter()
+            .map(|(_, _, matching)| matching.len())
+            .sum()
     }
 
     /// Hands every letter still held back to its queue, in order, and disconnects.
     async fn release(self) {
-        for (held, _) in self.queues {
+        for (_, held, _) in self.queues {
             held.release().await;
         }
         conveyor_amqp::close(&self.connection).await;
@@ -95,7 +101,7 @@ pub async fn show(broker: &BrokerArgs, selection: &Selection) -> anyhow::Result<
     let shown = taken
         .queues
         .iter()
-        .flat_map(|(held, matching)| matching.iter().map(|&i| held.letters[i].clone()))
+        .flat_map(|(_, held, matching)| matching.iter().map(|&i| held.letters[i].clone()))
         .collect();
     taken.release().await;
     Ok(shown)
@@ -110,40 +116,79 @@ pub struct Replayed {
     pub failed: Vec<String>,
 }
 
-/// Publishes each selected letter back into the stage where it failed, with a confirm, and only then
-/// removes it from its dead-letter queue. `on_each` is called after each letter (for a progress bar).
+/// Letters replayed between two records in the ledger.
+const REPLAYED_PER_RECORD: usize = 100;
+
+/// What the ledger is told of a letter that moved.
+fn moved(letter: &DeadLetter, replayed: bool) -> Moved {
+    Moved {
+        message_id: letter.message_id.clone(),
+        class: letter.class.clone(),
+        record_ids: letter.record_ids.clone(),
+        replayed_as: replayed.then(|| letter.replayed_id()),
+    }
+}
+
+/// Publishes each selected letter back into the stage where it failed, with a confirm; records the
+/// replay in `ledger` (when kept), a hundred letters at a time; and only then removes those letters
+/// from their dead-letter queue. `on_each` is called after each letter (for a progress bar).
 pub async fn replay(
     broker: &BrokerArgs,
+    ledger: Option<&Database>,
     selection: &Selection,
     mut on_each: impl FnMut(usize),
 ) -> anyhow::Result<Replayed> {
     let taken = Taken::take(broker, selection).await?;
     let total = taken.matching();
     let publisher = Publisher::open(&taken.connection).await?;
+    let pipeline = taken.topology.pipeline().to_owned();
     let mut replayed = Replayed::default();
-    for (held, matching) in &taken.queues {
-        for &index in matching {
-            let letter = &held.letters[index];
-            match held.replay(letter, &publisher, &taken.topology).await {
-                Ok(()) => {
-                    replayed.messages += 1;
-                    replayed.records += letter.record_ids.len();
+    for (stage, held, matching) in &taken.queues {
+        for chunk in matching.chunks(REPLAYED_PER_RECORD) {
+            let mut published = Vec::new();
+            for &index in chunk {
+                let letter = &held.letters[index];
+                match held.republish(letter, &publisher, &taken.topology).await {
+                    Ok(()) => published.push(letter),
+                    Err(err) => replayed
+                        .failed
+                        .push(format!("{} {}: {err}", letter.queue, letter.message_id)),
                 }
-                Err(err) => replayed
-                    .failed
-                    .push(format!("{} {}: {err}", letter.queue, letter.message_id)),
+                on_each(total);
             }
-            on_each(total);
+            if let Some(database) = ledger {
+                let letters: Vec<Moved> = published.iter().map(|l| moved(l, true)).collect();
+                if let Err(err) =
+                    action::record(database, &pipeline, *stage, ActionKind::Replay, &letters).await
+                {
+                    // The copies are out, under ids a retried replay gives them again: the stage
+                    // settles each once.
+                    replayed.failed.extend(published.iter().map(|letter| {
+                        format!(
+                            "{} {}: not recorded in the ledger, left in place: {err}",
+                            letter.queue, letter.message_id
+                        )
+                    }));
+                    continue;
+                }
+            }
+            for letter in published {
+                held.remove(letter).await?;
+                replayed.messages += 1;
+                replayed.records += letter.record_ids.len();
+            }
         }
     }
     taken.release().await;
     Ok(replayed)
 }
 
-/// Removes the selected letters for good, once `confirm` (given how many there are) says yes;
-/// returns how many were removed, or `None` when it said no (then nothing was removed).
+/// Removes the selected letters for good, once `confirm` (given how many there are) says yes and
+/// the purge is recorded in `ledger` (when kept); returns how many were removed, or `None` when it
+/// said no (then nothing was removed).
 pub async fn purge(
     broker: &BrokerArgs,
+    ledger: Option<&Database>,
     selection: &Selection,
     confirm: impl FnOnce(usize) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Option<usize>> {
@@ -153,7 +198,15 @@ pub async fn purge(
         taken.release().await;
         return Ok(None);
     }
-    for (held, matching) in &taken.queues {
+    let pipeline = taken.topology.pipeline().to_owned();
+    for (stage, held, matching) in &taken.queues {
+        if let Some(database) = ledger {
+            let letters: Vec<Moved> = matching
+                .iter()
+                .map(|&index| moved(&held.letters[index], false))
+                .collect();
+            action::record(database, &pipeline, *stage, ActionKind::Purge, &letters).await?;
+        }
         for &index in matching {
             held.remove(&held.letters[index]).await?;
         }
@@ -172,7 +225,7 @@ pub async fn export(
     let taken = Taken::take(broker, selection).await?;
     let mut written = 0;
     let result = (|| {
-        for (held, matching) in &taken.queues {
+        for (_, held, matching) in &taken.queues {
             for &index in matching {
                 serde_json::to_writer(&mut *out, &held.letters[index])?;
                 out.write_all(b"\n")?;

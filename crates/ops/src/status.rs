@@ -1,154 +1,269 @@
-//! Where every record of a pipeline is, from the workers' own counts and the queues' depths: the logic
-//! behind `conveyorctl status`.
+//! Where every record of a pipeline is, from the ledger: the logic behind `conveyorctl status`.
 //!
-//! How it counts: stage by stage, in the units of the stage's own queue (a transformer that flattens
-//! orders into lines takes orders in and passes lines on, so the transform stage counts orders and the
-//! write stage lines). For each stage that takes records from a queue (transform, write):
+//! The ledger ([`conveyor_ledger`]) holds, per message, what each stage settled and which messages each
+//! stage sent on; it survives every restart of the workers, so the books add up after a crash as well
+//! as before it. Stage by stage, in the units of the stage's own queue (a transformer that flattens
+//! orders into lines takes orders in and passes lines on):
 //!
-//! - **entered**: the records the stage before published into its queue
-//!   (`conveyor_records_out_total` of the fetch stage for transform, of the transform stage for write)
-//!   plus those replayed into it from its dead-letter queue (`conveyor_records_replayed_total`);
-//! - **settled**: the records whose message the stage finished with for good
-//!   (`conveyor_records_settled_total`): passed on or written (some perhaps filtered by a rule), or
-//!   dead-lettered; a message handed to a retry queue, or back to its queue, is not settled;
-//! - **in flight** = entered − settled: in the stage's work or retry queues, or in its workers' hands.
+//! - **entered**: the records sent into the stage's queue (by the stage before, or replayed from its
+//!   dead-letter queue), and those the stage settled that no sender recorded (a sender killed between
+//!   its publish and its record: the stage took them, so they are accounted for);
+//! - **settled**: passed on (some perhaps filtered by a rule), written (or already newer), or
+//!   dead-lettered, by class;
+//! - **in flight**: the messages sent in and not settled. They wait in the stage's work or retry
+//!   queues, or in a worker's hands.
 //!
-//! When a stage's work and retry queues are empty and none of its workers holds a message, its in
-//! flight must be 0; if it is not, the difference is flagged as unaccounted for (records lost on the
-//! way, or counted twice) and the command fails. Because records move while the workers and queues
-//! are read one after the other, a stage that looks unaccounted for is read again a moment later and
-//! flagged only if both readings agree. Messages dead-lettered as malformed are counted as messages:
-//! they never entered through conveyor, so their records are in no stage's sums.
-//!
-//! Counters live in the worker processes: a worker that restarted lost its counts, so point this at
-//! every worker and read it as a check of a run, not as a ledger (Prometheus keeps the long history).
+//! A message in flight while the stage's queues hold nothing, and still so a moment later, is
+//! **unaccounted for**: named by message id and record ids, and the command fails. (A message the
+//! broker dead-lettered itself, past its queue's delivery limit, is found in the dead-letter queue and
+//! counted as such.) A worker holding a message longer than that moment, such as a writer waiting
+//! for its target to come back, shows as unaccounted for until it settles: read again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
 use conveyor_amqp::Topology;
+use conveyor_amqp::dead_letters::{BROKER_CLASS, Held};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::Stage;
+use conveyor_ledger::read::{self, ActionBooks, Books, Open, Span, StageBooks};
+use conveyor_postgres::Database;
 use serde::Serialize;
 
-/// How long to wait before reading a pipeline again when it looks as if records were unaccounted for.
-const RECHECK_AFTER: Duration = Duration::from_secs(1);
+/// What to read.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Pipelines: names, or pipeline files.
+    pub pipelines: Vec<String>,
+    /// The settlements to add up (all when open).
+    pub span: Span,
+    /// How long a message must stay in flight, with nothing queued at its stage, to be unaccounted for.
+    pub settle_wait: Duration,
+    /// Workers' `/metrics` URLs (or base URLs), whose messages in hand are counted as held.
+    pub workers: Vec<String>,
+}
 
 /// Where a pipeline's records are.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PipelineStatus {
     pub pipeline: String,
-    /// Records the fetcher published, plus source rows it dead-lettered (no usable id or modify time).
+    /// Records the fetchers sent on (a window paged twice counts twice), plus source rows refused
+    /// (no usable id or modify time).
     pub fetched: u64,
-    /// Records the writers wrote (settled at the write stage and not dead-lettered), in the target's
-    /// units (lines, when the transformer flattens orders into lines).
+    /// Records the writers settled as written: applied, or already held in the same or a newer
+    /// version (in the target's units).
     pub written: u64,
-    /// Records dead-lettered at every stage, each in its stage's units.
+    pub applied: u64,
+    pub already_newer: u64,
+    /// Records dead-lettered at every stage, each in its stage's units, less those replayed since.
     pub dead_lettered: u64,
-    /// Messages dead-lettered because they could not be read (their records are counted nowhere).
+    pub dead_lettered_by_class: BTreeMap<String, u64>,
+    /// Messages refused as unreadable (their records are counted nowhere).
     pub malformed_messages: u64,
     /// Records the rules skipped on purpose (the transformer's output units).
     pub filtered: u64,
-    pub retried: u64,
-    /// Records put back into the pipeline from dead-letter queues (and settled since).
+    /// Records put back into the pipeline from dead-letter queues.
     pub replayed: u64,
-    /// The stages' records in flight, added up.
-    pub in_flight: i64,
+    /// Records of dead letters an operator removed for good (still counted as dead-lettered).
+    pub purged: u64,
+    /// Records in flight over every stage.
+    pub in_flight: u64,
     /// Messages ready in the work and retry queues of the stages that carry records.
     pub queued_messages: u64,
-    /// Messages held by the workers, not yet acked.
-    pub unacked_messages: u64,
     /// Messages in the dead-letter queues.
     pub dead_letter_messages: u64,
-    /// Records in flight at stages where nothing is queued or in a worker's hands (lost, or counted
-    /// twice), added up as sizes.
+    /// Records in flight where nothing is queued, named below.
     pub unaccounted: u64,
-    /// Each stage that takes records from a queue, with its own sums.
+    pub unaccounted_messages: Vec<Unaccounted>,
+    /// Distinct record ids, for pipelines whose output keeps the source's ids (one record in, one
+    /// out): fetched should equal written + dead-lettered + filtered.
+    pub ids: IdCounts,
     pub stages: Vec<StageStatus>,
+}
+
+/// Distinct record ids by what became of them.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct IdCounts {
+    pub fetched: u64,
+    pub written: u64,
+    /// Dead-lettered and not written since.
+    pub dead_lettered: u64,
+    pub filtered: u64,
 }
 
 /// The records of one stage, in the units of its queue.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct StageStatus {
     pub stage: String,
-    /// Records published into the stage's queue by the stage before it, plus those replayed into it.
+    /// Records sent into the stage's queue, by the stage before it or replayed, and those it settled
+    /// that no sender recorded.
     pub entered: u64,
-    /// Of those, records replayed from its dead-letter queue (counted when the stage settled them).
+    /// Of those, records replayed from the stage's dead-letter queue.
     pub replayed: u64,
-    /// Records whose message the stage finished with for good: passed on or written (some perhaps
-    /// filtered), or dead-lettered.
+    /// Of those, records whose send was not recorded (the sender died between publish and record).
+    pub unrecorded_sends: u64,
+    /// Records whose message the stage settled.
     pub settled: u64,
-    /// Of those, records the stage dead-lettered.
-    pub dead_lettered: u64,
-    /// entered − settled: in the stage's work or retry queues, or in its workers' hands.
-    pub in_flight: i64,
+    pub passed_on: u64,
+    pub filtered: u64,
+    pub written: u64,
+    pub already_newer: u64,
+    /// Records the stage dead-lettered, by class (the broker's own included).
+    pub dead_lettered: BTreeMap<String, u64>,
+    /// Messages sent in and not settled, and their records.
+    pub in_flight_messages: u64,
+    pub in_flight: u64,
     /// Messages ready in the stage's work and retry queues.
     pub queued_messages: u64,
-    /// Messages the stage's workers hold, not yet acked.
-    pub unacked_messages: u64,
-    /// In flight although nothing is queued at the stage or held by its workers: lost records
-    /// (positive) or records counted twice (negative).
-    pub unaccounted: i64,
+    /// Messages the given workers hold, not yet acked.
+    pub held_messages: u64,
+    /// Records in flight while nothing is queued at the stage.
+    pub unaccounted: u64,
 }
 
-impl StageStatus {
-    /// Nothing waits in the stage's queues and no worker of it holds a message.
-    fn is_quiet(&self) -> bool {
-        self.queued_messages == 0 && self.unacked_messages == 0
-    }
+/// A message sent into a stage and neither settled there, queued, nor dead-lettered.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Unaccounted {
+    pub stage: String,
+    pub message_id: String,
+    pub sent_by: String,
+    pub parent_id: String,
+    pub sent_at: DateTime<Utc>,
+    pub record_ids: Vec<String>,
 }
 
-/// What the broker says of a pipeline's queues: per stage, messages ready in the work and retry
-/// queues; and messages in the dead-letter queues.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueDepths {
-    pub queued: HashMap<Stage, u64>,
-    pub dead_letters: u64,
+/// One reading of what is outside the ledger: per stage, the messages ready in the work and retry
+/// queues, the ids of the broker's own dead letters, the messages held by the given workers.
+#[derive(Debug, Clone, Default)]
+struct Outside {
+    queued: HashMap<Stage, u64>,
+    broker_dead: HashMap<Stage, BTreeMap<String, u64>>,
+    dead_letter_messages: u64,
+    held: HashMap<Stage, u64>,
 }
 
-/// Reads where the records of `pipelines` (names, or pipeline files) are, from the `/metrics` of
-/// `workers` (URLs, or base URLs) and the queues of the broker. Records that look unaccounted for are
-/// read again a moment later and flagged only if both readings agree.
+/// Reads where the records of each pipeline are, from the ledger in `database` and the broker's
+/// queues. Messages that look unaccounted for are looked at again after `request.settle_wait`.
 pub async fn status(
     broker: &BrokerArgs,
-    workers: &[String],
-    pipelines: &[String],
+    database: &Database,
+    request: &Request,
 ) -> anyhow::Result<Vec<PipelineStatus>> {
-    let http = conveyor_base::tls::http_client(None)
-        .timeout(Duration::from_secs(5))
-        .build()?;
-    let names = pipelines
+    let names = request
+        .pipelines
         .iter()
         .map(|given| crate::pipeline_name(given))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
-    let channel = connection.create_channel().await?;
-    let mut statuses = read(broker, workers, &http, &channel, &names).await?;
-    if statuses.iter().any(|status| status.unaccounted != 0) {
-        // Records move while the workers and the queues are read one after the other: read again,
-        // and flag only what both readings agree on.
-        tokio::time::sleep(RECHECK_AFTER).await;
-        let again = read(broker, workers, &http, &channel, &names).await?;
-        statuses = again
-            .into_iter()
-            .zip(&statuses)
-            .map(|(second, first)| second.confirmed_by(first))
-            .collect();
+    let http = conveyor_base::tls::http_client(None)
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let mut statuses = Vec::new();
+    for name in &names {
+        if !read::knows(database, name).await? {
+            anyhow::bail!(
+                "the ledger in {}/{} holds nothing of pipeline {name}: has it run, with CONVEYOR_LEDGER on and \
+                 this CONVEYOR_PG_URL and CONVEYOR_PG_SCHEMA?",
+                database.endpoint,
+                database.schema
+            );
+        }
+        let topology = Topology::new(broker, name);
+        let books = read::books(database, name, request.span).await?;
+        let outside = look_outside(&connection, &topology, &http, &request.workers).await?;
+        let mut suspects = quiet_open(&books, &outside);
+        if !suspects.is_empty() {
+            // Messages move while the ledger and the queues are read one after the other: flag only
+            // those still in flight, with nothing queued at their stage, a moment later.
+            tokio::time::sleep(request.settle_wait).await;
+            let again = read::books(database, name, request.span).await?;
+            let outside = look_outside(&connection, &topology, &http, &request.workers).await?;
+            let still = suspects_ids(&quiet_open(&again, &outside));
+            suspects.retain(|open| still.contains(&(open.stage.clone(), open.message_id.clone())));
+        }
+        let unaccounted = name_records(database, name, suspects).await?;
+        let ids = distinct_ids(database, name).await?;
+        statuses.push(count(name, &books, &outside, unaccounted, ids));
     }
     conveyor_amqp::close(&connection).await;
     Ok(statuses)
 }
 
-/// Scrapes every worker and reads the queues of every pipeline once.
-async fn read(
-    broker: &BrokerArgs,
-    workers: &[String],
+fn suspects_ids(open: &[Open]) -> BTreeSet<(String, String)> {
+    open.iter()
+        .map(|open| (open.stage.clone(), open.message_id.clone()))
+        .collect()
+}
+
+/// The messages in flight at stages where nothing is queued or held, and that are not the broker's
+/// own dead letters.
+fn quiet_open(books: &Books, outside: &Outside) -> Vec<Open> {
+    books
+        .open
+        .iter()
+        .filter(|open| {
+            let Some(stage) = stage_named(&open.stage) else {
+                return false;
+            };
+            let quiet = outside.queued.get(&stage).copied().unwrap_or(0) == 0
+                && outside.held.get(&stage).copied().unwrap_or(0) == 0;
+            let broker_dead = outside
+                .broker_dead
+                .get(&stage)
+                .is_some_and(|ids| ids.contains_key(&open.message_id));
+            quiet && !broker_dead
+        })
+        .cloned()
+        .collect()
+}
+
+fn stage_named(name: &str) -> Option<Stage> {
+    Stage::ALL.into_iter().find(|stage| stage.as_str() == name)
+}
+
+/// Reads the queues of a pipeline's stages and, when given, the workers' messages in hand.
+async fn look_outside(
+    connection: &lapin::Connection,
+    topology: &Topology,
     http: &reqwest::Client,
-    channel: &lapin::Channel,
-    names: &[String],
-) -> anyhow::Result<Vec<PipelineStatus>> {
-    let mut samples = Vec::new();
+    workers: &[String],
+) -> anyhow::Result<Outside> {
+    let channel = connection.create_channel().await?;
+    let mut outside = Outside::default();
+    for stage in Stage::ALL
+        .into_iter()
+        .filter(|stage| stage.carries_records())
+    {
+        let mut queued = 0;
+        for queue in std::iter::once(topology.queue(stage)).chain(topology.retry_queues(stage)) {
+            queued += u64::from(
+                conveyor_amqp::queue_depth(&channel, &queue)
+                    .await
+                    .with_context(|| {
+                        format!("inspecting queue {queue} (is the topology declared?)")
+                    })?,
+            );
+        }
+        outside.queued.insert(stage, queued);
+    }
+    for stage in Stage::ALL {
+        let queue = topology.dead_letter_queue(stage);
+        let held = Held::take(connection, &queue, usize::MAX)
+            .await
+            .with_context(|| format!("reading {queue}"))?;
+        outside.dead_letter_messages += held.letters.len() as u64;
+        let broker: BTreeMap<String, u64> = held
+            .letters
+            .iter()
+            .filter(|letter| letter.class == BROKER_CLASS)
+            .map(|letter| (letter.message_id.clone(), letter.record_ids.len() as u64))
+            .collect();
+        held.release().await;
+        outside.broker_dead.insert(stage, broker);
+    }
+    let _ = channel.close(200, "done".into()).await;
     for worker in workers {
         let url = if worker.ends_with("/metrics") {
             worker.clone()
@@ -163,35 +278,169 @@ async fn read(
             .with_context(|| format!("scraping {url}"))?
             .text()
             .await?;
-        samples.extend(parse_metrics(&text));
-    }
-    let mut statuses = Vec::new();
-    for name in names {
-        let topology = Topology::new(broker, name);
-        let mut depths = QueueDepths::default();
-        for stage in Stage::ALL {
-            depths.dead_letters +=
-                u64::from(depth(channel, &topology.dead_letter_queue(stage)).await?);
-            if stage.carries_records() {
-                let mut queued = 0;
-                for queue in
-                    std::iter::once(topology.queue(stage)).chain(topology.retry_queues(stage))
-                {
-                    queued += u64::from(depth(channel, &queue).await?);
-                }
-                depths.queued.insert(stage, queued);
+        for sample in parse_metrics(&text)
+            .into_iter()
+            .filter(|sample| sample.name == "conveyor_messages_in_hand")
+            .filter(|sample| {
+                sample.labels.get("pipeline").map(String::as_str) == Some(topology.pipeline())
+            })
+        {
+            if let Some(stage) = sample
+                .labels
+                .get("stage")
+                .and_then(|name| stage_named(name))
+            {
+                *outside.held.entry(stage).or_default() += sample.value as u64;
             }
         }
-        statuses.push(count(name, &samples, &depths));
     }
-    Ok(statuses)
+    Ok(outside)
 }
 
-/// Messages ready in a queue (it must exist).
-async fn depth(channel: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
-    conveyor_amqp::queue_depth(channel, queue)
-        .await
-        .with_context(|| format!("inspecting queue {queue} (is the topology declared?)"))
+/// The unaccounted messages with the ids of their records.
+async fn name_records(
+    database: &Database,
+    pipeline: &str,
+    open: Vec<Open>,
+) -> anyhow::Result<Vec<Unaccounted>> {
+    let mut by_stage: BTreeMap<String, Vec<Open>> = BTreeMap::new();
+    for message in open {
+        by_stage
+            .entry(message.stage.clone())
+            .or_default()
+            .push(message);
+    }
+    let mut named = Vec::new();
+    for (stage, messages) in by_stage {
+        let message_ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
+        let mut ids = read::record_ids(database, pipeline, &stage, &message_ids).await?;
+        named.extend(messages.into_iter().map(|message| Unaccounted {
+            record_ids: ids.remove(&message.message_id).unwrap_or_default(),
+            stage: message.stage,
+            message_id: message.message_id,
+            sent_by: message.sent_by,
+            parent_id: message.parent_id,
+            sent_at: message.sent_at,
+        }));
+    }
+    Ok(named)
+}
+
+async fn distinct_ids(database: &Database, pipeline: &str) -> anyhow::Result<IdCounts> {
+    let ids = read::distinct_ids(database, pipeline).await?;
+    Ok(IdCounts {
+        fetched: ids.fetched,
+        written: ids.written,
+        dead_lettered: ids.dead_lettered,
+        filtered: ids.filtered,
+    })
+}
+
+/// Adds up a pipeline's books with what is outside the ledger.
+fn count(
+    pipeline: &str,
+    books: &Books,
+    outside: &Outside,
+    unaccounted: Vec<Unaccounted>,
+    ids: IdCounts,
+) -> PipelineStatus {
+    let no_books = StageBooks::default();
+    let no_actions = ActionBooks::default();
+    let books_of = |stage: Stage| books.stages.get(stage.as_str()).unwrap_or(&no_books);
+    let transform = books_of(Stage::Transform);
+    let mut status = PipelineStatus {
+        pipeline: pipeline.to_owned(),
+        fetched: transform.sent.get("fetch").map_or(0, |sent| sent.records)
+            + transform.unrecorded_sends.records
+            + books_of(Stage::Fetch).dead_lettered.values().sum::<u64>(),
+        dead_letter_messages: outside.dead_letter_messages,
+        ids,
+        ..Default::default()
+    };
+    for stage in Stage::ALL {
+        let stage_books = books_of(stage);
+        let actions = books.actions.get(stage.as_str()).unwrap_or(&no_actions);
+        status.malformed_messages += stage_books.malformed_messages;
+        status.filtered += stage_books.filtered;
+        status.replayed += actions.replayed.records;
+        status.purged += actions.purged.records;
+        let mut dead_lettered = stage_books.dead_lettered.clone();
+        // Messages in flight that the broker dead-lettered itself: no stage settled them.
+        let broker_letters = outside.broker_dead.get(&stage);
+        let (mut in_flight_messages, mut in_flight) = (0, 0);
+        for open in books
+            .open
+            .iter()
+            .filter(|open| open.stage == stage.as_str())
+        {
+            if broker_letters.is_some_and(|letters| letters.contains_key(&open.message_id)) {
+                *dead_lettered.entry(BROKER_CLASS.to_owned()).or_default() += open.records;
+            } else {
+                in_flight_messages += 1;
+                in_flight += open.records;
+            }
+        }
+        for (class, records) in &dead_lettered {
+            *status
+                .dead_lettered_by_class
+                .entry(class.clone())
+                .or_default() += records;
+        }
+        if !stage.carries_records() {
+            continue;
+        }
+        let sent: u64 = stage_books.sent.values().map(|sent| sent.records).sum();
+        let unaccounted_here: u64 = unaccounted
+            .iter()
+            .filter(|message| message.stage == stage.as_str())
+            .map(|message| message.record_ids.len() as u64)
+            .sum();
+        status.stages.push(StageStatus {
+            stage: stage.as_str().to_owned(),
+            entered: sent + stage_books.unrecorded_sends.records,
+            replayed: stage_books
+                .sent
+                .get("replay")
+                .map_or(0, |sent| sent.records),
+            unrecorded_sends: stage_books.unrecorded_sends.records,
+            settled: stage_books.settled.records,
+            passed_on: stage_books.passed_on,
+            filtered: stage_books.filtered,
+            written: stage_books.written,
+            already_newer: stage_books.stale,
+            dead_lettered,
+            in_flight_messages,
+            in_flight,
+            queued_messages: outside.queued.get(&stage).copied().unwrap_or(0),
+            held_messages: outside.held.get(&stage).copied().unwrap_or(0),
+            unaccounted: unaccounted_here,
+        });
+    }
+    let write = books_of(Stage::Write);
+    status.applied = write.written;
+    status.already_newer = write.stale;
+    status.written = write.written + write.stale;
+    status.dead_lettered = status
+        .dead_lettered_by_class
+        .values()
+        .sum::<u64>()
+        .saturating_sub(status.replayed);
+    status.in_flight = status.stages.iter().map(|stage| stage.in_flight).sum();
+    status.queued_messages = status.stages.iter().map(|s| s.queued_messages).sum();
+    status.unaccounted = status.stages.iter().map(|s| s.unaccounted).sum();
+    status.unaccounted_messages = unaccounted;
+    status
+}
+
+impl PipelineStatus {
+    /// The stages whose records are unaccounted for, as `N at stage`; empty when all add up.
+    pub fn unaccounted_stages(&self) -> Vec<String> {
+        self.stages
+            .iter()
+            .filter(|stage| stage.unaccounted != 0)
+            .map(|stage| format!("{} at {}", stage.unaccounted, stage.stage))
+            .collect()
+    }
 }
 
 /// One sample of the Prometheus text format: a name, its labels, its value.
@@ -227,217 +476,4 @@ pub fn parse_metrics(text: &str) -> Vec<Sample> {
             })
         })
         .collect()
-}
-
-/// The sum of a metric over the samples of `pipeline` whose labels include every one of `labels`.
-fn sum(samples: &[Sample], name: &str, pipeline: &str, labels: &[(&str, &str)]) -> u64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name)
-        .filter(|s| s.labels.get("pipeline").map(String::as_str) == Some(pipeline))
-        .filter(|s| {
-            labels
-                .iter()
-                .all(|(key, value)| s.labels.get(*key).map(String::as_str) == Some(*value))
-        })
-        .map(|s| s.value as u64)
-        .sum()
-}
-
-/// The stage whose output feeds `stage`'s queue.
-fn upstream(stage: Stage) -> Option<Stage> {
-    let at = Stage::ALL.iter().position(|s| *s == stage)?;
-    at.checked_sub(1).map(|before| Stage::ALL[before])
-}
-
-/// The counts of one pipeline from the workers' samples and its queues' depths.
-pub fn count(pipeline: &str, samples: &[Sample], depths: &QueueDepths) -> PipelineStatus {
-    let of_stage =
-        |name: &str, stage: Stage| sum(samples, name, pipeline, &[("stage", stage.as_str())]);
-    let mut stages = Vec::new();
-    for stage in Stage::ALL.into_iter().filter(|s| s.carries_records()) {
-        let published = upstream(stage)
-            .map(|before| of_stage("conveyor_records_out_total", before))
-            .unwrap_or(0);
-        let replayed = of_stage("conveyor_records_replayed_total", stage);
-        let entered = published + replayed;
-        let settled = of_stage("conveyor_records_settled_total", stage);
-        let mut status = StageStatus {
-            stage: stage.as_str().to_owned(),
-            entered,
-            replayed,
-            settled,
-            dead_lettered: of_stage("conveyor_records_dead_lettered_total", stage),
-            in_flight: entered as i64 - settled as i64,
-            queued_messages: depths.queued.get(&stage).copied().unwrap_or(0),
-            unacked_messages: of_stage("conveyor_messages_in_hand", stage),
-            unaccounted: 0,
-        };
-        if status.is_quiet() {
-            status.unaccounted = status.in_flight;
-        }
-        stages.push(status);
-    }
-    let write = stages.iter().find(|s| s.stage == Stage::Write.as_str());
-    PipelineStatus {
-        pipeline: pipeline.to_owned(),
-        fetched: of_stage("conveyor_records_out_total", Stage::Fetch)
-            + of_stage("conveyor_records_dead_lettered_total", Stage::Fetch),
-        written: write.map_or(0, |w| w.settled.saturating_sub(w.dead_lettered)),
-        dead_lettered: sum(
-            samples,
-            "conveyor_records_dead_lettered_total",
-            pipeline,
-            &[],
-        ),
-        malformed_messages: sum(
-            samples,
-            "conveyor_messages_dead_lettered_total",
-            pipeline,
-            &[("class", "malformed")],
-        ),
-        filtered: sum(samples, "conveyor_records_filtered_total", pipeline, &[]),
-        retried: sum(samples, "conveyor_records_retried_total", pipeline, &[]),
-        replayed: stages.iter().map(|s| s.replayed).sum(),
-        in_flight: stages.iter().map(|s| s.in_flight).sum(),
-        queued_messages: stages.iter().map(|s| s.queued_messages).sum(),
-        unacked_messages: sum(samples, "conveyor_messages_in_hand", pipeline, &[]),
-        dead_letter_messages: depths.dead_letters,
-        unaccounted: unaccounted(&stages),
-        stages,
-    }
-}
-
-/// Records unaccounted for over every stage, whichever way each is off.
-fn unaccounted(stages: &[StageStatus]) -> u64 {
-    stages.iter().map(|s| s.unaccounted.unsigned_abs()).sum()
-}
-
-impl PipelineStatus {
-    /// The stages whose records are unaccounted for, as `N at stage`; empty when all add up.
-    pub fn unaccounted_stages(&self) -> Vec<String> {
-        self.stages
-            .iter()
-            .filter(|stage| stage.unaccounted != 0)
-            .map(|stage| format!("{} at {}", stage.unaccounted, stage.stage))
-            .collect()
-    }
-
-    /// This reading, with a stage's records flagged as unaccounted for only where `earlier` flagged
-    /// the same number: a difference that changed between two readings is records on the move.
-    pub fn confirmed_by(mut self, earlier: &PipelineStatus) -> Self {
-        for stage in &mut self.stages {
-            let before = earlier.stages.iter().find(|s| s.stage == stage.stage);
-            if before.is_none_or(|before| before.unaccounted != stage.unaccounted) {
-                stage.unaccounted = 0;
-            }
-        }
-        self.unaccounted = unaccounted(&self.stages);
-        self
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn quiet() -> QueueDepths {
-        QueueDepths {
-            queued: [(Stage::Transform, 0), (Stage::Write, 0)].into(),
-            dead_letters: 3,
-        }
-    }
-
-    /// A flattening pipeline: 100 orders fetched (1 row refused), 99 published; one order
-    /// dead-lettered by the transformer, one without lines; 98 orders became 240 lines, of which the
-    /// filter skipped 4; 236 lines published, 2 refused by the target; a malformed message at each
-    /// of two stages; 10 lines replayed after a fix.
-    const FLATTENED: &str = r#"# HELP conveyor_records_in_total Records taken in by a stage
-conveyor_records_in_total{pipeline="lines",stage="fetch"} 100
-conveyor_records_out_total{pipeline="lines",stage="fetch"} 99
-conveyor_records_dead_lettered_total{class="permanent",pipeline="lines",stage="fetch"} 1
-conveyor_records_in_total{pipeline="lines",stage="transform"} 104
-conveyor_records_settled_total{pipeline="lines",stage="transform"} 99
-conveyor_records_dead_lettered_total{class="permanent",pipeline="lines",stage="transform"} 1
-conveyor_records_filtered_total{pipeline="lines",stage="transform"} 5
-conveyor_records_out_total{pipeline="lines",stage="transform"} 236
-conveyor_messages_dead_lettered_total{class="malformed",pipeline="lines",stage="transform"} 1
-conveyor_records_in_total{pipeline="lines",stage="write"} 246
-conveyor_records_settled_total{pipeline="lines",stage="write"} 246
-conveyor_records_replayed_total{pipeline="lines",stage="write"} 10
-conveyor_records_dead_lettered_total{class="permanent",pipeline="lines",stage="write"} 2
-conveyor_records_out_total{pipeline="lines",stage="write"} 244
-conveyor_messages_dead_lettered_total{class="malformed",pipeline="lines",stage="write"} 1
-conveyor_messages_dead_lettered_total{class="permanent",pipeline="lines",stage="write"} 2
-conveyor_messages_in_hand{pipeline="lines",stage="write"} 0
-conveyor_records_out_total{pipeline="other",stage="write"} 5
-"#;
-
-    #[test]
-    fn each_stage_is_counted_in_its_own_units() {
-        let status = count("lines", &parse_metrics(FLATTENED), &quiet());
-        assert_eq!(status.fetched, 100);
-        let stages: Vec<(&str, u64, u64, i64)> = status
-            .stages
-            .iter()
-            .map(|s| (s.stage.as_str(), s.entered, s.settled, s.in_flight))
-            .collect();
-        // Orders at the transform stage, lines at the write stage: each adds up on its own.
-        assert_eq!(stages, [("transform", 99, 99, 0), ("write", 246, 246, 0)]);
-        assert_eq!(status.written, 244);
-        assert_eq!(status.dead_lettered, 4);
-        assert_eq!(
-            status.malformed_messages, 2,
-            "counted as messages, not records"
-        );
-        assert_eq!((status.replayed, status.filtered), (10, 5));
-        assert_eq!((status.in_flight, status.unaccounted), (0, 0));
-    }
-
-    #[test]
-    fn records_in_flight_are_unaccounted_for_only_where_nothing_is_pending() {
-        // 40 lines published that the writers never settled.
-        let text = FLATTENED.replace(
-            r#"conveyor_records_out_total{pipeline="lines",stage="transform"} 236"#,
-            r#"conveyor_records_out_total{pipeline="lines",stage="transform"} 276"#,
-        );
-        let samples = parse_metrics(&text);
-        let status = count("lines", &samples, &quiet());
-        assert_eq!(status.stages[1].in_flight, 40);
-        assert_eq!(status.stages[1].unaccounted, 40);
-        assert_eq!(status.stages[0].unaccounted, 0);
-        assert_eq!(status.unaccounted, 40);
-
-        // The same while a message waits in the write queue: in flight, nothing flagged.
-        let busy = QueueDepths {
-            queued: [(Stage::Transform, 0), (Stage::Write, 1)].into(),
-            dead_letters: 0,
-        };
-        let moving = count("lines", &samples, &busy);
-        assert_eq!((moving.in_flight, moving.unaccounted), (40, 0));
-
-        // Settled more often than entered: counted twice, flagged as well.
-        let twice = text.replace(
-            r#"conveyor_records_settled_total{pipeline="lines",stage="transform"} 99"#,
-            r#"conveyor_records_settled_total{pipeline="lines",stage="transform"} 101"#,
-        );
-        let status = count("lines", &parse_metrics(&twice), &quiet());
-        assert_eq!(status.stages[0].unaccounted, -2);
-        assert_eq!(status.unaccounted, 42);
-    }
-
-    #[test]
-    fn a_difference_is_flagged_only_when_two_readings_agree() {
-        let lost = FLATTENED.replace(
-            r#"conveyor_records_settled_total{pipeline="lines",stage="write"} 246"#,
-            r#"conveyor_records_settled_total{pipeline="lines",stage="write"} 240"#,
-        );
-        let first = count("lines", &parse_metrics(&lost), &quiet());
-        assert_eq!(first.unaccounted, 6);
-        let same = count("lines", &parse_metrics(&lost), &quiet()).confirmed_by(&first);
-        assert_eq!(same.unaccounted, 6);
-        // Meanwhile the writers settled them: the first reading caught records on the move.
-        let settled = count("lines", &parse_metrics(FLATTENED), &quiet()).confirmed_by(&first);
-        assert_eq!(settled.unaccounted, 0);
-    }
 }

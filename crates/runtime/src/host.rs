@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use anyhow::Context as _;
 use conveyor_base::Stage;
 use conveyor_base::metrics::Metrics;
+use conveyor_ledger::PgLedger;
 use conveyor_pipeline::Pipeline;
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,8 @@ pub struct Host {
     metrics: Metrics,
     http_addr: SocketAddr,
     args: WorkerArgs,
+    /// The ledger every pipeline of the process records in (none when switched off).
+    ledger: Option<PgLedger>,
 }
 
 impl Host {
@@ -72,6 +75,8 @@ impl Host {
         }
         // A wrong broker URL or TLS file is named now, before any other work starts.
         conveyor_amqp::endpoint(args.broker.address()?.url())?;
+        // So is a ledger that cannot be kept: the workers ack nothing they could not record.
+        let ledger = conveyor_ledger::open(&args.ledger, &args.postgres).await?;
         let host_readiness = HostReadiness::new(
             pipelines
                 .iter()
@@ -88,6 +93,7 @@ impl Host {
             metrics,
             http_addr,
             args: args.clone(),
+            ledger,
         })
     }
 
@@ -144,6 +150,7 @@ impl Host {
                     readiness.clone(),
                     self.http_addr,
                     &self.args,
+                    self.ledger.as_ref(),
                 );
                 let stopping = stopping.clone();
                 let running = work(runtime, stopping.clone());

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::SettingsError;
 use conveyor_base::telemetry::LogFormat;
+use conveyor_ledger::LedgerArgs;
+use conveyor_postgres::PostgresArgs;
 
 /// Settings every worker process has.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,6 +24,11 @@ pub struct WorkerArgs {
     pub pipelines: Vec<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
+    /// Where PostgreSQL is: the ledger's home, the fetcher's sync state, the postgres target.
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+    #[command(flatten)]
+    pub ledger: LedgerArgs,
     /// Address of the /metrics, /healthz and /readyz endpoints (the worker's default port if unset).
     #[arg(long, env = "CONVEYOR_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,

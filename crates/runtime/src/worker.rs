@@ -13,7 +13,9 @@ use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::{BrokerError, Publisher, Topology};
 use conveyor_base::Stage;
 use conveyor_base::backoff::{Backoff, sleep_unless_cancelled};
+use conveyor_base::ledger::SharedLedger;
 use conveyor_base::metrics::Metrics;
+use conveyor_ledger::PgLedger;
 use conveyor_pipeline::Pipeline;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,10 @@ pub struct WorkerRuntime {
     pub readiness: Readiness,
     pub topology: Topology,
     pub http_addr: SocketAddr,
+    /// Where the pipeline's stage records what it settled.
+    pub ledger: SharedLedger,
+    /// The database and schema the ledger is kept in (`host/db/schema`), when it is kept.
+    pub ledger_home: Option<String>,
     /// Worker settings, kept for connecting and for the consume loop.
     args: WorkerArgs,
 }
@@ -62,9 +68,12 @@ impl WorkerRuntime {
         readiness: Readiness,
         http_addr: SocketAddr,
         args: &WorkerArgs,
+        ledger: Option<&PgLedger>,
     ) -> Self {
         let topology = Topology::new(&args.broker, pipeline.name());
         Self {
+            ledger: conveyor_ledger::for_pipeline(ledger, pipeline.name()),
+            ledger_home: ledger.map(PgLedger::home),
             pipeline,
             stage,
             metrics,
@@ -142,6 +151,7 @@ impl WorkerRuntime {
                     settings,
                     handler,
                     session.dead_letters,
+                    self.ledger.clone(),
                     self.metrics.clone(),
                     shutdown.clone(),
                 )

@@ -1,11 +1,13 @@
 //! The transformer: applies the pipeline's mapping to every record of a batch and publishes the result
 //! to the write queue. A record that cannot be mapped goes to the transform dead-letter queue on its
-//! own, with the field and the reason; the rest of its batch goes on.
+//! own, with the field and the reason; the rest of its batch goes on. What became of each batch is
+//! recorded in the ledger once its output is confirmed, and only then is the batch acked.
 
 use conveyor_amqp::consume::Handler;
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::Envelope;
 use conveyor_amqp::{Publisher, Topology};
+use conveyor_base::ledger::{Sent, Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use conveyor_pipeline::mapping::{MappedRecord, Mapping};
@@ -36,6 +38,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
                     publisher: session.publisher.clone(),
                     topology: runtime.topology.clone(),
                     dead_letters: session.dead_letters.clone(),
+                    ledger: runtime.ledger.clone(),
                     metrics: runtime.metrics.clone(),
                 },
                 &shutdown,
@@ -51,16 +54,18 @@ pub struct Transformer {
     pub publisher: Publisher,
     pub topology: Topology,
     pub dead_letters: DeadLetters,
+    pub ledger: SharedLedger,
     pub metrics: Metrics,
 }
 
-/// What a batch became: the output records, the source records that failed (with the reason), and how
-/// many output records the filter skipped.
+/// What a batch became: the output records, the source records that failed (with the reason), how
+/// many output records the filter skipped, and the source records it skipped whole.
 #[derive(Debug, Default)]
 pub struct MappedBatch {
     pub mapped: Vec<Record>,
     pub failed: Vec<(Record, Failure)>,
     pub filtered: u64,
+    pub filtered_ids: Vec<String>,
 }
 
 /// An output record as it travels to the writer: keyed by the target key, versioned by the version field.
@@ -86,6 +91,9 @@ pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
         match applied {
             Ok(applied) => {
                 batch.filtered += applied.filtered;
+                if applied.records.is_empty() && applied.filtered > 0 {
+                    batch.filtered_ids.push(record.id);
+                }
                 batch
                     .mapped
                     .extend(applied.records.into_iter().map(to_record));
@@ -100,15 +108,33 @@ pub fn map_records(mapping: &Mapping, records: Vec<Record>) -> MappedBatch {
 
 impl Handler for Transformer {
     async fn handle(&self, envelope: Envelope) -> Disposition {
+        let message_id = envelope.meta.message_id.to_string();
+        let mut settled = Settled::new(
+            Stage::Transform,
+            message_id.clone(),
+            envelope.records.len() as u64,
+        );
         let MappedBatch {
             mapped,
             failed,
             filtered,
+            filtered_ids,
         } = map_records(&self.mapping, envelope.records);
         let count = mapped.len() as u64;
         if !mapped.is_empty() {
+            // The same batch passed on again (a redelivery) is the same message downstream.
+            let meta = envelope.meta.derived(Stage::Write.as_str());
+            if self.ledger.enabled() {
+                settled.sent.push(Sent {
+                    stage: Stage::Write,
+                    message_id: meta.message_id.to_string(),
+                    by: Stage::Transform.as_str(),
+                    parent_id: message_id,
+                    record_ids: mapped.iter().map(|record| record.id.clone()).collect(),
+                });
+            }
             let (body, properties) = Envelope {
-                meta: envelope.meta.next_stage(),
+                meta,
                 records: mapped,
             }
             .to_amqp(self.topology.compression());
@@ -125,9 +151,17 @@ impl Handler for Transformer {
             for (record, failure) in &failed {
                 tracing::warn!(record_id = %record.id, error = %failure.message, "record cannot be mapped");
             }
+            settled.dead_ids = failed.iter().map(|(record, _)| record.id.clone()).collect();
+            settled.dead_class = Some(ErrorClass::Permanent);
             if let Err(err) = self.dead_letters.send_records(&envelope.meta, failed).await {
                 return Disposition::Retry(Failure::new(ErrorClass::Transient, err.to_string()));
             }
+        }
+        settled.passed_on = count;
+        settled.filtered = filtered;
+        settled.filtered_ids = filtered_ids;
+        if let Err(err) = self.ledger.settle(settled).await {
+            return Disposition::Retry(Failure::new(ErrorClass::Transient, err));
         }
         self.metrics
             .records_out

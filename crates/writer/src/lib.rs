@@ -1,5 +1,6 @@
 //! The writer: takes mapped batches from the write queue and writes each into the target in one
-//! idempotent statement, acking only after the write committed. A target that is down altogether holds
+//! idempotent statement, acking only after the write committed and its settlement is in the ledger
+//! (for the PostgreSQL target, in the same statement; for the others, once the target answered). A target that is down altogether holds
 //! back the whole writer (see [`breaker`]); a batch the target refuses for its data is split so that
 //! only the records at fault are dead-lettered.
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use conveyor_amqp::consume::Handler;
 use conveyor_amqp::dead_letters::DeadLetters;
 use conveyor_amqp::envelope::Envelope;
+use conveyor_base::ledger::{Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use conveyor_pipeline::TargetSpec;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::breaker::Breaker;
 use crate::target::http::{HttpArgs, HttpTarget};
 use crate::target::postgres::{PostgresArgs, PostgresTarget};
-use crate::target::{Target, WriteError, noop::NoopTarget};
+use crate::target::{Target, WriteError, WriteReport, noop::NoopTarget};
 
 /// Readiness condition: the target is reachable and set up.
 pub const READY_TARGET: &str = "target";
@@ -37,8 +39,6 @@ pub const READY_TARGET: &str = "target";
 pub struct Cli {
     #[command(flatten)]
     pub worker: WorkerArgs,
-    #[command(flatten)]
-    pub postgres: PostgresArgs,
     /// Longest wait for a row or table lock before a write fails (and is retried later); 0 waits forever.
     #[arg(long, env = "CONVEYOR_PG_LOCK_TIMEOUT_MS", default_value_t = 10_000)]
     pub pg_lock_timeout_ms: u64,
@@ -62,12 +62,14 @@ async fn write(
 ) -> anyhow::Result<()> {
     let postgres = PostgresArgs {
         lock_timeout_ms: Some(cli.pg_lock_timeout_ms),
-        ..cli.postgres.clone()
+        ..cli.worker.postgres.clone()
     };
     let pipeline = &runtime.pipeline;
     match &pipeline.spec.target {
         TargetSpec::Postgres(spec) => {
-            let target = PostgresTarget::open(pipeline, spec, &postgres).await?;
+            let target =
+                PostgresTarget::open(pipeline, spec, &postgres, runtime.ledger_home.as_deref())
+                    .await?;
             serve(runtime, target, shutdown).await
         }
         TargetSpec::Http(spec) => {
@@ -94,6 +96,7 @@ async fn serve<T: Target>(
                 target: target.clone(),
                 breaker: breaker.clone(),
                 dead_letters: session.dead_letters.clone(),
+                ledger: runtime.ledger.clone(),
                 metrics: runtime.metrics.clone(),
                 shutdown: shutdown.clone(),
             },
@@ -110,6 +113,7 @@ pub struct Writer<T> {
     pub target: Arc<T>,
     pub breaker: Arc<Breaker>,
     pub dead_letters: DeadLetters,
+    pub ledger: SharedLedger,
     pub metrics: Metrics,
     /// Fired on SIGTERM: a write held back by the breaker then gives its message back.
     pub shutdown: CancellationToken,
@@ -123,34 +127,59 @@ enum Held {
     Stopping,
 }
 
+/// What a write did, and whether the target recorded its settlement in the ledger itself.
+struct Written {
+    report: WriteReport,
+    settled: bool,
+}
+
 impl<T: Target> Writer<T> {
-    /// Writes `records`, waiting out an unavailable target (the breaker) instead of failing.
-    async fn write(&self, records: &[Record]) -> Result<(), Held> {
+    /// Writes `records` (recording message `settling` with them when the target can), waiting out
+    /// an unavailable target (the breaker) instead of failing.
+    async fn write(&self, records: &[Record], settling: Option<&str>) -> Result<Written, Held> {
         loop {
             if self.breaker.is_open() && !self.breaker.wait_closed(&self.shutdown).await {
                 return Err(Held::Stopping);
             }
-            match self.write_once(records).await {
+            match self.write_once(records, settling).await {
                 Err(WriteError::Unavailable(reason)) => {
                     self.breaker
                         .trip(self.target.clone(), &reason, self.shutdown.clone());
                 }
-                Ok(()) => {
+                Ok(written) => {
                     self.breaker.written();
-                    return Ok(());
+                    return Ok(written);
                 }
                 Err(other) => return Err(Held::Failed(other)),
             }
         }
     }
 
-    async fn write_once(&self, records: &[Record]) -> Result<(), WriteError> {
+    async fn write_once(
+        &self,
+        records: &[Record],
+        settling: Option<&str>,
+    ) -> Result<Written, WriteError> {
         let timer = self
             .metrics
             .target_write_duration
             .with_label_values(&[&self.pipeline])
             .start_timer();
-        let report = self.target.write(records).await?;
+        let settled = match settling {
+            Some(message_id) => self.target.write_settling(records, message_id).await,
+            None => None,
+        };
+        let written = match settled {
+            Some(report) => Written {
+                report: report?,
+                settled: true,
+            },
+            None => Written {
+                report: self.target.write(records).await?,
+                settled: false,
+            },
+        };
+        let report = written.report;
         timer.observe_duration();
         let rows = &self.metrics.target_rows;
         rows.with_label_values(&[&self.pipeline, "applied"])
@@ -161,7 +190,15 @@ impl<T: Target> Writer<T> {
             .records_out
             .with_label_values(&[&self.pipeline, Stage::Write.as_str()])
             .inc_by(records.len() as u64);
-        Ok(())
+        Ok(written)
+    }
+
+    /// Records what the write stage settled, then lets the message be acked.
+    async fn settle(&self, settled: Settled) -> Disposition {
+        match self.ledger.settle(settled).await {
+            Ok(()) => Disposition::Done,
+            Err(err) => Disposition::Retry(Failure::new(ErrorClass::Transient, err)),
+        }
     }
 }
 
@@ -181,8 +218,20 @@ fn disposition(held: Held) -> Disposition {
 
 impl<T: Target> Handler for Writer<T> {
     async fn handle(&self, envelope: Envelope) -> Disposition {
-        match self.write(&envelope.records).await {
-            Ok(()) => return Disposition::Done,
+        let message_id = envelope.meta.message_id.to_string();
+        let mut settled = Settled::new(
+            Stage::Write,
+            message_id.clone(),
+            envelope.records.len() as u64,
+        );
+        let settling = self.ledger.enabled().then_some(message_id.as_str());
+        match self.write(&envelope.records, settling).await {
+            Ok(written) if written.settled => return Disposition::Done,
+            Ok(Written { report, .. }) => {
+                settled.written = report.applied;
+                settled.stale = report.stale;
+                return self.settle(settled).await;
+            }
             Err(Held::Failed(WriteError::Permanent(message))) if envelope.records.len() > 1 => {
                 tracing::warn!(error = %message, records = envelope.records.len(), "batch refused; writing its records one by one");
             }
@@ -191,8 +240,11 @@ impl<T: Target> Handler for Writer<T> {
         // Find the records at fault: the good ones are written, the bad ones dead-lettered each on its own.
         let mut refused = Vec::new();
         for record in envelope.records {
-            match self.write(std::slice::from_ref(&record)).await {
-                Ok(()) => {}
+            match self.write(std::slice::from_ref(&record), None).await {
+                Ok(Written { report, .. }) => {
+                    settled.written += report.applied;
+                    settled.stale += report.stale;
+                }
                 Err(Held::Failed(WriteError::Permanent(message))) => {
                     refused.push((record, Failure::new(ErrorClass::Permanent, message)));
                 }
@@ -200,12 +252,17 @@ impl<T: Target> Handler for Writer<T> {
                 Err(held) => return disposition(held),
             }
         }
+        settled.dead_ids = refused
+            .iter()
+            .map(|(record, _)| record.id.clone())
+            .collect();
+        settled.dead_class = Some(ErrorClass::Permanent);
         match self
             .dead_letters
             .send_records(&envelope.meta, refused)
             .await
         {
-            Ok(()) => Disposition::Done,
+            Ok(()) => self.settle(settled).await,
             Err(err) => Disposition::Retry(Failure::new(ErrorClass::Transient, err.to_string())),
         }
     }

@@ -69,6 +69,7 @@ impl Table {
             &self.migrations,
             &spec,
             SqlErrorOverrides::default(),
+            None,
         )
         .await
         .unwrap_or_else(|err| panic!("the PostgreSQL target at {}: {err}", pg_url()))

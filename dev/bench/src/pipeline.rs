@@ -666,7 +666,7 @@ async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
     let TargetSpec::Postgres(spec) = &pipeline.spec.target else {
         bail!("the raw target is measured for a postgres target only");
     };
-    let target = PostgresTarget::open(pipeline, spec, &postgres).await?;
+    let target = PostgresTarget::open(pipeline, spec, &postgres, None).await?;
     let batch = scenario.pipeline.spec.source.page_size.max(1) as usize;
     let started = Instant::now();
     for chunk in records.chunks(batch) {

@@ -33,8 +33,7 @@ use crate::topology::{DELIVERY_LIMIT, Topology};
 mod sender;
 pub use sender::DeadLetters;
 
-/// The class of a letter the broker dead-lettered itself.
-pub const BROKER_CLASS: &str = "broker";
+pub use conveyor_base::ledger::BROKER_CLASS;
 
 /// The broker's own dead-lettering of a message, from its `x-death` header: a queue's delivery limit
 /// (or a rejection, or a length limit) made the broker move it to the dead-letter exchange. A retry
@@ -212,8 +211,23 @@ impl DeadLetter {
         letter
     }
 
-    /// The properties of a replayed copy: the original identity and headers, without the failure
-    /// headers and broker bookkeeping, the attempt count back at 0 and the replay counted.
+    /// How often the letter was replayed before.
+    fn replays(&self) -> u32 {
+        header(&self.properties, HEADER_REPLAYS)
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    }
+
+    /// The message id of the letter's replayed copy: a new message for the stage (which settled the
+    /// letter's own id already), the same for every try of the same replay.
+    pub fn replayed_id(&self) -> String {
+        let name = format!("{}:replay:{}", self.message_id, self.replays() + 1);
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, name.as_bytes()).to_string()
+    }
+
+    /// The properties of a replayed copy: the original headers, without the failure headers and
+    /// broker bookkeeping, the attempt count back at 0, the replay counted and a message id of its
+    /// own ([`DeadLetter::replayed_id`]).
     fn replay_properties(&self) -> BasicProperties {
         let mut headers = FieldTable::default();
         let dropped = [
@@ -244,19 +258,17 @@ impl DeadLetter {
                 }
             }
         }
-        let replays = header(&self.properties, HEADER_REPLAYS)
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0);
         headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongUInt(0));
-        headers.insert(HEADER_REPLAYS.into(), AMQPValue::LongUInt(replays + 1));
+        headers.insert(
+            HEADER_REPLAYS.into(),
+            AMQPValue::LongUInt(self.replays() + 1),
+        );
         // Rebuilt rather than copied, so that no expiration or other leftover travels with the copy.
         let original = &self.properties;
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
-            .with_headers(headers);
-        if let Some(id) = original.message_id() {
-            properties = properties.with_message_id(id.clone());
-        }
+            .with_headers(headers)
+            .with_message_id(self.replayed_id().into());
         if let Some(id) = original.correlation_id() {
             properties = properties.with_correlation_id(id.clone());
         }
@@ -358,9 +370,9 @@ impl Held {
     }
 
     /// Publishes a copy of `letter` back where it failed, through the normal path (the original
-    /// exchange and routing key), waits for the broker's confirm, and only then removes it from the
-    /// dead-letter queue.
-    pub async fn replay(
+    /// exchange and routing key), and waits for the broker's confirm. The letter stays until
+    /// [`Held::remove`] takes it.
+    pub async fn republish(
         &self,
         letter: &DeadLetter,
         publisher: &Publisher,
@@ -374,8 +386,7 @@ impl Held {
                 &letter.body,
                 letter.replay_properties(),
             )
-            .await?;
-        self.remove(letter).await
+            .await
     }
 
     /// Hands every letter not removed back to its queue (in order) and closes the channel.

@@ -63,6 +63,17 @@ pub trait Target: Send + Sync + 'static {
         records: &[Record],
     ) -> impl Future<Output = Result<WriteReport, WriteError>> + Send;
 
+    /// Writes a batch and, in the same commit, records in the ledger that the write stage settled
+    /// message `message_id` with it: what a target that keeps the ledger's database does. Any other
+    /// returns `None`, and the writer records the settlement once the write answered.
+    fn write_settling<'a>(
+        &'a self,
+        _records: &'a [Record],
+        _message_id: &'a str,
+    ) -> impl Future<Output = Option<Result<WriteReport, WriteError>>> + Send + 'a {
+        std::future::ready(None)
+    }
+
     /// Whether the target answers (the circuit breaker's probe).
     fn ping(&self) -> impl Future<Output = bool> + Send;
 }

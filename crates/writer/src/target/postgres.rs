@@ -48,6 +48,10 @@ pub struct TableSpec {
 pub struct PostgresTarget {
     pool: Pool,
     upsert: String,
+    /// The upsert that also records the message's settlement, when the ledger lives in this
+    /// database and schema.
+    upsert_settling: Option<String>,
+    pipeline: String,
     overrides: SqlErrorOverrides,
 }
 
@@ -57,6 +61,7 @@ impl PostgresTarget {
         pipeline: &Pipeline,
         spec: &PostgresTargetSpec,
         args: &PostgresArgs,
+        ledger_home: Option<&str>,
     ) -> Result<Self, SetupError> {
         let mapping = &pipeline.mapping;
         let table = TableSpec {
@@ -71,18 +76,21 @@ impl PostgresTarget {
             &spec.migrations,
             &table,
             spec.errors.clone(),
+            ledger_home,
         )
         .await
     }
 
     /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
-    /// mapping and prepares the upsert.
+    /// mapping and prepares the upsert. When `ledger_home` (`host/db/schema`) is this database's,
+    /// each batch's settlement is recorded in the upsert's own statement.
     pub async fn connect(
         args: &PostgresArgs,
         pipeline: &str,
         migrations: &Path,
         spec: &TableSpec,
         overrides: SqlErrorOverrides,
+        ledger_home: Option<&str>,
     ) -> Result<Self, SetupError> {
         let database = Database::connect(args)?;
         let loaded =
@@ -109,10 +117,30 @@ impl PostgresTarget {
                 action: format!("preparing the upsert into {}", spec.table),
                 source,
             })?;
-        tracing::info!(postgres = %database.endpoint, schema = database.schema, table = spec.table, "postgres target ready");
+        let home = format!("{}/{}", database.endpoint, database.schema);
+        let upsert_settling = match ledger_home {
+            Some(ledger) if ledger == home => {
+                let statement = conveyor_ledger::with_settled_write(&upsert);
+                client
+                    .prepare(&statement)
+                    .await
+                    .map_err(|source| SetupError::Sql {
+                        action: format!(
+                            "preparing the upsert into {} with its ledger row",
+                            spec.table
+                        ),
+                        source,
+                    })?;
+                Some(statement)
+            }
+            _ => None,
+        };
+        tracing::info!(postgres = %database.endpoint, schema = database.schema, table = spec.table, ledger_in_same_commit = upsert_settling.is_some(), "postgres target ready");
         Ok(Self {
             pool: database.pool,
             upsert,
+            upsert_settling,
+            pipeline: pipeline.to_owned(),
             overrides,
         })
     }
@@ -144,6 +172,41 @@ impl Target for PostgresTarget {
             applied,
             stale: records.len() as u64 - applied,
         })
+    }
+
+    /// The batch's upsert and its ledger row in one statement: both commit, or neither.
+    async fn write_settling(
+        &self,
+        records: &[Record],
+        message_id: &str,
+    ) -> Option<Result<WriteReport, WriteError>> {
+        let statement = self.upsert_settling.as_ref()?;
+        let rows: Vec<&RawValue> = newest_per_id(records)
+            .into_iter()
+            .map(|record| &*record.data)
+            .collect();
+        let total = records.len() as i64;
+        let written = async {
+            let client =
+                self.pool.get().await.map_err(|err| {
+                    WriteError::Unavailable(format!("no database connection: {err}"))
+                })?;
+            let classify = |error| classify(error, &self.overrides);
+            let prepared = client.prepare_cached(statement).await.map_err(classify)?;
+            let row = client
+                .query_one(
+                    &prepared,
+                    &[&Json(&rows), &self.pipeline, &message_id, &total],
+                )
+                .await
+                .map_err(classify)?;
+            let applied = row.get::<_, i64>(0).max(0) as u64;
+            Ok(WriteReport {
+                applied,
+                stale: records.len() as u64 - applied,
+            })
+        };
+        Some(written.await)
     }
 
     /// Whether the database answers.

@@ -1,0 +1,144 @@
+//! An operator's replay or purge of dead letters, recorded as such: who ran it (the OS user), when,
+//! and which letters moved. A replayed letter is sent into its stage again under a new message id, so
+//! that the stage settles it anew; a letter the broker dead-lettered itself (no stage settled it) is
+//! recorded as dead-lettered by the broker at the same time.
+
+use conveyor_base::Stage;
+use conveyor_base::ledger::{BROKER_CLASS, Sent};
+use conveyor_postgres::{Database, DatabaseError};
+use serde::Serialize;
+use tokio_postgres::types::Json;
+
+use crate::record::{SETTLED_COLUMNS, SettledRow};
+
+/// What an operator did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Replay,
+    Purge,
+}
+
+impl ActionKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ActionKind::Replay => "replay",
+            ActionKind::Purge => "purge",
+        }
+    }
+}
+
+/// One dead letter an action moved.
+#[derive(Debug, Clone, Serialize)]
+pub struct Moved {
+    pub message_id: String,
+    pub class: String,
+    pub record_ids: Vec<String>,
+    /// The message id its replayed copy carries.
+    pub replayed_as: Option<String>,
+}
+
+/// The user running this process, as the OS names it.
+pub fn os_user() -> String {
+    ["USER", "LOGNAME", "USERNAME"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().filter(|user| !user.is_empty()))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Records that `kind` moved `letters` of `stage`'s dead-letter queue, in one transaction.
+pub async fn record(
+    database: &Database,
+    pipeline: &str,
+    stage: Stage,
+    kind: ActionKind,
+    letters: &[Moved],
+) -> Result<(), DatabaseError> {
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let failed = |action: &'static str| {
+        move |source| DatabaseError::Sql {
+            action: action.to_owned(),
+            source,
+        }
+    };
+    let mut client = database.client().await?;
+    let transaction = client
+        .transaction()
+        .await
+        .map_err(failed("opening the ledger"))?;
+    // Malformed letters carry no records of the pipeline's.
+    let records: usize = letters
+        .iter()
+        .filter(|letter| letter.class != "malformed")
+        .map(|letter| letter.record_ids.len())
+        .sum();
+    transaction
+        .execute(
+            "INSERT INTO conveyor_ledger_action (pipeline, action, stage, os_user, messages, records, letters) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &pipeline,
+                &kind.as_str(),
+                &stage.as_str(),
+                &os_user(),
+                &(letters.len() as i64),
+                &(records as i64),
+                &Json(letters),
+            ],
+        )
+        .await
+        .map_err(failed("recording the action in the ledger"))?;
+    let broker: Vec<conveyor_base::ledger::Settled> = letters
+        .iter()
+        .filter(|letter| letter.class == BROKER_CLASS)
+        .map(|letter| {
+            let mut settled = conveyor_base::ledger::Settled::new(
+                stage,
+                letter.message_id.clone(),
+                letter.record_ids.len() as u64,
+            );
+            settled.outcome =
+                conveyor_base::ledger::Outcome::DeadLettered(conveyor_base::ErrorClass::Permanent);
+            settled.dead_ids = letter.record_ids.clone();
+            settled
+        })
+        .collect();
+    if !broker.is_empty() {
+        let rows: Vec<SettledRow> = broker
+            .iter()
+            .map(|settled| SettledRow::of(pipeline, settled).with_class(BROKER_CLASS))
+            .collect();
+        transaction
+            .execute(
+                &format!(
+                    "INSERT INTO conveyor_ledger_settled ({SETTLED_COLUMNS}) SELECT {SETTLED_COLUMNS} \
+                     FROM jsonb_populate_recordset(NULL::conveyor_ledger_settled, $1::jsonb) ON CONFLICT DO NOTHING"
+                ),
+                &[&Json(&rows)],
+            )
+            .await
+            .map_err(failed("recording the broker's dead letters in the ledger"))?;
+    }
+    if kind == ActionKind::Replay {
+        let sent: Vec<Sent> = letters
+            .iter()
+            .filter_map(|letter| {
+                Some(Sent {
+                    stage,
+                    message_id: letter.replayed_as.clone()?,
+                    by: "replay",
+                    parent_id: letter.message_id.clone(),
+                    record_ids: letter.record_ids.clone(),
+                })
+            })
+            .collect();
+        crate::record::insert_sent(&*transaction, pipeline, &sent)
+            .await
+            .map_err(failed("recording the replayed copies in the ledger"))?;
+    }
+    transaction
+        .commit()
+        .await
+        .map_err(failed("committing the action to the ledger"))
+}
