@@ -9,7 +9,7 @@ use conveyor_postgres::{Database, DatabaseError};
 use serde::Serialize;
 use tokio_postgres::types::Json;
 
-use crate::record::{SETTLED_COLUMNS, SettledRow};
+use crate::record::SettledRow;
 
 /// What an operator did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,14 +109,7 @@ pub async fn record(
             .iter()
             .map(|settled| SettledRow::of(pipeline, settled).with_class(BROKER_CLASS))
             .collect();
-        transaction
-            .execute(
-                &format!(
-                    "INSERT INTO conveyor_ledger_settled ({SETTLED_COLUMNS}) SELECT {SETTLED_COLUMNS} \
-                     FROM jsonb_populate_recordset(NULL::conveyor_ledger_settled, $1::jsonb) ON CONFLICT DO NOTHING"
-                ),
-                &[&Json(&rows)],
-            )
+        crate::record::insert_settled(&*transaction, &rows)
             .await
             .map_err(failed("recording the broker's dead letters in the ledger"))?;
     }

@@ -180,13 +180,31 @@ pub(crate) async fn insert_sent(
         .iter()
         .map(|sent| SentRow::of(pipeline, sent))
         .collect();
+    insert(client, "conveyor_ledger_sent", SENT_COLUMNS, &rows).await
+}
+
+/// Inserts settled `rows` (already recorded messages stay as they are).
+pub(crate) async fn insert_settled(
+    client: &impl tokio_postgres::GenericClient,
+    rows: &[SettledRow<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    insert(client, "conveyor_ledger_settled", SETTLED_COLUMNS, rows).await
+}
+
+/// Inserts JSON `rows` into one of the ledger's tables.
+async fn insert(
+    client: &impl tokio_postgres::GenericClient,
+    table: &str,
+    columns: &str,
+    rows: &[impl Serialize + std::fmt::Debug + Sync],
+) -> Result<(), tokio_postgres::Error> {
     client
         .execute(
             &format!(
-                "INSERT INTO conveyor_ledger_sent ({SENT_COLUMNS}) SELECT {SENT_COLUMNS} \
-                 FROM jsonb_populate_recordset(NULL::conveyor_ledger_sent, $1::jsonb) ON CONFLICT DO NOTHING"
+                "INSERT INTO {table} ({columns}) SELECT {columns} \
+                 FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) ON CONFLICT DO NOTHING"
             ),
-            &[&Json(&rows)],
+            &[&Json(rows)],
         )
         .await
         .map(drop)
