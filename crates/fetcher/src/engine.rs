@@ -194,9 +194,13 @@ impl<S: Source> Engine<S> {
                 .send_records(meta, rejected)
                 .await
                 .map_err(transient)?;
-            for settled in settled {
-                self.ledger.settle(settled).await.map_err(transient)?;
-            }
+            futures_util::future::try_join_all(
+                settled
+                    .into_iter()
+                    .map(|settled| self.ledger.settle(settled)),
+            )
+            .await
+            .map_err(transient)?;
         }
         gathered.extend(records);
         let bytes: usize = gathered.iter().map(|record| record.data.get().len()).sum();

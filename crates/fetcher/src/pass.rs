@@ -64,20 +64,31 @@ impl Checkpoints {
                     pages_confirmed = next.pages_confirmed;
                     sent.push((next.message_id, next.ids));
                 }
+                // The progress needs the ids only when it is recorded: copied then, moved otherwise.
+                let ids: Vec<String> = match &record {
+                    Some(_) if ledger.enabled() => sent
+                        .iter()
+                        .flat_map(|(_, ids)| ids.iter().cloned())
+                        .collect(),
+                    Some(_) => sent
+                        .iter_mut()
+                        .flat_map(|(_, ids)| std::mem::take(ids))
+                        .collect(),
+                    None => Vec::new(),
+                };
                 if ledger.enabled() {
                     let sent = sent
-                        .iter()
-                        .map(|(message_id, ids)| Sent {
+                        .into_iter()
+                        .map(|(message_id, record_ids)| Sent {
                             stage: Stage::Transform,
-                            message_id: message_id.clone(),
+                            message_id,
                             by: Stage::Fetch.as_str(),
                             parent_id: window_message.clone(),
-                            record_ids: ids.clone(),
+                            record_ids,
                         })
                         .collect();
                     ledger.sent(sent).await.map_err(transient)?;
                 }
-                let ids: Vec<String> = sent.into_iter().flat_map(|(_, ids)| ids).collect();
                 if let Some((store, window, count)) = &record {
                     let progress = Progress {
                         pages_confirmed,

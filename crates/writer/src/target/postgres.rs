@@ -146,10 +146,16 @@ impl PostgresTarget {
     }
 }
 
-impl Target for PostgresTarget {
-    /// Writes a batch in one statement. Within the batch, only the newest version of each id is sent,
-    /// and rows go in id order so that concurrent writers lock rows in the same order.
-    async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+impl PostgresTarget {
+    /// Runs the upsert of a batch: with `settling`, the statement that also records the message
+    /// `settling` names (then `$2` to `$4` are the pipeline, the message id and the record count).
+    /// Within the batch, only the newest version of each id is sent, and rows go in id order so that
+    /// concurrent writers lock rows in the same order.
+    async fn upsert(
+        &self,
+        records: &[Record],
+        settling: Option<(&str, &str)>,
+    ) -> Result<WriteReport, WriteError> {
         let rows: Vec<&RawValue> = newest_per_id(records)
             .into_iter()
             .map(|record| &*record.data)
@@ -160,18 +166,35 @@ impl Target for PostgresTarget {
             .await
             .map_err(|err| WriteError::Unavailable(format!("no database connection: {err}")))?;
         let classify = |error| classify(error, &self.overrides);
-        let statement = client
-            .prepare_cached(&self.upsert)
-            .await
-            .map_err(classify)?;
-        let applied = client
-            .execute(&statement, &[&Json(&rows)])
-            .await
-            .map_err(classify)?;
+        let statement = settling.map_or(self.upsert.as_str(), |(statement, _)| statement);
+        let prepared = client.prepare_cached(statement).await.map_err(classify)?;
+        let applied = match settling {
+            None => client
+                .execute(&prepared, &[&Json(&rows)])
+                .await
+                .map_err(classify)?,
+            Some((_, message_id)) => {
+                let total = records.len() as i64;
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+                    [&Json(&rows), &self.pipeline, &message_id, &total];
+                let row = client
+                    .query_one(&prepared, &params)
+                    .await
+                    .map_err(classify)?;
+                row.get::<_, i64>(0).max(0) as u64
+            }
+        };
         Ok(WriteReport {
             applied,
             stale: records.len() as u64 - applied,
         })
+    }
+}
+
+impl Target for PostgresTarget {
+    /// Writes a batch in one statement.
+    async fn write(&self, records: &[Record]) -> Result<WriteReport, WriteError> {
+        self.upsert(records, None).await
     }
 
     /// The batch's upsert and its ledger row in one statement: both commit, or neither.
@@ -180,33 +203,8 @@ impl Target for PostgresTarget {
         records: &[Record],
         message_id: &str,
     ) -> Option<Result<WriteReport, WriteError>> {
-        let statement = self.upsert_settling.as_ref()?;
-        let rows: Vec<&RawValue> = newest_per_id(records)
-            .into_iter()
-            .map(|record| &*record.data)
-            .collect();
-        let total = records.len() as i64;
-        let written = async {
-            let client =
-                self.pool.get().await.map_err(|err| {
-                    WriteError::Unavailable(format!("no database connection: {err}"))
-                })?;
-            let classify = |error| classify(error, &self.overrides);
-            let prepared = client.prepare_cached(statement).await.map_err(classify)?;
-            let row = client
-                .query_one(
-                    &prepared,
-                    &[&Json(&rows), &self.pipeline, &message_id, &total],
-                )
-                .await
-                .map_err(classify)?;
-            let applied = row.get::<_, i64>(0).max(0) as u64;
-            Ok(WriteReport {
-                applied,
-                stale: records.len() as u64 - applied,
-            })
-        };
-        Some(written.await)
+        let statement = self.upsert_settling.as_deref()?;
+        Some(self.upsert(records, Some((statement, message_id))).await)
     }
 
     /// Whether the database answers.
