@@ -11,6 +11,7 @@ pub mod demo;
 pub mod hosting;
 pub mod pipeline;
 mod proc;
+pub mod raw_target;
 pub mod sync;
 
 /// Where the worker binaries are: beside the running program (`cargo build` puts every binary of

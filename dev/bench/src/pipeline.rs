@@ -20,21 +20,19 @@
 //!   outstanding) while a consumer (prefetch 1000) acks every 100th delivery with `multiple`. It is
 //!   measured before every run and after the last; a run is set against the mean of the two readings
 //!   around it, since this machine's speed drifts by ± 15% over a series.
-//! - **raw target** (PostgreSQL only): the rows the pipeline wrote, read back and upserted into a fresh
-//!   schema by the writer's own target code (same statement), in batches of one message's records, on
-//!   one connection, no broker.
+//! - **raw target** (PostgreSQL only): after each run, the rows it wrote upserted again into fresh
+//!   tables by plain SQL, by each of two methods, on as many connections as the run had writers
+//!   ([`crate::raw_target`]). The run is set against both: the jsonb statement the writer ran before,
+//!   and the fastest.
+//! - **ledger cost**: `--ledger on,off,off,on` runs each writer count with the ledger on and off, in
+//!   the same series; the report gives the mean throughput with it as a share of the mean without.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use conveyor_base::Record;
-use conveyor_harness::{Scenario, Services, Worker, WorkerProcess, pg_client};
-use conveyor_pipeline::{Pipeline, TargetSpec};
-use conveyor_postgres::PostgresArgs;
-use conveyor_writer::target::Target;
-use conveyor_writer::target::postgres::PostgresTarget;
+use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use futures_util::StreamExt as _;
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
@@ -46,6 +44,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 
 use crate::proc::{cpu_seconds, peak_rss_mib};
+use crate::raw_target::RawTarget;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +81,12 @@ pub struct PipelineArgs {
     /// Records per call to the HTTP target (the pipeline setting `batch_size`).
     #[arg(long, default_value_t = 200)]
     http_batch_size: u64,
+    /// The ledger in each run, one run per entry and writer count (e.g. on,off).
+    #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
+    ledger: Vec<String>,
+    /// Records per batch of the raw target methods (default: one message's, the source's page size).
+    #[arg(long)]
+    raw_batch_records: Option<usize>,
     /// Messages of the raw broker ceiling.
     #[arg(long, default_value_t = 20_000)]
     broker_messages: usize,
@@ -101,11 +106,12 @@ pub struct PipelineReport {
     pub cores: usize,
     /// Every reading of the raw broker ceiling, in order: before each run and after the last.
     pub raw_broker_msgs_per_sec: Vec<f64>,
-    /// PostgreSQL only.
-    pub raw_target_records_per_sec: Option<f64>,
     /// HTTP only: the target simulator's latency and the writers' settings for it.
     pub http: Option<HttpSettings>,
     pub runs: Vec<RunReport>,
+    /// With the ledger both on and off: per writer count, the mean records/s with it over the mean
+    /// without.
+    pub ledger_throughput_share: Vec<(usize, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -118,6 +124,7 @@ pub struct HttpSettings {
 #[derive(Debug, Serialize)]
 pub struct RunReport {
     pub writers: usize,
+    pub ledger: bool,
     pub seconds: f64,
     /// Of `seconds`, the time until the fetcher's first records: its start-up (connecting, the sync
     /// state, the token, the plan) and the first page. A short run pays it in full; it is why more
@@ -127,7 +134,12 @@ pub struct RunReport {
     /// The mean of the raw broker readings just before and just after this run.
     pub raw_broker_msgs_per_sec: f64,
     pub ratio_to_raw_broker: f64,
-    pub ratio_to_raw_target: Option<f64>,
+    /// PostgreSQL only: the raw methods on as many connections as writers, records/s.
+    pub raw_target: Option<RawTarget>,
+    /// Against the jsonb statement the writer ran before.
+    pub ratio_to_raw_jsonb_statement: Option<f64>,
+    /// Against the fastest raw method.
+    pub ratio_to_fastest_raw_target: Option<f64>,
     pub cpu_secs_per_million: StageFigures,
     /// RabbitMQ's CPU during the run, when it runs on this machine.
     pub broker_cpu_secs_per_million: Option<f64>,
@@ -166,26 +178,42 @@ pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<Pipeline
         seed: args.seed,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
         raw_broker_msgs_per_sec: vec![ceiling().await?],
-        raw_target_records_per_sec: None,
         http: (args.target == TargetKind::Http).then_some(HttpSettings {
             latency_ms: args.http_latency_ms,
             concurrency: args.http_concurrency,
             batch_size: args.http_batch_size,
         }),
         runs: Vec::new(),
+        ledger_throughput_share: Vec::new(),
     };
     for &writers in &args.writers {
-        let (mut run, raw_target) = run_once(&services, args, bin_dir, writers).await?;
-        if let Some(raw) = raw_target {
-            report.raw_target_records_per_sec = Some(raw);
+        for ledger in &args.ledger {
+            let ledger = ledger == "on";
+            let mut run = run_once(&services, args, bin_dir, writers, ledger).await?;
+            let before = *report.raw_broker_msgs_per_sec.last().expect("read first");
+            let after = ceiling().await?;
+            report.raw_broker_msgs_per_sec.push(after);
+            run.raw_broker_msgs_per_sec = (before + after) / 2.0;
+            run.ratio_to_raw_broker = run.records_per_sec / run.raw_broker_msgs_per_sec;
+            eprintln!("{}", serde_json::to_string(&run)?);
+            report.runs.push(run);
         }
-        let before = *report.raw_broker_msgs_per_sec.last().expect("read first");
-        let after = ceiling().await?;
-        report.raw_broker_msgs_per_sec.push(after);
-        run.raw_broker_msgs_per_sec = (before + after) / 2.0;
-        run.ratio_to_raw_broker = run.records_per_sec / run.raw_broker_msgs_per_sec;
-        eprintln!("{}", serde_json::to_string(&run)?);
-        report.runs.push(run);
+        // The mean of each setting's runs: `on,off,off,on` cancels a steady drift of the machine.
+        let speed = |ledger: bool| {
+            let runs = report.runs.iter().rev().take(args.ledger.len());
+            let speeds: Vec<f64> = runs
+                .filter(|run| run.ledger == ledger)
+                .map(|run| run.records_per_sec)
+                .collect();
+            (!speeds.is_empty()).then(|| speeds.iter().sum::<f64>() / speeds.len() as f64)
+        };
+        if let (Some(on), Some(off)) = (speed(true), speed(false)) {
+            eprintln!(
+                "{writers} writer(s): the ledger on runs at {:.2} of off",
+                on / off
+            );
+            report.ledger_throughput_share.push((writers, on / off));
+        }
     }
     if let Some(file) = &args.json {
         std::fs::write(file, serde_json::to_string_pretty(&report)?)
@@ -222,7 +250,8 @@ async fn run_once(
     args: &PipelineArgs,
     bin_dir: &Path,
     writers: usize,
-) -> anyhow::Result<(RunReport, Option<f64>)> {
+    ledger: bool,
+) -> anyhow::Result<RunReport> {
     let days = (args.orders as i64 * 60 / 86_400) + 5;
     let sim = SimConfig {
         seed: args.seed,
@@ -266,10 +295,10 @@ async fn run_once(
         }
         _ => None,
     };
-    let env: Vec<(&str, &str)> = match &http_sim {
-        Some((_, url, _)) => vec![("CONVEYOR_HTTP_TARGET_URL", url.as_str())],
-        None => vec![],
-    };
+    let mut env = vec![("CONVEYOR_LEDGER", if ledger { "on" } else { "off" })];
+    if let Some((_, url, _)) = &http_sim {
+        env.push(("CONVEYOR_HTTP_TARGET_URL", url.as_str()));
+    }
     let result = measure(
         &scenario,
         args,
@@ -292,7 +321,7 @@ async fn measure(
     writers: usize,
     env: &[(&str, &str)],
     http_sim: Option<&std::sync::Arc<target_sim::TargetSim>>,
-) -> anyhow::Result<(RunReport, Option<f64>)> {
+) -> anyhow::Result<RunReport> {
     scenario.declare_topology().await?;
     let expected = scenario.expected_records().len();
     scenario.simulator.render_orders();
@@ -376,7 +405,9 @@ async fn measure(
         bail!("the target does not equal the truth after the run");
     }
     let raw_target = match args.target {
-        TargetKind::Postgres => Some(raw_target(scenario).await?),
+        TargetKind::Postgres => {
+            Some(crate::raw_target::measure(scenario, writers, args.raw_batch_records).await?)
+        }
         _ => None,
     };
     let records_per_sec = expected as f64 / seconds;
@@ -386,35 +417,36 @@ async fn measure(
         .iter()
         .find(|(_, fetched)| *fetched > 0.0)
         .map_or(seconds, |(at, _)| *at);
-    Ok((
-        RunReport {
-            writers,
-            seconds,
-            first_fetch_seconds,
-            records_per_sec,
-            // Set by the caller, against the ceiling read around the run.
-            raw_broker_msgs_per_sec: f64::NAN,
-            ratio_to_raw_broker: f64::NAN,
-            ratio_to_raw_target: raw_target.map(|raw| records_per_sec / raw),
-            cpu_secs_per_million: StageFigures {
-                simulator: own_cpu / million,
-                fetcher: samples.cpu(Worker::Fetcher) / million,
-                transformer: samples.cpu(Worker::Transformer) / million,
-                writer: samples.cpu(Worker::Writer) / million,
-            },
-            broker_cpu_secs_per_million: broker_cpu.map(|cpu| cpu / million),
-            peak_rss_mib: StageFigures {
-                simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
-                fetcher: samples.rss(Worker::Fetcher),
-                transformer: samples.rss(Worker::Transformer),
-                writer: samples.rss(Worker::Writer),
-            },
-            latency_p50_ms: p50 * 1000.0,
-            latency_p99_ms: p99 * 1000.0,
-            exact,
-        },
+    let ledger = env.contains(&("CONVEYOR_LEDGER", "on"));
+    Ok(RunReport {
+        writers,
+        ledger,
+        seconds,
+        first_fetch_seconds,
+        records_per_sec,
+        // Set by the caller, against the ceiling read around the run.
+        raw_broker_msgs_per_sec: f64::NAN,
+        ratio_to_raw_broker: f64::NAN,
         raw_target,
-    ))
+        ratio_to_raw_jsonb_statement: raw_target.map(|raw| records_per_sec / raw.jsonb_statement),
+        ratio_to_fastest_raw_target: raw_target.map(|raw| records_per_sec / raw.fastest()),
+        cpu_secs_per_million: StageFigures {
+            simulator: own_cpu / million,
+            fetcher: samples.cpu(Worker::Fetcher) / million,
+            transformer: samples.cpu(Worker::Transformer) / million,
+            writer: samples.cpu(Worker::Writer) / million,
+        },
+        broker_cpu_secs_per_million: broker_cpu.map(|cpu| cpu / million),
+        peak_rss_mib: StageFigures {
+            simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
+            fetcher: samples.rss(Worker::Fetcher),
+            transformer: samples.rss(Worker::Transformer),
+            writer: samples.rss(Worker::Writer),
+        },
+        latency_p50_ms: p50 * 1000.0,
+        latency_p99_ms: p99 * 1000.0,
+        exact,
+    })
 }
 
 /// The worker's `conveyor_records_out_total` for `stage`, or None while it does not answer.
@@ -623,63 +655,6 @@ async fn raw_broker(services: &Services, messages: usize) -> anyhow::Result<f64>
         .await?;
     conveyor_amqp::close(&connection).await;
     Ok(messages as f64 / seconds)
-}
-
-/// The raw target: the run's rows upserted again, into a fresh schema, by the writer's own code.
-async fn raw_target(scenario: &Scenario) -> anyhow::Result<f64> {
-    let client = pg_client(&scenario.services.pg_url).await?;
-    let version = scenario.pipeline.mapping.version_field().to_owned();
-    let key = scenario.pipeline.mapping.key_field().to_owned();
-    let rows = client
-        .query(
-            &format!(
-                "SELECT to_jsonb(t) FROM {} t ORDER BY \"{version}\"",
-                scenario.table()?
-            ),
-            &[],
-        )
-        .await?;
-    let records: Vec<Record> = rows
-        .iter()
-        .map(|row| {
-            let data: serde_json::Value = row.get(0);
-            let id = data[&key].as_str().unwrap_or_default().to_owned();
-            let modify_time = data[&version]
-                .as_str()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .unwrap_or_else(|| chrono::Utc::now().fixed_offset());
-            Record::new(id, modify_time, &data)
-        })
-        .collect();
-    let schema = format!("{}_raw", scenario.schema);
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await?;
-    let postgres = PostgresArgs {
-        pg_url: Some(scenario.services.pg_url.clone()),
-        pg_url_file: None,
-        pg_schema: schema.clone(),
-        pg_pool_size: 1,
-        lock_timeout_ms: None,
-    };
-    let pipeline: &Pipeline = &scenario.pipeline;
-    let TargetSpec::Postgres(spec) = &pipeline.spec.target else {
-        bail!("the raw target is measured for a postgres target only");
-    };
-    let target = PostgresTarget::open(pipeline, spec, &postgres, None).await?;
-    let batch = scenario.pipeline.spec.source.page_size.max(1) as usize;
-    let started = Instant::now();
-    for chunk in records.chunks(batch) {
-        target
-            .write(chunk)
-            .await
-            .map_err(|err| anyhow::anyhow!("raw upsert: {err:?}"))?;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    client
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await?;
-    Ok(records.len() as f64 / seconds)
 }
 
 #[cfg(test)]

@@ -45,6 +45,25 @@ pub struct TableSpec {
     pub columns: Vec<String>,
 }
 
+impl TableSpec {
+    /// The table of `pipeline`'s postgres target, with the mapping's columns.
+    pub fn of(pipeline: &Pipeline, spec: &PostgresTargetSpec) -> Self {
+        let mapping = &pipeline.mapping;
+        Self {
+            table: spec.table.clone(),
+            key: mapping.key_field().to_owned(),
+            version: mapping.version_field().to_owned(),
+            columns: mapping.output_fields().map(str::to_owned).collect(),
+        }
+    }
+
+    /// The mapped columns, quoted, comma-separated.
+    pub fn column_list(&self) -> String {
+        let columns: Vec<String> = self.columns.iter().map(|c| quote(c)).collect();
+        columns.join(", ")
+    }
+}
+
 pub struct PostgresTarget {
     pool: Pool,
     upsert: String,
@@ -63,18 +82,11 @@ impl PostgresTarget {
         args: &PostgresArgs,
         ledger_home: Option<&str>,
     ) -> Result<Self, SetupError> {
-        let mapping = &pipeline.mapping;
-        let table = TableSpec {
-            table: spec.table.clone(),
-            key: mapping.key_field().to_owned(),
-            version: mapping.version_field().to_owned(),
-            columns: mapping.output_fields().map(str::to_owned).collect(),
-        };
         Self::connect(
             args,
             pipeline.name(),
             &spec.migrations,
-            &table,
+            &TableSpec::of(pipeline, spec),
             spec.errors.clone(),
             ledger_home,
         )
@@ -219,18 +231,26 @@ impl Target for PostgresTarget {
 /// `INSERT ... SELECT FROM jsonb_populate_recordset ... ON CONFLICT (key) DO UPDATE ... WHERE newer`.
 pub fn upsert_statement(spec: &TableSpec) -> String {
     let table = quote(&spec.table);
-    let columns: Vec<String> = spec.columns.iter().map(|c| quote(c)).collect();
-    let list = columns.join(", ");
-    let updates = columns
+    let list = spec.column_list();
+    format!(
+        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) {}",
+        merge_clause(spec)
+    )
+}
+
+/// `ON CONFLICT (key) DO UPDATE SET ... WHERE` the stored version is older than the incoming one.
+pub fn merge_clause(spec: &TableSpec) -> String {
+    let table = quote(&spec.table);
+    let updates = spec
+        .columns
         .iter()
-        .filter(|column| **column != quote(&spec.key))
-        .map(|column| format!("{column} = EXCLUDED.{column}"))
+        .filter(|column| **column != spec.key)
+        .map(|column| format!("{c} = EXCLUDED.{c}", c = quote(column)))
         .collect::<Vec<_>>()
         .join(", ");
     let version = quote(&spec.version);
     format!(
-        "INSERT INTO {table} ({list}) SELECT {list} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) \
-         ON CONFLICT ({key}) DO UPDATE SET {updates} \
+        "ON CONFLICT ({key}) DO UPDATE SET {updates} \
          WHERE {table}.{version} IS NULL OR {table}.{version} < EXCLUDED.{version}",
         key = quote(&spec.key),
     )
