@@ -1,5 +1,5 @@
 //! `conveyorctl`: check pipeline files, declare the topology, inspect and replay dead letters, account
-//! for records, check the source's credentials.
+//! for records, compare the target with the source, check the source's credentials.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +41,10 @@ enum Command {
     },
     /// Where every record of a pipeline is: fetched, written, dead-lettered, filtered, in flight.
     Status(crate::status::StatusArgs),
+    /// Compare the target with the source over a time range: missing, older and extra rows by id.
+    Reconcile(crate::reconcile::ReconcileArgs),
+    /// Hand modify-time windows out to the fetchers again (what reconcile offers to mend).
+    Resync(crate::reconcile::ResyncArgs),
     /// The Kingdee gateway: debug a signature, check the credentials.
     Kingdee {
         #[command(subcommand)]
@@ -168,6 +172,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dlq { command } => crate::dlq::run(command).await,
         Command::Status(args) => crate::status::run(args).await,
+        Command::Reconcile(args) => crate::reconcile::reconcile(args).await,
+        Command::Resync(args) => crate::reconcile::resync(args).await,
         Command::Kingdee {
             command:
                 KingdeeCommand::Sign {

@@ -7,4 +7,5 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 pub mod ctl;
 pub mod dlq;
+pub mod reconcile;
 pub mod status;

@@ -110,28 +110,7 @@ impl<S: Source> Engine<S> {
     }
 
     async fn publish_windows(&self, windows: Vec<Window>) -> anyhow::Result<()> {
-        let mut confirms = Vec::with_capacity(windows.len());
-        for window in windows {
-            let envelope = Envelope {
-                meta: Meta::new_trace(self.pipeline()),
-                records: vec![window::to_work_item(window)],
-            };
-            let (body, properties) = envelope.to_amqp(self.topology.compression());
-            confirms.push(
-                self.publisher
-                    .send(
-                        &self.topology.exchange(),
-                        &self.topology.routing_key(Stage::Fetch),
-                        &body,
-                        properties,
-                    )
-                    .await?,
-            );
-        }
-        for confirm in confirms {
-            confirm.wait().await?;
-        }
-        Ok(())
+        window::publish_work_items(&self.publisher, &self.topology, windows).await
     }
 
     /// Page `number` of `window`, asked for again while it disagrees with its own count: it is never

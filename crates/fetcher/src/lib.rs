@@ -11,7 +11,7 @@
 pub mod budget;
 mod engine;
 mod pass;
-mod rows;
+pub mod rows;
 pub mod serve;
 pub mod session;
 pub mod settings;
@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use conveyor_base::Stage;
-use conveyor_base::source::Source as _;
+use conveyor_base::metrics::Metrics;
+use conveyor_base::source::Source;
 use conveyor_kingdee::{Gateway, KingdeeArgs, KingdeeSource};
 use conveyor_pipeline::source::SourceKind;
 use conveyor_postgres::Database;
@@ -92,51 +93,124 @@ async fn sync_pipeline(
     cli: &Cli,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let spec = &runtime.pipeline.spec.source;
     let database = Database::connect(&cli.worker.postgres)?;
     let store = SyncStore::open(database.clone(), runtime.pipeline.name()).await?;
-    let (settings, options) = (SyncSettings::of(spec), cli.run_options());
-    let summary = match spec.kind {
+    let work = SyncWork {
+        runtime,
+        settings: SyncSettings::of(&runtime.pipeline.spec.source),
+        store,
+        options: cli.run_options(),
+        shutdown,
+    };
+    let summary = with_source(
+        &runtime.pipeline,
+        &cli.kingdee,
+        &database,
+        &runtime.metrics,
+        work,
+    )
+    .await?;
+    if cli.once {
+        tracing::info!(?summary, "sync finished");
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    Ok(())
+}
+
+struct SyncWork<'a> {
+    runtime: &'a WorkerRuntime,
+    settings: SyncSettings,
+    store: SyncStore,
+    options: RunOptions,
+    shutdown: &'a CancellationToken,
+}
+
+impl WithSource for SyncWork<'_> {
+    type Output = serve::SyncSummary;
+
+    async fn run<S: Source>(self, source: Arc<S>) -> anyhow::Result<Self::Output> {
+        serve::sync(
+            self.runtime,
+            source,
+            self.settings,
+            self.store,
+            &self.options,
+            self.shutdown,
+        )
+        .await
+    }
+}
+
+/// Work done with a pipeline's source: the sync, an operator's reconcile. The source's type follows
+/// the pipeline file's kind, so the work is handed the source rather than given it back.
+pub trait WithSource {
+    type Output;
+
+    fn run<S: Source>(
+        self,
+        source: Arc<S>,
+    ) -> impl Future<Output = anyhow::Result<Self::Output>> + Send;
+}
+
+/// Builds the source `pipeline`'s file names (the one match on its kind), with the call budget and
+/// the login shared by every process calling its account; checks it, so that a wrong address or
+/// credential fails here with its name; then hands it to `work`.
+pub async fn with_source<W: WithSource>(
+    pipeline: &conveyor_pipeline::Pipeline,
+    kingdee: &KingdeeArgs,
+    database: &Database,
+    metrics: &Metrics,
+    work: W,
+) -> anyhow::Result<W::Output> {
+    let spec = &pipeline.spec.source;
+    match spec.kind {
         SourceKind::Kingdee => {
-            let credentials = cli.kingdee.credentials()?;
+            let credentials = kingdee.credentials()?;
             let budget = SharedBudget::new(
                 database.clone(),
                 KingdeeArgs::budget_key(&credentials),
                 spec.calls_per_minute,
             )
             .with_rate_gauge(
-                runtime
-                    .metrics
+                metrics
                     .source_call_rate
-                    .with_label_values(&[runtime.pipeline.name()]),
+                    .with_label_values(&[pipeline.name()]),
             );
-            let session = SessionTable::new(database, KingdeeArgs::session_key(&credentials));
-            let gateway = Gateway::new(
-                credentials,
-                budget,
-                runtime.metrics.clone(),
-                runtime.pipeline.name(),
-            )
-            .with_session_store(session);
+            let session =
+                SessionTable::new(database.clone(), KingdeeArgs::session_key(&credentials));
+            let gateway = Gateway::new(credentials, budget, metrics.clone(), pipeline.name())
+                .with_session_store(session);
             let source = KingdeeSource::new(gateway, &spec.path, &spec.query, spec.page_size);
             source
                 .check()
                 .await
                 .map_err(|failure| anyhow::anyhow!(failure.message))?;
-            serve::sync(
-                runtime,
-                Arc::new(source),
-                settings,
-                store,
-                &options,
-                shutdown,
-            )
-            .await?
+            work.run(Arc::new(source)).await
         }
-    };
-    if cli.once {
-        tracing::info!(?summary, "sync finished");
-        println!("{}", serde_json::to_string(&summary)?);
     }
-    Ok(())
+}
+
+/// Hands `windows` of `pipeline` out again, to be paged by whichever fetcher takes them (running
+/// ones, or the next `--once`): what `conveyorctl reconcile` offers to mend what it found.
+pub async fn resync(
+    broker: &conveyor_amqp::settings::BrokerArgs,
+    postgres: &conveyor_postgres::PostgresArgs,
+    pipeline: &str,
+    windows: &[conveyor_base::source::Window],
+) -> anyhow::Result<()> {
+    let store = SyncStore::open(Database::connect(postgres)?, pipeline).await?;
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let topology = conveyor_amqp::Topology::new(broker, pipeline);
+    let handed_out = async {
+        topology.declare(&connection).await?;
+        let publisher = conveyor_amqp::Publisher::open(&connection).await?;
+        store
+            .resync(windows, |windows| {
+                window::publish_work_items(&publisher, &topology, windows)
+            })
+            .await
+    }
+    .await;
+    conveyor_amqp::close(&connection).await;
+    handed_out
 }

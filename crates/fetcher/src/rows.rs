@@ -11,7 +11,7 @@ use crate::settings::SyncSettings;
 
 /// Turns rows into records; rows without a usable id or modify time are returned apart, with the reason.
 /// Each row's JSON goes on unchanged: only its id and modify time are read.
-pub(crate) fn to_records(
+pub fn to_records(
     source: &SyncSettings,
     rows: Vec<Box<RawValue>>,
 ) -> (Vec<Record>, Vec<(Record, Failure)>) {

@@ -386,6 +386,46 @@ impl SyncStore {
         Ok(halves)
     }
 
+    /// Hands out `windows` again, whatever was synced before (a re-sync): recorded as pending and
+    /// published as work items (`publish` must make them durable) in one commit. The watermark does not
+    /// move back: it only ever rises.
+    pub async fn resync<F, Fut>(&self, windows: &[Window], publish: F) -> Result<(), anyhow::Error>
+    where
+        F: FnOnce(Vec<Window>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let mut client = self.database.client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(sql("starting a re-sync"))?;
+        lock_windows(&transaction, &self.pipeline).await?;
+        // Windows travel as epoch milliseconds: a finer bound would never match its row here.
+        let windows: Vec<Window> = windows
+            .iter()
+            .map(|window| Window {
+                start: window.start.trunc_subsecs(3),
+                end: window.end.trunc_subsecs(3),
+            })
+            .collect();
+        for window in &windows {
+            transaction
+                .execute(
+                    "INSERT INTO conveyor_sync_windows (pipeline, window_start, window_end, published_at) \
+                     VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
+                    &[&self.pipeline, &window.start, &window.end],
+                )
+                .await
+                .map_err(sql("recording a window to re-sync"))?;
+        }
+        publish(windows).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing a re-sync"))?;
+        Ok(())
+    }
+
     /// Windows handed out and not finished, oldest first.
     pub async fn pending(&self) -> Result<Vec<Window>, DatabaseError> {
         let client = self.database.client().await?;

@@ -4,8 +4,10 @@
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound as _, Utc};
-use conveyor_base::Record;
+use conveyor_amqp::envelope::{Envelope, Meta};
+use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::source::Window;
+use conveyor_base::{Record, Stage};
 use serde_json::json;
 
 /// Windows of `width` covering `from` to `to` (none if `to` is not after `from`).
@@ -74,6 +76,37 @@ pub(crate) fn to_work_item(window: Window) -> Record {
         window.start.fixed_offset(),
         &json!({"window_start": start, "window_end": end}),
     )
+}
+
+/// Publishes `windows` as work items on the pipeline's fetch queue; returns once every one is
+/// confirmed.
+pub async fn publish_work_items(
+    publisher: &Publisher,
+    topology: &Topology,
+    windows: Vec<Window>,
+) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(windows.len());
+    for window in windows {
+        let envelope = Envelope {
+            meta: Meta::new_trace(topology.pipeline()),
+            records: vec![to_work_item(window)],
+        };
+        let (body, properties) = envelope.to_amqp(topology.compression());
+        confirms.push(
+            publisher
+                .send(
+                    &topology.exchange(),
+                    &topology.routing_key(Stage::Fetch),
+                    &body,
+                    properties,
+                )
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        confirm.wait().await?;
+    }
+    Ok(())
 }
 
 /// Reads a work item.

@@ -1,8 +1,10 @@
 //! What an operator does with running pipelines, as functions that return data: where every record
-//! is ([`status`]), and the dead letters ([`dead_letters`]: list, show, replay, purge, export).
+//! is ([`status`]), the dead letters ([`dead_letters`]: list, show, replay, purge, export), and the
+//! target compared with the source ([`reconcile`]).
 //! `conveyorctl` parses, prints and prompts around them; a web console can call the same.
 
 pub mod dead_letters;
+pub mod reconcile;
 pub mod status;
 
 use conveyor_pipeline::Pipeline;

@@ -381,18 +381,24 @@ impl Simulator {
         if carry.0 < 1.0 && carry.1 < 1.0 {
             return;
         }
+        let (modified, created) = (carry.0.floor(), carry.1.floor());
+        carry.0 -= modified;
+        carry.1 -= created;
+        self.change_now(modified as usize, created as usize);
+    }
+
+    /// Modifies `modified` random orders and creates `created` new ones, all modified now.
+    pub fn change_now(&self, modified: usize, created: usize) {
         let now = now_local();
         let mut data = self.data.write().expect("data lock");
-        while carry.0 >= 1.0 {
-            carry.0 -= 1.0;
+        for _ in 0..modified {
             if !data.orders().is_empty() {
                 let index = data.random_index();
                 data.modify_order(index, now);
                 bump(&self.stats.orders_modified);
             }
         }
-        while carry.1 >= 1.0 {
-            carry.1 -= 1.0;
+        for _ in 0..created {
             data.create_order(now);
             bump(&self.stats.orders_created);
         }

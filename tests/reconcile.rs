@@ -1,0 +1,166 @@
+//! `conveyorctl reconcile` against a real sync: after the target is damaged behind the pipeline's back
+//! (rows deleted, rows set back to an older version) and the source gains rows after the sync, it names
+//! exactly those ids and exits 1; the re-sync it offers mends them, and it then exits 0.
+
+use std::collections::BTreeSet;
+
+mod common;
+
+use common::*;
+use conveyor_harness::{Scenario, Worker};
+
+/// `conveyorctl reconcile` of the scenario's pipeline from the start of the simulator's data to now,
+/// with the source's settings.
+fn reconcile(scenario: &Scenario, extra: &[&str]) -> std::process::Output {
+    let file = scenario.pipeline.file.display().to_string();
+    let mut args = vec![
+        "reconcile",
+        file.as_str(),
+        "--since",
+        "2024-12-31T00:00:00Z",
+        "--window-secs",
+        "2592000",
+    ];
+    args.extend(extra);
+    ctl_command(scenario, &args)
+        .envs(scenario.environment())
+        .output()
+        .expect("conveyorctl runs")
+}
+
+fn report_of(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|err| {
+        panic!(
+            "reconcile printed no JSON report ({err}):\n{}\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
+fn ids(report: &serde_json::Value, field: &str) -> BTreeSet<String> {
+    report[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {field} in {report}"))
+        .iter()
+        .map(|item| {
+            let id = if item.is_string() { item } else { &item["id"] };
+            id.as_str().expect("an id").to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
+    let scenario = scenario("reconcile", orders(300)).await;
+    let mut workers = vec![
+        spawn_ready(&scenario, Worker::Transformer).await,
+        spawn_ready(&scenario, Worker::Writer).await,
+    ];
+    run_fetcher_once(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+
+    step("a target equal to the source reconciles clean");
+    let clean = reconcile(&scenario, &[]);
+    let text = succeeded("reconcile of a clean target", clean);
+    assert!(
+        text.contains("ok: the target holds every source record"),
+        "{text}"
+    );
+
+    step("rows deleted, rows set back, rows the source gained after the sync");
+    let client = conveyor_harness::pg_client(&scenario.services.pg_url)
+        .await
+        .unwrap();
+    let table = scenario.table().unwrap();
+    let truth: Vec<String> = scenario
+        .expected_records()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let deleted = &truth[10..13];
+    let set_back = &truth[200..202];
+    client
+        .execute(
+            &format!("DELETE FROM {table} WHERE id = ANY($1)"),
+            &[&deleted],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            &format!(
+                "UPDATE {table} SET modify_time = modify_time - interval '1 hour', total_amount = 0 \
+                 WHERE id = ANY($1)"
+            ),
+            &[&set_back],
+        )
+        .await
+        .unwrap();
+    scenario.simulator.change_now(2, 3);
+    let damage = scenario.compare_with_truth().await.unwrap();
+    assert_eq!(damage.missing.len(), 3 + 3, "{damage:?}");
+    assert!(damage.wrong_version.len() >= 2, "{damage:?}");
+
+    let found = reconcile(&scenario, &["--json"]);
+    assert_eq!(
+        found.status.code(),
+        Some(1),
+        "reconcile must fail on a damaged target"
+    );
+    let report = report_of(&found);
+    assert_eq!(
+        ids(&report, "missing"),
+        damage.missing.iter().cloned().collect(),
+        "{report:#}"
+    );
+    assert_eq!(
+        ids(&report, "older"),
+        damage.wrong_version.iter().cloned().collect(),
+        "{report:#}"
+    );
+    assert!(ids(&report, "extra").is_empty(), "{report:#}");
+    for id in deleted.iter().chain(set_back) {
+        let all: BTreeSet<String> = ids(&report, "missing")
+            .union(&ids(&report, "older"))
+            .cloned()
+            .collect();
+        assert!(all.contains(id), "{id} not named: {report:#}");
+    }
+
+    step("with too few calls for ids everywhere, the windows whose counts differ are named");
+    let windows = report["windows"].as_array().unwrap().len().to_string();
+    let frugal = report_of(&reconcile(&scenario, &["--json", "--max-calls", &windows]));
+    let compared: Vec<&str> = frugal["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["compared"].as_str().unwrap())
+        .collect();
+    assert!(compared.contains(&"not_compared"), "{frugal:#}");
+
+    step("the offered re-sync mends the target");
+    let human = reconcile(&scenario, &[]);
+    assert_eq!(human.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&human.stdout).into_owned();
+    eprintln!("{text}");
+    let command = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("conveyorctl "))
+        .unwrap_or_else(|| panic!("no re-sync command offered:\n{text}"));
+    let args: Vec<&str> = command.split_whitespace().collect();
+    assert_eq!(args[0], "resync", "{text}");
+    let resync = ctl_command(&scenario, &args)
+        .envs(scenario.environment())
+        .output()
+        .unwrap();
+    succeeded("the offered re-sync", resync);
+    run_fetcher_once(&scenario).await;
+    assert_target_equals_truth(&scenario, &workers).await;
+    let mended = reconcile(&scenario, &[]);
+    let text = succeeded("reconcile after the re-sync", mended);
+    assert!(text.contains("ok:"), "{text}");
+
+    stop_all(&mut workers).await;
+    scenario.clean_up(false).await.unwrap();
+}
