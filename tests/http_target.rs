@@ -130,6 +130,8 @@ async fn wait_until_equal(
 struct Run {
     scenario: Scenario,
     sim: Arc<TargetSim>,
+    /// The target simulator's base URL.
+    url: String,
     workers: Vec<WorkerProcess>,
     truth: BTreeMap<String, Value>,
 }
@@ -137,7 +139,8 @@ struct Run {
 const CLIENT_SECRET: &str = "e2e-client-secret";
 
 /// Starts a run of the lines pipeline; `pipeline_extra` is TOML appended to the pipeline file (e.g. a
-/// `[target.errors]` table), `writer_env` settings the writers get on top of the scenario's.
+/// `[target.errors]` table; a `[target.id_check]` one replaces the file's), `writer_env` settings the
+/// writers get on top of the scenario's.
 async fn start(
     prefix: &str,
     orders: usize,
@@ -150,7 +153,12 @@ async fn start(
         .unwrap_or_else(|err| panic!("the end-to-end tests need RabbitMQ and PostgreSQL: {err:#}"));
     let mut pipeline = repo_root().join("ops/pipelines/sales_order_lines_http.toml");
     if !pipeline_extra.is_empty() {
-        let text = std::fs::read_to_string(&pipeline).unwrap();
+        let mut text = std::fs::read_to_string(&pipeline).unwrap();
+        if pipeline_extra.contains("[target.id_check]") {
+            let own = "[target.id_check]\nmode = \"upsert\"\n";
+            assert!(text.contains(own), "the lines pipeline's id check changed");
+            text = text.replace(own, "");
+        }
         let dir = std::env::temp_dir()
             .join("conveyor-harness")
             .join(format!("{prefix}-pipeline-{}", std::process::id()));
@@ -194,6 +202,7 @@ async fn start(
     Run {
         scenario,
         sim,
+        url,
         workers,
         truth,
     }
@@ -261,6 +270,7 @@ async fn order_lines_flattened_into_an_http_target_equal_the_truth() {
         sim,
         workers,
         truth,
+        ..
     } = &run;
     assert!(truth.len() > 1_500, "orders have 1 to 4 lines each");
 
@@ -605,4 +615,112 @@ async fn one_process_hosts_two_pipelines_and_a_target_down_holds_back_only_its_o
     );
     conveyor_harness::stop_all(&mut workers).await.unwrap();
     scenario.clean_up(false).await.unwrap();
+}
+
+/// `conveyorctl reconcile` of the lines pipeline (its HTTP target read through the id check
+/// `exists`), with the scenario's and the target's settings; `--json` unless `human`.
+fn reconcile(run: &Run, human: bool) -> std::process::Output {
+    let file = run.scenario.pipeline.file.display().to_string();
+    let mut args = vec![
+        "reconcile",
+        file.as_str(),
+        "--since",
+        "2024-12-31T00:00:00Z",
+        "--window-secs",
+        "2592000",
+    ];
+    if !human {
+        args.push("--json");
+    }
+    std::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(&args)
+        .envs(run.scenario.environment())
+        .env("CONVEYOR_HTTP_TARGET_URL", &run.url)
+        .env("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e")
+        .env("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET)
+        .output()
+        .expect("conveyorctl runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reads_an_http_target_by_id_and_its_resync_mends_it() {
+    let run = start(
+        "http_reconcile",
+        40,
+        TargetConfig::default(),
+        "[target.id_check]\nmode = \"exists\"\npath = \"/api/sales_order_lines/{key}\"\non_exists = \"update\"",
+        &[],
+    )
+    .await;
+    run.scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+    wait_until_equal(&run.truth, &run.sim, &run.workers).await;
+    let clean = reconcile(&run, true);
+    let text = String::from_utf8_lossy(&clean.stdout).into_owned();
+    assert!(
+        clean.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    assert!(text.contains("extras not sought"), "{text}");
+
+    // Behind the pipeline's back: two lines deleted, one set back to an older version.
+    let ids: Vec<String> = run.truth.keys().cloned().collect();
+    let (deleted, set_back) = (&ids[3..5], &ids[20]);
+    run.sim.edit(COLLECTION, |records| {
+        for id in deleted {
+            records.remove(id);
+        }
+        let line = records.get_mut(set_back).expect("the line is held");
+        line["modified_at"] = json!("2024-06-01T00:00:00+08:00");
+    });
+    let found = reconcile(&run, false);
+    assert_eq!(
+        found.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let report: Value = serde_json::from_slice(&found.stdout).unwrap();
+    let named = |field: &str| -> Vec<String> {
+        let mut ids: Vec<String> = report[field]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|item| {
+                let id = if item.is_string() { item } else { &item["id"] };
+                id.as_str().unwrap().to_owned()
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(named("missing"), deleted, "{report:#}");
+    assert_eq!(named("older"), std::slice::from_ref(set_back), "{report:#}");
+    assert_eq!(report["extras_sought"], false);
+
+    let human = reconcile(&run, true);
+    let text = String::from_utf8_lossy(&human.stdout).into_owned();
+    let command = text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("conveyorctl "))
+        .unwrap_or_else(|| panic!("no re-sync command offered:\n{text}"));
+    let resync = std::process::Command::new(bin_dir().join("conveyorctl"))
+        .args(command.split_whitespace())
+        .envs(run.scenario.environment())
+        .output()
+        .unwrap();
+    assert!(
+        resync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resync.stderr)
+    );
+    run.scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+    wait_until_equal(&run.truth, &run.sim, &run.workers).await;
+    let mended = reconcile(&run, true);
+    assert!(
+        mended.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mended.stdout)
+    );
+    run.finish().await;
 }

@@ -11,9 +11,10 @@ use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Source, Window};
 use conveyor_fetcher::WithSource;
 use conveyor_kingdee::KingdeeArgs;
-use conveyor_ops::reconcile::{Compared, Report, Request, TargetTable};
+use conveyor_ops::reconcile::{Compared, Report, Request, TargetReader};
 use conveyor_pipeline::Pipeline;
 use conveyor_postgres::{Database, PostgresArgs};
+use conveyor_writer::target::http::HttpArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
@@ -39,6 +40,9 @@ pub struct ReconcileArgs {
     /// The target's, the sync state's and the call budget's database: the workers' own settings.
     #[command(flatten)]
     postgres: PostgresArgs,
+    /// An HTTP target's API: the writers' own settings.
+    #[command(flatten)]
+    http: HttpArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,7 +70,7 @@ pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
         max_calls: args.max_calls,
     };
     let work = Compare {
-        target: TargetTable::open(&pipeline, database.clone()).await?,
+        target: TargetReader::open(&pipeline, database.clone(), &args.http).await?,
         pipeline: &pipeline,
         request,
     };
@@ -110,7 +114,7 @@ pub async fn resync(args: ResyncArgs) -> anyhow::Result<()> {
 
 struct Compare<'a> {
     pipeline: &'a Pipeline,
-    target: TargetTable,
+    target: TargetReader,
     request: Request,
 }
 
@@ -158,7 +162,7 @@ fn render(report: &Report, file: &Path) -> String {
     );
     let mut empty = 0;
     for window in &report.windows {
-        if window.source_rows == 0 && window.target_rows == 0 {
+        if window.source_rows == 0 && window.target_rows.unwrap_or(0) == 0 {
             empty += 1;
             continue;
         }
@@ -171,7 +175,9 @@ fn render(report: &Report, file: &Path) -> String {
             "  {:<32} {:>8} {:>8} {:>12} {:>8} {:>8}\n",
             window.start.to_rfc3339(),
             window.source_rows,
-            window.target_rows,
+            window
+                .target_rows
+                .map_or("-".to_owned(), |rows| rows.to_string()),
             compared,
             window.missing,
             window.older
@@ -207,6 +213,9 @@ fn render(report: &Report, file: &Path) -> String {
             report.extra.len(),
             list(&mut report.extra.iter().cloned())
         );
+    }
+    if !report.extras_sought {
+        out += "extras not sought: an HTTP target cannot be listed\n";
     }
     if !report.refused.is_empty() {
         out += &format!(

@@ -12,6 +12,9 @@
 //! - **By id:** *missing* (in the source, not in the target), *older* (the target's version is older
 //!   than the source's), *extra* (in the target with a version in the range, in no source window
 //!   compared).
+//! - **The target** is read as [`TargetReader`] can: a PostgreSQL table directly (counts, ids,
+//!   extras); an HTTP target through its id check `exists`, by id only (no counts, so every window is
+//!   compared by ids; no extras, since it cannot be listed).
 //!
 //! Calls go through the source as the fetchers build it, within the call budget they share.
 
@@ -25,7 +28,9 @@ use conveyor_fetcher::rows::to_records;
 use conveyor_fetcher::settings::SyncSettings;
 use conveyor_pipeline::Pipeline;
 use conveyor_pipeline::TargetSpec;
+use conveyor_pipeline::target::http::IdCheckSpec;
 use conveyor_postgres::{Database, quote};
+use conveyor_writer::target::http::{HttpArgs, HttpTarget};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -61,7 +66,8 @@ pub struct WindowReport {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub source_rows: u64,
-    pub target_rows: u64,
+    /// None when the target cannot be counted (HTTP).
+    pub target_rows: Option<u64>,
     pub compared: Compared,
     pub missing: u64,
     pub older: u64,
@@ -93,6 +99,8 @@ pub struct Report {
     pub missing: Vec<String>,
     pub older: Vec<Older>,
     pub extra: Vec<String>,
+    /// Whether extras were looked for (not in a target that cannot be listed).
+    pub extras_sought: bool,
     pub refused: Vec<Refused>,
     /// Records the rules' filter skips: not expected in the target.
     pub filtered: u64,
@@ -153,6 +161,93 @@ pub fn windows(since: DateTime<Utc>, until: DateTime<Utc>, width: Duration) -> V
     windows
 }
 
+/// What the comparison reads of the target.
+pub enum TargetReader {
+    /// A PostgreSQL table: counted by version, read by id, listed for extras.
+    Table(Box<TargetTable>),
+    /// An HTTP target through its id check `exists`: read by id only.
+    Http(Box<HttpTarget>),
+}
+
+/// Ids asked of an HTTP target at once.
+const HTTP_IDS_AT_ONCE: usize = 256;
+
+impl TargetReader {
+    /// The target of `pipeline`'s `[target]`: its table in `database`, or its HTTP API as `http` says.
+    pub async fn open(
+        pipeline: &Pipeline,
+        database: Database,
+        http: &HttpArgs,
+    ) -> anyhow::Result<Self> {
+        match &pipeline.spec.target {
+            TargetSpec::Postgres(_) => Ok(Self::Table(Box::new(
+                TargetTable::open(pipeline, database).await?,
+            ))),
+            TargetSpec::Http(spec) => {
+                if !matches!(spec.id_check, IdCheckSpec::Exists { .. }) {
+                    bail!(
+                        "pipeline {:?}: its HTTP target cannot be read by id; reconcile needs \
+                         target.id_check mode = \"exists\"",
+                        pipeline.name()
+                    );
+                }
+                Ok(Self::Http(Box::new(
+                    HttpTarget::open(pipeline, spec, http).await?,
+                )))
+            }
+            TargetSpec::Noop => bail!(
+                "pipeline {:?} writes nowhere (a noop target): there is nothing to reconcile",
+                pipeline.name()
+            ),
+        }
+    }
+
+    async fn count(&self, window: &Window) -> anyhow::Result<Option<u64>> {
+        match self {
+            Self::Table(table) => Ok(Some(table.count(window).await?)),
+            Self::Http(_) => Ok(None),
+        }
+    }
+
+    async fn ids_in(&self, window: &Window) -> anyhow::Result<Option<Vec<String>>> {
+        match self {
+            Self::Table(table) => Ok(Some(table.ids_in(window).await?)),
+            Self::Http(_) => Ok(None),
+        }
+    }
+
+    /// The expected `(id, version)`s the target lacks (None) or holds older (its version as text).
+    async fn behind(
+        &self,
+        expected: &[(String, DateTime<FixedOffset>)],
+    ) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let http = match self {
+            Self::Table(table) => return table.behind(expected).await,
+            Self::Http(http) => http,
+        };
+        let mut behind = Vec::new();
+        for chunk in expected.chunks(HTTP_IDS_AT_ONCE) {
+            let ids: Vec<&str> = chunk.iter().map(|(id, _)| id.as_str()).collect();
+            let held = http
+                .held(&ids)
+                .await
+                .expect("opened only with the id check exists")
+                .map_err(|err| anyhow::anyhow!("reading the HTTP target by id: {err}"))?;
+            for ((id, version), held) in chunk.iter().zip(held) {
+                match held.as_ref().map(|held| http.held_version(held)) {
+                    None => behind.push((id.clone(), None)),
+                    // A copy without a version cannot be told older.
+                    Some(Some(held)) if held < *version => {
+                        behind.push((id.clone(), Some(held.to_rfc3339())));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(behind)
+    }
+}
+
 /// The target table, read by version and by id.
 pub struct TargetTable {
     database: Database,
@@ -166,10 +261,7 @@ impl TargetTable {
     /// The table of `pipeline`'s postgres target in `database`.
     pub async fn open(pipeline: &Pipeline, database: Database) -> anyhow::Result<Self> {
         let TargetSpec::Postgres(spec) = &pipeline.spec.target else {
-            bail!(
-                "pipeline {:?}: reconcile reads postgres targets only so far",
-                pipeline.name()
-            );
+            bail!("pipeline {:?}: its target is not postgres", pipeline.name());
         };
         let (key, version) = (
             pipeline.mapping.key_field().to_owned(),
@@ -264,7 +356,7 @@ impl TargetTable {
 pub async fn reconcile<S: Source>(
     pipeline: &Pipeline,
     source: &S,
-    target: &TargetTable,
+    target: &TargetReader,
     request: &Request,
 ) -> anyhow::Result<Report> {
     if request.until < request.since {
@@ -300,7 +392,7 @@ pub async fn reconcile<S: Source>(
     let every_window = calls + everywhere <= request.max_calls;
     let mut allowance = request.max_calls.saturating_sub(calls);
     for report in &mut reports {
-        let differ = report.source_rows != report.target_rows;
+        let differ = report.target_rows != Some(report.source_rows);
         let cost = more_calls(report);
         if every_window || cost == 0 || (differ && cost <= allowance) {
             allowance = allowance.saturating_sub(cost);
@@ -319,6 +411,7 @@ pub async fn reconcile<S: Source>(
         missing: Vec::new(),
         older: Vec::new(),
         extra: Vec::new(),
+        extras_sought: matches!(target, TargetReader::Table(_)),
         refused: Vec::new(),
         filtered: 0,
     };
@@ -373,7 +466,7 @@ pub async fn reconcile<S: Source>(
             }
         }
         let in_window: BTreeSet<&str> = expected.iter().map(|(id, _)| id.as_str()).collect();
-        for id in target.ids_in(window).await? {
+        for id in target.ids_in(window).await?.unwrap_or_default() {
             if !in_window.contains(id.as_str()) {
                 extra_candidates.insert(id);
             }
@@ -495,7 +588,7 @@ mod tests {
             start: w.start,
             end: w.end,
             source_rows: 0,
-            target_rows: 0,
+            target_rows: Some(0),
             compared,
             missing,
             older: 0,
@@ -514,6 +607,7 @@ mod tests {
             missing: vec!["a".into()],
             older: vec![],
             extra: vec![],
+            extras_sought: true,
             refused: vec![],
             filtered: 0,
         };

@@ -162,6 +162,13 @@ impl TargetSim {
             .unwrap_or_default()
     }
 
+    /// Changes a collection's records in place, as another system writing to the target would (a
+    /// test's damage behind the pipeline's back).
+    pub fn edit(&self, collection: &str, change: impl FnOnce(&mut BTreeMap<String, Value>)) {
+        let mut collections = self.collections.lock().expect("no panics while locked");
+        change(collections.entry(collection.to_owned()).or_default());
+    }
+
     /// Forgets every token issued so far, as a target does when tokens expire or are revoked.
     pub fn revoke_tokens(&self) {
         self.tokens.lock().expect("no panics while locked").clear();

@@ -1,6 +1,7 @@
 //! The existence check before writing (id check `exists`): which records the target holds already,
 //! and the updates of those it holds in an older version.
 
+use chrono::{DateTime, FixedOffset};
 use conveyor_base::Record;
 use conveyor_pipeline::target::http::{IdCheckSpec, OnExists};
 use futures_util::future::join_all;
@@ -12,29 +13,15 @@ use super::setup::HttpTarget;
 use crate::target::{WriteError, WriteReport};
 
 impl HttpTarget {
-    /// Asks the target about each record (concurrently); returns the records still to write, and
-    /// writes the updates of existing ones.
-    pub(super) async fn check_existing<'a>(
-        &self,
-        records: Vec<&'a Record>,
-    ) -> Result<(Vec<&'a Record>, WriteReport), WriteError> {
-        let IdCheckSpec::Exists {
-            path,
-            on_exists,
-            update_method,
-            update_path,
-        } = &self.spec.id_check
-        else {
-            return Ok((records, WriteReport::default()));
+    /// With the id check `exists`: asks the target for each id (concurrently) and returns its copy of
+    /// each (None where it answers 404). None without that id check: the target cannot be read by id.
+    pub async fn held(&self, ids: &[&str]) -> Option<Result<Vec<Option<Value>>, WriteError>> {
+        let IdCheckSpec::Exists { path, .. } = &self.spec.id_check else {
+            return None;
         };
-        let checks = records.iter().map(|record| async move {
+        let checks = ids.iter().map(|id| async move {
             let response = self
-                .send(
-                    Method::GET,
-                    &self.url(path, Some(&record.id)),
-                    None::<&Value>,
-                    None,
-                )
+                .send(Method::GET, &self.url(path, Some(id)), None::<&Value>, None)
                 .await?;
             match response.status() {
                 StatusCode::NOT_FOUND => {
@@ -58,9 +45,31 @@ impl HttpTarget {
             .filter_map(|answer| answer.as_ref().err())
             .max_by_key(|err| severity(err))
         {
-            return Err(worst.clone());
+            return Some(Err(worst.clone()));
         }
-        let held: Vec<_> = held.into_iter().collect::<Result<_, _>>()?;
+        Some(held.into_iter().collect())
+    }
+
+    /// Asks the target about each record; returns the records still to write, and writes the
+    /// updates of existing ones.
+    pub(super) async fn check_existing<'a>(
+        &self,
+        records: Vec<&'a Record>,
+    ) -> Result<(Vec<&'a Record>, WriteReport), WriteError> {
+        let IdCheckSpec::Exists {
+            path,
+            on_exists,
+            update_method,
+            update_path,
+        } = &self.spec.id_check
+        else {
+            return Ok((records, WriteReport::default()));
+        };
+        let ids: Vec<&str> = records.iter().map(|record| record.id.as_str()).collect();
+        let held = self
+            .held(&ids)
+            .await
+            .unwrap_or_else(|| Ok(vec![None; ids.len()]))?;
         let mut new = Vec::new();
         let mut updates = Vec::new();
         let mut report = WriteReport::default();
@@ -68,7 +77,7 @@ impl HttpTarget {
             match held {
                 None => new.push(record),
                 Some(_) if *on_exists == OnExists::Skip => report.stale += 1,
-                Some(held) if self.holds_as_new(&held, record) => report.stale += 1,
+                Some(held) if self.holds_as_new(&held, record.modify_time) => report.stale += 1,
                 Some(_) => updates.push(record),
             }
         }
@@ -93,11 +102,16 @@ impl HttpTarget {
         Ok((new, report))
     }
 
-    /// Whether the target's copy carries the record's version or a newer one.
-    fn holds_as_new(&self, held: &Value, record: &Record) -> bool {
+    /// Whether the target's copy carries `version` or a newer one.
+    pub fn holds_as_new(&self, held: &Value, version: DateTime<FixedOffset>) -> bool {
+        self.held_version(held)
+            .is_some_and(|held_version| held_version >= version)
+    }
+
+    /// The version of the target's copy, when it says.
+    pub fn held_version(&self, held: &Value) -> Option<DateTime<FixedOffset>> {
         held.get(&self.version_field)
             .map(conveyor_base::source_time::parse_instant)
             .and_then(Result::ok)
-            .is_some_and(|held_version| held_version >= record.modify_time)
     }
 }
