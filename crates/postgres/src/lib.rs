@@ -22,7 +22,7 @@ pub struct PostgresArgs {
     #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
     pub pg_schema: String,
     /// Connections per process (for a writer: concurrent batch writes).
-    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = 8)]
+    #[arg(long, env = "CONVEYOR_PG_POOL_SIZE", default_value_t = DEFAULT_POOL_SIZE)]
     pub pg_pool_size: usize,
     /// The `lock_timeout` of every session, in milliseconds, when a process asks for one (the writer
     /// does, from CONVEYOR_PG_LOCK_TIMEOUT_MS, so that a blocked write fails and is retried later).
@@ -63,6 +63,9 @@ pub enum DatabaseError {
     #[error("connection pool: {0}")]
     Pool(String),
 }
+
+/// Connections per process unless CONVEYOR_PG_POOL_SIZE says otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 8;
 
 /// A connected database.
 #[derive(Clone)]

@@ -21,9 +21,12 @@
 //!   measured before every run and after the last; a run is set against the mean of the two readings
 //!   around it, since this machine's speed drifts by ± 15% over a series.
 //! - **raw target** (PostgreSQL only): after each run, the rows it wrote upserted again into fresh
-//!   tables by plain SQL, by each of two methods, on as many connections as the run had writers
-//!   ([`crate::raw_target`]). The run is set against both: the jsonb statement the writer ran before,
+//!   tables by plain SQL, by each of two methods, on as many connections as the run's writers could
+//!   hold (writers × `CONVEYOR_PG_POOL_SIZE`) ([`crate::raw_target`]). The run is set against both: the jsonb statement the writer ran before,
 //!   and the fastest.
+//! - **write stage** (`--write-stage`): the fetcher and the transformer fill the write queue before any
+//!   writer starts; records/s is then the writers' drain from the moment all of them serve (less what
+//!   they wrote before), the figure to set against the raw target, which has the cores to itself too.
 //! - **ledger cost**: `--ledger on,off,off,on` runs each writer count with the ledger on and off, in
 //!   the same series; the report gives the mean throughput with it as a share of the mean without.
 
@@ -84,6 +87,10 @@ pub struct PipelineArgs {
     /// The ledger in each run, one run per entry and writer count (e.g. on,off).
     #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
     ledger: Vec<String>,
+    /// Measure the write stage alone: the fetcher and the transformer fill the write queue first,
+    /// then the writers drain it against the clock (set against the raw target on equal terms).
+    #[arg(long)]
+    write_stage: bool,
     /// Records per batch of the raw target methods (default: one message's, the source's page size).
     #[arg(long)]
     raw_batch_records: Option<usize>,
@@ -125,6 +132,8 @@ pub struct HttpSettings {
 pub struct RunReport {
     pub writers: usize,
     pub ledger: bool,
+    /// The write stage alone: its queue filled first, the clock from the writers' start.
+    pub write_stage: bool,
     pub seconds: f64,
     /// Of `seconds`, the time until the fetcher's first records: its start-up (connecting, the sync
     /// state, the token, the plan) and the first page. A short run pays it in full; it is why more
@@ -325,36 +334,48 @@ async fn measure(
     scenario.declare_topology().await?;
     let expected = scenario.expected_records().len();
     scenario.simulator.render_orders();
-    let mut workers = vec![scenario.spawn_with_env(Worker::Transformer, &[], env)?];
-    for _ in 0..writers {
-        workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
-    }
     let http = conveyor_base::tls::http_client(None)
         .timeout(Duration::from_secs(2))
         .build()?;
-    // Wait until every writer serves its metrics (it is connected and set up).
-    let ready_deadline = Instant::now() + Duration::from_secs(60);
-    for worker in &workers {
-        while scrape(&http, worker, "write").await.is_none() {
-            if Instant::now() > ready_deadline {
+    let mut workers = vec![scenario.spawn_with_env(Worker::Transformer, &[], env)?];
+    let mut samples = Samples::default();
+    // With --write-stage, the write queue is filled before any writer starts and before the clock.
+    let mut fetcher = None;
+    if args.write_stage {
+        wait_serving(&http, &workers).await?;
+        let filler = scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?;
+        samples.register(&filler);
+        samples.register(&workers[0]);
+        let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+        while scrape(&http, &workers[0], "transform").await.unwrap_or(0.0) < expected as f64 {
+            if Instant::now() > deadline {
                 bail!(
-                    "{} did not start:\n{}",
-                    worker.worker.binary(),
-                    worker.log_tail(20)
+                    "the write queue was not filled:\n{}",
+                    workers[0].log_tail(20)
                 );
             }
+            samples.take_all();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        fetcher = Some(filler);
     }
-    let mut samples = Samples::default();
+    for _ in 0..writers {
+        workers.push(scenario.spawn_with_env(Worker::Writer, &[], env)?);
+    }
+    wait_serving(&http, &workers).await?;
     for worker in &workers {
         samples.register(worker);
     }
     let started = Instant::now();
     let own_cpu_before = cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
     let broker_cpu_before = local_broker_cpu_seconds();
-    let mut fetcher = scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?;
+    let mut fetcher = match fetcher {
+        Some(filler) => filler,
+        None => scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?,
+    };
     samples.register(&fetcher);
+    // Written before the clock started (writers consume from the moment they are set up).
+    let mut written_before = None;
     let mut fetched_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
     let mut written_curve: Vec<(f64, f64)> = vec![(0.0, 0.0)];
     let mut fetched = 0.0_f64;
@@ -368,6 +389,7 @@ async fn measure(
         for worker in workers.iter().filter(|w| w.worker == Worker::Writer) {
             written += scrape(&http, worker, "write").await.unwrap_or(0.0);
         }
+        written_before.get_or_insert(if args.write_stage { written } else { 0.0 });
         fetched_curve.push((now, fetched));
         written_curve.push((now, written));
         samples.take_all();
@@ -404,15 +426,25 @@ async fn measure(
     if !exact {
         bail!("the target does not equal the truth after the run");
     }
+    // The raw methods get as many connections as the writers could hold.
+    let pool_size = std::env::var("CONVEYOR_PG_POOL_SIZE")
+        .ok()
+        .and_then(|size| size.parse().ok())
+        .unwrap_or(conveyor_postgres::DEFAULT_POOL_SIZE);
     let raw_target = match args.target {
-        TargetKind::Postgres => {
-            Some(crate::raw_target::measure(scenario, writers, args.raw_batch_records).await?)
-        }
+        TargetKind::Postgres => Some(
+            crate::raw_target::measure(scenario, writers * pool_size, args.raw_batch_records)
+                .await?,
+        ),
         _ => None,
     };
-    let records_per_sec = expected as f64 / seconds;
+    let records_per_sec = (expected as f64 - written_before.unwrap_or(0.0)) / seconds;
     let million = expected as f64 / 1e6;
-    let (p50, p99) = latencies(&fetched_curve, &written_curve, expected);
+    let (p50, p99) = if args.write_stage {
+        (f64::NAN, f64::NAN)
+    } else {
+        latencies(&fetched_curve, &written_curve, expected)
+    };
     let first_fetch_seconds = fetched_curve
         .iter()
         .find(|(_, fetched)| *fetched > 0.0)
@@ -421,6 +453,7 @@ async fn measure(
     Ok(RunReport {
         writers,
         ledger,
+        write_stage: args.write_stage,
         seconds,
         first_fetch_seconds,
         records_per_sec,
@@ -447,6 +480,24 @@ async fn measure(
         latency_p99_ms: p99 * 1000.0,
         exact,
     })
+}
+
+/// Waits until every worker serves its metrics (it is connected and set up).
+async fn wait_serving(http: &reqwest::Client, workers: &[WorkerProcess]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for worker in workers {
+        while scrape(http, worker, "write").await.is_none() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not start:\n{}",
+                    worker.worker.binary(),
+                    worker.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 /// The worker's `conveyor_records_out_total` for `stage`, or None while it does not answer.
