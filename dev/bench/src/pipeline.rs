@@ -12,6 +12,8 @@
 //! - **broker CPU s per million records**: utime + stime, during the run, of the RabbitMQ node (every
 //!   `beam.smp` process on this machine; none when the broker runs elsewhere): the durability the
 //!   pipeline pays for, on the same cores.
+//! - **database CPU s per million records**: the same for every `postgres` process (those that exit
+//!   during the run drop out): the target's writes, the ledger, the sync state and the call budget.
 //! - **peak RSS**: `VmHWM` of `/proc/<pid>/status`, the largest of a stage's processes.
 //! - **fetch → write latency**: from the cumulative counts of records fetched (the fetcher's metrics)
 //!   and written (the writers'), sampled every 25 ms: the k-th record written is taken to be the k-th
@@ -152,6 +154,9 @@ pub struct RunReport {
     pub cpu_secs_per_million: StageFigures,
     /// RabbitMQ's CPU during the run, when it runs on this machine.
     pub broker_cpu_secs_per_million: Option<f64>,
+    /// PostgreSQL's CPU during the run (its processes alive at the end), when it runs on this
+    /// machine: the target's and the ledger's work.
+    pub database_cpu_secs_per_million: Option<f64>,
     pub peak_rss_mib: StageFigures,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
@@ -369,6 +374,7 @@ async fn measure(
     let started = Instant::now();
     let own_cpu_before = cpu_seconds(std::process::id() as i32).unwrap_or(0.0);
     let broker_cpu_before = local_broker_cpu_seconds();
+    let database_cpu_before = local_cpu_seconds("postgres");
     let mut fetcher = match fetcher {
         Some(filler) => filler,
         None => scenario.spawn_with_env(Worker::Fetcher, &["--once"], env)?,
@@ -405,6 +411,9 @@ async fn measure(
     let own_cpu = cpu_seconds(std::process::id() as i32).unwrap_or(0.0) - own_cpu_before;
     let broker_cpu = local_broker_cpu_seconds()
         .zip(broker_cpu_before)
+        .map(|(after, before)| after - before);
+    let database_cpu = local_cpu_seconds("postgres")
+        .zip(database_cpu_before)
         .map(|(after, before)| after - before);
     let fetch_status = fetcher.wait(Duration::from_secs(60)).await?;
     conveyor_harness::stop_all(&mut workers).await?;
@@ -470,6 +479,7 @@ async fn measure(
             writer: samples.cpu(Worker::Writer) / million,
         },
         broker_cpu_secs_per_million: broker_cpu.map(|cpu| cpu / million),
+        database_cpu_secs_per_million: database_cpu.map(|cpu| cpu / million),
         peak_rss_mib: StageFigures {
             simulator: peak_rss_mib(std::process::id() as i32).unwrap_or(0.0),
             fetcher: samples.rss(Worker::Fetcher),
@@ -572,13 +582,18 @@ impl Samples {
 
 /// CPU seconds of the RabbitMQ node(s) on this machine (`beam.smp` processes), if there are any.
 fn local_broker_cpu_seconds() -> Option<f64> {
+    local_cpu_seconds("beam.smp")
+}
+
+/// utime + stime of every process of this machine named `name` (`comm`), if any runs here.
+fn local_cpu_seconds(name: &str) -> Option<f64> {
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             continue;
         };
         let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() == "beam.smp"
+        if comm.trim_end() == name
             && let Some(cpu) = cpu_seconds(pid)
         {
             *total.get_or_insert(0.0) += cpu;
