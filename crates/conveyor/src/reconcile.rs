@@ -18,8 +18,8 @@ use conveyor_writer::target::http::HttpArgs;
 
 #[derive(Debug, clap::Args)]
 pub struct ReconcileArgs {
-    /// The pipeline file.
-    file: PathBuf,
+    /// The pipeline: its file, or its name among CONVEYOR_PIPELINE's files (the workers' setting).
+    pipeline: String,
     /// Compare the records modified at or after this time (RFC 3339).
     #[arg(long)]
     since: DateTime<Utc>,
@@ -47,8 +47,8 @@ pub struct ReconcileArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ResyncArgs {
-    /// The pipeline file.
-    file: PathBuf,
+    /// The pipeline: its file, or its name among CONVEYOR_PIPELINE's files (the workers' setting).
+    pipeline: String,
     /// A modify-time window to page again, START/END (RFC 3339); repeat for each.
     #[arg(long = "window", required = true, value_parser = parse_window)]
     windows: Vec<Window>,
@@ -60,7 +60,7 @@ pub struct ResyncArgs {
 }
 
 pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
-    let pipeline = Pipeline::load(&args.file)?;
+    let pipeline = load_pipeline(&args.pipeline)?;
     let database = Database::connect(&args.postgres)?;
     let request = Request {
         since: args.since,
@@ -80,7 +80,7 @@ pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render(&report, &args.file));
+        print!("{}", render(&report, &args.pipeline));
     }
     if !report.is_clean() {
         bail!(
@@ -100,7 +100,7 @@ pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
 }
 
 pub async fn resync(args: ResyncArgs) -> anyhow::Result<()> {
-    let pipeline = Pipeline::load(&args.file)?;
+    let pipeline = load_pipeline(&args.pipeline)?;
     conveyor_fetcher::resync(&args.broker, &args.postgres, pipeline.name(), &args.windows).await?;
     for window in &args.windows {
         println!(
@@ -127,6 +127,29 @@ impl WithSource for Compare<'_> {
     }
 }
 
+/// The pipeline `given` names: its file, or the one of CONVEYOR_PIPELINE's files with that name.
+fn load_pipeline(given: &str) -> anyhow::Result<Pipeline> {
+    if given.ends_with(".toml") || Path::new(given).is_file() {
+        return Ok(Pipeline::load(given)?);
+    }
+    let listed = std::env::var("CONVEYOR_PIPELINE").unwrap_or_default();
+    let paths: Vec<PathBuf> = listed
+        .split(',')
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    for file in conveyor_runtime::settings::pipeline_files(&paths)? {
+        let pipeline = Pipeline::load(&file)?;
+        if pipeline.name() == given {
+            return Ok(pipeline);
+        }
+    }
+    bail!(
+        "no pipeline {given:?} among CONVEYOR_PIPELINE ({listed:?}): give its file, or set \
+         CONVEYOR_PIPELINE to the files the workers run"
+    )
+}
+
 fn parse_window(text: &str) -> Result<Window, String> {
     let (start, end) = text
         .split_once('/')
@@ -147,7 +170,7 @@ fn parse_window(text: &str) -> Result<Window, String> {
 }
 
 /// The human-readable report.
-fn render(report: &Report, file: &Path) -> String {
+fn render(report: &Report, pipeline: &str) -> String {
     let mut out = format!(
         "pipeline {}: {} – {}, {} window(s), {} call(s) to the source\n",
         report.pipeline,
@@ -259,7 +282,7 @@ fn render(report: &Report, file: &Path) -> String {
         out += &format!(
             "to page those windows again (missing and older rows; running fetchers take them):\n  \
              conveyorctl resync {} {}\n",
-            file.display(),
+            pipeline,
             windows.join(" ")
         );
     }

@@ -49,33 +49,39 @@ pub struct WorkerArgs {
 impl WorkerArgs {
     /// The pipeline files, directories expanded; a directory without any is an error.
     pub fn pipeline_files(&self) -> Result<Vec<PathBuf>, SettingsError> {
-        let mut files = Vec::new();
-        for given in &self.pipelines {
-            if !given.is_dir() {
-                files.push(given.clone());
-                continue;
-            }
-            let problem = |what: String| {
-                SettingsError::new("CONVEYOR_PIPELINE", format!("{}: {what}", given.display()))
-            };
-            let mut found: Vec<PathBuf> = std::fs::read_dir(given)
-                .map_err(|err| problem(format!("cannot list it: {err}")))?
-                .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-                .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
-                .collect();
-            if found.is_empty() {
-                return Err(problem(
-                    "a directory without pipeline files (*.toml)".into(),
-                ));
-            }
-            found.sort();
-            files.extend(found);
-        }
-        Ok(files)
+        pipeline_files(&self.pipelines)
     }
 
     pub(crate) fn http_addr_or(&self, default_port: u16) -> SocketAddr {
         self.http_addr
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
     }
+}
+
+/// Pipeline files and directories (every `*.toml` in them, in name order) as CONVEYOR_PIPELINE gives
+/// them, expanded; a directory without any is an error.
+pub fn pipeline_files(given_list: &[PathBuf]) -> Result<Vec<PathBuf>, SettingsError> {
+    let mut files = Vec::new();
+    for given in given_list {
+        if !given.is_dir() {
+            files.push(given.clone());
+            continue;
+        }
+        let problem = |what: String| {
+            SettingsError::new("CONVEYOR_PIPELINE", format!("{}: {what}", given.display()))
+        };
+        let mut found: Vec<PathBuf> = std::fs::read_dir(given)
+            .map_err(|err| problem(format!("cannot list it: {err}")))?
+            .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+            .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+            .collect();
+        if found.is_empty() {
+            return Err(problem(
+                "a directory without pipeline files (*.toml)".into(),
+            ));
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
 }
