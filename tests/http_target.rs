@@ -620,21 +620,8 @@ async fn one_process_hosts_two_pipelines_and_a_target_down_holds_back_only_its_o
 /// `conveyorctl reconcile` of the lines pipeline (its HTTP target read through the id check
 /// `exists`), with the scenario's and the target's settings; `--json` unless `human`.
 fn reconcile(run: &Run, human: bool) -> std::process::Output {
-    let file = run.scenario.pipeline.file.display().to_string();
-    let mut args = vec![
-        "reconcile",
-        file.as_str(),
-        "--since",
-        "2024-12-31T00:00:00Z",
-        "--window-secs",
-        "2592000",
-    ];
-    if !human {
-        args.push("--json");
-    }
-    std::process::Command::new(bin_dir().join("conveyorctl"))
-        .args(&args)
-        .envs(run.scenario.environment())
+    let extra: &[&str] = if human { &[] } else { &["--json"] };
+    common::reconcile_command(&run.scenario, extra)
         .env("CONVEYOR_HTTP_TARGET_URL", &run.url)
         .env("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e")
         .env("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET)

@@ -9,21 +9,8 @@ mod common;
 use common::*;
 use conveyor_harness::{Scenario, Worker};
 
-/// `conveyorctl reconcile` of the scenario's pipeline from the start of the simulator's data to now,
-/// with the source's settings.
 fn reconcile(scenario: &Scenario, extra: &[&str]) -> std::process::Output {
-    let file = scenario.pipeline.file.display().to_string();
-    let mut args = vec![
-        "reconcile",
-        file.as_str(),
-        "--since",
-        "2024-12-31T00:00:00Z",
-        "--window-secs",
-        "2592000",
-    ];
-    args.extend(extra);
-    ctl_command(scenario, &args)
-        .envs(scenario.environment())
+    reconcile_command(scenario, extra)
         .output()
         .expect("conveyorctl runs")
 }

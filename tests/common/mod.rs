@@ -88,6 +88,25 @@ pub fn ctl_command(scenario: &Scenario, args: &[&str]) -> std::process::Command 
     command
 }
 
+/// `conveyorctl reconcile` of the scenario's pipeline over all of the simulator's data (from before its
+/// first order to now, in 30-day windows), with every setting of the scenario's workers.
+pub fn reconcile_command(scenario: &Scenario, extra: &[&str]) -> std::process::Command {
+    let file = scenario.pipeline.file.display().to_string();
+    let mut command = ctl_command(
+        scenario,
+        &[
+            "reconcile",
+            &file,
+            "--since",
+            "2024-12-31T00:00:00Z",
+            "--window-secs",
+            "2592000",
+        ],
+    );
+    command.args(extra).envs(scenario.environment());
+    command
+}
+
 /// Runs `conveyorctl` against the scenario's broker and namespace.
 pub fn ctl(scenario: &Scenario, args: &[&str]) -> std::process::Output {
     ctl_command(scenario, args)

@@ -368,16 +368,8 @@ impl SyncStore {
             .map_err(sql("starting a split"))?;
         self.remove_window(&transaction, window, "removing a split window")
             .await?;
-        for half in &halves {
-            transaction
-                .execute(
-                    "INSERT INTO conveyor_sync_windows (pipeline, window_start, window_end, published_at) \
-                     VALUES ($1, $2, $3, now()) ON CONFLICT DO NOTHING",
-                    &[&self.pipeline, &half.start, &half.end],
-                )
-                .await
-                .map_err(sql("recording a half window"))?;
-        }
+        self.record_pending(&transaction, &halves, "recording a half window")
+            .await?;
         publish(halves).await?;
         transaction
             .commit()
@@ -408,7 +400,24 @@ impl SyncStore {
                 end: window.end.trunc_subsecs(3),
             })
             .collect();
-        for window in &windows {
+        self.record_pending(&transaction, &windows, "recording a window to re-sync")
+            .await?;
+        publish(windows).await?;
+        transaction
+            .commit()
+            .await
+            .map_err(sql("committing a re-sync"))?;
+        Ok(())
+    }
+
+    /// Records `windows` as handed out now (those already pending stay as they are).
+    async fn record_pending(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        windows: &[Window],
+        action: &'static str,
+    ) -> Result<(), DatabaseError> {
+        for window in windows {
             transaction
                 .execute(
                     "INSERT INTO conveyor_sync_windows (pipeline, window_start, window_end, published_at) \
@@ -416,13 +425,8 @@ impl SyncStore {
                     &[&self.pipeline, &window.start, &window.end],
                 )
                 .await
-                .map_err(sql("recording a window to re-sync"))?;
+                .map_err(sql(action))?;
         }
-        publish(windows).await?;
-        transaction
-            .commit()
-            .await
-            .map_err(sql("committing a re-sync"))?;
         Ok(())
     }
 
