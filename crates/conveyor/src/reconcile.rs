@@ -69,6 +69,8 @@ pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
         window: Duration::from_secs(args.window_secs),
         max_calls: args.max_calls,
     };
+    // The call budget's and the login's tables, there even before any fetcher ran.
+    conveyor_fetcher::state::SyncStore::open(database.clone(), pipeline.name()).await?;
     let work = Compare {
         target: TargetReader::open(&pipeline, database.clone(), &args.http).await?,
         pipeline: &pipeline,

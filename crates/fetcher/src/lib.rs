@@ -6,7 +6,8 @@
 //! - [`state`]: the shared, durable sync state in PostgreSQL.
 //! - [`budget`]: the call budget shared by every fetcher of an account set, adapting to throttling.
 //! - [`session`]: the source's login, shared by every fetcher of an account set.
-//! - [`run`]: the process — its pipelines, and the one match that picks each one's source by kind.
+//! - [`run`]: the process and its pipelines; [`with_source`]: the one match that builds a pipeline's
+//!   source by kind (for the sync and for `conveyorctl reconcile`); [`resync`]: windows handed out again.
 
 pub mod budget;
 mod engine;
@@ -153,7 +154,8 @@ pub trait WithSource {
 }
 
 /// Builds the source `pipeline`'s file names (the one match on its kind), with the call budget and
-/// the login shared by every process calling its account; checks it, so that a wrong address or
+/// the login shared by every process calling its account (their tables are the sync state's: open a
+/// [`SyncStore`] first); checks it, so that a wrong address or
 /// credential fails here with its name; then hands it to `work`.
 pub async fn with_source<W: WithSource>(
     pipeline: &conveyor_pipeline::Pipeline,
