@@ -39,7 +39,17 @@ fn ids(report: &serde_json::Value, field: &str) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
-    let scenario = scenario("reconcile", orders(300)).await;
+    // Windows of at most 250 rows: the sync and the reconcile both cut the 300 orders' window in two.
+    let scenario = Scenario::start(
+        services().await,
+        &sales_orders_pipeline(),
+        &bin_dir(),
+        "reconcile",
+        orders(300),
+        &[("max_window_rows", toml::Value::Integer(250))],
+    )
+    .await
+    .expect("scenario starts");
     let mut workers = vec![
         spawn_ready(&scenario, Worker::Transformer).await,
         spawn_ready(&scenario, Worker::Writer).await,
@@ -60,13 +70,41 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
         .await
         .unwrap();
     let table = scenario.table().unwrap();
-    let truth: Vec<String> = scenario
-        .expected_records()
-        .into_iter()
-        .map(|r| r.id)
+    // Deleted from a window of more than one page, so that a reconcile with too few calls cannot
+    // compare it by ids.
+    let clean = report_of(&reconcile(&scenario, &["--json"]));
+    let paged = clean["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["source_rows"].as_u64().unwrap() > 100)
+        .unwrap_or_else(|| panic!("no window of several pages: {clean:#}"));
+    let at = |field: &str| -> chrono::DateTime<chrono::Utc> {
+        paged[field].as_str().unwrap().parse().unwrap()
+    };
+    let (start, end) = (at("start"), at("end"));
+    let deleted: Vec<String> = client
+        .query(
+            &format!(
+                "SELECT id FROM {table} WHERE modify_time BETWEEN $1 AND $2 ORDER BY id LIMIT 3"
+            ),
+            &[&start, &end],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
         .collect();
-    let deleted = &truth[10..13];
-    let set_back = &truth[200..202];
+    let set_back: Vec<String> = client
+        .query(
+            &format!("SELECT id FROM {table} WHERE id <> ALL($1) ORDER BY id DESC LIMIT 2"),
+            &[&deleted],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
     client
         .execute(
             &format!("DELETE FROM {table} WHERE id = ANY($1)"),
@@ -107,7 +145,7 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
         "{report:#}"
     );
     assert!(ids(&report, "extra").is_empty(), "{report:#}");
-    for id in deleted.iter().chain(set_back) {
+    for id in deleted.iter().chain(&set_back) {
         let all: BTreeSet<String> = ids(&report, "missing")
             .union(&ids(&report, "older"))
             .cloned()
@@ -115,6 +153,13 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
         assert!(all.contains(id), "{id} not named: {report:#}");
     }
 
+    let windows = report["windows"].as_array().unwrap();
+    assert!(
+        windows
+            .iter()
+            .all(|w| w["source_rows"].as_u64().unwrap() <= 250),
+        "windows of more rows than the sync pages at once are cut: {report:#}"
+    );
     step("with too few calls for ids everywhere, the windows whose counts differ are named");
     let windows = report["windows"].as_array().unwrap().len().to_string();
     let frugal = report_of(&reconcile(&scenario, &["--json", "--max-calls", &windows]));

@@ -171,6 +171,9 @@ fn parse_window(text: &str) -> Result<Window, String> {
     Ok(window)
 }
 
+/// Ids listed of each kind in the human-readable report.
+const LISTED: usize = 50;
+
 /// The human-readable report.
 fn render(report: &Report, pipeline: &str) -> String {
     let mut out = format!(
@@ -211,7 +214,15 @@ fn render(report: &Report, pipeline: &str) -> String {
     if empty > 0 {
         out += &format!("  and {empty} window(s) empty in both\n");
     }
-    let list = |ids: &mut dyn Iterator<Item = String>| ids.collect::<Vec<_>>().join(", ");
+    // A screenful at most: --json lists them all.
+    let list = |ids: &mut dyn ExactSizeIterator<Item = String>| {
+        let more = ids.len().saturating_sub(LISTED);
+        let mut text = ids.take(LISTED).collect::<Vec<_>>().join(", ");
+        if more > 0 {
+            text += &format!(" … and {more} more (--json lists every one)");
+        }
+        text
+    };
     if !report.missing.is_empty() {
         out += &format!(
             "missing ({}): {}\n",

@@ -18,11 +18,11 @@
 //!
 //! Calls go through the source as the fetchers build it, within the call budget they share.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use chrono::{DateTime, FixedOffset, Utc};
+use chrono::{DateTime, FixedOffset, SubsecRound as _, Utc};
 use conveyor_base::source::{Page, Source, Window};
 use conveyor_fetcher::rows::to_records;
 use conveyor_fetcher::settings::SyncSettings;
@@ -248,6 +248,23 @@ impl TargetReader {
     }
 }
 
+/// `window` in two halves that do not overlap, cut at a whole millisecond; None when it is too narrow.
+fn split(window: &Window) -> Option<[Window; 2]> {
+    let middle = (window.start + (window.end - window.start) / 2).trunc_subsecs(3);
+    (middle > window.start).then(|| {
+        [
+            Window {
+                start: window.start,
+                end: middle - chrono::Duration::milliseconds(1),
+            },
+            Window {
+                start: middle,
+                end: window.end,
+            },
+        ]
+    })
+}
+
 /// The target table, read by version and by id.
 pub struct TargetTable {
     database: Database,
@@ -369,21 +386,33 @@ pub async fn reconcile<S: Source>(
     let settings = SyncSettings::of(&pipeline.spec.source);
     let page_size = source.page_size().max(1);
     let mut calls = 0;
-    let windows = windows(request.since, request.until, request.window);
-    let mut first_pages = Vec::with_capacity(windows.len());
-    let mut reports = Vec::with_capacity(windows.len());
-    for window in &windows {
-        let page = page(source, window, 1, page_size, &mut calls).await?;
+    // A window of more rows than the sync pages at once is cut in two, so that comparing it by ids
+    // holds no more rows in memory than a fetcher does.
+    let mut pending: VecDeque<Window> =
+        windows(request.since, request.until, request.window).into();
+    let mut windows = Vec::with_capacity(pending.len());
+    let mut first_pages = Vec::with_capacity(pending.len());
+    let mut reports = Vec::with_capacity(pending.len());
+    while let Some(window) = pending.pop_front() {
+        let page = page(source, &window, 1, page_size, &mut calls).await?;
+        if page.count > settings.max_window_rows
+            && let Some([first, second]) = split(&window)
+        {
+            pending.push_front(second);
+            pending.push_front(first);
+            continue;
+        }
         reports.push(WindowReport {
             start: window.start,
             end: window.end,
             source_rows: page.count,
-            target_rows: target.count(window).await?,
+            target_rows: target.count(&window).await?,
             compared: Compared::Counts,
             missing: 0,
             older: 0,
         });
         first_pages.push(page);
+        windows.push(window);
     }
     // Ids everywhere if they fit; else the windows whose counts differ, in order, while they fit.
     let more_calls =
@@ -575,6 +604,23 @@ mod tests {
             ]
             .map(|(a, b)| (a.to_owned(), b.to_owned()))
         );
+    }
+
+    #[test]
+    fn a_split_window_keeps_every_millisecond_once() {
+        let window = Window {
+            start: at("2026-01-01T00:00:00Z"),
+            end: at("2026-01-01T23:59:59.999Z"),
+        };
+        let [first, second] = split(&window).unwrap();
+        assert_eq!(first.start, window.start);
+        assert_eq!(first.end + chrono::Duration::milliseconds(1), second.start);
+        assert_eq!(second.end, window.end);
+        let narrow = Window {
+            start: window.start,
+            end: window.start,
+        };
+        assert!(split(&narrow).is_none());
     }
 
     #[test]
