@@ -193,6 +193,31 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
     let text = succeeded("reconcile after the re-sync", mended);
     assert!(text.contains("ok:"), "{text}");
 
+    step("wrong requests are refused with their reason");
+    let backwards = reconcile(&scenario, &["--until", "2024-01-01T00:00:00Z"]);
+    let stderr = String::from_utf8_lossy(&backwards.stderr);
+    assert!(
+        !backwards.status.success() && stderr.contains("is before --since"),
+        "{stderr}"
+    );
+    let unknown = ctl_command(
+        &scenario,
+        &[
+            "reconcile",
+            "no_such_pipeline",
+            "--since",
+            "2025-01-01T00:00:00Z",
+        ],
+    )
+    .envs(scenario.environment())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        !unknown.status.success() && stderr.contains("no pipeline \"no_such_pipeline\""),
+        "{stderr}"
+    );
+
     stop_all(&mut workers).await;
     scenario.clean_up(false).await.unwrap();
 }
