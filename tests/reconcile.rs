@@ -161,8 +161,11 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
         "windows of more rows than the sync pages at once are cut: {report:#}"
     );
     step("with too few calls for ids everywhere, the windows whose counts differ are named");
-    let windows = report["windows"].as_array().unwrap().len().to_string();
-    let frugal = report_of(&reconcile(&scenario, &["--json", "--max-calls", &windows]));
+    let counts_only = report["calls_for_counts"].as_u64().unwrap().to_string();
+    let frugal = report_of(&reconcile(
+        &scenario,
+        &["--json", "--max-calls", &counts_only],
+    ));
     let compared: Vec<&str> = frugal["windows"]
         .as_array()
         .unwrap()
@@ -198,6 +201,28 @@ async fn reconcile_names_what_the_target_lacks_and_its_resync_mends_it() {
     let stderr = String::from_utf8_lossy(&backwards.stderr);
     assert!(
         !backwards.status.success() && stderr.contains("is before --since"),
+        "{stderr}"
+    );
+    let file = scenario.pipeline.file.display().to_string();
+    let costly = ctl_command(
+        &scenario,
+        &[
+            "reconcile",
+            &file,
+            "--since",
+            "2025-01-01T00:00:00Z",
+            "--window-secs",
+            "3600",
+            "--max-calls",
+            "100",
+        ],
+    )
+    .envs(scenario.environment())
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&costly.stderr);
+    assert!(
+        !costly.status.success() && stderr.contains("--max-calls 100"),
         "{stderr}"
     );
     let unknown = ctl_command(

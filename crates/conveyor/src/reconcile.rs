@@ -29,8 +29,8 @@ pub struct ReconcileArgs {
     /// Width of one window of the comparison, seconds: each costs one call for its count.
     #[arg(long, default_value_t = 86_400)]
     window_secs: u64,
-    /// Calls to the source at most. Ids are compared in every window when they fit, else only in
-    /// windows whose counts differ.
+    /// Calls to the source at most. The windows' counts must fit; ids are compared in every window
+    /// when they fit too, else only in windows whose counts differ.
     #[arg(long, default_value_t = 1_000)]
     max_calls: u64,
     #[arg(long)]

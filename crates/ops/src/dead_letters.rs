@@ -69,12 +69,17 @@ impl Taken {
             .sum()
     }
 
-    /// Hands every letter still held back to its queue, in order, and disconnects.
-    async fn release(self) {
+    /// Hands every letter still held back to its queue, in order, makes sure that those removed are
+    /// gone, and disconnects.
+    async fn release(self) -> anyhow::Result<()> {
+        let mut checked = Ok(());
         for (_, held, _) in self.queues {
-            held.release().await;
+            if let Err(err) = held.release_removed(&self.connection).await {
+                checked = Err(err);
+            }
         }
         conveyor_amqp::close(&self.connection).await;
+        Ok(checked?)
     }
 }
 
@@ -103,7 +108,7 @@ pub async fn show(broker: &BrokerArgs, selection: &Selection) -> anyhow::Result<
         .iter()
         .flat_map(|(_, held, matching)| matching.iter().map(|&i| held.letters[i].clone()))
         .collect();
-    taken.release().await;
+    taken.release().await?;
     Ok(shown)
 }
 
@@ -179,7 +184,7 @@ pub async fn replay(
             }
         }
     }
-    taken.release().await;
+    taken.release().await?;
     Ok(replayed)
 }
 
@@ -195,7 +200,7 @@ pub async fn purge(
     let taken = Taken::take(broker, selection).await?;
     let total = taken.matching();
     if total > 0 && !confirm(total)? {
-        taken.release().await;
+        taken.release().await?;
         return Ok(None);
     }
     let pipeline = taken.topology.pipeline().to_owned();
@@ -211,7 +216,7 @@ pub async fn purge(
             held.remove(&held.letters[index]).await?;
         }
     }
-    taken.release().await;
+    taken.release().await?;
     Ok(Some(total))
 }
 
@@ -235,6 +240,6 @@ pub async fn export(
         out.flush()?;
         anyhow::Ok(())
     })();
-    taken.release().await;
+    taken.release().await?;
     result.map(|()| written)
 }

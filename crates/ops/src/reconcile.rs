@@ -45,7 +45,8 @@ pub struct Request {
     pub until: DateTime<Utc>,
     /// Width of one window of the comparison.
     pub window: Duration,
-    /// Calls to the source at most; beyond the counts, ids are fetched only within it.
+    /// Calls to the source at most: the counts must fit in it (else the comparison is refused before
+    /// it starts), and ids are fetched only within what is left.
     pub max_calls: u64,
 }
 
@@ -95,6 +96,9 @@ pub struct Report {
     pub until: DateTime<Utc>,
     /// Calls made to the source.
     pub calls: u64,
+    /// Of them, the calls that counted the windows (a window's first page; more where windows were
+    /// cut for their size).
+    pub calls_for_counts: u64,
     pub windows: Vec<WindowReport>,
     pub missing: Vec<String>,
     pub older: Vec<Older>,
@@ -394,6 +398,14 @@ pub async fn reconcile<S: Source>(
     let mut first_pages = Vec::with_capacity(pending.len());
     let mut reports = Vec::with_capacity(pending.len());
     while let Some(window) = pending.pop_front() {
+        if calls + 1 + pending.len() as u64 > request.max_calls {
+            bail!(
+                "counting {} window(s) takes more than --max-calls {} calls: widen --window-secs \
+                 or raise --max-calls",
+                windows.len() + 1 + pending.len(),
+                request.max_calls
+            );
+        }
         let page = page(source, &window, 1, page_size, &mut calls).await?;
         if page.count > settings.max_window_rows
             && let Some([first, second]) = split(&window)
@@ -436,6 +448,7 @@ pub async fn reconcile<S: Source>(
         since: request.since,
         until: request.until,
         calls: 0,
+        calls_for_counts: calls,
         windows: Vec::new(),
         missing: Vec::new(),
         older: Vec::new(),
@@ -644,6 +657,7 @@ mod tests {
             since: cut[0].start,
             until: cut[3].end,
             calls: 0,
+            calls_for_counts: 0,
             windows: vec![
                 window(&cut[0], 1, Compared::Ids),
                 window(&cut[1], 0, Compared::NotCompared),

@@ -14,6 +14,7 @@
 //! `x-death` header, with the class `broker` and the broker's reason.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset, Utc};
@@ -325,11 +326,22 @@ pub fn queues(topology: &Topology) -> Vec<(Stage, String)> {
         .collect()
 }
 
+/// Rounds of [`Held::release_removed`] at most.
+const REMOVAL_ROUNDS: usize = 3;
+
+/// How long [`Held::release_removed`] waits after a channel's close for its letters to be back.
+const HANDED_BACK_WITHIN: Duration = Duration::from_millis(200);
+
 /// Every message of one dead-letter queue, held unacknowledged on a channel of its own until
 /// [`Held::release`] (or until the channel closes) hands back whatever was not removed.
 pub struct Held {
     channel: Channel,
+    queue: String,
+    /// The most letters taken at once (memory).
+    max: usize,
     pub letters: Vec<DeadLetter>,
+    /// The message ids of the letters removed, to make sure they are gone ([`Held::release_removed`]).
+    removed: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Held {
@@ -358,7 +370,13 @@ impl Held {
                 delivery.delivery_tag,
             ));
         }
-        Ok(Self { channel, letters })
+        Ok(Self {
+            channel,
+            queue: queue.to_owned(),
+            max,
+            letters,
+            removed: std::sync::Mutex::default(),
+        })
     }
 
     /// Removes a letter from its queue for good.
@@ -366,7 +384,12 @@ impl Held {
         self.channel
             .basic_ack(letter.delivery_tag, BasicAckOptions::default())
             .await
-            .map_err(amqp(format!("removing a message from {}", letter.queue)))
+            .map_err(amqp(format!("removing a message from {}", letter.queue)))?;
+        self.removed
+            .lock()
+            .expect("no panics while locked")
+            .insert(letter.message_id.clone());
+        Ok(())
     }
 
     /// Publishes a copy of `letter` back where it failed, through the normal path (the original
@@ -387,6 +410,50 @@ impl Held {
                 letter.replay_properties(),
             )
             .await
+    }
+
+    /// Like [`Held::release`], then makes sure that the letters removed are gone. A quorum queue may
+    /// drop acks that reach it just before their channel closes, and hand those letters back
+    /// (rabbitmq-server#10327): the queue is read again, and letters removed that came back are
+    /// removed again, a few rounds at most.
+    pub async fn release_removed(self, connection: &Connection) -> Result<(), BrokerError> {
+        let mut removed =
+            std::mem::take(&mut *self.removed.lock().expect("no panics while locked"));
+        let (queue, max) = (self.queue.clone(), self.max);
+        self.release().await;
+        for _ in 0..REMOVAL_ROUNDS {
+            if removed.is_empty() {
+                return Ok(());
+            }
+            // The queue hands back what a closed channel held a moment after the close.
+            tokio::time::sleep(HANDED_BACK_WITHIN).await;
+            let again = Held::take(connection, &queue, max).await?;
+            let back: Vec<&DeadLetter> = again
+                .letters
+                .iter()
+                .filter(|letter| removed.contains(&letter.message_id))
+                .collect();
+            if !back.is_empty() {
+                tracing::info!(
+                    queue,
+                    letters = back.len(),
+                    "letters removed came back (the broker dropped their acks at the channel's close); removing them again"
+                );
+            }
+            for letter in back {
+                again.remove(letter).await?;
+            }
+            removed = std::mem::take(&mut *again.removed.lock().expect("no panics while locked"));
+            again.release().await;
+        }
+        if !removed.is_empty() {
+            tracing::warn!(
+                queue,
+                letters = removed.len(),
+                "letters removed keep coming back; list the queue again"
+            );
+        }
+        Ok(())
     }
 
     /// Hands every letter not removed back to its queue (in order) and closes the channel.
