@@ -37,6 +37,9 @@ async fn two_writers_land_exactly_the_source() {
     );
 
     stop_all(&mut workers).await;
+    // ERROR means a human should look: a clean run and a clean stop log none.
+    let errors = scenario.logged_errors();
+    assert!(errors.is_empty(), "{errors:#?}");
     scenario.clean_up(false).await.unwrap();
 }
 

@@ -12,8 +12,16 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. Call once, at the start of a binary.
+///
+/// The broker client's own lines are off unless `filter` names `lapin`: it logs a clean close as an
+/// ERROR, and every broker failure reaches the worker's code, which reports it with its context.
 pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(filter)
+    let filter = if filter.contains("lapin") {
+        filter.to_owned()
+    } else {
+        format!("{filter},lapin=off")
+    };
+    let filter = EnvFilter::try_new(&filter)
         .map_err(|err| anyhow::anyhow!("setting CONVEYOR_LOG: invalid filter {filter:?}: {err}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

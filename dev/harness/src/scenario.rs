@@ -272,6 +272,24 @@ impl Scenario {
         Ok(())
     }
 
+    /// The log lines at ERROR of every process this scenario started (workers and fetcher runs).
+    pub fn logged_errors(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.log_dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "log"))
+            .filter_map(|entry| std::fs::read_to_string(entry.path()).ok())
+            .flat_map(|log| {
+                log.lines()
+                    .filter(|line| line.contains(" ERROR ") || line.contains("\"level\":\"ERROR\""))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// The PostgreSQL table of the pipeline's target.
     pub fn table(&self) -> anyhow::Result<String> {
         match &self.pipeline.spec.target {
