@@ -33,7 +33,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
-use crate::{Failure, Secret};
+use crate::{ErrorClass, Failure, Secret};
 
 /// Records modified from `start` to `end`, both inclusive (reading both ends costs at most a repeated
 /// row, which idempotent writes absorb).
@@ -92,6 +92,34 @@ pub trait Source: Send + Sync + 'static {
         window: &Window,
         number: u64,
     ) -> impl Future<Output = Result<Page, Failure>> + Send;
+}
+
+/// Times a page that disagrees with its own count is asked for again before that is a transient
+/// failure.
+pub const PAGE_ATTEMPTS: u32 = 3;
+
+/// Page `number` of `window`, asked for again while it disagrees with its own count ([`Page::check`]):
+/// it is never taken as it is. `calls` counts every call made.
+pub async fn consistent_page<S: Source>(
+    source: &S,
+    window: &Window,
+    number: u64,
+    calls: &mut u64,
+) -> Result<Page, Failure> {
+    let page_size = source.page_size();
+    let mut attempt = 0;
+    loop {
+        *calls += 1;
+        let page = source.page(window, number).await?;
+        match page.check(number, page_size) {
+            Ok(()) => return Ok(page),
+            Err(problem) if attempt < PAGE_ATTEMPTS => {
+                tracing::warn!(problem, "page inconsistent with its count; asking again");
+                attempt += 1;
+            }
+            Err(problem) => return Err(Failure::new(ErrorClass::Transient, problem)),
+        }
+    }
 }
 
 /// A call budget shared by every process that calls one source account.

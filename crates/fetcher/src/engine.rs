@@ -31,7 +31,7 @@ use conveyor_amqp::envelope::{Envelope, Meta};
 use conveyor_amqp::{PendingConfirm, Publisher, Topology};
 use conveyor_base::ledger::{Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
-use conveyor_base::source::{Page, Source, Window};
+use conveyor_base::source::{Page, Source, Window, consistent_page};
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
@@ -43,8 +43,6 @@ use crate::settings::SyncSettings;
 use crate::state::SyncStore;
 use crate::window;
 
-/// Times an inconsistent page is asked for again before the window is retried later.
-const PAGE_ATTEMPTS: u32 = 3;
 /// Pages of one window fetched at once.
 const PAGES_IN_FLIGHT: usize = 4;
 /// Times a window is paged again because its rows moved, before the work item is retried later.
@@ -116,19 +114,7 @@ impl<S: Source> Engine<S> {
     /// Page `number` of `window`, asked for again while it disagrees with its own count: it is never
     /// taken as it is.
     async fn page(&self, window: &Window, number: u64) -> Result<Page, Failure> {
-        let page_size = self.source.page_size();
-        let mut attempt = 0;
-        let page = loop {
-            let page = self.source.page(window, number).await?;
-            match page.check(number, page_size) {
-                Ok(()) => break page,
-                Err(problem) if attempt < PAGE_ATTEMPTS => {
-                    tracing::warn!(problem, "page inconsistent with its count; asking again");
-                    attempt += 1;
-                }
-                Err(problem) => return Err(Failure::new(ErrorClass::Transient, problem)),
-            }
-        };
+        let page = consistent_page(&*self.source, window, number, &mut 0).await?;
         self.counters.pages.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .records_in

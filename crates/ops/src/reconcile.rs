@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, FixedOffset, SubsecRound as _, Utc};
-use conveyor_base::source::{Page, Source, Window};
+use conveyor_base::source::{Page, Source, Window, consistent_page};
 use conveyor_fetcher::rows::to_records;
 use conveyor_fetcher::settings::SyncSettings;
 use conveyor_pipeline::Pipeline;
@@ -34,9 +34,8 @@ use conveyor_writer::target::http::{HttpArgs, HttpTarget};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-/// Times a page that disagrees with its own count, or a window whose count moves while it is paged,
-/// is asked for again.
-const ATTEMPTS: usize = 3;
+/// Times a window whose count moves while it is paged is paged again.
+const WINDOW_ATTEMPTS: usize = 3;
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -406,7 +405,7 @@ pub async fn reconcile<S: Source>(
                 request.max_calls
             );
         }
-        let page = page(source, &window, 1, page_size, &mut calls).await?;
+        let page = page(source, &window, 1, &mut calls).await?;
         if page.count > settings.max_window_rows
             && let Some([first, second]) = split(&window)
         {
@@ -463,20 +462,15 @@ pub async fn reconcile<S: Source>(
         if window_report.compared != Compared::Ids {
             continue;
         }
-        let rows = window_rows(source, window, first, page_size, &mut calls).await?;
+        let rows = window_rows(source, window, first, &mut calls).await?;
         window_report.source_rows = rows.len() as u64;
         let (records, unusable) = to_records(&settings, rows);
-        report
-            .refused
-            .extend(unusable.into_iter().map(|(record, failure)| Refused {
-                id: record.id,
-                reason: failure.message,
-            }));
         let mapped = conveyor_transformer::map_records(&pipeline.mapping, records);
         report.filtered += mapped.filtered;
+        let refused = unusable.into_iter().chain(mapped.failed);
         report
             .refused
-            .extend(mapped.failed.into_iter().map(|(record, failure)| Refused {
+            .extend(refused.map(|(record, failure)| Refused {
                 id: record.id,
                 reason: failure.message,
             }));
@@ -525,31 +519,23 @@ pub async fn reconcile<S: Source>(
     Ok(report)
 }
 
-/// Page `number` of `window`, asked for again while it disagrees with its own count.
+/// Page `number` of `window` as the fetchers take it (asked again while it disagrees with its count).
 async fn page<S: Source>(
     source: &S,
     window: &Window,
     number: u64,
-    page_size: u64,
     calls: &mut u64,
 ) -> anyhow::Result<Page> {
-    let mut problem = String::new();
-    for _ in 0..ATTEMPTS {
-        *calls += 1;
-        let page = source
-            .page(window, number)
-            .await
-            .map_err(|failure| anyhow::anyhow!("the source: {}", failure.message))?;
-        match page.check(number, page_size) {
-            Ok(()) => return Ok(page),
-            Err(found) => problem = found,
-        }
-    }
-    bail!(
-        "window {} – {}: the source's pages disagree with its counts: {problem}",
-        window.start,
-        window.end
-    )
+    consistent_page(source, window, number, calls)
+        .await
+        .map_err(|failure| {
+            anyhow::anyhow!(
+                "the source, window {} – {} page {number}: {}",
+                window.start,
+                window.end,
+                failure.message
+            )
+        })
 }
 
 /// Every row of `window` (its first page already in hand), paged again from the start while the
@@ -558,20 +544,19 @@ async fn window_rows<S: Source>(
     source: &S,
     window: &Window,
     first: Page,
-    page_size: u64,
     calls: &mut u64,
 ) -> anyhow::Result<Vec<Box<RawValue>>> {
     let mut first = Some(first);
-    for _ in 0..ATTEMPTS {
+    for _ in 0..WINDOW_ATTEMPTS {
         let first_page = match first.take() {
             Some(page) => page,
-            None => page(source, window, 1, page_size, calls).await?,
+            None => page(source, window, 1, calls).await?,
         };
         let (count, pages) = (first_page.count, first_page.total_pages);
         let mut rows = first_page.rows;
         let mut steady = true;
         for number in 2..=pages {
-            let next = page(source, window, number, page_size, calls).await?;
+            let next = page(source, window, number, calls).await?;
             if next.count != count {
                 steady = false;
                 break;
