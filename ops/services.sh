@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the services conveyor's tests and demo need are installed and running on this machine:
 # RabbitMQ on 127.0.0.1:5672 and PostgreSQL on 127.0.0.1:5432 with a database "test"; and that the
-# tools the tests call (promtool, docker-compose) are installed.
+# tools the tests call (promtool, docker-compose, chromium) are installed.
 # Installs them with apt-get when missing (needs root), starts them when down. Idempotent.
 # With --remove-test-queues it also deletes the queues that killed test runs left in the local
 # RabbitMQ (named like the harness's namespaces, `{prefix}_{10 hex digits}.…`, of a namespace none
@@ -108,8 +108,10 @@ if [ "$(id -u)" = 0 ] && command -v psql >/dev/null; then
     su postgres -c "createdb test"
   fi
 fi
-# Tools the tests and CI call: promtool (checks the dashboard's queries and the alert rules) and
-# docker-compose (validates docker-compose.yml; no Docker engine is needed for that).
+# Tools the tests and CI call: promtool (checks the dashboard's queries and the alert rules),
+# docker-compose (validates docker-compose.yml; no Docker engine is needed for that), and a headless
+# Chromium with its WebDriver (the console's browser tests).
 command -v promtool >/dev/null || apt_install prometheus
 command -v docker-compose >/dev/null || apt_install docker-compose
-log "RabbitMQ and PostgreSQL are up; promtool and docker-compose are installed"
+command -v chromedriver >/dev/null || apt_install chromium chromium-driver
+log "RabbitMQ and PostgreSQL are up; promtool, docker-compose and chromium are installed"

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use conveyor_base::backoff::Backoff;
-use conveyor_base::ledger::{Settled, SharedLedger};
+use conveyor_base::ledger::{Letter, Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Stage};
 
@@ -264,8 +264,11 @@ impl<H: Handler> Context<H> {
             .send_delivery(delivery, failure, attempts)
             .await
         {
-            Ok(()) => {
-                if let Err(err) = self.record_dead_letter(delivery, failure, records).await {
+            Ok(letter) => {
+                if let Err(err) = self
+                    .record_dead_letter(delivery, failure, records, letter)
+                    .await
+                {
                     tracing::error!(error = %err, "could not record a dead letter in the ledger; the message goes back to the queue");
                     self.hand_back(delivery).await;
                     return false;
@@ -289,21 +292,20 @@ impl<H: Handler> Context<H> {
     }
 
     /// Records in the ledger that the stage dead-lettered a whole delivery (a malformed one as
-    /// such: its records, if any, are not the pipeline's).
+    /// such: its records, if any, are not the pipeline's) as `letter`.
     async fn record_dead_letter(
         &self,
         delivery: &Delivery,
         failure: &Failure,
         records: Option<u64>,
+        letter: Letter,
     ) -> Result<(), String> {
         if !self.ledger.enabled() {
             return Ok(());
         }
-        let message_id = match delivery.properties.message_id() {
-            Some(id) => id.to_string(),
-            // Nothing redelivered can be matched to it: each copy is its own unreadable message.
-            None => format!("no-message-id-{}", uuid::Uuid::new_v4()),
-        };
+        // The delivery's own id, or (it had none) the letter's: nothing redelivered can be matched
+        // to it, so each copy is its own unreadable message.
+        let message_id = letter.message_id.clone();
         let (class, record_ids) = match records {
             Some(_) => (
                 failure.class,
@@ -311,11 +313,9 @@ impl<H: Handler> Context<H> {
             ),
             None => (ErrorClass::Malformed, Vec::new()),
         };
-        self.ledger
-            .settle(Settled::dead_lettered(
-                self.stage, message_id, class, record_ids,
-            ))
-            .await
+        let mut settled = Settled::dead_lettered(self.stage, message_id, class, record_ids);
+        settled.letters.push(letter);
+        self.ledger.settle(settled).await
     }
 
     /// Sends a copy to the next retry tier and acks the original once the copy is confirmed; after the

@@ -63,6 +63,28 @@ pub struct Settled {
     pub dead_class: Option<ErrorClass>,
     /// The messages it was passed on as, recorded with it.
     pub sent: Vec<Sent>,
+    /// The dead letters it was sent to its stage's dead-letter queue as, indexed with it.
+    pub letters: Vec<Letter>,
+}
+
+/// A dead letter as the ledger indexes it, so that operators browse letters without taking them
+/// from their queue (which keeps the letter itself, byte for byte, for a replay).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Letter {
+    /// The letter's own message id in its dead-letter queue.
+    pub message_id: String,
+    /// An [`ErrorClass`]'s name, or [`BROKER_CLASS`].
+    pub class: String,
+    pub reason: String,
+    pub record_ids: Vec<String>,
+    /// Tries made before it was dead-lettered.
+    pub attempts: u32,
+    /// Times the message was replayed before it died this time.
+    pub replays: u32,
+    /// The letter's headers as text, by name.
+    pub headers: Vec<(String, String)>,
+    /// The payload as text (decompressed), or in hex when it is not UTF-8.
+    pub payload: String,
 }
 
 impl Settled {
@@ -81,6 +103,7 @@ impl Settled {
             dead_ids: Vec::new(),
             dead_class: None,
             sent: Vec::new(),
+            letters: Vec::new(),
         }
     }
 

@@ -12,6 +12,7 @@ use conveyor_amqp::dead_letters::{self, DeadLetter, Filter};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::Stage;
 use conveyor_ledger::LedgerArgs;
+use conveyor_ledger::action::By;
 use conveyor_ops::dead_letters::Selection;
 use conveyor_postgres::{Database, PostgresArgs};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -155,6 +156,7 @@ impl Select {
                 record_id: self.record_id.clone(),
                 since: self.since,
                 until: self.until,
+                ..Default::default()
             },
             limit: self.limit,
             max_messages: self.max_messages,
@@ -281,6 +283,7 @@ async fn replay(select: &Select, dry_run: bool, ledger: &LedgerAccess) -> anyhow
         &select.broker,
         database.as_ref(),
         &selection,
+        &By::os_user(),
         |total| {
             bar.get_or_insert_with(|| progress(total as u64)).inc(1);
         },
@@ -310,6 +313,7 @@ async fn purge(select: &Select, yes: bool, ledger: &LedgerAccess) -> anyhow::Res
         &select.broker,
         database.as_ref(),
         &select.selection(),
+        &By::os_user(),
         |total| Ok(yes || confirm(total)?),
     )
     .await?;

@@ -142,23 +142,25 @@ impl<S: Source> Engine<S> {
             self.counters
                 .dead_lettered
                 .fetch_add(rejected.len() as u64, Ordering::Relaxed);
-            let settled: Vec<Settled> = rejected
-                .iter()
-                .map(|(record, failure)| {
-                    // The same row refused again (a window paged twice) is the same dead letter.
-                    let letter = meta.derived(record.data.get()).message_id;
-                    Settled::dead_lettered(
-                        Stage::Fetch,
-                        letter.to_string(),
-                        failure.class,
-                        vec![record.id.clone()],
-                    )
-                })
-                .collect();
-            self.dead_letters
+            let classes: Vec<ErrorClass> =
+                rejected.iter().map(|(_, failure)| failure.class).collect();
+            let letters = self
+                .dead_letters
                 .send_records(meta, rejected)
                 .await
                 .map_err(transient)?;
+            // Each refused row is a message of its own, settled as its letter (the same row refused
+            // again, a window paged twice, is the same letter).
+            let settled = letters.into_iter().zip(classes).map(|(letter, class)| {
+                let mut settled = Settled::dead_lettered(
+                    Stage::Fetch,
+                    letter.message_id.clone(),
+                    class,
+                    letter.record_ids.clone(),
+                );
+                settled.letters.push(letter);
+                settled
+            });
             futures_util::future::try_join_all(
                 settled
                     .into_iter()

@@ -1,4 +1,5 @@
-//! An operator's replay or purge of dead letters, recorded as such: who ran it (the OS user), when,
+//! An operator's replay or purge of dead letters, recorded as such: who ran it (the OS user, or the
+//! console's), when,
 //! and which letters moved. A replayed letter is sent into its stage again under a new message id, so
 //! that the stage settles it anew; a letter the broker dead-lettered itself (no stage settled it) is
 //! recorded as dead-lettered by the broker at the same time.
@@ -19,11 +20,17 @@ pub enum ActionKind {
 }
 
 impl ActionKind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ActionKind::Replay => "replay",
             ActionKind::Purge => "purge",
         }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [ActionKind::Replay, ActionKind::Purge]
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
     }
 }
 
@@ -45,13 +52,33 @@ pub fn os_user() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Records that `kind` moved `letters` of `stage`'s dead-letter queue, in one transaction.
+/// Who ran an action, and the job it is part of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct By {
+    /// The OS user of `conveyorctl`, or the console's user (`alice (console)`).
+    pub who: String,
+    pub job_id: Option<i64>,
+}
+
+impl By {
+    /// The OS user running this process.
+    pub fn os_user() -> Self {
+        Self {
+            who: os_user(),
+            job_id: None,
+        }
+    }
+}
+
+/// Records that `kind` moved `letters` of `stage`'s dead-letter queue, and marks them in the
+/// letter index, in one transaction.
 pub async fn record(
     database: &Database,
     pipeline: &str,
     stage: Stage,
     kind: ActionKind,
     letters: &[Moved],
+    by: &By,
 ) -> Result<(), DatabaseError> {
     if letters.is_empty() {
         return Ok(());
@@ -73,22 +100,32 @@ pub async fn record(
         .filter(|letter| letter.class != "malformed")
         .map(|letter| letter.record_ids.len())
         .sum();
-    transaction
-        .execute(
-            "INSERT INTO conveyor_ledger_action (pipeline, action, stage, os_user, messages, records, letters) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    let action_id: i64 = transaction
+        .query_one(
+            "INSERT INTO conveyor_ledger_action (pipeline, action, stage, os_user, messages, records, letters, job_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
             &[
                 &pipeline,
                 &kind.as_str(),
                 &stage.as_str(),
-                &os_user(),
+                &by.who,
                 &(letters.len() as i64),
                 &(records as i64),
                 &Json(letters),
+                &by.job_id,
             ],
         )
         .await
-        .map_err(failed("recording the action in the ledger"))?;
+        .map_err(failed("recording the action in the ledger"))?
+        .get(0);
+    let ids: Vec<&str> = letters.iter().map(|l| l.message_id.as_str()).collect();
+    let state = match kind {
+        ActionKind::Replay => "replayed",
+        ActionKind::Purge => "purged",
+    };
+    crate::letters::mark(&*transaction, pipeline, stage, &ids, state, action_id)
+        .await
+        .map_err(failed("marking the letters moved in the ledger"))?;
     let broker: Vec<conveyor_base::ledger::Settled> = letters
         .iter()
         .filter(|letter| letter.class == BROKER_CLASS)

@@ -13,6 +13,8 @@
 //! The tables live in the schema of CONVEYOR_PG_SCHEMA, with their own migration history.
 
 pub mod action;
+pub mod jobs;
+pub mod letters;
 pub mod prune;
 pub mod read;
 mod record;
@@ -55,11 +57,14 @@ impl LedgerArgs {
 
 /// Runs the ledger's migrations.
 pub async fn migrate(database: &Database) -> Result<(), DatabaseError> {
-    let migrations =
-        [("V1__ledger", include_str!("../migrations/V1__ledger.sql"))].map(|(name, sql)| {
-            refinery::Migration::unapplied(name, sql)
-                .expect("the embedded migrations are named like migrations")
-        });
+    let migrations = [
+        ("V1__ledger", include_str!("../migrations/V1__ledger.sql")),
+        ("V2__letters", include_str!("../migrations/V2__letters.sql")),
+    ]
+    .map(|(name, sql)| {
+        refinery::Migration::unapplied(name, sql)
+            .expect("the embedded migrations are named like migrations")
+    });
     database
         .migrate("of the ledger", &migrations, HISTORY_TABLE)
         .await

@@ -56,13 +56,19 @@ pub async fn prune(database: &Database, retention: Duration) -> Result<u64, Stri
         - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::days(30));
     let mut deleted = 0;
     let mut result = Ok(());
-    for (table, column) in [
-        ("conveyor_ledger_sent", "sent_at"),
-        ("conveyor_ledger_settled", "settled_at"),
-        ("conveyor_ledger_action", "at"),
+    // A letter still in its queue stays indexed however old it is; a job, until it is finished.
+    for (table, old) in [
+        ("conveyor_ledger_sent", "sent_at < $1"),
+        ("conveyor_ledger_settled", "settled_at < $1"),
+        ("conveyor_ledger_action", "at < $1"),
+        (
+            "conveyor_ledger_letter",
+            "failed_at < $1 AND state <> 'dead'",
+        ),
+        ("conveyor_ledger_job", "finished_at < $1"),
     ] {
         let statement = format!(
-            "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {column} < $1 LIMIT $2))"
+            "DELETE FROM {table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {table} WHERE {old} LIMIT $2))"
         );
         loop {
             match client.execute(&statement, &[&cutoff, &BATCH]).await {

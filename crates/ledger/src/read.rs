@@ -294,3 +294,79 @@ pub async fn knows(database: &Database, pipeline: &str) -> Result<bool, Database
         .map_err(sql("looking the pipeline up in the ledger"))?;
     Ok(row.get(0))
 }
+
+/// Records settled per stage over the last `seconds`, per second.
+pub async fn rates(
+    database: &Database,
+    pipeline: &str,
+    seconds: u32,
+) -> Result<BTreeMap<String, f64>, DatabaseError> {
+    let client = database.client().await?;
+    let rows = client
+        .query(
+            "SELECT stage, coalesce(sum(records_in), 0)::bigint FROM conveyor_ledger_settled \
+             WHERE pipeline = $1 AND settled_at > now() - make_interval(secs => $2) GROUP BY stage",
+            &[&pipeline, &f64::from(seconds)],
+        )
+        .await
+        .map_err(sql("reading the stages' rates"))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let records: i64 = row.get(1);
+            (row.get(0), records as f64 / f64::from(seconds.max(1)))
+        })
+        .collect())
+}
+
+/// One step of a record's way through a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub stage: String,
+    pub message_id: String,
+    /// Who sent the message into the stage (`fetch`, `transform`, `replay`).
+    pub sent_by: String,
+    pub parent_id: String,
+    pub sent_at: DateTime<Utc>,
+    /// `done`, `dead_lettered`, `malformed`, or `None` while in flight.
+    pub outcome: Option<String>,
+    pub settled_at: Option<DateTime<Utc>>,
+    /// Whether the record itself was filtered, or dead-lettered, when the message settled.
+    pub filtered: bool,
+    pub dead_lettered: bool,
+}
+
+/// Every message of `pipeline` that carried `record_id` into a stage, oldest first, with what the
+/// stage settled for it. (Read by scanning the sends kept: a record's way is looked up rarely.)
+pub async fn lineage(
+    database: &Database,
+    pipeline: &str,
+    record_id: &str,
+) -> Result<Vec<Step>, DatabaseError> {
+    let client = database.client().await?;
+    let rows = client
+        .query(
+            "SELECT s.stage, s.message_id, s.sent_by, s.parent_id, s.sent_at, t.outcome, t.settled_at, \
+             coalesce(t.filtered_ids @> ARRAY[$2::text], false), coalesce(t.dead_ids @> ARRAY[$2::text], false) \
+             FROM conveyor_ledger_sent s LEFT JOIN conveyor_ledger_settled t \
+             ON t.pipeline = s.pipeline AND t.stage = s.stage AND t.message_id = s.message_id \
+             WHERE s.pipeline = $1 AND s.record_ids @> ARRAY[$2::text] ORDER BY s.sent_at, s.stage LIMIT 1000",
+            &[&pipeline, &record_id],
+        )
+        .await
+        .map_err(sql("reading a record's way"))?;
+    Ok(rows
+        .iter()
+        .map(|row| Step {
+            stage: row.get(0),
+            message_id: row.get(1),
+            sent_by: row.get(2),
+            parent_id: row.get(3),
+            sent_at: row.get(4),
+            outcome: row.get(5),
+            settled_at: row.get(6),
+            filtered: row.get(7),
+            dead_lettered: row.get(8),
+        })
+        .collect())
+}

@@ -2,8 +2,8 @@
 //! which writes whatever waits in one statement and answers each task once it committed. A worker
 //! that settles hundreds of messages a second pays a few commits, not hundreds.
 
-use conveyor_base::ErrorClass;
-use conveyor_base::ledger::{Outcome, Sent, Settled};
+use conveyor_base::ledger::{Letter, Outcome, Sent, Settled};
+use conveyor_base::{ErrorClass, Stage};
 use conveyor_postgres::Database;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -79,8 +79,14 @@ async fn run(database: Database, mut jobs: mpsc::Receiver<Job>) {
 pub(crate) const SETTLED_COLUMNS: &str = "pipeline, stage, message_id, outcome, records_in, passed_on, \
     filtered, filtered_ids, written, stale, dead_lettered, dead_class, dead_ids";
 const SENT_COLUMNS: &str = "pipeline, stage, message_id, sent_by, parent_id, records, record_ids";
+const LETTER_COLUMNS: &str = "pipeline, stage, message_id, parent_id, class, reason, record_ids, \
+    attempts, replays, headers, payload, payload_bytes";
 
-/// Writes the rows of every job in one statement (both tables at once: atomic).
+/// The most of a letter's payload the index keeps (its queue keeps all of it).
+const PAYLOAD_KEPT: usize = 1 << 20;
+
+/// Writes the rows of every job in one statement (every table at once: atomic). A letter indexed
+/// already was found in its queue before its stage recorded it: its stage names its parent.
 async fn write(database: &Database, batch: &[Job]) -> Result<(), String> {
     let settled: Vec<SettledRow> = batch
         .iter()
@@ -99,6 +105,17 @@ async fn write(database: &Database, batch: &[Job]) -> Result<(), String> {
                 .map(|sent| SentRow::of(&job.pipeline, sent))
         })
         .collect();
+    let letters: Vec<LetterRow> = batch
+        .iter()
+        .flat_map(|job| {
+            job.settled.iter().flat_map(|settled| {
+                settled
+                    .letters
+                    .iter()
+                    .map(|letter| LetterRow::of(&job.pipeline, settled, letter))
+            })
+        })
+        .collect();
     let client = database
         .client()
         .await
@@ -106,7 +123,11 @@ async fn write(database: &Database, batch: &[Job]) -> Result<(), String> {
     let statement = format!(
         "WITH sent AS (INSERT INTO conveyor_ledger_sent ({SENT_COLUMNS}) \
          SELECT {SENT_COLUMNS} FROM jsonb_populate_recordset(NULL::conveyor_ledger_sent, $2::jsonb) \
-         ON CONFLICT DO NOTHING) \
+         ON CONFLICT DO NOTHING), \
+         letters AS (INSERT INTO conveyor_ledger_letter ({LETTER_COLUMNS}) \
+         SELECT DISTINCT ON (pipeline, stage, message_id) {LETTER_COLUMNS} \
+         FROM jsonb_populate_recordset(NULL::conveyor_ledger_letter, $3::jsonb) \
+         ON CONFLICT (pipeline, stage, message_id) DO UPDATE SET parent_id = EXCLUDED.parent_id) \
          INSERT INTO conveyor_ledger_settled ({SETTLED_COLUMNS}) \
          SELECT {SETTLED_COLUMNS} FROM jsonb_populate_recordset(NULL::conveyor_ledger_settled, $1::jsonb) \
          ON CONFLICT DO NOTHING"
@@ -116,7 +137,7 @@ async fn write(database: &Database, batch: &[Job]) -> Result<(), String> {
         .await
         .map_err(|err| format!("ledger: preparing the record: {err}"))?;
     client
-        .execute(&prepared, &[&Json(&settled), &Json(&sent)])
+        .execute(&prepared, &[&Json(&settled), &Json(&sent), &Json(&letters)])
         .await
         .map_err(|err| format!("ledger: recording {} settlement(s): {err}", settled.len()))?;
     Ok(())
@@ -233,4 +254,64 @@ impl<'a> SentRow<'a> {
             record_ids: &sent.record_ids,
         }
     }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct LetterRow<'a> {
+    pipeline: &'a str,
+    stage: &'static str,
+    message_id: &'a str,
+    parent_id: &'a str,
+    class: &'a str,
+    reason: &'a str,
+    record_ids: &'a [String],
+    attempts: u32,
+    replays: u32,
+    headers: std::collections::BTreeMap<&'a str, &'a str>,
+    payload: &'a str,
+    payload_bytes: usize,
+}
+
+impl<'a> LetterRow<'a> {
+    pub(crate) fn of(pipeline: &'a str, settled: &'a Settled, letter: &'a Letter) -> Self {
+        Self::in_stage(pipeline, settled.stage, &settled.message_id, letter)
+    }
+
+    pub(crate) fn in_stage(
+        pipeline: &'a str,
+        stage: Stage,
+        parent_id: &'a str,
+        letter: &'a Letter,
+    ) -> Self {
+        let mut kept = letter.payload.len().min(PAYLOAD_KEPT);
+        while !letter.payload.is_char_boundary(kept) {
+            kept -= 1;
+        }
+        Self {
+            pipeline,
+            stage: stage.as_str(),
+            message_id: &letter.message_id,
+            parent_id,
+            class: &letter.class,
+            reason: &letter.reason,
+            record_ids: &letter.record_ids,
+            attempts: letter.attempts,
+            replays: letter.replays,
+            headers: letter
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect(),
+            payload: &letter.payload[..kept],
+            payload_bytes: letter.payload.len(),
+        }
+    }
+}
+
+/// Indexes `letters` of `pipeline` (already indexed ones stay as they are).
+pub(crate) async fn insert_letters(
+    client: &impl tokio_postgres::GenericClient,
+    rows: &[LetterRow<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    insert(client, "conveyor_ledger_letter", LETTER_COLUMNS, rows).await
 }

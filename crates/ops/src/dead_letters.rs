@@ -9,7 +9,7 @@ use conveyor_amqp::dead_letters::{self, DeadLetter, Filter, Held, QueueCounts};
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::Stage;
-use conveyor_ledger::action::{self, ActionKind, Moved};
+use conveyor_ledger::action::{self, ActionKind, By, Moved};
 use conveyor_postgres::Database;
 use lapin::Connection;
 
@@ -141,6 +141,7 @@ pub async fn replay(
     broker: &BrokerArgs,
     ledger: Option<&Database>,
     selection: &Selection,
+    by: &By,
     mut on_each: impl FnMut(usize),
 ) -> anyhow::Result<Replayed> {
     let taken = Taken::take(broker, selection).await?;
@@ -163,8 +164,15 @@ pub async fn replay(
             }
             if let Some(database) = ledger {
                 let letters: Vec<Moved> = published.iter().map(|l| moved(l, true)).collect();
-                if let Err(err) =
-                    action::record(database, &pipeline, *stage, ActionKind::Replay, &letters).await
+                if let Err(err) = action::record(
+                    database,
+                    &pipeline,
+                    *stage,
+                    ActionKind::Replay,
+                    &letters,
+                    by,
+                )
+                .await
                 {
                     // The copies are out, under ids a retried replay gives them again: the stage
                     // settles each once.
@@ -195,6 +203,7 @@ pub async fn purge(
     broker: &BrokerArgs,
     ledger: Option<&Database>,
     selection: &Selection,
+    by: &By,
     confirm: impl FnOnce(usize) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Option<usize>> {
     let taken = Taken::take(broker, selection).await?;
@@ -210,7 +219,7 @@ pub async fn purge(
                 .iter()
                 .map(|&index| moved(&held.letters[index], false))
                 .collect();
-            action::record(database, &pipeline, *stage, ActionKind::Purge, &letters).await?;
+            action::record(database, &pipeline, *stage, ActionKind::Purge, &letters, by).await?;
         }
         for &index in matching {
             held.remove(&held.letters[index]).await?;

@@ -4,6 +4,8 @@
 //! `conveyorctl` parses, prints and prompts around them; a web console can call the same.
 
 pub mod dead_letters;
+pub mod letters;
+pub mod overview;
 pub mod reconcile;
 pub mod status;
 

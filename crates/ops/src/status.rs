@@ -25,9 +25,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use conveyor_amqp::Topology;
-use conveyor_amqp::dead_letters::{BROKER_CLASS, Held};
+use conveyor_amqp::dead_letters::BROKER_CLASS;
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::Stage;
+use conveyor_ledger::letters::{self, LetterQuery};
 use conveyor_ledger::read::{self, ActionBooks, Books, Open, Span, StageBooks};
 use conveyor_postgres::Database;
 use serde::Serialize;
@@ -115,6 +116,8 @@ pub struct StageStatus {
     /// Messages sent in and not settled, and their records.
     pub in_flight_messages: u64,
     pub in_flight: u64,
+    /// When the oldest message in flight was sent into the stage.
+    pub oldest_in_flight_at: Option<DateTime<Utc>>,
     /// Messages ready in the stage's work and retry queues.
     pub queued_messages: u64,
     /// Messages the given workers hold, not yet acked.
@@ -172,14 +175,16 @@ pub async fn status(
         }
         let topology = Topology::new(broker, name);
         let books = read::books(database, name, request.span).await?;
-        let outside = look_outside(&connection, &topology, &http, &request.workers).await?;
+        let outside =
+            look_outside(&connection, database, &topology, &http, &request.workers).await?;
         let mut suspects = quiet_open(&books, &outside);
         if !suspects.is_empty() {
             // Messages move while the ledger and the queues are read one after the other: flag only
             // those still in flight, with nothing queued at their stage, a moment later.
             tokio::time::sleep(request.settle_wait).await;
             let again = read::books(database, name, request.span).await?;
-            let outside = look_outside(&connection, &topology, &http, &request.workers).await?;
+            let outside =
+                look_outside(&connection, database, &topology, &http, &request.workers).await?;
             let still = suspects_ids(&quiet_open(&again, &outside));
             suspects.retain(|open| still.contains(&(open.stage.clone(), open.message_id.clone())));
         }
@@ -226,6 +231,7 @@ fn stage_named(name: &str) -> Option<Stage> {
 /// Reads the queues of a pipeline's stages and, when given, the workers' messages in hand.
 async fn look_outside(
     connection: &lapin::Connection,
+    database: &Database,
     topology: &Topology,
     http: &reqwest::Client,
     workers: &[String],
@@ -248,20 +254,29 @@ async fn look_outside(
         }
         outside.queued.insert(stage, queued);
     }
+    // The broker's own dead letters from the letter index (brought up to date with the queues
+    // first), so that reading the books takes no letter from other readers.
+    crate::letters::refresh_index(connection, database, topology).await?;
     for stage in Stage::ALL {
         let queue = topology.dead_letter_queue(stage);
-        let held = Held::take(connection, &queue, usize::MAX)
-            .await
-            .with_context(|| format!("reading {queue}"))?;
-        outside.dead_letter_messages += held.letters.len() as u64;
-        let broker: BTreeMap<String, u64> = held
-            .letters
-            .iter()
-            .filter(|letter| letter.class == BROKER_CLASS)
-            .map(|letter| (letter.message_id.clone(), letter.record_ids.len() as u64))
-            .collect();
-        held.release().await;
-        outside.broker_dead.insert(stage, broker);
+        outside.dead_letter_messages += u64::from(
+            conveyor_amqp::queue_depth(&channel, &queue)
+                .await
+                .with_context(|| format!("inspecting queue {queue}"))?,
+        );
+    }
+    let broker = LetterQuery {
+        class: Some(BROKER_CLASS.to_owned()),
+        ..LetterQuery::dead(topology.pipeline())
+    };
+    for letter in letters::page(database, &broker, None, u32::MAX).await? {
+        if let Some(stage) = stage_named(&letter.stage) {
+            outside
+                .broker_dead
+                .entry(stage)
+                .or_default()
+                .insert(letter.message_id, letter.record_ids.len() as u64);
+        }
     }
     let _ = channel.close(200, "done".into()).await;
     for worker in workers {
@@ -368,6 +383,7 @@ fn count(
         // Messages in flight that the broker dead-lettered itself: no stage settled them.
         let broker_letters = outside.broker_dead.get(&stage);
         let (mut in_flight_messages, mut in_flight) = (0, 0);
+        let mut oldest_in_flight_at = None;
         for open in books
             .open
             .iter()
@@ -378,6 +394,8 @@ fn count(
             } else {
                 in_flight_messages += 1;
                 in_flight += open.records;
+                // The open messages come oldest first.
+                oldest_in_flight_at = oldest_in_flight_at.or(Some(open.sent_at));
             }
         }
         for (class, records) in &dead_lettered {
@@ -411,6 +429,7 @@ fn count(
             dead_lettered,
             in_flight_messages,
             in_flight,
+            oldest_in_flight_at,
             queued_messages: outside.queued.get(&stage).copied().unwrap_or(0),
             held_messages: outside.held.get(&stage).copied().unwrap_or(0),
             unaccounted: unaccounted_here,

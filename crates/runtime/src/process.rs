@@ -18,7 +18,16 @@ where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    if let Err(err) = telemetry::init(args.log_format, &args.log_filter) {
+    run_service(args.log_format, &args.log_filter, run)
+}
+
+/// Runs a long-lived process (a worker, the console) as [`run_worker`] does, logging as told.
+pub fn run_service<F, Fut>(log_format: LogFormat, log_filter: &str, run: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    if let Err(err) = telemetry::init(log_format, log_filter) {
         eprintln!("error: {err:#}");
         return ExitCode::FAILURE;
     }

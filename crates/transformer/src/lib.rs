@@ -153,8 +153,14 @@ impl Handler for Transformer {
             }
             settled.dead_ids = failed.iter().map(|(record, _)| record.id.clone()).collect();
             settled.dead_class = Some(ErrorClass::Permanent);
-            if let Err(err) = self.dead_letters.send_records(&envelope.meta, failed).await {
-                return Disposition::Retry(Failure::new(ErrorClass::Transient, err.to_string()));
+            match self.dead_letters.send_records(&envelope.meta, failed).await {
+                Ok(letters) => settled.letters = letters,
+                Err(err) => {
+                    return Disposition::Retry(Failure::new(
+                        ErrorClass::Transient,
+                        err.to_string(),
+                    ));
+                }
             }
         }
         settled.passed_on = count;

@@ -262,7 +262,10 @@ impl<T: Target> Handler for Writer<T> {
             .send_records(&envelope.meta, refused)
             .await
         {
-            Ok(()) => self.settle(settled).await,
+            Ok(letters) => {
+                settled.letters = letters;
+                self.settle(settled).await
+            }
             Err(err) => Disposition::Retry(Failure::new(ErrorClass::Transient, err.to_string())),
         }
     }

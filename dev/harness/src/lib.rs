@@ -2,6 +2,7 @@
 //! the target against the simulator's ground truth. The demo, the end-to-end tests and the benchmarks
 //! stand on it.
 
+pub mod browser;
 pub mod own_broker;
 mod ports;
 mod process;

@@ -23,6 +23,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
+use conveyor_base::ledger::Letter;
 use conveyor_base::{ErrorClass, Stage};
 
 use crate::envelope::{decode_body, record_ids_in};
@@ -212,6 +213,35 @@ impl DeadLetter {
         letter
     }
 
+    /// The letter as the ledger indexes it.
+    pub fn indexed(&self) -> Letter {
+        let headers = headers_of(&self.properties)
+            .inner()
+            .iter()
+            .map(|(name, value)| {
+                let text = match value {
+                    AMQPValue::LongString(_) | AMQPValue::ShortString(_) => header_text(value),
+                    other => header_u32(other).map(|n| n.to_string()),
+                };
+                (
+                    name.to_string(),
+                    text.unwrap_or_else(|| format!("{value:?}")),
+                )
+            })
+            .collect();
+        let payload = self.payload.as_ref().or(self.payload_hex.as_ref());
+        Letter {
+            message_id: self.message_id.clone(),
+            class: self.class.clone(),
+            reason: self.error.clone(),
+            record_ids: self.record_ids.clone(),
+            attempts: self.attempts,
+            replays: self.replays(),
+            headers,
+            payload: payload.cloned().unwrap_or_default(),
+        }
+    }
+
     /// How often the letter was replayed before.
     fn replays(&self) -> u32 {
         header(&self.properties, HEADER_REPLAYS)
@@ -297,14 +327,20 @@ pub struct Filter {
     pub since: Option<DateTime<Utc>>,
     /// Only letters that last failed before this time.
     pub until: Option<DateTime<Utc>>,
+    /// Only the letters of these message ids.
+    pub message_ids: Option<HashSet<String>>,
 }
 
 impl Filter {
     pub fn matches(&self, letter: &DeadLetter) -> bool {
         let failed_at = letter.last_failed_at.map(|t| t.with_timezone(&Utc));
-        self.class
+        self.message_ids
             .as_ref()
-            .is_none_or(|class| *class == letter.class)
+            .is_none_or(|ids| ids.contains(&letter.message_id))
+            && self
+                .class
+                .as_ref()
+                .is_none_or(|class| *class == letter.class)
             && self
                 .record_id
                 .as_ref()
@@ -567,6 +603,7 @@ mod tests {
                 record_id: Some("b".into()),
                 since: at("2026-01-02T00:00:00Z"),
                 until: at("2026-01-03T00:00:00Z"),
+                ..Default::default()
             }
             .matches(&letter)
         );

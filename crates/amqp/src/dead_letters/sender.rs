@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use conveyor_base::ledger::Letter;
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Failure, Record, Stage};
 use lapin::BasicProperties;
@@ -10,6 +11,7 @@ use lapin::message::Delivery;
 use lapin::types::AMQPValue;
 use rand::RngExt as _;
 
+use super::DeadLetter;
 use crate::envelope::{Envelope, Meta, record_ids_in};
 use crate::error::BrokerError;
 use crate::headers::*;
@@ -35,17 +37,18 @@ impl DeadLetters {
         }
     }
 
-    /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers.
-    /// `attempts` is the number of tries made.
+    /// Dead-letters a whole delivery: its body and properties unchanged, plus the failure headers
+    /// (and a message id, if it came without one, so that the letter can be named). `attempts` is the
+    /// number of tries made. Returns the letter as the ledger indexes it.
     pub(crate) async fn send_delivery(
         &self,
         delivery: &Delivery,
         failure: &Failure,
         attempts: u32,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Letter, BrokerError> {
         let record_ids = record_ids_in(&delivery.data, &delivery.properties);
         let (exchange, routing_key) = original_route(delivery);
-        let properties = self.with_failure(
+        let mut properties = self.with_failure(
             delivery.properties.clone(),
             failure,
             &exchange,
@@ -53,9 +56,19 @@ impl DeadLetters {
             &record_ids,
             attempts,
         );
+        if properties.message_id().is_none() {
+            properties = properties.with_message_id(uuid::Uuid::new_v4().to_string().into());
+        }
+        let letter = self.indexed(&delivery.data, &properties);
         self.publish(&delivery.data, properties).await?;
         self.count_message(failure);
-        Ok(())
+        Ok(letter)
+    }
+
+    /// A letter about to be sent, as the ledger indexes it.
+    fn indexed(&self, body: &[u8], properties: &BasicProperties) -> Letter {
+        let queue = self.topology.dead_letter_queue(self.stage);
+        DeadLetter::read(&queue, body, properties, 0).indexed()
     }
 
     /// Sends a copy of a delivery that failed for a transient reason to the retry queue of its tier,
@@ -123,21 +136,23 @@ impl DeadLetters {
     }
 
     /// Dead-letters records of a batch, each as its own message that continues the batch's trace.
+    /// A record's letter has the same message id whenever its batch is dead-lettered again (a
+    /// redelivery). Returns the letters as the ledger indexes them, in the order of `failed`.
     pub async fn send_records(
         &self,
         meta: &Meta,
         failed: Vec<(Record, Failure)>,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Vec<Letter>, BrokerError> {
         let exchange = self.topology.exchange();
         let routing_key = self.topology.routing_key(self.stage);
         let mut pending = Vec::with_capacity(failed.len());
+        let mut letters = Vec::with_capacity(failed.len());
         for (record, failure) in &failed {
             let ids = [record.id.clone()];
             let single = Envelope {
                 meta: Meta {
-                    message_id: uuid::Uuid::new_v4(),
                     attempt: meta.attempt,
-                    ..meta.clone()
+                    ..meta.derived(record.data.get())
                 },
                 records: vec![record.clone()],
             };
@@ -150,6 +165,7 @@ impl DeadLetters {
                 &ids,
                 meta.attempt + 1,
             );
+            letters.push(self.indexed(&body, &properties));
             pending.push(
                 self.publisher
                     .send(
@@ -168,7 +184,7 @@ impl DeadLetters {
             self.count_message(failure);
             self.count_records(failure, 1);
         }
-        Ok(())
+        Ok(letters)
     }
 
     async fn publish(&self, body: &[u8], properties: BasicProperties) -> Result<(), BrokerError> {
