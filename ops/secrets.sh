@@ -1,7 +1,7 @@
 #!/bin/sh
 # Makes the Docker secrets docker-compose.yml mounts, in ops/secrets/ (ignored by git and by the image's
 # build context), each only when its file is missing: random passwords for RabbitMQ, PostgreSQL and
-# Grafana, the broker and database URLs the workers read (built from those passwords), and the Kingdee
+# Grafana, the console's users, the broker and database URLs the workers read (built from those passwords), and the Kingdee
 # app's client secret (the simulator's, until you put the real one in its file). Idempotent.
 # To change a password later: edit its file and the URL that carries it (or delete both and run this
 # again), then recreate the containers (ops/RUNBOOK.md, "Rotate credentials").
@@ -29,3 +29,7 @@ make grafana_admin_password.txt "$(random)"
 make kingdee_client_secret.txt "sim-client-secret-7f3a9c2e51b04d68"
 make amqp_url.txt "amqp://conveyor:$(cat "$dir/rabbitmq_password.txt")@rabbitmq:5672/%2f"
 make pg_url.txt "postgres://conveyor:$(cat "$dir/postgres_password.txt")@postgres:5432/conveyor"
+# The console's users (name:role:password a line): an operator, who replays and purges, and a viewer.
+make console_users.txt "operator:operator:$(random)
+viewer:viewer:$(random)
+"

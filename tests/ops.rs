@@ -458,6 +458,7 @@ fn readme_settings_table_matches_every_binary() {
         "conveyor-transformer",
         "conveyor-writer",
         "conveyorctl",
+        "conveyor-console",
     ] {
         settings_in_help(binary, &mut Vec::new(), &mut found);
     }
