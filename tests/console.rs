@@ -34,6 +34,7 @@ struct Setup {
     refused: BTreeSet<String>,
     console: Arc<Console>,
     address: String,
+    users: PathBuf,
 }
 
 async fn setup(prefix: &str) -> Setup {
@@ -91,7 +92,7 @@ async fn setup(prefix: &str) -> Setup {
         ),
     )
     .unwrap();
-    let console = Console::open(&cli(&scenario, &address, Some(users)))
+    let console = Console::open(&cli(&scenario, &address, Some(users.clone())))
         .await
         .unwrap();
     Setup {
@@ -102,6 +103,7 @@ async fn setup(prefix: &str) -> Setup {
         refused,
         console,
         address,
+        users,
     }
 }
 
@@ -564,6 +566,10 @@ async fn guards_and_replays() {
     let page = alice
         .get(&format!("/letters/{pipeline}/write/{}", again.message_id))
         .await;
+    assert_eq!(
+        again.replays, 1,
+        "the letter of a replayed copy counts the replay"
+    );
     assert!(
         page.body.contains("died again after a replay"),
         "{}",
@@ -573,6 +579,66 @@ async fn guards_and_replays() {
         page.body.contains(&first.message_id),
         "its earlier letter is named"
     );
+
+    step("a replay of a whole queue ends, though each replayed letter dies again as it runs");
+    let replayed = ctl_ok(
+        &setup.scenario,
+        &["dlq", "replay", pipeline, "--stage", "write"],
+    );
+    let count = setup.refused.len();
+    assert!(
+        replayed.contains(&format!("replayed {count} message(s)")),
+        "{replayed}"
+    );
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let dead = dead_in_index(&setup.console, pipeline).await;
+        if dead.len() == count && dead.iter().all(|letter| letter.replays >= 1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{dead:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    step("a job left running by a console that stopped is resumed by the next one");
+    let dead = dead_in_index(&setup.console, pipeline).await;
+    let job = conveyor_ops::letters::start_job(
+        &setup.console.database,
+        pipeline,
+        conveyor_ledger::action::ActionKind::Replay,
+        "alice (console)",
+        &dead[..2],
+    )
+    .await
+    .unwrap();
+    let next_address = format!("127.0.0.1:{}", conveyor_harness::free_port().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let next_console = tokio::spawn(conveyor_console::run(
+        cli(&setup.scenario, &next_address, Some(setup.users.clone())),
+        stop.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let read = conveyor_ledger::jobs::get(&setup.console.database, job)
+            .await
+            .unwrap()
+            .unwrap();
+        if read.state == "done" {
+            assert_eq!((read.moved, read.failed.len()), (2, 0), "{read:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{read:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    next_console.await.unwrap().unwrap();
+    while dead_in_index(&setup.console, pipeline).await.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replayed letters died again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     step("after the fix, replaying everything needs its confirmation, then lands every record");
     setup

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::headers::{
-    HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_RECORDS, HEADER_TRACE_ID, header_text, header_u32,
-    long_string,
+    HEADER_ATTEMPT, HEADER_PIPELINE, HEADER_RECORDS, HEADER_REPLAYS, HEADER_TRACE_ID, header_text,
+    header_u32, long_string,
 };
 
 /// Version of the body's layout; a consumer refuses bodies of a version it does not know.
@@ -35,6 +35,9 @@ pub struct Meta {
     pub trace_id: Uuid,
     /// How often this message was tried at its current stage before (0 for the first try).
     pub attempt: u32,
+    /// How often it was replayed from its stage's dead-letter queue (0: never); a letter it sends
+    /// carries the count, so that a replay that dies again is known as one.
+    pub replays: u32,
 }
 
 impl Meta {
@@ -45,6 +48,7 @@ impl Meta {
             pipeline: pipeline.to_owned(),
             trace_id: Uuid::new_v4(),
             attempt: 0,
+            replays: 0,
         }
     }
 
@@ -57,6 +61,7 @@ impl Meta {
             pipeline: self.pipeline.clone(),
             trace_id: self.trace_id,
             attempt: 0,
+            replays: 0,
         }
     }
 
@@ -67,6 +72,7 @@ impl Meta {
             pipeline: self.pipeline.clone(),
             trace_id: self.trace_id,
             attempt: 0,
+            replays: 0,
         }
     }
 }
@@ -270,6 +276,9 @@ impl Meta {
             long_string(&self.trace_id.to_string()),
         );
         headers.insert(HEADER_ATTEMPT.into(), AMQPValue::LongUInt(self.attempt));
+        if self.replays > 0 {
+            headers.insert(HEADER_REPLAYS.into(), AMQPValue::LongUInt(self.replays));
+        }
         headers.insert(
             HEADER_RECORDS.into(),
             AMQPValue::LongUInt(u32::try_from(record_count).unwrap_or(u32::MAX)),
@@ -305,11 +314,17 @@ impl Meta {
             .map(|value| header_u32(value).ok_or(Malformed::Header(HEADER_ATTEMPT)))
             .transpose()?
             .unwrap_or(0);
+        // Counted by conveyor's replays only: unreadable, it is taken as none.
+        let replays = headers
+            .and_then(|table| table.inner().get(HEADER_REPLAYS))
+            .and_then(header_u32)
+            .unwrap_or(0);
         Ok(Self {
             message_id,
             pipeline,
             trace_id,
             attempt,
+            replays,
         })
     }
 }

@@ -284,8 +284,11 @@ async fn replay(select: &Select, dry_run: bool, ledger: &LedgerAccess) -> anyhow
         database.as_ref(),
         &selection,
         &By::os_user(),
-        |total| {
-            bar.get_or_insert_with(|| progress(total as u64)).inc(1);
+        |selected| {
+            // The letters are selected as the queues are read: the bar grows with them.
+            let bar = bar.get_or_insert_with(|| progress(selected as u64));
+            bar.set_length(selected as u64);
+            bar.inc(1);
         },
     )
     .await?;

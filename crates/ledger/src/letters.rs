@@ -303,6 +303,9 @@ pub async fn index_found(
     stage: Stage,
     letters: &[Letter],
 ) -> Result<u64, DatabaseError> {
+    if letters.is_empty() {
+        return Ok(0);
+    }
     let client = database.client().await?;
     let known: Vec<String> = client
         .query(

@@ -1,8 +1,10 @@
 //! The operator's actions on dead letters: count, show, replay, purge and export them. Each one
-//! connects, takes the selected queues' letters (holding them, so that nothing leaves a queue until it
-//! is replayed elsewhere or purged), acts, hands back the rest and returns what it did. A replay and a
-//! purge are recorded in the ledger (who, when, which letters) before any letter leaves its queue.
+//! connects and reads the selected queues letter by letter, holding what it read (so that nothing
+//! leaves a queue until it is replayed elsewhere or purged) but keeping in memory only what it acts on,
+//! acts, hands back the rest and returns what it did. A replay and a purge are recorded in the ledger
+//! (who, when, which letters) before any letter leaves its queue.
 
+use std::collections::HashSet;
 use std::io::Write;
 
 use conveyor_amqp::dead_letters::{self, DeadLetter, Filter, Held, QueueCounts};
@@ -11,7 +13,6 @@ use conveyor_amqp::{Publisher, Topology};
 use conveyor_base::Stage;
 use conveyor_ledger::action::{self, ActionKind, By, Moved};
 use conveyor_postgres::Database;
-use lapin::Connection;
 
 /// Which dead letters an action applies to.
 #[derive(Debug, Clone)]
@@ -23,64 +24,56 @@ pub struct Selection {
     pub filter: Filter,
     /// At most this many messages per stage.
     pub limit: Option<usize>,
-    /// Messages read from one dead-letter queue at most (they are held in memory meanwhile).
+    /// Messages read from one dead-letter queue at most (they are held from other readers meanwhile).
     pub max_messages: usize,
 }
 
-/// The letters of the selected queues, taken and held, with the indexes of those that match.
-struct Taken {
-    connection: Connection,
-    topology: Topology,
-    queues: Vec<(Stage, Held, Vec<usize>)>,
+impl Selection {
+    /// The most letters of one queue it selects: its limit, or as many as the message ids it names
+    /// (once all are found, the rest of the queue need not be read).
+    fn most(&self) -> usize {
+        self.limit.unwrap_or(usize::MAX).min(self.filter.most())
+    }
 }
 
-impl Taken {
-    async fn take(broker: &BrokerArgs, selection: &Selection) -> anyhow::Result<Self> {
-        let name = crate::pipeline_name(&selection.pipeline)?;
-        let topology = Topology::new(broker, &name);
-        let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
-        let mut queues = Vec::new();
+/// Reads the selected queues letter by letter and calls `each` with every selected letter (at most
+/// `selection.limit` per queue); every letter goes back to its queue, in order.
+async fn read_selected(
+    broker: &BrokerArgs,
+    selection: &Selection,
+    mut each: impl FnMut(DeadLetter) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let name = crate::pipeline_name(&selection.pipeline)?;
+    let topology = Topology::new(broker, &name);
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let result = async {
         for (stage, queue) in dead_letters::queues(&topology) {
             if selection.stage.is_some_and(|wanted| wanted != stage) {
                 continue;
             }
-            let held = Held::take(&connection, &queue, selection.max_messages).await?;
-            let matching: Vec<usize> = held
-                .letters
-                .iter()
-                .enumerate()
-                .filter(|(_, letter)| selection.filter.matches(letter))
-                .map(|(index, _)| index)
-                .take(selection.limit.unwrap_or(usize::MAX))
-                .collect();
-            queues.push((stage, held, matching));
-        }
-        Ok(Self {
-            connection,
-            topology,
-            queues,
-        })
-    }
-
-    fn matching(&self) -> usize {
-        self.queues
-            .iter()
-            .map(|(_, _, matching)| matching.len())
-            .sum()
-    }
-
-    /// Hands every letter still held back to its queue, in order, makes sure that those removed are
-    /// gone, and disconnects.
-    async fn release(self) -> anyhow::Result<()> {
-        let mut checked = Ok(());
-        for (_, held, _) in self.queues {
-            if let Err(err) = held.release_removed(&self.connection).await {
-                checked = Err(err);
+            let mut held = Held::open(&connection, &queue, selection.max_messages).await?;
+            let mut matched = 0;
+            let read = async {
+                while matched < selection.most() {
+                    let Some(letter) = held.next().await? else {
+                        break;
+                    };
+                    if selection.filter.matches(&letter) {
+                        matched += 1;
+                        each(letter)?;
+                    }
+                }
+                anyhow::Ok(())
             }
+            .await;
+            held.release().await;
+            read?;
         }
-        conveyor_amqp::close(&self.connection).await;
-        Ok(checked?)
+        anyhow::Ok(())
     }
+    .await;
+    conveyor_amqp::close(&connection).await;
+    result
 }
 
 /// The dead letters of every stage of `pipelines`, counted per queue and by error class.
@@ -91,9 +84,13 @@ pub async fn list(broker: &BrokerArgs, pipelines: &[String]) -> anyhow::Result<V
         let name = crate::pipeline_name(given)?;
         let topology = Topology::new(broker, &name);
         for (stage, queue) in dead_letters::queues(&topology) {
-            let held = Held::take(&connection, &queue, usize::MAX).await?;
-            counts.push(QueueCounts::of(&name, stage, &queue, &held.letters));
+            let mut held = Held::open(&connection, &queue, usize::MAX).await?;
+            let mut counted = QueueCounts::new(&name, stage, &queue);
+            while let Some(letter) = held.next().await? {
+                counted.add(&letter);
+            }
             held.release().await;
+            counts.push(counted);
         }
     }
     conveyor_amqp::close(&connection).await;
@@ -102,13 +99,12 @@ pub async fn list(broker: &BrokerArgs, pipelines: &[String]) -> anyhow::Result<V
 
 /// The selected dead letters, with their failure details; all of them stay where they are.
 pub async fn show(broker: &BrokerArgs, selection: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
-    let taken = Taken::take(broker, selection).await?;
-    let shown = taken
-        .queues
-        .iter()
-        .flat_map(|(_, held, matching)| matching.iter().map(|&i| held.letters[i].clone()))
-        .collect();
-    taken.release().await?;
+    let mut shown = Vec::new();
+    read_selected(broker, selection, |letter| {
+        shown.push(letter);
+        Ok(())
+    })
+    .await?;
     Ok(shown)
 }
 
@@ -121,7 +117,8 @@ pub struct Replayed {
     pub failed: Vec<String>,
 }
 
-/// Letters replayed between two records in the ledger.
+/// Letters replayed together: their copies confirmed together, recorded in the ledger in one
+/// transaction.
 const REPLAYED_PER_RECORD: usize = 100;
 
 /// What the ledger is told of a letter that moved.
@@ -134,9 +131,12 @@ fn moved(letter: &DeadLetter, replayed: bool) -> Moved {
     }
 }
 
-/// Publishes each selected letter back into the stage where it failed, with a confirm; records the
-/// replay in `ledger` (when kept), a hundred letters at a time; and only then removes those letters
-/// from their dead-letter queue. `on_each` is called after each letter (for a progress bar).
+/// Publishes each selected letter back into the stage where it failed, and removes it from its
+/// dead-letter queue once its copy is confirmed and the replay recorded in `ledger` (when kept).
+/// The queues are read letter by letter, a hundred selected ones at a time: their copies are
+/// published together, their confirms awaited together, the hundred recorded in the ledger in one
+/// transaction, then removed. So memory holds a hundred letters however long the queue. `on_each` is
+/// called after each letter moved or failed (for a progress bar, given the letters selected so far).
 pub async fn replay(
     broker: &BrokerArgs,
     ledger: Option<&Database>,
@@ -144,61 +144,142 @@ pub async fn replay(
     by: &By,
     mut on_each: impl FnMut(usize),
 ) -> anyhow::Result<Replayed> {
-    let taken = Taken::take(broker, selection).await?;
-    let total = taken.matching();
-    let publisher = Publisher::open(&taken.connection).await?;
-    let pipeline = taken.topology.pipeline().to_owned();
-    let mut replayed = Replayed::default();
-    for (stage, held, matching) in &taken.queues {
-        for chunk in matching.chunks(REPLAYED_PER_RECORD) {
-            let mut published = Vec::new();
-            for &index in chunk {
-                let letter = &held.letters[index];
-                match held.republish(letter, &publisher, &taken.topology).await {
-                    Ok(()) => published.push(letter),
-                    Err(err) => replayed
-                        .failed
-                        .push(format!("{} {}: {err}", letter.queue, letter.message_id)),
-                }
-                on_each(total);
+    let name = crate::pipeline_name(&selection.pipeline)?;
+    let topology = Topology::new(broker, &name);
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let result = async {
+        let publisher = Publisher::open(&connection).await?;
+        let mut replayed = Replayed::default();
+        let mut selected = 0;
+        let limit = selection.most();
+        for (stage, queue) in dead_letters::queues(&topology) {
+            if selection.stage.is_some_and(|wanted| wanted != stage) {
+                continue;
             }
-            if let Some(database) = ledger {
-                let letters: Vec<Moved> = published.iter().map(|l| moved(l, true)).collect();
-                if let Err(err) = action::record(
-                    database,
-                    &pipeline,
-                    *stage,
-                    ActionKind::Replay,
-                    &letters,
-                    by,
-                )
-                .await
-                {
-                    // The copies are out, under ids a retried replay gives them again: the stage
-                    // settles each once.
-                    replayed.failed.extend(published.iter().map(|letter| {
-                        format!(
-                            "{} {}: not recorded in the ledger, left in place: {err}",
-                            letter.queue, letter.message_id
-                        )
-                    }));
+            let mut held = Held::open(&connection, &queue, selection.max_messages).await?;
+            let mut chunk = Vec::new();
+            let mut matched = 0;
+            while matched < limit {
+                let Some(letter) = held.next().await? else {
+                    break;
+                };
+                if !selection.filter.matches(&letter) {
                     continue;
                 }
+                matched += 1;
+                selected += 1;
+                chunk.push(letter);
+                if chunk.len() == REPLAYED_PER_RECORD {
+                    let moving = Chunk {
+                        held: &held,
+                        stage,
+                        topology: &topology,
+                        publisher: &publisher,
+                    };
+                    moving
+                        .replay(ledger, by, std::mem::take(&mut chunk), &mut replayed)
+                        .await?;
+                    (0..REPLAYED_PER_RECORD).for_each(|_| on_each(selected));
+                }
             }
-            for letter in published {
-                held.remove(letter).await?;
-                replayed.messages += 1;
-                replayed.records += letter.record_ids.len();
-            }
+            let left = chunk.len();
+            let moving = Chunk {
+                held: &held,
+                stage,
+                topology: &topology,
+                publisher: &publisher,
+            };
+            moving.replay(ledger, by, chunk, &mut replayed).await?;
+            (0..left).for_each(|_| on_each(selected));
+            held.release_removed(&connection).await?;
         }
+        anyhow::Ok(replayed)
     }
-    taken.release().await?;
-    Ok(replayed)
+    .await;
+    conveyor_amqp::close(&connection).await;
+    result
 }
 
-/// Removes the selected letters for good, once `confirm` (given how many there are) says yes and
-/// the purge is recorded in `ledger` (when kept); returns how many were removed, or `None` when it
-/// said no (then nothing was removed).
+/// Letters of one queue moved together.
+struct Chunk<'a> {
+    held: &'a Held,
+    stage: Stage,
+    topology: &'a Topology,
+    publisher: &'a Publisher,
+}
+
+impl Chunk<'_> {
+    /// Publishes a copy of each letter, awaits the confirms, records those confirmed in `ledger`,
+    /// then removes them from their queue; the others stay, named in `replayed.failed`.
+    async fn replay(
+        &self,
+        ledger: Option<&Database>,
+        by: &By,
+        letters: Vec<DeadLetter>,
+        replayed: &mut Replayed,
+    ) -> anyhow::Result<()> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let mut pending = Vec::with_capacity(letters.len());
+        for letter in &letters {
+            pending.push(
+                self.held
+                    .send_copy(letter, self.publisher, self.topology)
+                    .await,
+            );
+        }
+        let mut published = Vec::new();
+        for (letter, sent) in letters.iter().zip(pending) {
+            let confirmed = match sent {
+                Ok(confirm) => confirm.wait().await,
+                Err(err) => Err(err),
+            };
+            match confirmed {
+                Ok(()) => published.push(letter),
+                Err(err) => replayed
+                    .failed
+                    .push(format!("{} {}: {err}", letter.queue, letter.message_id)),
+            }
+        }
+        if let Some(database) = ledger {
+            let moved: Vec<Moved> = published.iter().map(|l| moved(l, true)).collect();
+            let pipeline = self.topology.pipeline();
+            if let Err(err) = action::record(
+                database,
+                pipeline,
+                self.stage,
+                ActionKind::Replay,
+                &moved,
+                by,
+            )
+            .await
+            {
+                // The copies are out, under ids a retried replay gives them again: the stage
+                // settles each once.
+                replayed.failed.extend(published.iter().map(|letter| {
+                    format!(
+                        "{} {}: not recorded in the ledger, left in place: {err}",
+                        letter.queue, letter.message_id
+                    )
+                }));
+                return Ok(());
+            }
+        }
+        for letter in published {
+            self.held.remove(letter).await?;
+            replayed.messages += 1;
+            replayed.records += letter.record_ids.len();
+        }
+        Ok(())
+    }
+}
+
+/// Removes the selected letters for good, once `confirm` (given how many there are) says yes; returns
+/// how many were removed, or `None` when it said no (then nothing was removed). The queues are read
+/// twice, letter by letter: once to count the selection (keeping only message ids), and, confirmed,
+/// once to remove exactly the letters counted (a letter arriving in between is not removed), a
+/// hundred at a time, each hundred recorded in `ledger` (when kept) before it goes.
 pub async fn purge(
     broker: &BrokerArgs,
     ledger: Option<&Database>,
@@ -206,49 +287,99 @@ pub async fn purge(
     by: &By,
     confirm: impl FnOnce(usize) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Option<usize>> {
-    let taken = Taken::take(broker, selection).await?;
-    let total = taken.matching();
-    if total > 0 && !confirm(total)? {
-        taken.release().await?;
-        return Ok(None);
-    }
-    let pipeline = taken.topology.pipeline().to_owned();
-    for (stage, held, matching) in &taken.queues {
-        if let Some(database) = ledger {
-            let letters: Vec<Moved> = matching
-                .iter()
-                .map(|&index| moved(&held.letters[index], false))
-                .collect();
-            action::record(database, &pipeline, *stage, ActionKind::Purge, &letters, by).await?;
+    let name = crate::pipeline_name(&selection.pipeline)?;
+    let topology = Topology::new(broker, &name);
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let result = async {
+        let mut counted: Vec<(Stage, String, HashSet<String>)> = Vec::new();
+        let limit = selection.most();
+        for (stage, queue) in dead_letters::queues(&topology) {
+            if selection.stage.is_some_and(|wanted| wanted != stage) {
+                continue;
+            }
+            let mut held = Held::open(&connection, &queue, selection.max_messages).await?;
+            let mut ids = HashSet::new();
+            while ids.len() < limit {
+                let Some(letter) = held.next().await? else {
+                    break;
+                };
+                if selection.filter.matches(&letter) {
+                    ids.insert(letter.message_id);
+                }
+            }
+            held.release().await;
+            counted.push((stage, queue, ids));
         }
-        for &index in matching {
-            held.remove(&held.letters[index]).await?;
+        let total: usize = counted.iter().map(|(_, _, ids)| ids.len()).sum();
+        if total == 0 {
+            return Ok(Some(0));
         }
+        if !confirm(total)? {
+            return Ok(None);
+        }
+        let mut removed = 0;
+        for (stage, queue, mut ids) in counted {
+            let mut held = Held::open(&connection, &queue, selection.max_messages).await?;
+            let mut chunk = Vec::new();
+            while !ids.is_empty() {
+                let Some(letter) = held.next().await? else {
+                    break;
+                };
+                if ids.remove(&letter.message_id) {
+                    chunk.push(letter);
+                }
+                if chunk.len() == REPLAYED_PER_RECORD || (ids.is_empty() && !chunk.is_empty()) {
+                    removed +=
+                        remove(&held, ledger, &name, stage, by, std::mem::take(&mut chunk)).await?;
+                }
+            }
+            removed += remove(&held, ledger, &name, stage, by, chunk).await?;
+            held.release_removed(&connection).await?;
+        }
+        anyhow::Ok(Some(removed))
     }
-    taken.release().await?;
-    Ok(Some(total))
+    .await;
+    conveyor_amqp::close(&connection).await;
+    result
 }
 
-/// Writes the selected letters to `out` as JSON Lines, one message a line; removes nothing. Returns
-/// how many were written.
+/// Records the purge of `letters` in `ledger` (when kept), then removes them; returns how many.
+async fn remove(
+    held: &Held,
+    ledger: Option<&Database>,
+    pipeline: &str,
+    stage: Stage,
+    by: &By,
+    letters: Vec<DeadLetter>,
+) -> anyhow::Result<usize> {
+    if letters.is_empty() {
+        return Ok(0);
+    }
+    if let Some(database) = ledger {
+        let moved: Vec<Moved> = letters.iter().map(|letter| moved(letter, false)).collect();
+        action::record(database, pipeline, stage, ActionKind::Purge, &moved, by).await?;
+    }
+    for letter in &letters {
+        held.remove(letter).await?;
+    }
+    Ok(letters.len())
+}
+
+/// Writes the selected letters to `out` as JSON Lines, one message a line, as the queues are read;
+/// removes nothing. Returns how many were written.
 pub async fn export(
     broker: &BrokerArgs,
     selection: &Selection,
     out: &mut dyn Write,
 ) -> anyhow::Result<usize> {
-    let taken = Taken::take(broker, selection).await?;
     let mut written = 0;
-    let result = (|| {
-        for (_, held, matching) in &taken.queues {
-            for &index in matching {
-                serde_json::to_writer(&mut *out, &held.letters[index])?;
-                out.write_all(b"\n")?;
-                written += 1;
-            }
-        }
-        out.flush()?;
-        anyhow::Ok(())
-    })();
-    taken.release().await?;
-    result.map(|()| written)
+    read_selected(broker, selection, |letter| {
+        serde_json::to_writer(&mut *out, &letter)?;
+        out.write_all(b"\n")?;
+        written += 1;
+        Ok(())
+    })
+    .await?;
+    out.flush()?;
+    Ok(written)
 }

@@ -26,6 +26,9 @@ use crate::dead_letters::{Selection, purge, replay};
 /// Letters read from one dead-letter queue at most by one action or refresh.
 pub const MAX_MESSAGES: usize = 100_000;
 
+/// Letters found in a queue indexed in one statement.
+const INDEXED_AT_ONCE: usize = 500;
+
 /// Indexes the letters of a pipeline's dead-letter queues that the index lacks (the broker's own, or
 /// sent while the ledger was off). A queue is read only when the letters ready in it are not as many
 /// as the index counts there, and then for as long as one pass over it takes. Returns how many were
@@ -49,10 +52,23 @@ pub async fn refresh_index(
         if u64::from(ready) == indexed.get(stage.as_str()).copied().unwrap_or(0) {
             continue;
         }
-        let held = Held::take(connection, &queue, MAX_MESSAGES).await?;
-        let found: Vec<_> = held.letters.iter().map(|letter| letter.indexed()).collect();
+        // Indexed a few hundred at a time, so that memory holds no more however long the queue.
+        let mut held = Held::open(connection, &queue, MAX_MESSAGES).await?;
+        let indexing = async {
+            let mut found = Vec::new();
+            while let Some(letter) = held.next().await? {
+                found.push(letter.indexed());
+                if found.len() == INDEXED_AT_ONCE {
+                    added += letters::index_found(database, pipeline, stage, &found).await?;
+                    found.clear();
+                }
+            }
+            added += letters::index_found(database, pipeline, stage, &found).await?;
+            anyhow::Ok(())
+        }
+        .await;
         held.release().await;
-        added += letters::index_found(database, pipeline, stage, &found).await?;
+        indexing?;
     }
     let _ = channel.close(200, "done".into()).await;
     Ok(added)

@@ -37,7 +37,7 @@ pub struct PipelineOverview {
 /// A call budget shared by the fetchers of an account set.
 #[derive(Debug, Clone, Serialize)]
 pub struct Budget {
-    /// The budget's key (an account set's digest: no secret).
+    /// The budget's key: the tenant's authorization and the account set it counts for (no secret).
     pub key: String,
     /// Calls per minute allowed now after throttling, if the source throttled (else the limit).
     pub rate_now: Option<f64>,

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{demo, hosting, pipeline, sync};
+use crate::{console, demo, hosting, pipeline, sync};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +36,8 @@ enum BenchCommand {
     Pipeline(pipeline::PipelineArgs),
     /// The memory of one process of each worker hosting many pipelines, idle and working.
     Hosting(hosting::HostingArgs),
+    /// The console's pages with many dead letters: their times, and the console's memory.
+    Console(console::ConsoleArgs),
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -66,6 +68,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: BenchCommand::Hosting(args),
         } => {
             let report = hosting::run(&args, &bin_dir).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Bench {
+            command: BenchCommand::Console(args),
+        } => {
+            let report = console::run(&args, &bin_dir).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
     }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 
 pub mod cli;
+pub mod console;
 pub mod demo;
 pub mod hosting;
 pub mod pipeline;

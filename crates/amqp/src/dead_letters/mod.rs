@@ -29,7 +29,7 @@ use conveyor_base::{ErrorClass, Stage};
 use crate::envelope::{decode_body, record_ids_in};
 use crate::error::{BrokerError, amqp};
 use crate::headers::*;
-use crate::publish::Publisher;
+use crate::publish::{PendingConfirm, Publisher};
 use crate::topology::{DELIVERY_LIMIT, Topology};
 
 mod sender;
@@ -332,6 +332,11 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The most letters it can match: as many as the message ids it names, if it names them.
+    pub fn most(&self) -> usize {
+        self.message_ids.as_ref().map_or(usize::MAX, HashSet::len)
+    }
+
     pub fn matches(&self, letter: &DeadLetter) -> bool {
         let failed_at = letter.last_failed_at.map(|t| t.with_timezone(&Utc));
         self.message_ids
@@ -373,16 +378,34 @@ const HANDED_BACK_WITHIN: Duration = Duration::from_millis(200);
 pub struct Held {
     channel: Channel,
     queue: String,
-    /// The most letters taken at once (memory).
+    /// The most letters read at once (memory).
     max: usize,
+    /// Letters read so far, and their message ids.
+    read: usize,
+    seen: HashSet<String>,
+    /// The letters [`Held::take`] read (empty when read one by one with [`Held::next`]).
     pub letters: Vec<DeadLetter>,
     /// The message ids of the letters removed, to make sure they are gone ([`Held::release_removed`]).
     removed: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Held {
-    /// Takes every message of `queue` (at most `max`, to bound memory) without removing any.
+    /// Takes every message of `queue` now (at most `max`, to bound memory) without removing any.
     pub async fn take(
+        connection: &Connection,
+        queue: &str,
+        max: usize,
+    ) -> Result<Self, BrokerError> {
+        let mut held = Self::open(connection, queue, max).await?;
+        while let Some(letter) = held.next().await? {
+            held.letters.push(letter);
+        }
+        Ok(held)
+    }
+
+    /// Opens `queue` for reading letter by letter ([`Held::next`]) up to the letters it holds now:
+    /// what is read stays held, but only what the caller keeps of it is in memory.
+    pub async fn open(
         connection: &Connection,
         queue: &str,
         max: usize,
@@ -391,28 +414,68 @@ impl Held {
             .create_channel()
             .await
             .map_err(amqp(format!("opening a channel to read {queue}")))?;
-        let mut letters = Vec::new();
-        while letters.len() < max {
-            let got = channel
-                .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-                .await
-                .map_err(amqp(format!("reading {queue}")))?;
-            let Some(message) = got else { break };
-            let delivery = &message.delivery;
-            letters.push(DeadLetter::read(
-                queue,
-                &delivery.data,
-                &delivery.properties,
-                delivery.delivery_tag,
-            ));
-        }
+        // The letters there now, and no more: a letter arriving while this one reads (a replayed
+        // copy that died again) waits for the next reading, so that a replay of a whole queue ends.
+        let ready = crate::topology::queue_depth(&channel, queue)
+            .await
+            .map_err(amqp(format!("inspecting {queue}")))?;
         Ok(Self {
             channel,
             queue: queue.to_owned(),
-            max,
-            letters,
+            max: max.min(ready as usize),
+            read: 0,
+            seen: HashSet::new(),
+            letters: Vec::new(),
             removed: std::sync::Mutex::default(),
         })
+    }
+
+    /// The next letter of the queue, held; `None` once the queue (or the most to read) is done.
+    pub async fn next(&mut self) -> Result<Option<DeadLetter>, BrokerError> {
+        if self.read >= self.max {
+            return Ok(None);
+        }
+        let got = self
+            .channel
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(amqp(format!("reading {}", self.queue)))?;
+        let Some(message) = got else {
+            return Ok(None);
+        };
+        self.read += 1;
+        let delivery = &message.delivery;
+        let letter = DeadLetter::read(
+            &self.queue,
+            &delivery.data,
+            &delivery.properties,
+            delivery.delivery_tag,
+        );
+        self.seen.insert(letter.message_id.clone());
+        Ok(Some(letter))
+    }
+
+    /// Publishes a copy of `letter` back where it failed, through the normal path (the original
+    /// exchange and routing key), and returns the broker's confirm to await (many copies await
+    /// theirs together). The letter stays until [`Held::remove`] takes it.
+    pub async fn send_copy(
+        &self,
+        letter: &DeadLetter,
+        publisher: &Publisher,
+        topology: &Topology,
+    ) -> Result<PendingConfirm, BrokerError> {
+        let (exchange, routing_key) = replay_route(letter, topology);
+        publisher
+            .send(
+                &exchange,
+                &routing_key,
+                &letter.body,
+                letter.replay_properties(),
+            )
+            .await
     }
 
     /// Removes a letter from its queue for good.
@@ -428,34 +491,18 @@ impl Held {
         Ok(())
     }
 
-    /// Publishes a copy of `letter` back where it failed, through the normal path (the original
-    /// exchange and routing key), and waits for the broker's confirm. The letter stays until
-    /// [`Held::remove`] takes it.
-    pub async fn republish(
-        &self,
-        letter: &DeadLetter,
-        publisher: &Publisher,
-        topology: &Topology,
-    ) -> Result<(), BrokerError> {
-        let (exchange, routing_key) = replay_route(letter, topology);
-        publisher
-            .publish(
-                &exchange,
-                &routing_key,
-                &letter.body,
-                letter.replay_properties(),
-            )
-            .await
-    }
-
     /// Like [`Held::release`], then makes sure that the letters removed are gone. A quorum queue may
     /// drop acks that reach it just before their channel closes, and hand those letters back
     /// (rabbitmq-server#10327): the queue is read again, and letters removed that came back are
-    /// removed again, a few rounds at most.
-    pub async fn release_removed(self, connection: &Connection) -> Result<(), BrokerError> {
+    /// removed again, a few rounds at most. Only the letters handed back need reading: a queue serves
+    /// what was handed back before anything else (a quorum queue's returns come first, a classic
+    /// queue's go back to where they were), so the reading stops at the first letter this one never
+    /// held.
+    pub async fn release_removed(mut self, connection: &Connection) -> Result<(), BrokerError> {
         let mut removed =
             std::mem::take(&mut *self.removed.lock().expect("no panics while locked"));
         let (queue, max) = (self.queue.clone(), self.max);
+        let mut held_before = std::mem::take(&mut self.seen);
         self.release().await;
         for _ in 0..REMOVAL_ROUNDS {
             if removed.is_empty() {
@@ -463,23 +510,26 @@ impl Held {
             }
             // The queue hands back what a closed channel held a moment after the close.
             tokio::time::sleep(HANDED_BACK_WITHIN).await;
-            let again = Held::take(connection, &queue, max).await?;
-            let back: Vec<&DeadLetter> = again
-                .letters
-                .iter()
-                .filter(|letter| removed.contains(&letter.message_id))
-                .collect();
-            if !back.is_empty() {
+            let mut again = Held::open(connection, &queue, max).await?;
+            let mut back = 0;
+            while let Some(letter) = again.next().await? {
+                if !held_before.contains(&letter.message_id) {
+                    break;
+                }
+                if removed.contains(&letter.message_id) {
+                    again.remove(&letter).await?;
+                    back += 1;
+                }
+            }
+            if back > 0 {
                 tracing::info!(
                     queue,
-                    letters = back.len(),
+                    letters = back,
                     "letters removed came back (the broker dropped their acks at the channel's close); removing them again"
                 );
             }
-            for letter in back {
-                again.remove(letter).await?;
-            }
             removed = std::mem::take(&mut *again.removed.lock().expect("no panics while locked"));
+            held_before = std::mem::take(&mut again.seen);
             again.release().await;
         }
         if !removed.is_empty() {
@@ -543,23 +593,24 @@ pub struct QueueCounts {
 }
 
 impl QueueCounts {
-    pub fn of(pipeline: &str, stage: Stage, queue: &str, letters: &[DeadLetter]) -> Self {
-        let mut counts = Self {
+    /// No letter counted yet.
+    pub fn new(pipeline: &str, stage: Stage, queue: &str) -> Self {
+        Self {
             pipeline: pipeline.to_owned(),
             stage: stage.as_str().to_owned(),
             queue: queue.to_owned(),
-            messages: letters.len(),
             ..Default::default()
-        };
-        for letter in letters {
-            // A malformed letter is counted as a message: records never entered through it, even
-            // when its body could be read (another pipeline's, another schema version).
-            if letter.class != ErrorClass::Malformed.as_str() {
-                counts.records += letter.record_ids.len();
-            }
-            *counts.by_class.entry(letter.class.clone()).or_default() += 1;
         }
-        counts
+    }
+
+    pub fn add(&mut self, letter: &DeadLetter) {
+        self.messages += 1;
+        // A malformed letter is counted as a message: records never entered through it, even when
+        // its body could be read (another pipeline's, another schema version).
+        if letter.class != ErrorClass::Malformed.as_str() {
+            self.records += letter.record_ids.len();
+        }
+        *self.by_class.entry(letter.class.clone()).or_default() += 1;
     }
 }
 
@@ -587,7 +638,8 @@ mod tests {
             letter("permanent", "a,b", "2026-01-02T03:04:05+00:00"),
             letter("malformed", "c", "2026-01-02T03:04:05+00:00"),
         ];
-        let counts = QueueCounts::of("p", Stage::Write, "ns.p.write.dlq", &letters);
+        let mut counts = QueueCounts::new("p", Stage::Write, "ns.p.write.dlq");
+        letters.iter().for_each(|letter| counts.add(letter));
         assert_eq!((counts.messages, counts.records), (2, 2));
         assert_eq!(counts.by_class["malformed"], 1);
     }

@@ -152,6 +152,7 @@ impl DeadLetters {
             let single = Envelope {
                 meta: Meta {
                     attempt: meta.attempt,
+                    replays: meta.replays,
                     ..meta.derived(record.data.get())
                 },
                 records: vec![record.clone()],

@@ -311,6 +311,16 @@ fn ids_shown(ids: &[String]) -> String {
     }
 }
 
+/// Refuses a pipeline this console does not show (the ledger may hold others').
+pub(crate) fn shown(console: &Console, pipeline: &str) -> Result<(), Failure> {
+    match console.pipeline(pipeline) {
+        Some(_) => Ok(()),
+        None => Err(Failure::not_found(format!(
+            "no pipeline is named {pipeline:?}"
+        ))),
+    }
+}
+
 /// Field names a reason mentions: the payload lines of those keys are marked.
 fn fields_named(reason: &str, payload: &str) -> Vec<String> {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(payload) else {
@@ -347,6 +357,7 @@ pub(crate) async fn one(
     Extension(session): Extension<Session>,
     Path((pipeline, stage, message_id)): Path<(String, String, String)>,
 ) -> Result<Response, Failure> {
+    shown(&console, &pipeline)?;
     let Some(letter) = letters::letter(&console.database, &pipeline, &stage, &message_id).await?
     else {
         return Err(Failure::not_found(format!(

@@ -36,6 +36,7 @@ pub(crate) async fn page(
     } else {
         asked.pipeline.clone()
     };
+    super::letters::shown(&console, &pipeline)?;
     let (steps, found) = if record_id.is_empty() {
         (Vec::new(), Vec::new())
     } else {

@@ -69,7 +69,7 @@ fn form(console: &Console, session: &Session, pipeline: &str, sample: &str) -> M
     }
 }
 
-pub(crate) async fn form_page(
+fn form_page(
     console: &Console,
     session: &Session,
     pipeline: &str,
@@ -88,13 +88,14 @@ pub(crate) async fn show(
     let mut sample = String::new();
     let mut pipeline = asked.pipeline.clone();
     if let Some((stage, id)) = asked.letter.split_once('/') {
+        super::letters::shown(&console, &asked.pipeline)?;
         let letter = letters::letter(&console.database, &asked.pipeline, stage, id)
             .await?
             .ok_or_else(|| Failure::not_found(format!("no dead letter {id} at {stage}")))?;
         sample = rows_of(&letter.payload);
         pipeline = letter.pipeline;
     }
-    Ok(form_page(&console, &session, &pipeline, &sample, html! {}).await)
+    Ok(form_page(&console, &session, &pipeline, &sample, html! {}))
 }
 
 pub(crate) async fn run(console: Shared, posted: Posted) -> Result<Response, Failure> {
@@ -117,7 +118,13 @@ pub(crate) async fn run(console: Shared, posted: Posted) -> Result<Response, Fai
             render(&preview)
         }
     };
-    Ok(form_page(&console, &posted.session, name, sample_text, result).await)
+    Ok(form_page(
+        &console,
+        &posted.session,
+        name,
+        sample_text,
+        result,
+    ))
 }
 
 fn render(preview: &conveyor_transformer::Preview) -> Markup {
