@@ -705,6 +705,15 @@ async fn guards_and_replays() {
         "{}",
         lineage.body
     );
+    let at_target = lineage
+        .body
+        .split("At the target")
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        at_target.contains(&first.record_ids[0]) && !at_target.contains("target-absent"),
+        "the target's row: {at_target}"
+    );
 
     step("the rule preview runs the pipeline's rules only, and names each error");
     let sample = r#"[

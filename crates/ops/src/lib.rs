@@ -5,6 +5,7 @@
 
 pub mod dead_letters;
 pub mod letters;
+pub mod lineage;
 pub mod overview;
 pub mod reconcile;
 pub mod status;

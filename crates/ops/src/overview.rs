@@ -72,11 +72,17 @@ pub async fn overview(
     pipelines: &[Pipeline],
     workers: &[String],
 ) -> anyhow::Result<Overview> {
+    let workers = seen(workers).await;
+    // The messages in the hands of the workers that answered (one that did not is shown as such).
     let request = status::Request {
         pipelines: pipelines.iter().map(|p| p.name().to_owned()).collect(),
         span: read::Span::default(),
         settle_wait: Duration::from_secs(1),
-        workers: Vec::new(),
+        workers: workers
+            .iter()
+            .filter(|worker| worker.error.is_none())
+            .map(|worker| worker.url.clone())
+            .collect(),
     };
     let statuses = status::status(broker, database, &request).await?;
     let now = Utc::now();
@@ -97,7 +103,7 @@ pub async fn overview(
         read_at: now,
         pipelines: overviews,
         budgets: budgets(database).await?,
-        workers: seen(workers).await,
+        workers,
     })
 }
 

@@ -342,6 +342,24 @@ impl TargetTable {
         Ok(rows.iter().map(|row| row.get(0)).collect())
     }
 
+    /// The row of `id` as JSON, if the table holds it.
+    pub async fn row(&self, id: &str) -> anyhow::Result<Option<serde_json::Value>> {
+        let client = self.database.client().await?;
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT to_jsonb(t) FROM {table} t WHERE t.{key} = $1::text::{key_type}",
+                    table = self.table,
+                    key = self.key,
+                    key_type = self.key_type,
+                ),
+                &[&id],
+            )
+            .await
+            .context("reading the target's row by id")?;
+        Ok(row.map(|row| row.get(0)))
+    }
+
     /// For each `(id, version)` expected: None when the target holds it at that version or newer,
     /// else whether it is missing (None) or held older (its version as text).
     async fn behind(

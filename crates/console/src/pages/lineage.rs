@@ -1,11 +1,10 @@
-//! A record's way through a pipeline, from the ledger: each message that carried it into a stage,
-//! what the stage settled, and the dead letters it is in.
+//! A record's way through a pipeline ([`conveyor_ops::lineage`]): each message that carried it into a
+//! stage, what the stage settled, the dead letters it is in, and its row at the target.
 
 use axum::Extension;
 use axum::extract::Query;
 use axum::response::Response;
-use conveyor_ledger::letters::{self, LetterQuery};
-use conveyor_ledger::read;
+use conveyor_ops::lineage::TargetRow;
 use maud::html;
 use serde::Deserialize;
 
@@ -37,21 +36,11 @@ pub(crate) async fn page(
         asked.pipeline.clone()
     };
     super::letters::shown(&console, &pipeline)?;
-    let (steps, found) = if record_id.is_empty() {
-        (Vec::new(), Vec::new())
-    } else {
-        let query = LetterQuery {
-            record_id: Some(record_id.to_owned()),
-            ..LetterQuery::dead(&pipeline)
-        };
-        let any_state = LetterQuery {
-            state: None,
-            ..query
-        };
-        (
-            read::lineage(&console.database, &pipeline, record_id).await?,
-            letters::page(&console.database, &any_state, None, 100).await?,
-        )
+    let lineage = match console.pipeline(&pipeline) {
+        Some(shown) if !record_id.is_empty() => {
+            Some(conveyor_ops::lineage::lineage(&console.database, shown, record_id).await?)
+        }
+        _ => None,
     };
     let body = html! {
         form.filters method="get" action="/lineage" {
@@ -61,14 +50,14 @@ pub(crate) async fn page(
             label { "Record id" input name="record_id" value=(record_id) required; }
             button type="submit" { "Trace" }
         }
-        @if !record_id.is_empty() {
-            @if steps.is_empty() && found.is_empty() {
+        @if let Some(lineage) = &lineage {
+            @if lineage.steps.is_empty() && lineage.letters.is_empty() {
                 p { "The ledger holds nothing of record " code { (record_id) } " in " (pipeline) " (within its retention)." }
             }
-            @if !steps.is_empty() {
+            @if !lineage.steps.is_empty() {
                 h2 { "Through the stages" }
                 table { thead { tr { th { "sent at" } th { "into" } th { "by" } th { "message" } th { "from" } th { "settled" } th { "at" } } }
-                    tbody { @for step in &steps { tr {
+                    tbody { @for step in &lineage.steps { tr {
                         td { (html::time(&step.sent_at)) }
                         td { (step.stage) } td { (step.sent_by) }
                         td { code { (step.message_id) } } td { code { (step.parent_id) } }
@@ -82,12 +71,18 @@ pub(crate) async fn page(
                     } } }
                 }
             }
-            @if !found.is_empty() {
+            @if !lineage.letters.is_empty() {
                 h2 { "Dead letters" }
-                ul { @for letter in &found { li {
+                ul { @for letter in &lineage.letters { li {
                     a href=(format!("/letters/{pipeline}/{}/{}", letter.stage, letter.message_id)) { (html::time(&letter.failed_at)) }
                     " at " (letter.stage) ", " (letter.state) ": " (letter.reason)
                 } } }
+            }
+            h2 { "At the target" }
+            @match &lineage.target {
+                TargetRow::Held(row) => { (html::json_marked(&row.to_string(), &[])) }
+                TargetRow::Absent => { p.alarm.target-absent { "The target holds no row " code { (record_id) } "." } }
+                TargetRow::NotRead(why) => { p.hint { "Not read: " (why) "." } }
             }
         }
     };
