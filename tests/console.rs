@@ -29,8 +29,7 @@ const VIEWER: (&str, &str) = ("victor", "viewer password 42");
 struct Setup {
     scenario: Scenario,
     workers: Vec<WorkerProcess>,
-    client: tokio_postgres::Client,
-    table: String,
+    cause: RefusedSevens,
     refused: BTreeSet<String>,
     console: Arc<Console>,
     address: String,
@@ -41,22 +40,8 @@ async fn setup(prefix: &str) -> Setup {
     let mut scenario = scenario(prefix, orders(240)).await;
     scenario.set_env("CONVEYOR_FETCH_INTERVAL_SECS", "3600");
     let writer = spawn_ready(&scenario, Worker::Writer).await;
-    let table = scenario.table().unwrap();
-    let client = conveyor_harness::pg_client(&scenario.services.pg_url)
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!(
-            "ALTER TABLE {table} ADD CONSTRAINT no_sevens CHECK (right(id, 1) <> '7')"
-        ))
-        .await
-        .unwrap();
-    let refused: BTreeSet<String> = scenario
-        .expected_records()
-        .into_iter()
-        .map(|record| record.id)
-        .filter(|id| id.ends_with('7'))
-        .collect();
+    let cause = RefusedSevens::add(&scenario).await;
+    let refused = cause.ids.clone();
     assert!(refused.len() > 3);
     let total = scenario.expected_records().len();
     let transformer = scenario.spawn(Worker::Transformer, &[]).unwrap();
@@ -70,7 +55,7 @@ async fn setup(prefix: &str) -> Setup {
         .unwrap()
         .len()
         < refused.len()
-        || scenario.target_count(&client).await.unwrap() < total - refused.len()
+        || scenario.target_count(&cause.client).await.unwrap() < total - refused.len()
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -98,8 +83,7 @@ async fn setup(prefix: &str) -> Setup {
     Setup {
         scenario,
         workers,
-        client,
-        table,
+        cause,
         refused,
         console,
         address,
@@ -243,6 +227,14 @@ impl User {
             None,
         )
         .await
+    }
+
+    /// Starts a job with `fields` posted to /actions/run; returns its page once it is done.
+    async fn run_job(&self, fields: &[(&str, &str)]) -> String {
+        let started = self.post("/actions/run", fields).await;
+        assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
+        let job = started.headers[header::LOCATION].to_str().unwrap();
+        wait_for_job(self, job).await
     }
 
     /// Posts a form with the session's CSRF token, from the console's own origin.
@@ -537,22 +529,13 @@ async fn guards_and_replays() {
     );
 
     step("replayed before the fix, a letter dies again, and says so");
-    let started = alice
-        .post(
-            "/actions/run",
-            &[
-                ("action", "replay"),
-                ("pipeline", pipeline),
-                ("letter", &one),
-            ],
-        )
+    let done = alice
+        .run_job(&[
+            ("action", "replay"),
+            ("pipeline", pipeline),
+            ("letter", &one),
+        ])
         .await;
-    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
-    let job = started.headers[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let done = wait_for_job(&alice, &job).await;
     assert!(done.contains("1 of 1"), "{done}");
     let again = loop {
         let dead = dead_in_index(&setup.console, pipeline).await;
@@ -641,14 +624,7 @@ async fn guards_and_replays() {
     }
 
     step("after the fix, replaying everything needs its confirmation, then lands every record");
-    setup
-        .client
-        .batch_execute(&format!(
-            "ALTER TABLE {} DROP CONSTRAINT no_sevens",
-            setup.table
-        ))
-        .await
-        .unwrap();
+    setup.cause.fix().await;
     let everything = alice
         .post(
             "/actions/run",
@@ -658,22 +634,13 @@ async fn guards_and_replays() {
     assert_eq!(everything.status, StatusCode::BAD_REQUEST);
     let phrase = format!("replay {}", setup.refused.len());
     assert!(everything.body.contains(&phrase), "{}", everything.body);
-    let started = alice
-        .post(
-            "/actions/run",
-            &[
-                ("action", "replay"),
-                ("pipeline", pipeline),
-                ("confirm", &phrase),
-            ],
-        )
+    let done = alice
+        .run_job(&[
+            ("action", "replay"),
+            ("pipeline", pipeline),
+            ("confirm", &phrase),
+        ])
         .await;
-    assert_eq!(started.status, StatusCode::SEE_OTHER, "{}", started.body);
-    let job = started.headers[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let done = wait_for_job(&alice, &job).await;
     assert!(
         done.contains(&format!("{0} of {0}", setup.refused.len())),
         "{done}"
@@ -743,6 +710,18 @@ async fn guards_and_replays() {
     let mut setup = setup;
     stop_all(&mut setup.workers).await;
     setup.scenario.clean_up(false).await.unwrap();
+}
+
+/// Waits for the job page the browser shows to say the job is done.
+async fn wait_for_job_in(browser: &Browser) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while browser.text("dd.state").await.unwrap() != "done" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// A folder kept as test artefacts (not committed): target/console-screenshots/.
@@ -828,14 +807,7 @@ async fn in_a_browser() {
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 
     step("fix the cause, replay the letter from its page");
-    setup
-        .client
-        .batch_execute(&format!(
-            "ALTER TABLE {} DROP CONSTRAINT no_sevens",
-            setup.table
-        ))
-        .await
-        .unwrap();
+    setup.cause.fix().await;
     browser
         .click("button[name=action][value=replay]")
         .await
@@ -845,14 +817,7 @@ async fn in_a_browser() {
         .click("form[action='/actions/run'] button[type=submit]")
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while browser.text("dd.state").await.unwrap() != "done" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_job_in(&browser).await;
     assert_eq!(browser.text("dd.moved").await.unwrap(), "1 of 1");
 
     step("replay the rest from the list, then the target equals the truth");
@@ -873,14 +838,7 @@ async fn in_a_browser() {
         .click("form[action='/actions/run'] button[type=submit]")
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while browser.text("dd.state").await.unwrap() != "done" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    wait_for_job_in(&browser).await;
     assert_target_equals_truth(&setup.scenario, &setup.workers).await;
 
     step("a read-only user sees no way to replay");

@@ -519,20 +519,8 @@ async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_
     scenario.set_env("CONVEYOR_FETCH_INTERVAL_SECS", "3600");
     let writer = spawn_ready(&scenario, Worker::Writer).await;
     // The cause: a rule in the target that refuses every order whose id ends in 7.
-    let table = scenario.table().unwrap();
-    let client = pg_client(&scenario.services.pg_url).await.unwrap();
-    client
-        .batch_execute(&format!(
-            "ALTER TABLE {table} ADD CONSTRAINT no_sevens CHECK (right(id, 1) <> '7')"
-        ))
-        .await
-        .unwrap();
-    let refused: BTreeSet<String> = scenario
-        .expected_records()
-        .into_iter()
-        .map(|record| record.id)
-        .filter(|id| id.ends_with('7'))
-        .collect();
+    let cause = RefusedSevens::add(&scenario).await;
+    let (client, refused) = (&cause.client, cause.ids.clone());
     let total = scenario.expected_records().len();
     assert!(!refused.is_empty());
 
@@ -541,7 +529,7 @@ async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_
     let mut workers = vec![fetcher, transformer, writer];
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     while dead_letter_count(&scenario, Stage::Write).await < refused.len()
-        || scenario.target_count(&client).await.unwrap() < total - refused.len()
+        || scenario.target_count(client).await.unwrap() < total - refused.len()
     {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -670,10 +658,7 @@ async fn replay_after_the_cause_is_fixed_lands_the_refused_records_exactly_once_
         dead_letter_count(&scenario, Stage::Write).await,
         refused.len()
     );
-    client
-        .batch_execute(&format!("ALTER TABLE {table} DROP CONSTRAINT no_sevens"))
-        .await
-        .unwrap();
+    cause.fix().await;
     let first_two = ctl_ok(
         &scenario,
         &[

@@ -237,3 +237,46 @@ pub async fn within(limit: Duration, steps: impl std::future::Future<Output = ()
 pub fn step(what: &str) {
     eprintln!("{:?} step: {what}", std::time::SystemTime::now());
 }
+
+/// A cause of dead letters that can be fixed: a CHECK constraint in the target table that refuses
+/// every order whose id ends in 7.
+pub struct RefusedSevens {
+    pub client: tokio_postgres::Client,
+    pub table: String,
+    /// The ids the constraint refuses.
+    pub ids: std::collections::BTreeSet<String>,
+}
+
+impl RefusedSevens {
+    /// Adds the constraint to the scenario's table (a writer must have created it).
+    pub async fn add(scenario: &Scenario) -> Self {
+        let table = scenario.table().unwrap();
+        let client = conveyor_harness::pg_client(&scenario.services.pg_url)
+            .await
+            .unwrap();
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {table} ADD CONSTRAINT no_sevens CHECK (right(id, 1) <> '7')"
+            ))
+            .await
+            .unwrap();
+        let ids = scenario
+            .expected_records()
+            .into_iter()
+            .map(|record| record.id)
+            .filter(|id| id.ends_with('7'))
+            .collect();
+        Self { client, table, ids }
+    }
+
+    /// The fix: drops the constraint.
+    pub async fn fix(&self) {
+        self.client
+            .batch_execute(&format!(
+                "ALTER TABLE {} DROP CONSTRAINT no_sevens",
+                self.table
+            ))
+            .await
+            .unwrap();
+    }
+}
