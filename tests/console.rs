@@ -344,8 +344,8 @@ async fn guards_and_replays() {
     );
 
     step("failed logins are limited");
-    for _ in 0..conveyor_console::auth::LOGIN_FAILURES_ALLOWED {
-        let answer = call(
+    let guess = || {
+        call(
             &router,
             host,
             "POST",
@@ -354,20 +354,13 @@ async fn guards_and_replays() {
             Some(&[("user", "mallory"), ("password", "guess guess guess")]),
             Some(&origin),
         )
-        .await;
+    };
+    for _ in 0..conveyor_console::auth::LOGIN_FAILURES_ALLOWED {
+        let answer = guess().await;
         assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
         assert!(answer.body.contains("Wrong user or password"));
     }
-    let answer = call(
-        &router,
-        host,
-        "POST",
-        "/login",
-        None,
-        Some(&[("user", "mallory"), ("password", "guess guess guess")]),
-        Some(&origin),
-    )
-    .await;
+    let answer = guess().await;
     assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(answer.headers.contains_key(header::RETRY_AFTER));
 
