@@ -114,4 +114,6 @@ fi
 command -v promtool >/dev/null || apt_install prometheus
 command -v docker-compose >/dev/null || apt_install docker-compose
 command -v chromedriver >/dev/null || apt_install chromium chromium-driver
+# A CJK font, so that screenshots of Chinese names show the names (1.6 MB).
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || apt_install fonts-wqy-microhei
 log "RabbitMQ and PostgreSQL are up; promtool, docker-compose and chromium are installed"

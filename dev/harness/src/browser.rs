@@ -1,6 +1,6 @@
 //! A real headless Chromium, driven over the W3C WebDriver protocol through Debian's chromedriver:
-//! what the console's browser tests click through. Installs `chromium` and `chromium-driver` with
-//! apt when they are missing.
+//! what the console's browser tests click through. Installs `chromium` and `chromium-driver` (and a
+//! CJK font) with apt when they are missing.
 //!
 //! The client is the dozen WebDriver commands the tests use, over reqwest (already in the tree).
 //! fantoccini would bring second major versions of http, thiserror and cookie, and ICU's segmenter,
@@ -44,7 +44,14 @@ fn ensure_installed() -> anyhow::Result<()> {
     }
     eprintln!("installing chromium and chromium-driver (apt-get) for the browser tests");
     let status = std::process::Command::new("apt-get")
-        .args(["install", "-y", "-q", "chromium", "chromium-driver"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "chromium",
+            "chromium-driver",
+            "fonts-wqy-microhei",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .context("running apt-get to install chromium and chromium-driver")?;
