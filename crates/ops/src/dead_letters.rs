@@ -151,6 +151,10 @@ pub async fn replay(
         let publisher = Publisher::open(&connection).await?;
         let mut replayed = Replayed::default();
         let mut selected = 0;
+        // What this replay sent already: a copy that dies again while the replay reads on comes
+        // back as a new letter of the same records (or, a whole message, under its copy's id), and
+        // is left for the next replay, so that a replay of a whole queue ends.
+        let mut sent = HashSet::new();
         let limit = selection.most();
         for (stage, queue) in dead_letters::queues(&topology) {
             if selection.stage.is_some_and(|wanted| wanted != stage) {
@@ -163,9 +167,11 @@ pub async fn replay(
                 let Some(letter) = held.next().await? else {
                     break;
                 };
-                if !selection.filter.matches(&letter) {
+                if !selection.filter.matches(&letter) || sent_before(&sent, &letter) {
                     continue;
                 }
+                sent.insert(letter.replayed_id());
+                sent.extend(letter.record_ids.iter().cloned());
                 matched += 1;
                 selected += 1;
                 chunk.push(letter);
@@ -198,6 +204,12 @@ pub async fn replay(
     .await;
     conveyor_amqp::close(&connection).await;
     result
+}
+
+/// Whether `letter` came back from this replay: a copy it sent died again.
+fn sent_before(sent: &HashSet<String>, letter: &DeadLetter) -> bool {
+    sent.contains(&letter.message_id)
+        || (!letter.record_ids.is_empty() && letter.record_ids.iter().all(|id| sent.contains(id)))
 }
 
 /// Letters of one queue moved together.

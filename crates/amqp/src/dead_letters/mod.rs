@@ -390,7 +390,7 @@ pub struct Held {
 }
 
 impl Held {
-    /// Takes every message of `queue` now (at most `max`, to bound memory) without removing any.
+    /// Takes every message of `queue` (at most `max`, to bound memory) without removing any.
     pub async fn take(
         connection: &Connection,
         queue: &str,
@@ -403,8 +403,8 @@ impl Held {
         Ok(held)
     }
 
-    /// Opens `queue` for reading letter by letter ([`Held::next`]) up to the letters it holds now:
-    /// what is read stays held, but only what the caller keeps of it is in memory.
+    /// Opens `queue` for reading letter by letter ([`Held::next`]): what is read stays held, but
+    /// only what the caller keeps of it is in memory.
     pub async fn open(
         connection: &Connection,
         queue: &str,
@@ -414,15 +414,10 @@ impl Held {
             .create_channel()
             .await
             .map_err(amqp(format!("opening a channel to read {queue}")))?;
-        // The letters there now, and no more: a letter arriving while this one reads (a replayed
-        // copy that died again) waits for the next reading, so that a replay of a whole queue ends.
-        let ready = crate::topology::queue_depth(&channel, queue)
-            .await
-            .map_err(amqp(format!("inspecting {queue}")))?;
         Ok(Self {
             channel,
             queue: queue.to_owned(),
-            max: max.min(ready as usize),
+            max,
             read: 0,
             seen: HashSet::new(),
             letters: Vec::new(),
