@@ -1,6 +1,9 @@
 //! Publishing with confirms: [`Publisher`] awaits the broker's confirm of every message and treats a
 //! nack, or a message the broker could not route, as a failed publish.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -8,9 +11,17 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use crate::error::{BrokerError, amqp};
 
 /// Publishes on a channel in confirm mode. Cheap to clone; many publishes may be in flight at once.
+///
+/// A publisher that owns a share of its connection ([`Publisher::renewable`]) moves to a new channel
+/// after the broker nacked one of its publishes: a channel opened while a quorum queue elected its
+/// leader anew had every later publish nacked for as long as it lived (RabbitMQ 3.10 cluster, a
+/// node killed), while a new channel published at once.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    channel: Arc<Mutex<Channel>>,
+    /// Set by a nack: the next send opens a new channel first.
+    suspect: Arc<AtomicBool>,
+    connection: Option<Arc<Connection>>,
 }
 
 /// A publish the broker has not confirmed yet.
@@ -18,19 +29,55 @@ pub struct Publisher {
 pub struct PendingConfirm {
     confirm: lapin::PublisherConfirm,
     destination: String,
+    suspect: Arc<AtomicBool>,
+}
+
+async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(amqp("opening a publishing channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(amqp("enabling publisher confirms"))?;
+    Ok(channel)
 }
 
 impl Publisher {
     pub async fn open(connection: &Connection) -> Result<Self, BrokerError> {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("opening a publishing channel"))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(amqp("enabling publisher confirms"))?;
-        Ok(Self { channel })
+        Ok(Self {
+            channel: Arc::new(Mutex::new(confirm_channel(connection).await?)),
+            suspect: Arc::default(),
+            connection: None,
+        })
+    }
+
+    /// A publisher that moves to a new channel of `connection` after a nack.
+    pub async fn renewable(connection: Arc<Connection>) -> Result<Self, BrokerError> {
+        let mut publisher = Self::open(&connection).await?;
+        publisher.connection = Some(connection);
+        Ok(publisher)
+    }
+
+    /// The channel to publish on: a new one if the last was nacked and a new one can be had.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        if let Some(connection) = &self.connection
+            && self.suspect.swap(false, Ordering::AcqRel)
+        {
+            let fresh = confirm_channel(connection).await?;
+            let old = std::mem::replace(
+                &mut *self.channel.lock().expect("no panics while locked"),
+                fresh,
+            );
+            tracing::info!("the broker nacked a publish: publishing on a new channel");
+            // Publishes still in flight on the old channel keep their confirms until it closes.
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                let _ = old.close(200, "replaced after a nack".into()).await;
+            });
+        }
+        Ok(self.channel.lock().expect("no panics while locked").clone())
     }
 
     /// Sends a message (mandatory: an unroutable message is an error, not a silent drop). Await the
@@ -48,7 +95,8 @@ impl Publisher {
             ..Default::default()
         };
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 ShortString::from(exchange),
                 ShortString::from(routing_key),
@@ -61,6 +109,7 @@ impl Publisher {
         Ok(PendingConfirm {
             confirm,
             destination,
+            suspect: self.suspect.clone(),
         })
     }
 
@@ -89,7 +138,10 @@ impl PendingConfirm {
         match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_returned)) => Err(BrokerError::Unroutable(self.destination)),
-            Confirmation::Nack(_) => Err(BrokerError::Nacked(self.destination)),
+            Confirmation::Nack(_) => {
+                self.suspect.store(true, Ordering::Release);
+                Err(BrokerError::Nacked(self.destination))
+            }
             Confirmation::NotRequested => {
                 unreachable!("publisher channels are always in confirm mode")
             }

@@ -193,11 +193,12 @@ impl WorkerRuntime {
             };
             match conveyor_amqp::connect(&address, &name).await {
                 Ok(connection) => {
+                    let connection = Arc::new(connection);
                     // A broker that is still starting accepts connections before it can declare
                     // queues.
                     let declared = async {
                         self.topology.declare(&connection).await?;
-                        Publisher::open(&connection).await
+                        Publisher::renewable(connection.clone()).await
                     }
                     .await;
                     match declared {
@@ -210,7 +211,7 @@ impl WorkerRuntime {
                                 self.metrics.clone(),
                             );
                             return Ok(Some(Session {
-                                connection: Arc::new(connection),
+                                connection,
                                 publisher,
                                 dead_letters,
                             }));

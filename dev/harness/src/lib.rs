@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod own_broker;
+pub mod own_cluster;
 mod ports;
 mod process;
 pub mod proxy;

@@ -24,8 +24,12 @@ pub struct OwnBroker {
     /// The TLS listener's port, when started with [`OwnBroker::start_with_tls`].
     pub amqps_port: Option<u16>,
     dir: PathBuf,
-    node: String,
+    /// The Erlang node name, `conveyor-{name}@localhost`.
+    pub node: String,
     dist_port: u16,
+    /// The port of the epmd of the test's nodes, when they form a cluster (the machine's epmd is
+    /// left alone).
+    epmd_port: Option<u16>,
     child: Option<Child>,
 }
 
@@ -52,10 +56,64 @@ impl OwnBroker {
         Self::start_node(name, Some(pki)).await
     }
 
-    async fn start_node(name: &str, pki: Option<&TestPki>) -> anyhow::Result<Self> {
+    /// Starts a fresh node of a cluster: registered with the epmd on `epmd_port`, with `cookie`.
+    pub(crate) async fn start_member(
+        name: &str,
+        epmd_port: u16,
+        cookie: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = Self::fresh_dir(name)?;
+        let path = dir.join("home/.erlang.cookie");
+        std::fs::write(&path, cookie)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o400))?;
+        let mut own = Self::new(name, dir, None, Some(epmd_port))?;
+        own.resume().await?;
+        Ok(own)
+    }
+
+    fn fresh_dir(name: &str) -> anyhow::Result<PathBuf> {
         let dir = std::env::temp_dir().join("conveyor-brokers").join(name);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("home"))?;
+        // Debian's rabbitmq-env.conf forces the node name: the test's nodes read an empty one.
+        std::fs::write(dir.join("rabbitmq-env.conf"), "")?;
+        Ok(dir)
+    }
+
+    fn new(
+        name: &str,
+        dir: PathBuf,
+        amqps_port: Option<u16>,
+        epmd_port: Option<u16>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            amqps_port,
+            amqp_port: free_port()?,
+            dist_port: free_port()?,
+            node: format!("conveyor-{name}@localhost"),
+            dir,
+            epmd_port,
+            child: None,
+        })
+    }
+
+    /// The environment every RabbitMQ tool needs to reach this node (its cookie, its epmd).
+    pub(crate) fn tool_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("HOME", self.dir.join("home").display().to_string()),
+            (
+                "RABBITMQ_CONF_ENV_FILE",
+                self.dir.join("rabbitmq-env.conf").display().to_string(),
+            ),
+        ];
+        if let Some(port) = self.epmd_port {
+            env.push(("ERL_EPMD_PORT", port.to_string()));
+        }
+        env
+    }
+
+    async fn start_node(name: &str, pki: Option<&TestPki>) -> anyhow::Result<Self> {
+        let dir = Self::fresh_dir(name)?;
         let amqps_port = match pki {
             Some(pki) => {
                 let port = free_port()?;
@@ -77,14 +135,7 @@ impl OwnBroker {
             }
             None => None,
         };
-        let mut own = Self {
-            amqps_port,
-            amqp_port: free_port()?,
-            dist_port: free_port()?,
-            node: format!("conveyor-{name}@localhost"),
-            dir,
-            child: None,
-        };
+        let mut own = Self::new(name, dir, amqps_port, None)?;
         own.resume().await?;
         Ok(own)
     }
@@ -106,7 +157,7 @@ impl OwnBroker {
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join("server.log"))?;
         let child = Command::new(server_binary())
-            .env("HOME", self.dir.join("home"))
+            .envs(self.tool_env())
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
@@ -188,6 +239,20 @@ impl OwnBroker {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(())
+    }
+
+    /// Whether the node's process runs (it may not answer: stopped with SIGSTOP, or starting).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the node at once (SIGKILL to its process group: the script and its `beam.smp`), as a
+    /// machine lost would; [`OwnBroker::resume`] starts it again.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            self.kill_group(&child);
+            let _ = child.wait().await;
+        }
     }
 
     fn kill_group(&self, child: &Child) {
