@@ -10,6 +10,7 @@ use conveyor_base::{Secret, SettingsError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
+use rand::RngExt as _;
 
 use crate::error::BrokerError;
 
@@ -69,7 +70,7 @@ impl BrokerAddress {
 }
 
 /// The brokers of a setting: one AMQP URL, or several separated by commas (the nodes of a cluster,
-/// tried in order). A comma inside a URL must be percent-encoded (`%2C`).
+/// tried in turn from a random one). A comma inside a URL must be percent-encoded (`%2C`).
 fn broker_urls(url: &Secret) -> impl Iterator<Item = &str> {
     url.expose()
         .split(',')
@@ -103,7 +104,12 @@ pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, 
     // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
     endpoint(&address.url)?;
     let mut last_error = None;
-    for one in broker_urls(&address.url) {
+    let urls: Vec<&str> = broker_urls(&address.url).collect();
+    // Each connection starts at a node of its own choosing: workers spread over a cluster's nodes
+    // (and the queues they declare, whose leaders go where they are declared) without anyone
+    // ordering the URLs by hand.
+    let start = rand::rng().random_range(0..urls.len().max(1));
+    for one in in_turn(&urls, start) {
         match connect_one(one, &address.tls, name).await {
             Ok(connection) => return Ok(connection),
             Err(err) => {
@@ -113,6 +119,11 @@ pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, 
         }
     }
     Err(last_error.expect("endpoint() proved there is at least one URL"))
+}
+
+/// `urls` from the one at `start`, then on round to the one before it.
+fn in_turn<'a>(urls: &'a [&'a str], start: usize) -> impl Iterator<Item = &'a str> {
+    urls[start..].iter().chain(&urls[..start]).copied()
 }
 
 async fn connect_one(
@@ -168,5 +179,13 @@ mod tests {
         assert_eq!(endpoint(&several).unwrap(), "a:5672//,b:5673//");
         assert!(endpoint(&Secret::new(" , ")).is_err());
         assert!(endpoint(&Secret::new("amqp://a:5672/%2f,nonsense://")).is_err());
+    }
+
+    #[test]
+    fn every_node_is_tried_once_from_the_start() {
+        let urls = ["a", "b", "c"];
+        assert_eq!(in_turn(&urls, 0).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(in_turn(&urls, 2).collect::<Vec<_>>(), ["c", "a", "b"]);
+        assert_eq!(in_turn(&urls[..1], 0).collect::<Vec<_>>(), ["a"]);
     }
 }
