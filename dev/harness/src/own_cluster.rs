@@ -71,6 +71,15 @@ impl OwnCluster {
 
     /// The nodes holding a member of `queue` (a quorum queue).
     pub async fn members_of(&self, queue: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .queue_info(queue, "members")
+            .await?
+            .matches('@')
+            .count())
+    }
+
+    /// One column of `rabbitmqctl list_queues` for `queue`, asked of a running node.
+    async fn queue_info(&self, queue: &str, column: &str) -> anyhow::Result<String> {
         let asked = self
             .nodes
             .iter()
@@ -79,16 +88,15 @@ impl OwnCluster {
         let listed = self
             .ctl(
                 asked,
-                &["list_queues", "-q", "--no-table-headers", "name", "members"],
+                &["list_queues", "-q", "--no-table-headers", "name", column],
             )
             .await?;
-        let members = listed
+        listed
             .lines()
             .filter_map(|line| line.split_once('\t'))
             .find(|(name, _)| name.trim() == queue)
-            .map(|(_, members)| members.matches('@').count())
-            .with_context(|| format!("no queue {queue} in {listed}"))?;
-        Ok(members)
+            .map(|(_, value)| value.trim().to_owned())
+            .with_context(|| format!("no queue {queue} in {listed}"))
     }
 
     /// Runs `rabbitmqctl` against `node`.
@@ -129,23 +137,7 @@ impl OwnCluster {
 
     /// The node that leads `queue` (a quorum queue), asked of a running node.
     pub async fn leader_of(&self, queue: &str) -> anyhow::Result<usize> {
-        let asked = self
-            .nodes
-            .iter()
-            .find(|node| node.is_running())
-            .context("no node of the cluster runs")?;
-        let listed = self
-            .ctl(
-                asked,
-                &["list_queues", "-q", "--no-table-headers", "name", "leader"],
-            )
-            .await?;
-        let leader = listed
-            .lines()
-            .filter_map(|line| line.split_once('\t'))
-            .find(|(name, _)| name.trim() == queue)
-            .map(|(_, leader)| leader.trim().to_owned())
-            .with_context(|| format!("no queue {queue} in {listed}"))?;
+        let leader = self.queue_info(queue, "leader").await?;
         self.nodes
             .iter()
             .position(|node| node.node == leader)
