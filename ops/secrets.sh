@@ -28,6 +28,10 @@ make postgres_password.txt "$(random)"
 make grafana_admin_password.txt "$(random)"
 make kingdee_client_secret.txt "sim-client-secret-7f3a9c2e51b04d68"
 make amqp_url.txt "amqp://conveyor:$(cat "$dir/rabbitmq_password.txt")@rabbitmq:5672/%2f"
+# For docker-compose.cluster.yml: the Erlang cookie its three RabbitMQ nodes share, and their URLs.
+make rabbitmq_cookie.txt "$(random)$(random)"
+rabbit_password="$(cat "$dir/rabbitmq_password.txt")"
+make amqp_cluster_url.txt "amqp://conveyor:$rabbit_password@rabbitmq:5672/%2f,amqp://conveyor:$rabbit_password@rabbitmq-2:5672/%2f,amqp://conveyor:$rabbit_password@rabbitmq-3:5672/%2f"
 make pg_url.txt "postgres://conveyor:$(cat "$dir/postgres_password.txt")@postgres:5432/conveyor"
 # The console's users (name:role:password a line): an operator, who replays and purges, and a viewer.
 make console_users.txt "operator:operator:$(random)

@@ -895,6 +895,10 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
         );
+        arguments.insert(
+            "x-queue-leader-locator".into(),
+            AMQPValue::LongString("balanced".into()),
+        );
         if let Some(limit) = limit {
             arguments.insert("x-delivery-limit".into(), AMQPValue::LongUInt(limit));
         }
@@ -960,7 +964,8 @@ async fn a_message_the_broker_dead_letters_at_its_delivery_limit_is_shown_and_re
     scenario.clean_up(false).await.unwrap();
 }
 
-/// Dead-letter queues an earlier conveyor declared without a delivery limit stop neither
+/// Dead-letter queues an earlier conveyor declared without a delivery limit (nor a leader locator)
+/// stop neither
 /// `conveyorctl topology declare` nor a worker: they are taken as they are, with a warning that says
 /// how to give them one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use conveyor_base::tls::{self, CaBundle, ClientIdentity};
 use conveyor_base::{Secret, SettingsError};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::Heartbeat;
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use rand::RngExt as _;
@@ -20,7 +21,14 @@ use crate::error::BrokerError;
 pub struct BrokerAddress {
     url: Secret,
     tls: OwnedTLSConfig,
+    heartbeat: Heartbeat,
 }
+
+/// Seconds between heartbeats unless the URL (`?heartbeat=`) or [`BrokerAddress::with_heartbeat`]
+/// says otherwise. A broker that sends nothing for two heartbeats is taken for lost: a node that hangs
+/// (frozen, or cut off without a TCP reset) is left within about 10 s rather than RabbitMQ's 60 s
+/// heartbeat would allow (2 minutes).
+pub const DEFAULT_HEARTBEAT_SECS: Heartbeat = 5;
 
 impl fmt::Debug for BrokerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -34,7 +42,14 @@ impl BrokerAddress {
         Self {
             url,
             tls: OwnedTLSConfig::default(),
+            heartbeat: DEFAULT_HEARTBEAT_SECS,
         }
+    }
+
+    /// Heartbeats every `seconds` (0: none) on connections whose URL does not set its own.
+    pub fn with_heartbeat(mut self, seconds: Heartbeat) -> Self {
+        self.heartbeat = seconds;
+        self
     }
 
     /// A broker trusted through `ca` too, with a client certificate for mutual TLS. TLS files with a
@@ -61,6 +76,7 @@ impl BrokerAddress {
                 }),
                 cert_chain: ca.map(|ca| ca.pem().to_owned()),
             },
+            heartbeat: DEFAULT_HEARTBEAT_SECS,
         })
     }
 
@@ -98,20 +114,39 @@ pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
     Ok(shown.join(","))
 }
 
-/// Connects once, to the first of the brokers (comma-separated URLs) that answers; fails with the
-/// last broker's error. `name` shows in the broker's connection list.
+/// Connects once, to the first of the brokers (comma-separated URLs) that answers, from one picked at
+/// random; fails with the last broker's error. `name` shows in the broker's connection list.
 pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, BrokerError> {
+    Ok(connect_after(address, name, None).await?.connection)
+}
+
+/// A connection, and which of the setting's URLs (by position) it went to.
+pub struct Connected {
+    pub connection: Connection,
+    pub node: usize,
+}
+
+/// Like [`connect`], but after losing the connection to node `lost` starts at the node after it: a
+/// node that hung takes TCP connections and never finishes the handshake, so it is tried last.
+pub async fn connect_after(
+    address: &BrokerAddress,
+    name: &str,
+    lost: Option<usize>,
+) -> Result<Connected, BrokerError> {
     // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
     endpoint(&address.url)?;
     let mut last_error = None;
     let urls: Vec<&str> = broker_urls(&address.url).collect();
-    // Each connection starts at a node of its own choosing: workers spread over a cluster's nodes
-    // (and the queues they declare, whose leaders go where they are declared) without anyone
-    // ordering the URLs by hand.
-    let start = rand::rng().random_range(0..urls.len().max(1));
-    for one in in_turn(&urls, start) {
-        match connect_one(one, &address.tls, name).await {
-            Ok(connection) => return Ok(connection),
+    let count = urls.len().max(1);
+    // Otherwise each connection starts at a node of its own choosing: workers spread over a
+    // cluster's nodes without anyone ordering the URLs by hand.
+    let start = lost.map_or_else(
+        || rand::rng().random_range(0..count),
+        |lost| (lost + 1) % count,
+    );
+    for (node, one) in in_turn(&urls, start) {
+        match connect_one(one, address, name).await {
+            Ok(connection) => return Ok(Connected { connection, node }),
             Err(err) => {
                 tracing::debug!(error = %err, "broker not reachable, trying the next");
                 last_error = Some(err);
@@ -121,17 +156,21 @@ pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, 
     Err(last_error.expect("endpoint() proved there is at least one URL"))
 }
 
-/// `urls` from the one at `start`, then on round to the one before it.
-fn in_turn<'a>(urls: &'a [&'a str], start: usize) -> impl Iterator<Item = &'a str> {
-    urls[start..].iter().chain(&urls[..start]).copied()
+/// `urls` with their positions, from the one at `start`, then on round to the one before it.
+fn in_turn<'a>(urls: &'a [&'a str], start: usize) -> impl Iterator<Item = (usize, &'a str)> {
+    let (before, from) = urls.split_at(start.min(urls.len()));
+    let positions = (start..urls.len()).chain(0..start);
+    positions.zip(from.iter().chain(before).copied())
 }
 
 async fn connect_one(
     url: &str,
-    tls: &OwnedTLSConfig,
+    address: &BrokerAddress,
     name: &str,
 ) -> Result<Connection, BrokerError> {
     let endpoint = endpoint(&Secret::new(url))?;
+    let mut uri = AMQPUri::from_str(url).map_err(BrokerError::Url)?;
+    uri.query.heartbeat.get_or_insert(address.heartbeat);
     let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
     let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
         endpoint: endpoint.clone(),
@@ -139,7 +178,8 @@ async fn connect_one(
     })?;
     // A broker that takes the TCP connection but never finishes the handshake (still starting, or
     // overloaded) must not hold a worker forever: give up and let the caller retry.
-    let connecting = Connection::connect_with_config(url, properties, tls.clone(), runtime);
+    let connecting =
+        Connection::connect_uri_with_config(uri, properties, address.tls.clone(), runtime);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(connection)) => Ok(connection),
         Ok(Err(source)) => match tls::tls_failure(&source) {
@@ -184,8 +224,9 @@ mod tests {
     #[test]
     fn every_node_is_tried_once_from_the_start() {
         let urls = ["a", "b", "c"];
-        assert_eq!(in_turn(&urls, 0).collect::<Vec<_>>(), ["a", "b", "c"]);
-        assert_eq!(in_turn(&urls, 2).collect::<Vec<_>>(), ["c", "a", "b"]);
-        assert_eq!(in_turn(&urls[..1], 0).collect::<Vec<_>>(), ["a"]);
+        let order = |urls, start| in_turn(urls, start).collect::<Vec<_>>();
+        assert_eq!(order(&urls, 0), [(0, "a"), (1, "b"), (2, "c")]);
+        assert_eq!(order(&urls, 2), [(2, "c"), (0, "a"), (1, "b")]);
+        assert_eq!(order(&urls[..1], 0), [(0, "a")]);
     }
 }

@@ -27,7 +27,7 @@ use conveyor_base::{Disposition, ErrorClass, Failure, Stage};
 
 use crate::dead_letters::DeadLetters;
 use crate::envelope::{Envelope, record_ids_in};
-use crate::error::{BrokerError, amqp};
+use crate::error::{BrokerError, amqp, answered};
 use crate::headers::*;
 use crate::topology::Topology;
 
@@ -65,24 +65,28 @@ pub async fn run<H: Handler>(
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
     let queue = settings.topology.queue(settings.stage);
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(amqp("opening a consumer channel"))?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(amqp("setting the prefetch"))?;
     let tag = format!("{}-{}", settings.stage, uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(amqp(format!("consuming {queue}")))?;
+    let (channel, mut consumer) = answered(&format!("consuming {queue}"), async {
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(amqp("opening a consumer channel"))?;
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(amqp("setting the prefetch"))?;
+        let consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp(format!("consuming {queue}")))?;
+        Ok((channel, consumer))
+    })
+    .await?;
     tracing::info!(queue, prefetch = settings.prefetch, "consuming");
 
     let tracker = TaskTracker::new();

@@ -23,6 +23,19 @@ pub enum BrokerError {
     ConsumerCancelled(String),
     #[error("the broker refused (nacked) a message published to {0}")]
     Nacked(String),
+    #[error(
+        "the broker did not confirm a message published to {destination} within {} s (a node hung, or the cluster lost its majority?)",
+        after.as_secs()
+    )]
+    NotConfirmed {
+        destination: String,
+        after: std::time::Duration,
+    },
+    #[error("{action}: no answer from the broker within {} s", after.as_secs())]
+    NoAnswer {
+        action: String,
+        after: std::time::Duration,
+    },
     #[error("the broker could not route a message published to {0}: no queue is bound")]
     Unroutable(String),
 }
@@ -30,4 +43,23 @@ pub enum BrokerError {
 pub(crate) fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let action = action.into();
     move |source| BrokerError::Amqp { action, source }
+}
+
+/// How long a broker operation that should take milliseconds may take: one that waits on queues
+/// without their majority, or on a node that hung, gives up and lets the caller connect again.
+pub(crate) const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `operation`, failed with [`BrokerError::NoAnswer`] after [`ANSWER_TIMEOUT`].
+pub(crate) async fn answered<T>(
+    action: &str,
+    operation: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, operation)
+        .await
+        .unwrap_or_else(|_| {
+            Err(BrokerError::NoAnswer {
+                action: action.to_owned(),
+                after: ANSWER_TIMEOUT,
+            })
+        })
 }

@@ -12,7 +12,7 @@ mod publish;
 pub mod settings;
 mod topology;
 
-pub use connect::{BrokerAddress, close, connect, endpoint};
+pub use connect::{BrokerAddress, Connected, close, connect, connect_after, endpoint};
 pub use error::BrokerError;
-pub use publish::{PendingConfirm, Publisher};
+pub use publish::{DEFAULT_CONFIRM_TIMEOUT, PendingConfirm, Publisher};
 pub use topology::{DEAD_LETTER_DELIVERY_LIMIT, DELIVERY_LIMIT, Topology, queue_depth};

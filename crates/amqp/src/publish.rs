@@ -1,12 +1,15 @@
 //! Publishing with confirms: [`Publisher`] awaits the broker's confirm of every message and treats a
-//! nack, or a message the broker could not route, as a failed publish.
+//! nack, a message the broker could not route, or a confirm that does not come in time, as a failed
+//! publish.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{BrokerError, amqp};
 
@@ -16,13 +19,22 @@ use crate::error::{BrokerError, amqp};
 /// after the broker nacked one of its publishes: a channel opened while a quorum queue elected its
 /// leader anew had every later publish nacked for as long as it lived (RabbitMQ 3.10 cluster, a
 /// node killed), while a new channel published at once.
+///
+/// A broker that has a message but cannot store it (a cluster without its majority) withholds the
+/// confirm rather than refusing it, and a hung node never answers: a confirm not come within the
+/// confirm timeout fails the publish, and marks the publisher [`Publisher::stalled`].
 #[derive(Clone)]
 pub struct Publisher {
     channel: Arc<Mutex<Channel>>,
     /// Set by a nack: the next send opens a new channel first.
     suspect: Arc<AtomicBool>,
     connection: Option<Arc<Connection>>,
+    confirm_timeout: Duration,
+    stalled: CancellationToken,
 }
+
+/// How long a confirm is awaited unless [`Publisher::with_confirm_timeout`] says otherwise.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A publish the broker has not confirmed yet.
 #[must_use = "a publish is not durable until its confirm is awaited"]
@@ -30,6 +42,8 @@ pub struct PendingConfirm {
     confirm: lapin::PublisherConfirm,
     destination: String,
     suspect: Arc<AtomicBool>,
+    timeout: Duration,
+    stalled: CancellationToken,
 }
 
 async fn confirm_channel(connection: &Connection) -> Result<Channel, BrokerError> {
@@ -50,7 +64,21 @@ impl Publisher {
             channel: Arc::new(Mutex::new(confirm_channel(connection).await?)),
             suspect: Arc::default(),
             connection: None,
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
+            stalled: CancellationToken::new(),
         })
+    }
+
+    /// Fails a publish whose confirm has not come within `timeout`.
+    pub fn with_confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
+    }
+
+    /// Fires once a confirm did not come in time: the broker behind this publisher's connection is
+    /// not storing messages, and whoever owns the connection should stop taking work on it.
+    pub fn stalled(&self) -> CancellationToken {
+        self.stalled.clone()
     }
 
     /// A publisher that moves to a new channel of `connection` after a nack.
@@ -110,6 +138,8 @@ impl Publisher {
             confirm,
             destination,
             suspect: self.suspect.clone(),
+            timeout: self.confirm_timeout,
+            stalled: self.stalled.clone(),
         })
     }
 
@@ -129,9 +159,18 @@ impl Publisher {
 }
 
 impl PendingConfirm {
-    /// Waits for the broker: Ok only for an ack of a routed message.
+    /// Waits for the broker: Ok only for an ack of a routed message, come within the confirm timeout.
+    /// A publish that timed out may still have been stored: it is sent again, and the duplicate is
+    /// absorbed downstream as every redelivery is.
     pub async fn wait(self) -> Result<(), BrokerError> {
-        let confirmation = self.confirm.await.map_err(amqp(format!(
+        let Ok(confirmation) = tokio::time::timeout(self.timeout, self.confirm).await else {
+            self.stalled.cancel();
+            return Err(BrokerError::NotConfirmed {
+                destination: self.destination,
+                after: self.timeout,
+            });
+        };
+        let confirmation = confirmation.map_err(amqp(format!(
             "awaiting the confirm from {}",
             self.destination
         )))?;

@@ -2,12 +2,14 @@
 //! process that talks to it (each flag also reads an environment variable).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use conveyor_base::tls::{CaBundle, ClientIdentity};
 use conveyor_base::{Secret, SettingsError};
 
-use crate::connect::BrokerAddress;
+use crate::connect::{BrokerAddress, DEFAULT_HEARTBEAT_SECS};
 use crate::envelope::Compression;
+use crate::publish::DEFAULT_CONFIRM_TIMEOUT;
 
 /// How the queues are made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +69,21 @@ pub struct BrokerArgs {
         default_value = "1000,5000,30000,120000,600000"
     )]
     pub retry_delays_ms: Vec<u64>,
+    /// Seconds between AMQP heartbeats (0: none). A broker silent for two heartbeats is taken for
+    /// lost and the worker moves to another node: this bounds how long a hung node holds a worker.
+    /// A `?heartbeat=` in the URL wins.
+    #[arg(long, env = "CONVEYOR_AMQP_HEARTBEAT_SECS", default_value_t = DEFAULT_HEARTBEAT_SECS)]
+    pub heartbeat_secs: u16,
+    /// Seconds a publish waits for the broker's confirm before it counts as not stored. A cluster
+    /// without its majority withholds confirms: the worker then holds its work, says so in /readyz,
+    /// and connects again.
+    #[arg(
+        long,
+        env = "CONVEYOR_AMQP_CONFIRM_TIMEOUT_SECS",
+        default_value_t = DEFAULT_CONFIRM_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub confirm_timeout_secs: u64,
 }
 
 /// The broker URL used when none is configured: the local broker with RabbitMQ's default account.
@@ -86,6 +103,8 @@ impl BrokerArgs {
             prefetch: 32,
             compress_from_bytes: Compression::default(),
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
+            heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
+            confirm_timeout_secs: DEFAULT_CONFIRM_TIMEOUT.as_secs(),
         }
     }
 
@@ -130,7 +149,12 @@ impl BrokerArgs {
                 self.amqp_tls_key_file.as_deref(),
             ),
         )?;
-        BrokerAddress::with_tls(url, ca, identity)
+        Ok(BrokerAddress::with_tls(url, ca, identity)?.with_heartbeat(self.heartbeat_secs))
+    }
+
+    /// How long a publish waits for its confirm.
+    pub fn confirm_timeout(&self) -> Duration {
+        Duration::from_secs(self.confirm_timeout_secs)
     }
 
     pub fn amqp_url(&self) -> Result<Secret, SettingsError> {

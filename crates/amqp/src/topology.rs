@@ -11,7 +11,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::envelope::Compression;
-use crate::error::{BrokerError, amqp};
+use crate::error::{BrokerError, amqp, answered};
 use crate::headers::long_string;
 use crate::settings::{BrokerArgs, QueueType};
 
@@ -151,7 +151,11 @@ impl Topology {
             .create_channel()
             .await
             .map_err(amqp("opening a channel to declare the topology"))?;
-        let declared = self.declare_on(connection, &mut channel).await;
+        let declared = answered(
+            "declaring the topology",
+            self.declare_on(connection, &mut channel),
+        )
+        .await;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             channel.close(200, "declared".into()),
@@ -204,7 +208,8 @@ impl Topology {
                     );
                 }
                 self.dead_letter_safely(&mut arguments);
-                self.declare_queue(channel, &work, arguments).await?;
+                self.declare_queue(connection, channel, &work, arguments)
+                    .await?;
                 self.bind(channel, &work, &self.exchange(), stage).await?;
                 for delay in self.retry_delays.clone() {
                     let mut arguments = self.queue_arguments();
@@ -222,7 +227,8 @@ impl Topology {
                         long_string(&self.routing_key(stage)),
                     );
                     self.dead_letter_safely(&mut arguments);
-                    self.declare_queue(channel, &self.retry_queue(stage, delay), arguments)
+                    let queue = self.retry_queue(stage, delay);
+                    self.declare_queue(connection, channel, &queue, arguments)
                         .await?;
                 }
             }
@@ -247,8 +253,13 @@ impl Topology {
                 AMQPValue::LongUInt(DEAD_LETTER_DELIVERY_LIMIT),
             );
         }
-        match self.declare_queue(channel, queue, arguments).await {
-            Err(BrokerError::Amqp { source, .. }) if declared_without_delivery_limit(&source) => {
+        match self
+            .declare_queue(connection, channel, queue, arguments)
+            .await
+        {
+            Err(BrokerError::Amqp { source, .. })
+                if declared_without(&source, "x-delivery-limit") =>
+            {
                 tracing::warn!(
                     queue,
                     "this dead-letter queue was declared by an earlier conveyor without a delivery limit: on \
@@ -257,11 +268,8 @@ impl Topology {
                      '{{\"delivery-limit\":{DEAD_LETTER_DELIVERY_LIMIT}}}' --apply-to quorum_queues, or delete it \
                      once empty so that it is declared anew"
                 );
-                *channel = connection
-                    .create_channel()
-                    .await
-                    .map_err(amqp("opening a channel to declare the topology"))?;
-                self.declare_queue(channel, queue, self.queue_arguments())
+                *channel = reopen(connection).await?;
+                self.declare_queue(connection, channel, queue, self.queue_arguments())
                     .await
             }
             other => other,
@@ -287,23 +295,51 @@ impl Topology {
             QueueType::Classic => "classic",
         };
         arguments.insert("x-queue-type".into(), long_string(kind));
+        if self.queue_type == QueueType::Quorum {
+            // Each new queue's leader goes to the node leading the fewest: a pipeline's queues are
+            // spread over a cluster, whichever node the worker that declared them first is on.
+            arguments.insert(LEADER_LOCATOR.into(), long_string("balanced"));
+        }
         arguments
     }
 
+    /// Declares a durable queue. One that an earlier conveyor declared without a leader locator is
+    /// taken as it is (the locator only places a queue as it is created) on a new channel, since
+    /// the broker closes the channel of a refused declaration.
     async fn declare_queue(
         &self,
-        channel: &Channel,
+        connection: &Connection,
+        channel: &mut Channel,
         queue: &str,
-        arguments: FieldTable,
+        mut arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         let options = QueueDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        channel
-            .queue_declare(queue.into(), options, arguments)
-            .await
-            .map_err(amqp(format!("declaring queue {queue}")))?;
+        let declared = channel
+            .queue_declare(queue.into(), options, arguments.clone())
+            .await;
+        match declared {
+            Err(source) if declared_without(&source, LEADER_LOCATOR) => {
+                tracing::debug!(queue, "declared before leader locators: taken as it is");
+                *channel = reopen(connection).await?;
+                let mut without = FieldTable::default();
+                for (key, value) in arguments.inner() {
+                    if key.as_str() != LEADER_LOCATOR {
+                        without.insert(key.clone(), value.clone());
+                    }
+                }
+                arguments = without;
+                channel
+                    .queue_declare(queue.into(), options, arguments)
+                    .await
+                    .map_err(amqp(format!("declaring queue {queue}")))?;
+            }
+            other => {
+                other.map_err(amqp(format!("declaring queue {queue}")))?;
+            }
+        }
         Ok(())
     }
 
@@ -327,10 +363,21 @@ impl Topology {
     }
 }
 
-/// Whether a queue declaration was refused because the queue exists without `x-delivery-limit`.
-fn declared_without_delivery_limit(err: &lapin::Error) -> bool {
+/// The queue argument that places a quorum queue's leader.
+const LEADER_LOCATOR: &str = "x-queue-leader-locator";
+
+/// Whether a queue declaration was refused because the queue exists without `argument`.
+fn declared_without(err: &lapin::Error, argument: &str) -> bool {
     let message = err.to_string();
-    message.contains("inequivalent arg 'x-delivery-limit'") && message.contains("current is none")
+    message.contains(&format!("inequivalent arg '{argument}'"))
+        && message.contains("current is none")
+}
+
+async fn reopen(connection: &Connection) -> Result<Channel, BrokerError> {
+    connection
+        .create_channel()
+        .await
+        .map_err(amqp("opening a channel to declare the topology"))
 }
 
 /// Messages ready in `queue`, by passive declare: an error if it does not exist (which also closes

@@ -205,7 +205,9 @@ pub async fn resync(
     let topology = conveyor_amqp::Topology::new(broker, pipeline);
     let handed_out = async {
         topology.declare(&connection).await?;
-        let publisher = conveyor_amqp::Publisher::open(&connection).await?;
+        let publisher = conveyor_amqp::Publisher::open(&connection)
+            .await?
+            .with_confirm_timeout(broker.confirm_timeout());
         store
             .resync(windows, |windows| {
                 window::publish_work_items(&publisher, &topology, windows)

@@ -148,7 +148,9 @@ pub async fn replay(
     let topology = Topology::new(broker, &name);
     let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
     let result = async {
-        let publisher = Publisher::open(&connection).await?;
+        let publisher = Publisher::open(&connection)
+            .await?
+            .with_confirm_timeout(broker.confirm_timeout());
         let mut replayed = Replayed::default();
         let mut selected = 0;
         // What this replay sent already: a copy that dies again while the replay reads on comes

@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use conveyor_base::metrics::Metrics;
 
-/// Named conditions that must all hold for the worker to be ready.
+/// Named conditions that must all hold for the worker to be ready, each unmet one with what it waits
+/// for when that is known.
 #[derive(Clone, Default)]
 pub struct Readiness {
-    conditions: Arc<Mutex<BTreeMap<&'static str, bool>>>,
+    conditions: Arc<Mutex<BTreeMap<&'static str, Condition>>>,
     /// The `conveyor_ready` gauge, kept equal to [`Readiness::is_ready`].
     gauge: Arc<Mutex<Option<prometheus::IntGauge>>>,
 }
@@ -32,11 +33,25 @@ impl Readiness {
 
     /// Registers a condition, not yet met.
     pub fn require(&self, name: &'static str) {
-        self.lock().entry(name).or_insert(false);
+        self.lock().entry(name).or_insert(Condition::Waiting(None));
     }
 
     pub fn set(&self, name: &'static str, met: bool) {
-        self.lock().insert(name, met);
+        let condition = if met {
+            Condition::Met
+        } else {
+            Condition::Waiting(None)
+        };
+        self.put(name, condition);
+    }
+
+    /// The condition is not met, for the reason given (shown by `/readyz`).
+    pub fn wait(&self, name: &'static str, why: impl Into<String>) {
+        self.put(name, Condition::Waiting(Some(why.into())));
+    }
+
+    fn put(&self, name: &'static str, condition: Condition) {
+        self.lock().insert(name, condition);
         if let Some(gauge) = &*self.gauge.lock().unwrap_or_else(|p| p.into_inner()) {
             gauge.set(i64::from(self.is_ready()));
         }
@@ -44,22 +59,32 @@ impl Readiness {
 
     pub(crate) fn is_ready(&self) -> bool {
         let conditions = self.lock();
-        !conditions.is_empty() && conditions.values().all(|met| *met)
+        !conditions.is_empty() && conditions.values().all(|c| *c == Condition::Met)
     }
 
-    /// One line per condition, `name: ok` or `name: waiting`.
+    /// One line per condition: `name: ok`, `name: waiting`, or `name: waiting: why`.
     pub fn report(&self) -> String {
         self.lock()
             .iter()
-            .map(|(name, met)| format!("{name}: {}\n", if *met { "ok" } else { "waiting" }))
+            .map(|(name, condition)| match condition {
+                Condition::Met => format!("{name}: ok\n"),
+                Condition::Waiting(None) => format!("{name}: waiting\n"),
+                Condition::Waiting(Some(why)) => format!("{name}: waiting: {why}\n"),
+            })
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, bool>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Condition>> {
         self.conditions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+#[derive(Clone, PartialEq, Eq)]
+enum Condition {
+    Met,
+    Waiting(Option<String>),
 }
 
 /// The readiness of every pipeline a process hosts: ready when each of them is.
@@ -157,6 +182,12 @@ mod tests {
         readiness.set("broker", true);
         assert!(!readiness.is_ready());
         assert_eq!(readiness.report(), "broker: ok\ntarget: waiting\n");
+        readiness.wait("broker", "publishes not confirmed");
+        assert_eq!(
+            readiness.report(),
+            "broker: waiting: publishes not confirmed\ntarget: waiting\n"
+        );
+        readiness.set("broker", true);
         readiness.set("target", true);
         assert!(readiness.is_ready());
     }

@@ -98,12 +98,21 @@ impl WorkerRuntime {
         W: FnMut(Session) -> F,
         F: Future<Output = anyhow::Result<()>>,
     {
+        // Set when the last session ended because a confirm did not come: the next one is ready only
+        // once it went a confirm timeout without the same.
+        let mut stalled_before = false;
+        // The node of the last connection lost, tried last by the next one.
+        let mut lost = None;
         loop {
-            let Some(session) = self.connect(shutdown).await? else {
+            let Some((session, node)) = self.connect(shutdown, lost).await? else {
                 return Ok(());
             };
+            lost = Some(node);
             let connection = session.connection.clone();
-            self.readiness.set(READY_BROKER, true);
+            let stalled = session.publisher.stalled();
+            if !stalled_before {
+                self.readiness.set(READY_BROKER, true);
+            }
             let depths = match connection.create_channel().await {
                 Ok(channel) => Some(tokio::spawn(watch_queue_depths(
                     channel,
@@ -116,11 +125,39 @@ impl WorkerRuntime {
                     None
                 }
             };
-            let result = work(session).await;
+            let work = work(session);
+            tokio::pin!(work);
+            let probation = tokio::time::sleep(self.args.broker.confirm_timeout());
+            tokio::pin!(probation);
+            let result = loop {
+                tokio::select! {
+                    result = &mut work => break Some(result),
+                    () = stalled.cancelled() => break None,
+                    () = &mut probation, if stalled_before => {
+                        stalled_before = false;
+                        self.readiness.set(READY_BROKER, true);
+                    }
+                }
+            };
             if let Some(depths) = depths {
                 depths.abort();
             }
-            self.readiness.set(READY_BROKER, false);
+            let Some(result) = result else {
+                // The work in hand is dropped with the connection: nothing of it was acked, and the
+                // broker gives it back to whoever consumes next.
+                let why = format!(
+                    "a publish was not confirmed within {} s (a node hung, or the cluster lost its majority?): holding work and connecting again",
+                    self.args.broker.confirm_timeout_secs
+                );
+                tracing::warn!("{why}");
+                self.readiness.wait(READY_BROKER, why);
+                stalled_before = true;
+                conveyor_amqp::close(&connection).await;
+                continue;
+            };
+            if !stalled_before {
+                self.readiness.set(READY_BROKER, false);
+            }
             let lost_broker = result.as_ref().is_err_and(|err| {
                 err.downcast_ref::<BrokerError>().is_some() || !connection.status().connected()
             });
@@ -174,9 +211,14 @@ impl WorkerRuntime {
     }
 
     /// Connects (retrying with backoff until `shutdown`, then `None`), declares the topology and opens
-    /// a publisher. A wrong URL and a TLS failure (a certificate not trusted, a client certificate
-    /// refused) are not retried: waiting does not fix a configuration.
-    async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Session>> {
+    /// a publisher; says which node (by its place in the URL list) it connected to, starting after
+    /// the node `lost` when given. A wrong URL and a TLS failure (a certificate not trusted, a client
+    /// certificate refused) are not retried: waiting does not fix a configuration.
+    async fn connect(
+        &self,
+        shutdown: &CancellationToken,
+        lost: Option<usize>,
+    ) -> anyhow::Result<Option<(Session, usize)>> {
         let address = self.args.broker.address()?;
         let endpoint = conveyor_amqp::endpoint(address.url())?;
         let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
@@ -191,14 +233,18 @@ impl WorkerRuntime {
                 }
                 due
             };
-            match conveyor_amqp::connect(&address, &name).await {
-                Ok(connection) => {
+            match conveyor_amqp::connect_after(&address, &name, lost).await {
+                Ok(conveyor_amqp::Connected { connection, node }) => {
                     let connection = Arc::new(connection);
                     // A broker that is still starting accepts connections before it can declare
                     // queues.
                     let declared = async {
                         self.topology.declare(&connection).await?;
-                        Publisher::renewable(connection.clone()).await
+                        Ok::<_, BrokerError>(
+                            Publisher::renewable(connection.clone())
+                                .await?
+                                .with_confirm_timeout(self.args.broker.confirm_timeout()),
+                        )
                     }
                     .await;
                     match declared {
@@ -210,11 +256,12 @@ impl WorkerRuntime {
                                 self.stage,
                                 self.metrics.clone(),
                             );
-                            return Ok(Some(Session {
+                            let session = Session {
                                 connection,
                                 publisher,
                                 dead_letters,
-                            }));
+                            };
+                            return Ok(Some((session, node)));
                         }
                         Err(err) => {
                             if report() {

@@ -31,12 +31,17 @@
 //!   they wrote before), the figure to set against the raw target, which has the cores to itself too.
 //! - **ledger cost**: `--ledger on,off,off,on` runs each writer count with the ledger on and off, in
 //!   the same series; the report gives the mean throughput with it as a share of the mean without.
+//! - **a cluster**: `--brokers single,cluster` runs the series on the machine's broker, then on a
+//!   three-node cluster of the bench's own on the same cores (started once, its own ports and data),
+//!   the raw broker read on the run's broker each time; the report gives, per writer count, the mean
+//!   throughput on the cluster as a share of the mean on one node.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use conveyor_harness::own_cluster::OwnCluster;
 use conveyor_harness::{Scenario, Services, Worker, WorkerProcess};
 use futures_util::StreamExt as _;
 use kingdee_sim::SimConfig;
@@ -89,6 +94,11 @@ pub struct PipelineArgs {
     /// The ledger in each run, one run per entry and writer count (e.g. on,off).
     #[arg(long, value_delimiter = ',', default_value = "on", value_parser = ["on", "off"])]
     ledger: Vec<String>,
+    /// The broker of each series, one series per entry: `single` (the machine's, CONVEYOR_AMQP_URL)
+    /// or `cluster` (three RabbitMQ nodes of the bench's own on this machine, every queue replicated
+    /// on each).
+    #[arg(long, value_delimiter = ',', default_value = "single", value_parser = ["single", "cluster"])]
+    brokers: Vec<String>,
     /// Measure the write stage alone: the fetcher and the transformer fill the write queue first,
     /// then the writers drain it against the clock (set against the raw target on equal terms).
     #[arg(long)]
@@ -113,7 +123,8 @@ pub struct PipelineReport {
     pub records: usize,
     pub seed: u64,
     pub cores: usize,
-    /// Every reading of the raw broker ceiling, in order: before each run and after the last.
+    /// Every reading of the raw broker ceiling, in order: before each series' first run and after
+    /// each run (on that series' broker).
     pub raw_broker_msgs_per_sec: Vec<f64>,
     /// HTTP only: the target simulator's latency and the writers' settings for it.
     pub http: Option<HttpSettings>,
@@ -121,6 +132,9 @@ pub struct PipelineReport {
     /// With the ledger both on and off: per writer count, the mean records/s with it over the mean
     /// without.
     pub ledger_throughput_share: Vec<(usize, f64)>,
+    /// With both brokers: per writer count, the mean records/s on the cluster over the mean on one
+    /// node.
+    pub cluster_throughput_share: Vec<(usize, f64)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -132,6 +146,8 @@ pub struct HttpSettings {
 
 #[derive(Debug, Serialize)]
 pub struct RunReport {
+    /// `single` or `cluster`.
+    pub broker: String,
     pub writers: usize,
     pub ledger: bool,
     /// The write stage alone: its queue filled first, the clock from the writers' start.
@@ -177,11 +193,13 @@ pub struct StageFigures {
 
 /// Runs the series with the worker binaries of `bin_dir`.
 pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<PipelineReport> {
-    let services = Services::check().await?;
-    let ceiling = async || {
-        let reading = raw_broker(&services, args.broker_messages).await?;
+    let single = Services::check().await?;
+    // Started when its series comes, so that its idle nodes do not weigh on the runs before it.
+    let mut cluster: Option<OwnCluster> = None;
+    let ceiling = async |services: &Services, broker: &str| {
+        let reading = raw_broker(services, args.broker_messages).await?;
         eprintln!(
-            "raw broker ({} × 1 KiB): {reading:.0} msgs/s",
+            "raw broker, {broker} ({} × 1 KiB): {reading:.0} msgs/s",
             args.broker_messages
         );
         anyhow::Ok(reading)
@@ -191,7 +209,7 @@ pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<Pipeline
         records: args.orders,
         seed: args.seed,
         cores: std::thread::available_parallelism().map_or(1, usize::from),
-        raw_broker_msgs_per_sec: vec![ceiling().await?],
+        raw_broker_msgs_per_sec: Vec::new(),
         http: (args.target == TargetKind::Http).then_some(HttpSettings {
             latency_ms: args.http_latency_ms,
             concurrency: args.http_concurrency,
@@ -199,34 +217,69 @@ pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<Pipeline
         }),
         runs: Vec::new(),
         ledger_throughput_share: Vec::new(),
+        cluster_throughput_share: Vec::new(),
     };
-    for &writers in &args.writers {
-        for ledger in &args.ledger {
-            let ledger = ledger == "on";
-            let mut run = run_once(&services, args, bin_dir, writers, ledger).await?;
-            let before = *report.raw_broker_msgs_per_sec.last().expect("read first");
-            let after = ceiling().await?;
-            report.raw_broker_msgs_per_sec.push(after);
-            run.raw_broker_msgs_per_sec = (before + after) / 2.0;
-            run.ratio_to_raw_broker = run.records_per_sec / run.raw_broker_msgs_per_sec;
-            eprintln!("{}", serde_json::to_string(&run)?);
-            report.runs.push(run);
-        }
-        // The mean of each setting's runs: `on,off,off,on` cancels a steady drift of the machine.
-        let speed = |ledger: bool| {
-            let runs = report.runs.iter().rev().take(args.ledger.len());
-            let speeds: Vec<f64> = runs
-                .filter(|run| run.ledger == ledger)
-                .map(|run| run.records_per_sec)
-                .collect();
-            (!speeds.is_empty()).then(|| speeds.iter().sum::<f64>() / speeds.len() as f64)
+    for broker in &args.brokers {
+        let services = if broker == "cluster" {
+            if cluster.is_none() {
+                let started =
+                    OwnCluster::start(&format!("bench-{}", std::process::id()), 3).await?;
+                eprintln!("a three-node cluster of the bench's own is up");
+                cluster = Some(started);
+            }
+            Services {
+                amqp_url: cluster.as_ref().expect("started above").url(),
+                ..single.clone()
+            }
+        } else {
+            single.clone()
         };
-        if let (Some(on), Some(off)) = (speed(true), speed(false)) {
+        report
+            .raw_broker_msgs_per_sec
+            .push(ceiling(&services, broker).await?);
+        for &writers in &args.writers {
+            for ledger in &args.ledger {
+                let ledger = ledger == "on";
+                let mut run = run_once(&services, args, bin_dir, writers, ledger).await?;
+                let before = *report.raw_broker_msgs_per_sec.last().expect("read first");
+                let after = ceiling(&services, broker).await?;
+                report.raw_broker_msgs_per_sec.push(after);
+                run.broker = broker.clone();
+                run.raw_broker_msgs_per_sec = (before + after) / 2.0;
+                run.ratio_to_raw_broker = run.records_per_sec / run.raw_broker_msgs_per_sec;
+                eprintln!("{}", serde_json::to_string(&run)?);
+                report.runs.push(run);
+            }
+            // The mean of each setting's runs: `on,off,off,on` cancels a steady drift of the machine.
+            let runs = report.runs.iter().rev().take(args.ledger.len());
+            let on = mean_speed(runs.clone().filter(|run| run.ledger));
+            let off = mean_speed(runs.filter(|run| !run.ledger));
+            if let (Some(on), Some(off)) = (on, off) {
+                eprintln!(
+                    "{writers} writer(s), {broker}: the ledger on runs at {:.2} of off",
+                    on / off
+                );
+                report.ledger_throughput_share.push((writers, on / off));
+            }
+        }
+    }
+    for &writers in &args.writers {
+        let on = |broker: &str| {
+            mean_speed(
+                report
+                    .runs
+                    .iter()
+                    .filter(|run| run.writers == writers && run.broker == broker),
+            )
+        };
+        if let (Some(cluster), Some(single)) = (on("cluster"), on("single")) {
             eprintln!(
-                "{writers} writer(s): the ledger on runs at {:.2} of off",
-                on / off
+                "{writers} writer(s): the cluster runs at {:.2} of one node",
+                cluster / single
             );
-            report.ledger_throughput_share.push((writers, on / off));
+            report
+                .cluster_throughput_share
+                .push((writers, cluster / single));
         }
     }
     if let Some(file) = &args.json {
@@ -234,6 +287,12 @@ pub async fn run(args: &PipelineArgs, bin_dir: &Path) -> anyhow::Result<Pipeline
             .with_context(|| format!("writing {}", file.display()))?;
     }
     Ok(report)
+}
+
+/// The mean records/s of `runs`, if there are any.
+fn mean_speed<'a>(runs: impl Iterator<Item = &'a RunReport>) -> Option<f64> {
+    let speeds: Vec<f64> = runs.map(|run| run.records_per_sec).collect();
+    (!speeds.is_empty()).then(|| speeds.iter().sum::<f64>() / speeds.len() as f64)
 }
 
 /// Writes the pipeline file the run uses: the given one, its target replaced for http and noop.
@@ -460,6 +519,7 @@ async fn measure(
         .map_or(seconds, |(at, _)| *at);
     let ledger = env.contains(&("CONVEYOR_LEDGER", "on"));
     Ok(RunReport {
+        broker: String::new(),
         writers,
         ledger,
         write_stage: args.write_stage,

@@ -31,6 +31,8 @@ pub struct OwnBroker {
     /// left alone).
     epmd_port: Option<u16>,
     child: Option<Child>,
+    /// Stopped with SIGSTOP ([`OwnBroker::freeze`]).
+    frozen: bool,
 }
 
 fn server_binary() -> PathBuf {
@@ -94,6 +96,7 @@ impl OwnBroker {
             dir,
             epmd_port,
             child: None,
+            frozen: false,
         })
     }
 
@@ -241,11 +244,6 @@ impl OwnBroker {
         Ok(())
     }
 
-    /// Whether the node's process runs (it may not answer: stopped with SIGSTOP, or starting).
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
     /// Kills the node at once (SIGKILL to its process group: the script and its `beam.smp`), as a
     /// machine lost would; [`OwnBroker::resume`] starts it again.
     pub async fn kill(&mut self) {
@@ -253,6 +251,51 @@ impl OwnBroker {
             self.kill_group(&child);
             let _ = child.wait().await;
         }
+    }
+
+    /// Freezes the node's Erlang VM (SIGSTOP of its `beam.smp`), as a hung machine would: its sockets
+    /// stay open and nothing answers. [`OwnBroker::thaw`] lets it go on.
+    pub fn freeze(&mut self) -> anyhow::Result<()> {
+        nix::sys::signal::kill(self.beam()?, Signal::SIGSTOP)?;
+        self.frozen = true;
+        Ok(())
+    }
+
+    pub fn thaw(&mut self) -> anyhow::Result<()> {
+        nix::sys::signal::kill(self.beam()?, Signal::SIGCONT)?;
+        self.frozen = false;
+        Ok(())
+    }
+
+    /// Whether the node runs and is not frozen: it answers.
+    pub fn answers(&self) -> bool {
+        self.child.is_some() && !self.frozen
+    }
+
+    /// The node's `beam.smp`: the process of its group (the script's) by that name.
+    fn beam(&self) -> anyhow::Result<Pid> {
+        let group = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .context("the node does not run")?;
+        for entry in std::fs::read_dir("/proc")? {
+            let Ok(pid) = entry?.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // /proc/PID/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some((head, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let pgrp = rest.split(' ').nth(2).and_then(|f| f.parse::<u32>().ok());
+            if head.ends_with("(beam.smp") && pgrp == Some(group) {
+                return Ok(Pid::from_raw(pid));
+            }
+        }
+        bail!("no beam.smp in the process group of {}", self.node)
     }
 
     fn kill_group(&self, child: &Child) {

@@ -78,25 +78,74 @@ impl OwnCluster {
             .count())
     }
 
-    /// One column of `rabbitmqctl list_queues` for `queue`, asked of a running node.
+    /// One column of `rabbitmqctl list_queues` for `queue`, asked of a node that answers.
     async fn queue_info(&self, queue: &str, column: &str) -> anyhow::Result<String> {
+        let listed = self.list(&["list_queues", "name", column]).await?;
+        listed
+            .into_iter()
+            .find(|(name, _)| name == queue)
+            .map(|(_, value)| value)
+            .with_context(|| format!("no queue {queue} in the cluster"))
+    }
+
+    /// The nodes that hold a connection whose name starts with `name` (conveyor names a worker's
+    /// connections `conveyor-{stage}:{pipeline}`).
+    pub async fn nodes_with_connections(&self, name: &str) -> anyhow::Result<Vec<usize>> {
+        // RabbitMQ 3.10 has no column for the name a client gave: it is among the client properties.
+        let listed = self
+            .list(&["list_connections", "port", "client_properties"])
+            .await?;
+        let mut nodes: Vec<usize> = listed
+            .iter()
+            .filter(|(_, properties)| properties.contains(&format!("\"{name}")))
+            .filter_map(|(port, _)| {
+                self.nodes
+                    .iter()
+                    .position(|node| node.amqp_port.to_string() == *port)
+            })
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        Ok(nodes)
+    }
+
+    /// A two-column `rabbitmqctl list_*` as pairs, asked of a node that answers.
+    async fn list(&self, command: &[&str]) -> anyhow::Result<Vec<(String, String)>> {
         let asked = self
             .nodes
             .iter()
-            .find(|node| node.is_running())
-            .context("no node of the cluster runs")?;
-        let listed = self
-            .ctl(
-                asked,
-                &["list_queues", "-q", "--no-table-headers", "name", column],
-            )
-            .await?;
-        listed
+            .find(|node| node.answers())
+            .context("no node of the cluster answers")?;
+        let mut args = command.to_vec();
+        args.extend(["-q", "--no-table-headers"]);
+        let listed = self.ctl(asked, &args).await?;
+        Ok(listed
             .lines()
             .filter_map(|line| line.split_once('\t'))
-            .find(|(name, _)| name.trim() == queue)
-            .map(|(_, value)| value.trim().to_owned())
-            .with_context(|| format!("no queue {queue} in {listed}"))
+            .map(|(first, second)| (first.trim().to_owned(), second.trim().to_owned()))
+            .collect())
+    }
+
+    /// Waits until every node runs in the cluster again (after a restart), as `asked` sees it.
+    pub async fn await_all_running(&self) -> anyhow::Result<()> {
+        for node in &self.nodes {
+            self.ctl(node, &["await_startup"]).await?;
+        }
+        let started = std::time::Instant::now();
+        loop {
+            let asked = self
+                .nodes
+                .iter()
+                .find(|node| node.answers())
+                .context("no node answers")?;
+            if self.running_nodes(asked).await? == self.nodes.len() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("the cluster does not run all its nodes again within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Runs `rabbitmqctl` against `node`.
