@@ -24,7 +24,7 @@ pub enum BrokerError {
     #[error("the broker refused (nacked) a message published to {0}")]
     Nacked(String),
     #[error(
-        "the broker did not confirm a message published to {destination} within {} s (a node hung, or the cluster lost its majority?)",
+        "the broker did not confirm a message published to {destination} within {} s (a node hung, the cluster lost its majority, or an alarm of the broker blocks publishing?)",
         after.as_secs()
     )]
     NotConfirmed {

@@ -146,7 +146,7 @@ impl WorkerRuntime {
                 // The work in hand is dropped with the connection: nothing of it was acked, and the
                 // broker gives it back to whoever consumes next.
                 let why = format!(
-                    "a publish was not confirmed within {} s (a node hung, or the cluster lost its majority?): holding work and connecting again",
+                    "a publish was not confirmed within {} s (a node hung, the cluster lost its majority, or an alarm of the broker blocks publishing?): holding work and connecting again",
                     self.args.broker.confirm_timeout_secs
                 );
                 tracing::warn!("{why}");
