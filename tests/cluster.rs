@@ -149,6 +149,9 @@ impl Run {
             since.elapsed()
         ));
         stop_all(&mut self.workers).await;
+        // A node lost is handled: nothing for a human to look at.
+        let errors = self.scenario.logged_errors();
+        assert!(errors.is_empty(), "{fault}: {errors:#?}");
         self.scenario.clean_up(false).await.unwrap();
     }
 }

@@ -220,6 +220,9 @@ async fn broker_restarted_mid_run_loses_nothing_steps() {
     assert_target_equals_truth(&scenario, &workers).await;
     assert_poison_dead_lettered(&scenario).await;
     stop_all(&mut workers).await;
+    // ERROR means a human should look: broker restarts the workers rode out are routine.
+    let errors = scenario.logged_errors();
+    assert!(errors.is_empty(), "{errors:#?}");
     scenario.clean_up(false).await.unwrap();
     broker.stop().await.unwrap();
 }

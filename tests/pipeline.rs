@@ -438,7 +438,7 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
     )
     .unwrap();
     let expected = format!(
-        "error: pipeline file {}: field `transform.fields[6].type`: unknown variant `money`",
+        "pipeline file {}: field `transform.fields[6].type`: unknown variant `money`",
         file.display()
     );
 
@@ -450,7 +450,7 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
     assert!(!check.status.success());
     let check_stderr = String::from_utf8_lossy(&check.stderr);
     assert!(
-        check_stderr.starts_with(&expected),
+        check_stderr.starts_with(&format!("error: {expected}")),
         "conveyorctl: {check_stderr}"
     );
 
@@ -468,8 +468,16 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
             !output.status.success(),
             "{binary} started with a bad pipeline file"
         );
+        // Said once: a worker's stderr is its log, and the error is its last line.
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(&expected), "{binary}: {stderr}");
+        assert_eq!(stderr.matches(&expected).count(), 1, "{binary}: {stderr}");
+        assert!(
+            stderr
+                .lines()
+                .last()
+                .is_some_and(|line| line.contains("ERROR") && line.contains(&expected)),
+            "{binary}: {stderr}"
+        );
     }
     let valid = Command::new(bin_dir().join("conveyorctl"))
         .arg("check")

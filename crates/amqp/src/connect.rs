@@ -172,9 +172,9 @@ async fn connect_one(
     let mut uri = AMQPUri::from_str(url).map_err(BrokerError::Url)?;
     uri.query.heartbeat.get_or_insert(address.heartbeat);
     let properties = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    let runtime = lapin::runtime::default_runtime().map_err(|source| BrokerError::Connect {
+    let runtime = lapin::runtime::default_runtime().map_err(|cause| BrokerError::Connect {
         endpoint: endpoint.clone(),
-        source,
+        cause,
     })?;
     // A broker that takes the TCP connection but never finishes the handshake (still starting, or
     // overloaded) must not hold a worker forever: give up and let the caller retry.
@@ -187,7 +187,10 @@ async fn connect_one(
                 endpoint,
                 advice: tls::advice(failure, "CONVEYOR_AMQP_TLS_CA_FILE"),
             }),
-            None => Err(BrokerError::Connect { endpoint, source }),
+            None => Err(BrokerError::Connect {
+                endpoint,
+                cause: source,
+            }),
         },
         Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
     }

@@ -273,7 +273,7 @@ impl<H: Handler> Context<H> {
                     .record_dead_letter(delivery, failure, records, letter)
                     .await
                 {
-                    tracing::error!(error = %err, "could not record a dead letter in the ledger; the message goes back to the queue");
+                    tracing::warn!(error = %err, "could not record a dead letter in the ledger; the message goes back to the queue");
                     self.hand_back(delivery).await;
                     return false;
                 }
@@ -288,7 +288,7 @@ impl<H: Handler> Context<H> {
                 acked
             }
             Err(err) => {
-                tracing::error!(error = %err, "could not dead-letter a message; it goes back to the queue");
+                tracing::warn!(error = %err, "could not dead-letter a message; it goes back to the queue");
                 self.hand_back(delivery).await;
                 false
             }
@@ -374,7 +374,7 @@ impl<H: Handler> Context<H> {
             }
             Ok(false) => self.dead_letter(delivery, failure, attempts, records).await,
             Err(err) => {
-                tracing::error!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
+                tracing::warn!(error = %err, "could not send a message to its retry queue; it goes back to the queue");
                 self.hand_back(delivery).await;
                 false
             }

@@ -5,20 +5,19 @@
 pub enum BrokerError {
     #[error("invalid AMQP URL (CONVEYOR_AMQP_URL): {0}")]
     Url(String),
-    #[error("cannot connect to RabbitMQ at {endpoint}: {source}")]
+    // lapin's error is shown in the message and not chained as a source: an `{:#}` would say it
+    // twice, and its own IO cause a third time.
+    #[error("cannot connect to RabbitMQ at {endpoint}: {cause}")]
     Connect {
         endpoint: String,
-        source: lapin::Error,
+        cause: lapin::Error,
     },
     #[error("cannot connect to RabbitMQ at {endpoint}: {advice}")]
     Tls { endpoint: String, advice: String },
     #[error("cannot connect to RabbitMQ at {0}: no answer within 30 s")]
     ConnectTimeout(String),
-    #[error("{action}: {source}")]
-    Amqp {
-        action: String,
-        source: lapin::Error,
-    },
+    #[error("{action}: {cause}")]
+    Amqp { action: String, cause: lapin::Error },
     #[error("the broker cancelled the consumer of {0} (was the queue deleted?)")]
     ConsumerCancelled(String),
     #[error("the broker refused (nacked) a message published to {0}")]
@@ -42,7 +41,7 @@ pub enum BrokerError {
 
 pub(crate) fn amqp(action: impl Into<String>) -> impl FnOnce(lapin::Error) -> BrokerError {
     let action = action.into();
-    move |source| BrokerError::Amqp { action, source }
+    move |cause| BrokerError::Amqp { action, cause }
 }
 
 /// How long a broker operation that should take milliseconds may take: one that waits on queues

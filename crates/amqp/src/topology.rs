@@ -257,8 +257,8 @@ impl Topology {
             .declare_queue(connection, channel, queue, arguments)
             .await
         {
-            Err(BrokerError::Amqp { source, .. })
-                if declared_without(&source, "x-delivery-limit") =>
+            Err(BrokerError::Amqp { cause, .. })
+                if declared_without(&cause, "x-delivery-limit") =>
             {
                 tracing::warn!(
                     queue,

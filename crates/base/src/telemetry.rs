@@ -1,5 +1,7 @@
 //! Logging through `tracing`: readable lines by default, JSON lines for collectors.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 /// How a worker logs.
@@ -23,8 +25,10 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     };
     let filter = EnvFilter::try_new(&filter)
         .map_err(|err| anyhow::anyhow!("setting CONVEYOR_LOG: invalid filter {filter:?}: {err}"))?;
+    // Colours for a terminal only: in a file or a collector they are noise (and hide the level).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

@@ -154,7 +154,7 @@ async fn plan_on_schedule<S: Source>(
 ) {
     loop {
         if let Err(err) = engine.plan().await {
-            tracing::error!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
+            tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
         }
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::settings::WorkerArgs;
 
 /// Runs a worker: installs logging, builds the runtime, wires SIGTERM/SIGINT to a graceful stop.
-/// Exits 0 after a clean stop, 1 after an error (printed on one line, never with secrets).
+/// Exits 0 after a clean stop, 1 after an error (logged on one line, never with secrets).
 pub fn run_worker<F, Fut>(args: &WorkerArgs, run: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -49,9 +49,9 @@ where
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
+        // Said once, as a log line: the process's stderr is its log.
         Err(err) => {
             tracing::error!(error = %format!("{err:#}"), "stopped by an error");
-            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
