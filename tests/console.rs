@@ -705,13 +705,18 @@ async fn guards_and_replays() {
     setup.scenario.clean_up(false).await.unwrap();
 }
 
-/// Waits for the job page the browser shows to say the job is done.
+/// Waits for the job page the browser shows to say the job is done. The page reloads itself while
+/// the job runs: an element found just before a reload is gone when read, and is read again.
 async fn wait_for_job_in(browser: &Browser) {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while browser.text("dd.state").await.unwrap() != "done" {
+    loop {
+        let state = browser.text("dd.state").await;
+        if state.as_ref().is_ok_and(|state| state == "done") {
+            return;
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the job did not finish"
+            "the job did not finish: {state:?}"
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

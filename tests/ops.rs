@@ -695,3 +695,51 @@ async fn a_list_of_brokers_fails_over_to_the_next() {
     .await;
     scenario.clean_up(false).await.unwrap();
 }
+
+/// `conveyorctl dlq` names what is wrong with what it was given, once, and what it expects: a
+/// pipeline the broker has no queues of (a wrong name or namespace), an inverted time range, a time
+/// that is not RFC 3339, and a limit of 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_refuses_wrong_names_and_selections_with_what_it_expects() {
+    let scenario = scenario("dlq_args", orders(10)).await;
+    let refused = |args: &[&str], expected: &str| {
+        let output = ctl(&scenario, args);
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!output.status.success(), "{args:?} succeeded: {stderr}");
+        assert_eq!(
+            stderr.matches(expected).count(),
+            1,
+            "{args:?} should say {expected:?} once: {stderr}"
+        );
+        assert!(!stderr.contains("NOT_FOUND"), "{args:?}: {stderr}");
+    };
+    let unknown = format!(
+        "no pipeline sales_orders in namespace {} (CONVEYOR_NAMESPACE)",
+        scenario.namespace
+    );
+    refused(&["dlq", "list", "sales_orders"], &unknown);
+    refused(&["dlq", "show", "sales_orders"], &unknown);
+    scenario.declare_topology().await.unwrap();
+    refused(
+        &["dlq", "show", "sales_orders", "--limit", "0"],
+        "0 would select nothing",
+    );
+    refused(
+        &[
+            "dlq",
+            "show",
+            "sales_orders",
+            "--since",
+            "2026-02-01T00:00:00Z",
+            "--until",
+            "2026-01-01T00:00:00Z",
+        ],
+        "is not before --until",
+    );
+    refused(
+        &["dlq", "show", "sales_orders", "--since", "yesterday"],
+        "expected an RFC 3339 time",
+    );
+    ctl_ok(&scenario, &["dlq", "show", "sales_orders", "--limit", "1"]);
+    scenario.clean_up(false).await.unwrap();
+}

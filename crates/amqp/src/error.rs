@@ -18,6 +18,10 @@ pub enum BrokerError {
     ConnectTimeout(String),
     #[error("{action}: {cause}")]
     Amqp { action: String, cause: lapin::Error },
+    #[error(
+        "no pipeline {pipeline} in namespace {namespace} (CONVEYOR_NAMESPACE) on this broker: its queues are not declared (a wrong name or namespace, or none of its workers has started yet)"
+    )]
+    NoPipeline { pipeline: String, namespace: String },
     #[error("the broker cancelled the consumer of {0} (was the queue deleted?)")]
     ConsumerCancelled(String),
     #[error("the broker refused (nacked) a message published to {0}")]

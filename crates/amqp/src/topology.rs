@@ -343,6 +343,37 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether the pipeline's queues are on the broker (its write stage's dead-letter queue, by
+    /// passive declare on a channel of its own): tools say "no such pipeline" rather than the
+    /// broker's NOT_FOUND.
+    pub async fn is_declared(&self, connection: &Connection) -> Result<bool, BrokerError> {
+        let channel = reopen(connection).await?;
+        let queue = self.dead_letter_queue(Stage::Write);
+        match queue_depth(&channel, &queue).await {
+            Ok(_) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    channel.close(200, "checked".into()),
+                )
+                .await;
+                Ok(true)
+            }
+            Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),
+            Err(err) => Err(amqp(format!("inspecting queue {queue}"))(err)),
+        }
+    }
+
+    /// Fails, naming the pipeline and the namespace, unless [`Topology::is_declared`].
+    pub async fn require_declared(&self, connection: &Connection) -> Result<(), BrokerError> {
+        if self.is_declared(connection).await? {
+            return Ok(());
+        }
+        Err(BrokerError::NoPipeline {
+            pipeline: self.pipeline.clone(),
+            namespace: self.namespace.clone(),
+        })
+    }
+
     async fn bind(
         &self,
         channel: &Channel,

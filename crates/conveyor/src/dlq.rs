@@ -81,13 +81,13 @@ pub struct Select {
     #[arg(long)]
     record_id: Option<String>,
     /// Only letters that last failed at or after this time (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_parser = rfc3339)]
     since: Option<DateTime<Utc>>,
     /// Only letters that last failed before this time (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_parser = rfc3339)]
     until: Option<DateTime<Utc>>,
-    /// At most this many messages (per stage).
-    #[arg(long)]
+    /// At most this many messages (per stage; 1 or more).
+    #[arg(long, value_parser = at_least_one)]
     limit: Option<usize>,
     /// Messages read from one dead-letter queue at most (they are held in memory while working).
     #[arg(long, default_value_t = 100_000)]
@@ -135,8 +135,17 @@ enum ClassArg {
 }
 
 impl Select {
-    fn selection(&self) -> Selection {
-        Selection {
+    fn selection(&self) -> anyhow::Result<Selection> {
+        if let (Some(since), Some(until)) = (self.since, self.until)
+            && since >= until
+        {
+            anyhow::bail!(
+                "--since {} is not before --until {}: no letter can match",
+                since.to_rfc3339(),
+                until.to_rfc3339()
+            );
+        }
+        Ok(Selection {
             pipeline: self.pipeline.clone(),
             stage: self.stage.map(|stage| match stage {
                 StageArg::Fetch => Stage::Fetch,
@@ -160,7 +169,7 @@ impl Select {
             },
             limit: self.limit,
             max_messages: self.max_messages,
-        }
+        })
     }
 }
 
@@ -216,7 +225,7 @@ async fn list(pipelines: &[String], json: bool, broker: &BrokerArgs) -> anyhow::
 
 async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
     let shown: Vec<DeadLetter> =
-        conveyor_ops::dead_letters::show(&select.broker, &select.selection()).await?;
+        conveyor_ops::dead_letters::show(&select.broker, &select.selection()?).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(());
@@ -257,7 +266,7 @@ async fn show(select: &Select, json: bool) -> anyhow::Result<()> {
 }
 
 async fn replay(select: &Select, dry_run: bool, ledger: &LedgerAccess) -> anyhow::Result<()> {
-    let selection = select.selection();
+    let selection = select.selection()?;
     if dry_run {
         let letters = conveyor_ops::dead_letters::show(&select.broker, &selection).await?;
         for letter in &letters {
@@ -315,7 +324,7 @@ async fn purge(select: &Select, yes: bool, ledger: &LedgerAccess) -> anyhow::Res
     let purged = conveyor_ops::dead_letters::purge(
         &select.broker,
         database.as_ref(),
-        &select.selection(),
+        &select.selection()?,
         &By::os_user(),
         |total| Ok(yes || confirm(total)?),
     )
@@ -349,7 +358,7 @@ async fn export(select: &Select, output: Option<PathBuf>) -> anyhow::Result<()> 
         None => Box::new(std::io::stdout().lock()),
     };
     let written =
-        conveyor_ops::dead_letters::export(&select.broker, &select.selection(), &mut out).await?;
+        conveyor_ops::dead_letters::export(&select.broker, &select.selection()?, &mut out).await?;
     eprintln!("exported {written} dead letter(s)");
     Ok(())
 }
@@ -364,4 +373,21 @@ fn progress(total: u64) -> ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// A time as `--since` and `--until` take it, with what is expected when it is not one.
+fn rfc3339(given: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(given)
+        .map(|time| time.with_timezone(&Utc))
+        .map_err(|err| {
+            format!("{err}: expected an RFC 3339 time, such as 2026-01-31T08:00:00+08:00 or 2026-01-31T00:00:00Z")
+        })
+}
+
+fn at_least_one(given: &str) -> Result<usize, String> {
+    match given.parse::<usize>() {
+        Ok(0) => Err("0 would select nothing: give 1 or more, or leave --limit out".into()),
+        Ok(count) => Ok(count),
+        Err(err) => Err(format!("{err}: expected a count of 1 or more")),
+    }
 }

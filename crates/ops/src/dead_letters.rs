@@ -36,6 +36,21 @@ impl Selection {
     }
 }
 
+/// Connects for the pipeline `given` (a name or a pipeline file), whose queues must be on the
+/// broker: an unknown pipeline or namespace is named as such.
+async fn connect_for(
+    broker: &BrokerArgs,
+    given: &str,
+) -> anyhow::Result<(lapin::Connection, Topology)> {
+    let topology = Topology::new(broker, &crate::pipeline_name(given)?);
+    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    if let Err(err) = topology.require_declared(&connection).await {
+        conveyor_amqp::close(&connection).await;
+        return Err(err.into());
+    }
+    Ok((connection, topology))
+}
+
 /// Reads the selected queues letter by letter and calls `each` with every selected letter (at most
 /// `selection.limit` per queue); every letter goes back to its queue, in order.
 async fn read_selected(
@@ -43,9 +58,7 @@ async fn read_selected(
     selection: &Selection,
     mut each: impl FnMut(DeadLetter) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let name = crate::pipeline_name(&selection.pipeline)?;
-    let topology = Topology::new(broker, &name);
-    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let (connection, topology) = connect_for(broker, &selection.pipeline).await?;
     let result = async {
         for (stage, queue) in dead_letters::queues(&topology) {
             if selection.stage.is_some_and(|wanted| wanted != stage) {
@@ -83,6 +96,10 @@ pub async fn list(broker: &BrokerArgs, pipelines: &[String]) -> anyhow::Result<V
     for given in pipelines {
         let name = crate::pipeline_name(given)?;
         let topology = Topology::new(broker, &name);
+        if let Err(err) = topology.require_declared(&connection).await {
+            conveyor_amqp::close(&connection).await;
+            return Err(err.into());
+        }
         for (stage, queue) in dead_letters::queues(&topology) {
             let mut held = Held::open(&connection, &queue, usize::MAX).await?;
             let mut counted = QueueCounts::new(&name, stage, &queue);
@@ -144,9 +161,7 @@ pub async fn replay(
     by: &By,
     mut on_each: impl FnMut(usize),
 ) -> anyhow::Result<Replayed> {
-    let name = crate::pipeline_name(&selection.pipeline)?;
-    let topology = Topology::new(broker, &name);
-    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let (connection, topology) = connect_for(broker, &selection.pipeline).await?;
     let result = async {
         let publisher = Publisher::open(&connection)
             .await?
@@ -301,9 +316,7 @@ pub async fn purge(
     by: &By,
     confirm: impl FnOnce(usize) -> anyhow::Result<bool>,
 ) -> anyhow::Result<Option<usize>> {
-    let name = crate::pipeline_name(&selection.pipeline)?;
-    let topology = Topology::new(broker, &name);
-    let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
+    let (connection, topology) = connect_for(broker, &selection.pipeline).await?;
     let result = async {
         let mut counted: Vec<(Stage, String, HashSet<String>)> = Vec::new();
         let limit = selection.most();
@@ -343,11 +356,18 @@ pub async fn purge(
                     chunk.push(letter);
                 }
                 if chunk.len() == REPLAYED_PER_RECORD || (ids.is_empty() && !chunk.is_empty()) {
-                    removed +=
-                        remove(&held, ledger, &name, stage, by, std::mem::take(&mut chunk)).await?;
+                    removed += remove(
+                        &held,
+                        ledger,
+                        topology.pipeline(),
+                        stage,
+                        by,
+                        std::mem::take(&mut chunk),
+                    )
+                    .await?;
                 }
             }
-            removed += remove(&held, ledger, &name, stage, by, chunk).await?;
+            removed += remove(&held, ledger, topology.pipeline(), stage, by, chunk).await?;
             held.release_removed(&connection).await?;
         }
         anyhow::Ok(Some(removed))

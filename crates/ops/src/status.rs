@@ -174,6 +174,7 @@ pub async fn status(
             );
         }
         let topology = Topology::new(broker, name);
+        topology.require_declared(&connection).await?;
         let books = read::books(database, name, request.span).await?;
         let outside =
             look_outside(&connection, database, &topology, &http, &request.workers).await?;

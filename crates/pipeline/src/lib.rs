@@ -204,7 +204,7 @@ kind = "noop"
             (
                 GOOD.replace("2025-01-01T00:00:00+08:00", "yesterday"),
                 "source.start_time",
-                "input",
+                "not an RFC 3339 time",
             ),
             (
                 GOOD.replace("\"orders\"", "\"Orders!\""),
@@ -243,6 +243,17 @@ kind = "noop"
             );
             assert!(message.contains(problem), "{message}");
         }
+    }
+
+    #[test]
+    fn a_start_time_may_be_a_toml_date_time_or_a_string() {
+        let unquoted = GOOD.replace("\"2025-01-01T00:00:00+08:00\"", "2025-01-01T00:00:00+08:00");
+        assert_ne!(unquoted, GOOD);
+        let (quoted, unquoted) = (parse(GOOD).unwrap(), parse(&unquoted).unwrap());
+        assert_eq!(
+            quoted.spec.source.start_time,
+            unquoted.spec.source.start_time
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct SourceSpec {
     #[serde(default = "default_modify_time_field")]
     pub modify_time_field: String,
     /// Where the first sync starts (RFC 3339); later syncs go on from the stored watermark.
+    #[serde(deserialize_with = "rfc3339")]
     pub start_time: DateTime<FixedOffset>,
     /// Width of one modify-time window, the unit of work fetchers share.
     #[serde(default = "default_window_secs")]
@@ -149,4 +150,26 @@ fn default_calls_per_minute() -> u32 {
 
 fn default_records_per_message() -> u32 {
     300
+}
+
+/// A time written as an RFC 3339 string or a TOML offset date-time; anything else is refused with
+/// the form expected.
+fn rfc3339<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<DateTime<FixedOffset>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Text(String),
+        Toml(toml::value::Datetime),
+    }
+    let text = match Written::deserialize(deserializer)? {
+        Written::Text(text) => text,
+        Written::Toml(datetime) => datetime.to_string(),
+    };
+    DateTime::parse_from_rfc3339(&text).map_err(|err| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an RFC 3339 time ({err}): write it with its offset, e.g. 2025-01-01T00:00:00+08:00"
+        ))
+    })
 }

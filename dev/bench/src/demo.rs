@@ -51,6 +51,10 @@ pub struct DemoReport {
     pub fetcher_exit: std::process::ExitStatus,
     pub clean_stops: usize,
     pub workers: usize,
+    /// `psql` arguments reaching the demo's database (no password: PostgreSQL asks for one).
+    pub psql: String,
+    pub schema: String,
+    pub pipeline: String,
 }
 
 impl DemoReport {
@@ -82,7 +86,32 @@ impl fmt::Display for DemoReport {
             self.fetcher_exit, self.clean_stops, self.workers
         )?;
         if self.is_ok() {
-            write!(f, "ok: the target equals the source")
+            writeln!(f, "ok: the target equals the source")?;
+            writeln!(f)?;
+            writeln!(f, "next:")?;
+            writeln!(
+                f,
+                "  look at the rows:     psql {} -c 'SELECT id, bill_no, total_amount, modify_time FROM {} LIMIT 5'",
+                self.psql, self.table
+            )?;
+            writeln!(
+                f,
+                "  what each stage did:  psql {} -c 'SELECT stage, sum(records_in), sum(written), sum(dead_lettered) FROM {}.conveyor_ledger_settled GROUP BY stage'",
+                self.psql, self.schema
+            )?;
+            writeln!(
+                f,
+                "  with workers running: conveyorctl status {} (reads this ledger and the workers' /metrics)",
+                self.pipeline
+            )?;
+            writeln!(
+                f,
+                "  the walkthrough:      README.md, \"Quick start\" and on; settings: docs/settings.md"
+            )?;
+            write!(
+                f,
+                "  operating it:         ops/RUNBOOK.md (containers: docker-compose.yml)"
+            )
         } else {
             write!(
                 f,
@@ -167,8 +196,27 @@ pub async fn run(args: &DemoArgs, bin_dir: &Path) -> anyhow::Result<DemoReport> 
             .map(|(_, n)| n)
             .sum(),
         elapsed,
+        psql: psql_arguments(scenario.services.pg_url.expose())?,
+        schema: args.schema.clone(),
+        pipeline: scenario.pipeline.name().to_owned(),
         fetcher_exit: fetch_status,
         clean_stops,
         workers: workers.len(),
     })
+}
+
+/// `-h HOST -p PORT -U USER DBNAME` of a PostgreSQL URL: what `psql` needs, without the password.
+fn psql_arguments(url: &str) -> anyhow::Result<String> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Ok(format!(
+        "-h {host} -p {port} -U {} {}",
+        config.get_user().unwrap_or("postgres"),
+        config.get_dbname().unwrap_or("postgres")
+    ))
 }
