@@ -190,6 +190,8 @@ async fn start(
         ("CONVEYOR_HTTP_TARGET_URL", url.as_str()),
         ("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e"),
         ("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET),
+        // The target simulator serves plain HTTP on the loopback.
+        ("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP", "true"),
     ];
     env.extend_from_slice(writer_env);
     scenario.declare_topology().await.unwrap();
@@ -568,6 +570,10 @@ async fn one_process_hosts_two_pipelines_and_a_target_down_holds_back_only_its_o
             format!("CONVEYOR_HTTP_TARGET_CLIENT_SECRET{suffix}"),
             CLIENT_SECRET.into(),
         ),
+        (
+            format!("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP{suffix}"),
+            "true".into(),
+        ),
         ("CONVEYOR_MAX_ATTEMPTS".into(), "3".into()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -625,6 +631,7 @@ fn reconcile(run: &Run, human: bool) -> std::process::Output {
         .env("CONVEYOR_HTTP_TARGET_URL", &run.url)
         .env("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e")
         .env("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET)
+        .env("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP", "true")
         .output()
         .expect("conveyorctl runs")
 }

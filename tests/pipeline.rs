@@ -513,17 +513,47 @@ async fn topology_declare_is_idempotent() {
 #[test]
 fn conveyorctl_kingdee_sign_prints_the_string_to_sign_then_the_signature() {
     // The official documentation's example (also in crates/kingdee/tests/signature-vectors.json).
-    let output = Command::new(bin_dir().join("conveyorctl"))
-        .args(["kingdee", "sign", "--client-secret", "f2adcfef73369bfc4e1384677d38a0ff", "--method", "GET"])
-        .args(["--path", "/jdyconnector/app_management/kingdee_auth_token"])
-        .args(["--query", "app_key=bVZgAZOv1"])
-        .args([
-            "--query",
-            "app_signature=MzZlYTk0ODk4MWZlNjdiODNmNWU4YzViNzYxNGM5MTFlOGJkN2NjMzk0MTJkZGNhZGM0NzZhN2YxZDJmOTlkZA==",
-        ])
-        .args(["--nonce", "4427456950", "--timestamp", "1670305063559"])
-        .output()
-        .unwrap();
+    const SECRET: &str = "f2adcfef73369bfc4e1384677d38a0ff";
+    let sign = || {
+        let mut command = Command::new(bin_dir().join("conveyorctl"));
+        command
+            .args(["kingdee", "sign", "--method", "GET"])
+            .args(["--path", "/jdyconnector/app_management/kingdee_auth_token"])
+            .args(["--query", "app_key=bVZgAZOv1"])
+            .args([
+                "--query",
+                "app_signature=MzZlYTk0ODk4MWZlNjdiODNmNWU4YzViNzYxNGM5MTFlOGJkN2NjMzk0MTJkZGNhZGM0NzZhN2YxZDJmOTlkZA==",
+            ])
+            .args(["--nonce", "4427456950", "--timestamp", "1670305063559"])
+            .env_remove("CONVEYOR_KINGDEE_CLIENT_SECRET")
+            .env_remove("CONVEYOR_KINGDEE_CLIENT_SECRET_FILE");
+        command
+    };
+    // The secret from the environment and from a file sign the same, kept off the command line.
+    let file = std::env::temp_dir().join(format!("conveyor-sign-secret-{}", std::process::id()));
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    let from_env = succeeded(
+        "conveyorctl kingdee sign (secret from the environment)",
+        sign()
+            .env("CONVEYOR_KINGDEE_CLIENT_SECRET", SECRET)
+            .output()
+            .unwrap(),
+    );
+    let from_file = succeeded(
+        "conveyorctl kingdee sign (secret from a file)",
+        sign()
+            .env("CONVEYOR_KINGDEE_CLIENT_SECRET_FILE", &file)
+            .output()
+            .unwrap(),
+    );
+    std::fs::remove_file(&file).unwrap();
+    let missing = sign().output().unwrap();
+    assert!(
+        !missing.status.success()
+            && String::from_utf8_lossy(&missing.stderr).contains("CONVEYOR_KINGDEE_CLIENT_SECRET"),
+        "{missing:?}"
+    );
+    let output = sign().args(["--client-secret", SECRET]).output().unwrap();
     let stdout = succeeded("conveyorctl kingdee sign", output);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
@@ -537,6 +567,8 @@ fn conveyorctl_kingdee_sign_prints_the_string_to_sign_then_the_signature() {
             "OTFiZTliNDFiMjNkYTI3YzVhNzg4MDI4ZGU3MWY1ZTA5ZTk1NjVlNGM1YTI1ZjIxY2Y5YTA3ZGY2OGI1MGQ1MQ==",
         ]
     );
+    assert_eq!(from_env, stdout);
+    assert_eq!(from_file, stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,6 +650,8 @@ async fn lines_run(prefix: &str, sim_orders: usize, target: target_sim::TargetCo
             "CONVEYOR_HTTP_TARGET_CLIENT_SECRET",
             LINES_CLIENT_SECRET.into(),
         ),
+        // The target simulator serves plain HTTP on the loopback.
+        ("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP", "true".into()),
     ];
     LinesRun {
         scenario,

@@ -88,9 +88,13 @@ enum TopologyCommand {
 enum KingdeeCommand {
     /// Print the string to sign and, on its last line, the X-Api-Signature the gateway expects.
     Sign {
-        /// The app's client secret (the signing key).
-        #[arg(long)]
-        client_secret: String,
+        /// The app's client secret (the signing key); better from the environment or a file than on
+        /// a command line, which other users of the machine can see.
+        #[arg(long, env = "CONVEYOR_KINGDEE_CLIENT_SECRET", hide_env_values = true)]
+        client_secret: Option<conveyor_base::Secret>,
+        /// File holding the client secret, instead of CONVEYOR_KINGDEE_CLIENT_SECRET.
+        #[arg(long, env = "CONVEYOR_KINGDEE_CLIENT_SECRET_FILE")]
+        client_secret_file: Option<std::path::PathBuf>,
         /// HTTP method, e.g. GET.
         #[arg(long)]
         method: String,
@@ -178,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command:
                 KingdeeCommand::Sign {
                     client_secret,
+                    client_secret_file,
                     method,
                     path,
                     query,
@@ -192,8 +197,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 nonce: &nonce,
                 timestamp: &timestamp,
             };
+            let client_secret = conveyor_base::Secret::from_value_or_file(
+                "CONVEYOR_KINGDEE_CLIENT_SECRET",
+                client_secret.as_ref().map(conveyor_base::Secret::expose),
+                client_secret_file.as_deref(),
+            )?
+            .ok_or_else(|| {
+                conveyor_base::SettingsError::new(
+                    "CONVEYOR_KINGDEE_CLIENT_SECRET",
+                    "required: the signing key (--client-secret, the variable, or its _FILE)",
+                )
+            })?;
             print!("{}", input.string_to_sign());
-            println!("{}", input.signature(&client_secret));
+            println!("{}", input.signature(client_secret.expose()));
             Ok(())
         }
         Command::Kingdee {

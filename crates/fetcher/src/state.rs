@@ -11,16 +11,10 @@ use chrono::{DateTime, FixedOffset, SubsecRound, Utc};
 use conveyor_base::source::Window;
 use conveyor_base::tls::error_chain;
 use conveyor_base::waiting;
+use conveyor_postgres::failed as sql;
 use conveyor_postgres::{Database, DatabaseError};
 
 const HISTORY_TABLE: &str = "conveyor_state_migrations";
-
-fn sql(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatabaseError {
-    move |source| DatabaseError::Sql {
-        action: action.to_owned(),
-        source,
-    }
-}
 
 /// A failed statement said as text with its causes (a database error's own message is only "db
 /// error"), for the budget's and the login's errors.

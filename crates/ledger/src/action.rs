@@ -83,12 +83,7 @@ pub async fn record(
     if letters.is_empty() {
         return Ok(());
     }
-    let failed = |action: &'static str| {
-        move |source| DatabaseError::Sql {
-            action: action.to_owned(),
-            source,
-        }
-    };
+    let failed = conveyor_postgres::failed;
     let mut client = database.client().await?;
     let transaction = client
         .transaction()

@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::Json;
 
 use crate::action::ActionKind;
+use conveyor_postgres::failed;
 
 /// A letter a job covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,13 +36,6 @@ pub struct Job {
     /// `running` or `done`.
     pub state: String,
     pub finished_at: Option<DateTime<Utc>>,
-}
-
-fn failed(action: &'static str) -> impl Fn(tokio_postgres::Error) -> DatabaseError {
-    move |source| DatabaseError::Sql {
-        action: action.to_owned(),
-        source,
-    }
 }
 
 /// A job's columns, with its progress counted from the actions it recorded.

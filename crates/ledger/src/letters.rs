@@ -13,6 +13,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::record::{LetterRow, insert_letters};
+use conveyor_postgres::failed;
 
 /// Which letters to read. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -114,13 +115,6 @@ pub struct LetterDetail {
     pub replay_of: Option<String>,
     /// Earlier letters of the same records, oldest first.
     pub earlier: Vec<LetterSummary>,
-}
-
-fn failed(action: &'static str) -> impl Fn(tokio_postgres::Error) -> DatabaseError {
-    move |source| DatabaseError::Sql {
-        action: action.to_owned(),
-        source,
-    }
 }
 
 const SUMMARY_COLUMNS: &str =

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use conveyor_postgres::failed as sql;
 use conveyor_postgres::{Database, DatabaseError};
 use serde::Serialize;
 
@@ -74,13 +75,6 @@ pub struct Books {
     pub actions: BTreeMap<String, ActionBooks>,
     /// Every message sent and not settled, oldest first (whatever the span).
     pub open: Vec<Open>,
-}
-
-fn sql(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DatabaseError {
-    move |source| DatabaseError::Sql {
-        action: action.to_owned(),
-        source,
-    }
 }
 
 /// Reads the books of `pipeline` over `span`.

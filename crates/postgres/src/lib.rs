@@ -48,15 +48,17 @@ pub enum DatabaseError {
     Settings(#[from] SettingsError),
     #[error("setting CONVEYOR_PG_SCHEMA: {0:?} is not a plain SQL name")]
     Schema(String),
-    #[error("cannot connect to PostgreSQL at {endpoint}: {source}")]
+    // The driver's error is shown in the message and not chained as a source: an `{:#}` would say
+    // it twice ("error connecting to server: … : error connecting to server: …").
+    #[error("cannot connect to PostgreSQL at {endpoint}: {cause}")]
     Connect {
         endpoint: String,
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
-    #[error("PostgreSQL: {action}: {source}")]
+    #[error("PostgreSQL: {action}: {cause}")]
     Sql {
         action: String,
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
     #[error("migrations {name}: {message}")]
     Migrations { name: String, message: String },
@@ -77,6 +79,37 @@ pub struct Database {
     config: Config,
 }
 
+/// `host:port,…/dbname` of a connection's settings: what may be logged of them (a port not given is
+/// PostgreSQL's 5432, as the driver takes it).
+fn endpoint(config: &Config) -> String {
+    let ports = config.get_ports();
+    let hosts = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            let name = match host {
+                tokio_postgres::config::Host::Tcp(name) => name.clone(),
+                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+            };
+            // One port for every host, or one each.
+            let port = ports.get(index).or(ports.first()).copied().unwrap_or(5432);
+            format!("{name}:{port}")
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    format!("{hosts}/{}", config.get_dbname().unwrap_or(""))
+}
+
+/// Maps a driver error to [`DatabaseError::Sql`], saying what was being done.
+pub fn failed(action: &str) -> impl Fn(tokio_postgres::Error) -> DatabaseError {
+    let action = action.to_owned();
+    move |cause| DatabaseError::Sql {
+        action: action.clone(),
+        cause,
+    }
+}
+
 /// Quotes an SQL identifier.
 pub fn quote(identifier: &str) -> String {
     format!("\"{}\"", identifier.replace('"', "\"\""))
@@ -93,9 +126,9 @@ impl Database {
         let mut config: Config = url
             .expose()
             .parse()
-            .map_err(|source| DatabaseError::Connect {
+            .map_err(|cause| DatabaseError::Connect {
                 endpoint: "CONVEYOR_PG_URL".into(),
-                source,
+                cause,
             })?;
         let mut options = format!("-c search_path={}", args.pg_schema);
         if let Some(ms) = args.lock_timeout_ms {
@@ -106,16 +139,7 @@ impl Database {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(std::time::Duration::from_secs(5));
         }
-        let hosts = config
-            .get_hosts()
-            .iter()
-            .map(|host| match host {
-                tokio_postgres::config::Host::Tcp(name) => name.clone(),
-                tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(",");
-        let endpoint = format!("{hosts}/{}", config.get_dbname().unwrap_or(""));
+        let endpoint = endpoint(&config);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -161,15 +185,12 @@ impl Database {
             self.config
                 .connect(NoTls)
                 .await
-                .map_err(|source| DatabaseError::Connect {
+                .map_err(|cause| DatabaseError::Connect {
                     endpoint: self.endpoint.clone(),
-                    source,
+                    cause,
                 })?;
         let connection = tokio::spawn(connection);
-        let sql = |action: &str| {
-            let action = action.to_owned();
-            move |source| DatabaseError::Sql { action, source }
-        };
+        let sql = failed;
         let lock_key = format!("conveyor-migrations:{}", self.schema);
         client
             .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
@@ -205,5 +226,20 @@ impl Database {
         drop(client);
         let _ = connection.await;
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_endpoint_names_hosts_ports_and_database_never_the_password() {
+        let config: Config = "postgres://u:hunter2@db.example/prod".parse().unwrap();
+        assert_eq!(endpoint(&config), "db.example:5432/prod");
+        let config: Config = "host=a,b port=5433,5434 dbname=x password=hunter2"
+            .parse()
+            .unwrap();
+        assert_eq!(endpoint(&config), "a:5433,b:5434/x");
     }
 }

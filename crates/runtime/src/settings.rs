@@ -29,7 +29,8 @@ pub struct WorkerArgs {
     pub postgres: PostgresArgs,
     #[command(flatten)]
     pub ledger: LedgerArgs,
-    /// Address of the /metrics, /healthz and /readyz endpoints (the worker's default port if unset).
+    /// Address of the /metrics, /healthz and /readyz endpoints, which have no authentication: the
+    /// worker's default port on 127.0.0.1 if unset (a container sets 0.0.0.0 and its port).
     #[arg(long, env = "CONVEYOR_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Log format.
@@ -54,7 +55,7 @@ impl WorkerArgs {
 
     pub(crate) fn http_addr_or(&self, default_port: u16) -> SocketAddr {
         self.http_addr
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], default_port)))
     }
 }
 
@@ -84,4 +85,32 @@ pub fn pipeline_files(given_list: &[PathBuf]) -> Result<Vec<PathBuf>, SettingsEr
         files.extend(found);
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    #[test]
+    fn the_health_endpoints_listen_on_the_loopback_unless_told() {
+        let cli = Cli::try_parse_from(["worker", "--pipeline", "p.toml"]).unwrap();
+        assert_eq!(cli.worker.http_addr_or(9103).to_string(), "127.0.0.1:9103");
+        let cli = Cli::try_parse_from([
+            "worker",
+            "--pipeline",
+            "p.toml",
+            "--http-addr",
+            "0.0.0.0:9000",
+        ])
+        .unwrap();
+        assert_eq!(cli.worker.http_addr_or(9103).to_string(), "0.0.0.0:9000");
+    }
 }

@@ -29,6 +29,8 @@ fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut engine = Engine::new();
+        // `eval` would run a string as a script: statements the expression grammar refuses.
+        engine.disable_symbol("eval");
         engine
             .set_strict_variables(true)
             .set_max_operations(100_000)
@@ -219,6 +221,9 @@ mod tests {
         let err = Expression::compile("qty * cost", &fields()).unwrap_err();
         assert!(err.contains("cost"), "{err}");
         assert!(Expression::compile("qty *", &fields()).is_err());
+        // A string run as a script would escape the grammar: refused before any record.
+        let err = Expression::compile(r#"eval("let x = qty; x * 2")"#, &fields()).unwrap_err();
+        assert!(err.contains("eval"), "{err}");
     }
 
     #[test]

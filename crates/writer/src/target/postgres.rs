@@ -29,11 +29,6 @@ pub enum SetupError {
     Migrations { dir: String, message: String },
     #[error("table {table}: {problem}")]
     Table { table: String, problem: String },
-    #[error("PostgreSQL: {action}: {source}")]
-    Sql {
-        action: String,
-        source: tokio_postgres::Error,
-    },
 }
 
 /// What to write where.
@@ -125,10 +120,10 @@ impl PostgresTarget {
         client
             .prepare(&upsert)
             .await
-            .map_err(|source| SetupError::Sql {
-                action: format!("preparing the upsert into {}", spec.table),
-                source,
-            })?;
+            .map_err(conveyor_postgres::failed(&format!(
+                "preparing the upsert into {}",
+                spec.table
+            )))?;
         let home = format!("{}/{}", database.endpoint, database.schema);
         let upsert_settling = match ledger_home {
             Some(ledger) if ledger == home => {
@@ -136,13 +131,10 @@ impl PostgresTarget {
                 client
                     .prepare(&statement)
                     .await
-                    .map_err(|source| SetupError::Sql {
-                        action: format!(
-                            "preparing the upsert into {} with its ledger row",
-                            spec.table
-                        ),
-                        source,
-                    })?;
+                    .map_err(conveyor_postgres::failed(&format!(
+                        "preparing the upsert into {} with its ledger row",
+                        spec.table
+                    )))?;
                 Some(statement)
             }
             _ => None,
@@ -325,10 +317,7 @@ async fn check_table(
             &[&schema, &spec.table],
         )
         .await
-        .map_err(|source| SetupError::Sql {
-            action: "reading the table's columns".into(),
-            source,
-        })?;
+        .map_err(conveyor_postgres::failed("reading the table's columns"))?;
     if rows.is_empty() {
         return Err(problem(
             "does not exist; create it in the pipeline's migrations".into(),
@@ -352,10 +341,7 @@ async fn check_table(
             &[&schema, &spec.table, &spec.key],
         )
         .await
-        .map_err(|source| SetupError::Sql {
-            action: "reading the table's indexes".into(),
-            source,
-        })?;
+        .map_err(conveyor_postgres::failed("reading the table's indexes"))?;
     if !unique.get::<_, bool>(0) {
         return Err(problem(format!(
             "needs a primary key or unique index on {:?} alone (the pipeline's transform.key)",

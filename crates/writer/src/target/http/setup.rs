@@ -42,6 +42,15 @@ pub struct HttpArgs {
     /// CA certificates (PEM) trusted for the target's HTTPS besides the public roots (a private CA).
     #[arg(long, env = "CONVEYOR_HTTP_TARGET_TLS_CA_FILE")]
     pub http_target_tls_ca_file: Option<PathBuf>,
+    /// Send the target's credentials (a bearer token, a client secret) over plain http:// all the
+    /// same: a network where that is intended. Without it, such a target is refused at start.
+    #[arg(
+        long,
+        env = "CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    pub http_target_allow_plain_http: bool,
 }
 
 /// How calls get their bearer token.
@@ -171,6 +180,16 @@ impl HttpTarget {
                 cached: Mutex::new(None),
             },
         };
+        if url.scheme() == "http"
+            && !matches!(auth, Auth::None)
+            && !args.http_target_allow_plain_http
+        {
+            return Err(SettingsError::new(
+                "CONVEYOR_HTTP_TARGET_URL",
+                "is plain http://, and the target's credentials would cross the network unencrypted: use https://, or set CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP=true where plain HTTP is intended",
+            )
+            .into());
+        }
         let mut headers = HeaderMap::new();
         for (name, value) in &spec.headers {
             let name = HeaderName::from_bytes(name.as_bytes())

@@ -283,8 +283,26 @@ async fn tokens_are_cached_and_renewed_and_never_shown() {
         http_target_url: Some(url.clone()),
         http_target_client_id: Some("conveyor".into()),
         http_target_client_secret: Some(Secret::new(secret)),
+        http_target_allow_plain_http: true,
         ..HttpArgs::default()
     };
+    // Credentials over plain HTTP are refused unless intended.
+    let refused = HttpTarget::new(
+        &spec,
+        "modified",
+        &HttpArgs {
+            http_target_allow_plain_http: false,
+            ..args("s3cret-value")
+        },
+    )
+    .err()
+    .expect("credentials over http:// refused");
+    assert!(
+        refused
+            .to_string()
+            .contains("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP"),
+        "{refused}"
+    );
     let target = HttpTarget::new(&spec, "modified", &args("s3cret-value")).unwrap();
     for _ in 0..3 {
         target.write(&records(2, NEW)).await.unwrap();
@@ -588,6 +606,7 @@ async fn a_static_bearer_token_is_sent() {
     let with_token = |token: &str| HttpArgs {
         http_target_url: Some(url.clone()),
         http_target_token: Some(Secret::new(token)),
+        http_target_allow_plain_http: true,
         ..HttpArgs::default()
     };
     let target = HttpTarget::new(&bearer, "modified", &with_token("static-token-1")).unwrap();
@@ -606,6 +625,7 @@ async fn a_static_bearer_token_is_sent() {
     let from_file = HttpArgs {
         http_target_url: Some(url.clone()),
         http_target_token_file: Some(file.clone()),
+        http_target_allow_plain_http: true,
         ..HttpArgs::default()
     };
     let target = HttpTarget::new(&bearer, "modified", &from_file).unwrap();
@@ -675,6 +695,7 @@ async fn tokens_are_renewed_before_they_expire() {
         http_target_url: Some(url.clone()),
         http_target_client_id: Some("conveyor".into()),
         http_target_client_secret: Some(Secret::new("s3cret-value")),
+        http_target_allow_plain_http: true,
         ..HttpArgs::default()
     };
     let target = HttpTarget::new(&spec, "modified", &args).unwrap();
