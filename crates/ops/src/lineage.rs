@@ -54,7 +54,7 @@ pub async fn lineage(
         TargetSpec::Http(_) => TargetRow::NotRead(
             "an HTTP target: conveyorctl reconcile reads it by id, with its credentials".to_owned(),
         ),
-        TargetSpec::Noop => {
+        TargetSpec::Noop(_) => {
             TargetRow::NotRead("the target is the no-op one: it keeps nothing".to_owned())
         }
     };

@@ -198,7 +198,7 @@ impl TargetReader {
                     HttpTarget::open(pipeline, spec, http).await?,
                 )))
             }
-            TargetSpec::Noop => bail!(
+            TargetSpec::Noop(_) => bail!(
                 "pipeline {:?} writes nowhere (a noop target): there is nothing to reconcile",
                 pipeline.name()
             ),

@@ -170,7 +170,7 @@ kind = "noop"
         assert_eq!(pipeline.spec.source.query["bill_status"], "C");
         assert_eq!(pipeline.spec.source.window_secs, 86_400);
         assert_eq!(pipeline.spec.source.calls_per_minute, 500);
-        assert!(matches!(pipeline.spec.target, TargetSpec::Noop));
+        assert!(matches!(pipeline.spec.target, TargetSpec::Noop(_)));
     }
 
     #[test]
@@ -185,6 +185,11 @@ kind = "noop"
                 GOOD.replace("path = ", "paht = "),
                 "source.paht",
                 "unknown field",
+            ),
+            (
+                GOOD.replace("kind = \"noop\"", "kind = \"noop\"\ntable = \"orders\""),
+                "target",
+                "unknown field `table`, there are no fields",
             ),
             (
                 GOOD.replace("[source.query]", "page_size = 500\n[source.query]"),

@@ -76,7 +76,7 @@ async fn write(
             let target = HttpTarget::open(pipeline, spec, &cli.http).await?;
             serve(runtime, target, shutdown).await
         }
-        TargetSpec::Noop => serve(runtime, NoopTarget::default(), shutdown).await,
+        TargetSpec::Noop(_) => serve(runtime, NoopTarget::default(), shutdown).await,
     }
 }
 

@@ -21,8 +21,14 @@ pub enum TargetSpec {
     /// Write to a JSON write API (another system's), with an id check.
     Http(HttpTargetSpec),
     /// Write nowhere (写入空操作): accept and count.
-    Noop,
+    Noop(NoopTargetSpec),
 }
+
+/// A no-op target takes no settings: a key under it is a mistake (a target meant to be another
+/// kind, or a setting misplaced), refused rather than ignored.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoopTargetSpec {}
 
 impl TargetSpec {
     /// Checks what can be checked without a network, and anchors relative paths at `base` (the
@@ -31,7 +37,7 @@ impl TargetSpec {
         match self {
             TargetSpec::Postgres(spec) => spec.check(base),
             TargetSpec::Http(spec) => spec.check(),
-            TargetSpec::Noop => Ok(()),
+            TargetSpec::Noop(_) => Ok(()),
         }
     }
 }
