@@ -147,10 +147,7 @@ impl Topology {
     /// arguments (a queue redeclared with other arguments is refused by the broker; the one exception,
     /// a dead-letter queue an earlier conveyor declared without its delivery limit, is taken as it is).
     pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
-        let mut channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("opening a channel to declare the topology"))?;
+        let mut channel = reopen(connection).await?;
         let declared = answered(
             "declaring the topology",
             self.declare_on(connection, &mut channel),
@@ -311,7 +308,7 @@ impl Topology {
         connection: &Connection,
         channel: &mut Channel,
         queue: &str,
-        mut arguments: FieldTable,
+        arguments: FieldTable,
     ) -> Result<(), BrokerError> {
         let options = QueueDeclareOptions {
             durable: true,
@@ -330,9 +327,8 @@ impl Topology {
                         without.insert(key.clone(), value.clone());
                     }
                 }
-                arguments = without;
                 channel
-                    .queue_declare(queue.into(), options, arguments)
+                    .queue_declare(queue.into(), options, without)
                     .await
                     .map_err(amqp(format!("declaring queue {queue}")))?;
             }
@@ -404,11 +400,12 @@ fn declared_without(err: &lapin::Error, argument: &str) -> bool {
         && message.contains("current is none")
 }
 
+/// A new channel: one for the topology, or after the broker closed one by refusing a declaration.
 async fn reopen(connection: &Connection) -> Result<Channel, BrokerError> {
     connection
         .create_channel()
         .await
-        .map_err(amqp("opening a channel to declare the topology"))
+        .map_err(amqp("opening a channel to declare or inspect the topology"))
 }
 
 /// Messages ready in `queue`, by passive declare: an error if it does not exist (which also closes

@@ -81,10 +81,10 @@ pub struct Select {
     #[arg(long)]
     record_id: Option<String>,
     /// Only letters that last failed at or after this time (RFC 3339).
-    #[arg(long, value_parser = rfc3339)]
+    #[arg(long, value_parser = crate::rfc3339)]
     since: Option<DateTime<Utc>>,
     /// Only letters that last failed before this time (RFC 3339).
-    #[arg(long, value_parser = rfc3339)]
+    #[arg(long, value_parser = crate::rfc3339)]
     until: Option<DateTime<Utc>>,
     /// At most this many messages (per stage; 1 or more).
     #[arg(long, value_parser = at_least_one)]
@@ -373,15 +373,6 @@ fn progress(total: u64) -> ProgressBar {
         bar.set_style(style);
     }
     bar
-}
-
-/// A time as `--since` and `--until` take it, with what is expected when it is not one.
-fn rfc3339(given: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(given)
-        .map(|time| time.with_timezone(&Utc))
-        .map_err(|err| {
-            format!("{err}: expected an RFC 3339 time, such as 2026-01-31T08:00:00+08:00 or 2026-01-31T00:00:00Z")
-        })
 }
 
 fn at_least_one(given: &str) -> Result<usize, String> {

@@ -21,10 +21,10 @@ pub struct ReconcileArgs {
     /// The pipeline: its file, or its name among CONVEYOR_PIPELINE's files (the workers' setting).
     pipeline: String,
     /// Compare the records modified at or after this time (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::rfc3339)]
     since: DateTime<Utc>,
     /// ... and at or before this time (RFC 3339; default: now).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::rfc3339)]
     until: Option<DateTime<Utc>>,
     /// Width of one window of the comparison, seconds: each costs one call for its count.
     #[arg(long, default_value_t = 86_400)]
@@ -156,14 +156,9 @@ fn parse_window(text: &str) -> Result<Window, String> {
     let (start, end) = text
         .split_once('/')
         .ok_or_else(|| format!("{text:?} is not START/END"))?;
-    let at = |part: &str| {
-        DateTime::parse_from_rfc3339(part)
-            .map(|at| at.with_timezone(&Utc))
-            .map_err(|err| format!("{part:?} is not an RFC 3339 time: {err}"))
-    };
     let window = Window {
-        start: at(start)?,
-        end: at(end)?,
+        start: crate::rfc3339(start)?,
+        end: crate::rfc3339(end)?,
     };
     if window.end < window.start {
         return Err(format!("{text:?} ends before it starts"));

@@ -16,10 +16,10 @@ pub struct StatusArgs {
     #[arg(required = true)]
     pipelines: Vec<String>,
     /// Add up only what was settled (and sent) at or after this time (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::rfc3339)]
     since: Option<DateTime<Utc>>,
     /// Add up only what was settled (and sent) before this time (RFC 3339).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::rfc3339)]
     until: Option<DateTime<Utc>>,
     /// Seconds a message must stay in flight, with nothing queued at its stage, to be unaccounted for.
     #[arg(long, default_value_t = 3)]

@@ -44,11 +44,20 @@ async fn connect_for(
 ) -> anyhow::Result<(lapin::Connection, Topology)> {
     let topology = Topology::new(broker, &crate::pipeline_name(given)?);
     let connection = conveyor_amqp::connect(&broker.address()?, "conveyorctl").await?;
-    if let Err(err) = topology.require_declared(&connection).await {
-        conveyor_amqp::close(&connection).await;
+    require_declared(&connection, &topology).await?;
+    Ok((connection, topology))
+}
+
+/// [`Topology::require_declared`], closing the connection when it fails.
+async fn require_declared(
+    connection: &lapin::Connection,
+    topology: &Topology,
+) -> anyhow::Result<()> {
+    if let Err(err) = topology.require_declared(connection).await {
+        conveyor_amqp::close(connection).await;
         return Err(err.into());
     }
-    Ok((connection, topology))
+    Ok(())
 }
 
 /// Reads the selected queues letter by letter and calls `each` with every selected letter (at most
@@ -96,10 +105,7 @@ pub async fn list(broker: &BrokerArgs, pipelines: &[String]) -> anyhow::Result<V
     for given in pipelines {
         let name = crate::pipeline_name(given)?;
         let topology = Topology::new(broker, &name);
-        if let Err(err) = topology.require_declared(&connection).await {
-            conveyor_amqp::close(&connection).await;
-            return Err(err.into());
-        }
+        require_declared(&connection, &topology).await?;
         for (stage, queue) in dead_letters::queues(&topology) {
             let mut held = Held::open(&connection, &queue, usize::MAX).await?;
             let mut counted = QueueCounts::new(&name, stage, &queue);
