@@ -718,3 +718,152 @@ async fn reconcile_reads_an_http_target_by_id_and_its_resync_mends_it() {
     );
     run.finish().await;
 }
+
+/// `/readyz` of a worker: its status and the conditions it lists (nothing while it starts).
+async fn readyz(worker: &WorkerProcess) -> (u16, String) {
+    let url = format!("http://{}/readyz", worker.http_addr);
+    match common::http().get(url).send().await {
+        Ok(answer) => (answer.status().as_u16(), answer.text().await.unwrap()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Waits until `/readyz` of `worker` lists `condition`; returns the whole answer.
+async fn wait_for_condition(worker: &WorkerProcess, condition: &str) -> String {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let (status, body) = readyz(worker).await;
+        if body.contains(condition) {
+            assert_eq!(status, 503, "{body}");
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never said {condition:?}; /readyz: {body}\n{}",
+            worker.worker.binary(),
+            worker.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Wrong credentials for the source (the Kingdee client secret) and for the target (the token
+/// endpoint's client secret) are setup errors: each worker stays up, not ready, with `/readyz` naming
+/// the refusal, says so in one ERROR line however often it checks again, and burns no message's
+/// attempts: nothing is dead-lettered. Restarted with the right secrets, they deliver everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead_letter() {
+    const WRONG_CLIENT_SECRET: &str = "wrong-target-secret-5c1d";
+    const WRONG_KINGDEE_SECRET: &str = "wrong-kingdee-secret-93be";
+    let mut run = start(
+        "credentials",
+        40,
+        TargetConfig::default(),
+        "",
+        &[("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", WRONG_CLIENT_SECRET)],
+    )
+    .await;
+    // Work arrives all the same (a fetcher with the right secret syncs once): the writers hold it.
+    run.scenario.run_fetcher_once(TIMEOUT).await.unwrap();
+    let wrong_fetcher = run
+        .scenario
+        .spawn_with_env(
+            Worker::Fetcher,
+            &[],
+            &[
+                ("CONVEYOR_KINGDEE_CLIENT_SECRET", WRONG_KINGDEE_SECRET),
+                ("CONVEYOR_FETCH_INTERVAL_SECS", "1"),
+            ],
+        )
+        .unwrap();
+    let said = wait_for_condition(&wrong_fetcher, "source credentials: waiting: refused:").await;
+    assert!(
+        said.contains("code 4008") && said.contains("check CONVEYOR_KINGDEE_CLIENT_SECRET"),
+        "the gateway's code is explained: {said}"
+    );
+    for writer in &run.workers[1..] {
+        let said = wait_for_condition(writer, "target credentials: waiting: refused:").await;
+        assert!(
+            said.contains("token endpoint answered 401")
+                && said.contains("CONVEYOR_HTTP_TARGET_CLIENT_SECRET"),
+            "{said}"
+        );
+    }
+
+    // Long enough for the gates to check again (5 s, then 10 s later).
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    assert_eq!(run.sim.stats.created.load(Ordering::Relaxed), 0);
+    let waiting: u32 = run
+        .scenario
+        .queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(queue, _)| queue.ends_with(".write"))
+        .map(|(_, n)| n)
+        .sum();
+    let mut held = 0.0;
+    for writer in &run.workers[1..] {
+        held += common::metric(writer, "conveyor_messages_in_hand", &[]).await;
+    }
+    assert!(
+        held + f64::from(waiting) > 0.0,
+        "the batches wait for the writers"
+    );
+    for stage in [Stage::Fetch, Stage::Transform, Stage::Write] {
+        assert!(
+            run.scenario
+                .peek_dead_letters(stage)
+                .await
+                .unwrap()
+                .is_empty(),
+            "refused credentials dead-letter nothing ({stage:?})"
+        );
+    }
+    for (worker, secret) in [
+        (&wrong_fetcher, WRONG_KINGDEE_SECRET),
+        (&run.workers[1], WRONG_CLIENT_SECRET),
+        (&run.workers[2], WRONG_CLIENT_SECRET),
+    ] {
+        let log = std::fs::read_to_string(&worker.log).unwrap();
+        let told: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("refuses the credentials"))
+            .collect();
+        assert_eq!(told.len(), 1, "one line says it: {told:#?}");
+        assert!(told[0].contains("ERROR"), "{}", told[0]);
+        assert!(!log.contains(secret), "a secret reached a log");
+    }
+    assert_eq!(
+        run.scenario.logged_errors().len(),
+        3,
+        "no other ERROR: {:#?}",
+        run.scenario.logged_errors()
+    );
+
+    // SIGTERM while held: each exits 0, giving its work back.
+    let mut stopped = vec![
+        wrong_fetcher,
+        run.workers.pop().unwrap(),
+        run.workers.pop().unwrap(),
+    ];
+    conveyor_harness::stop_all(&mut stopped).await.unwrap();
+    let env = [
+        ("CONVEYOR_HTTP_TARGET_URL", run.url.as_str()),
+        ("CONVEYOR_HTTP_TARGET_CLIENT_ID", "conveyor-e2e"),
+        ("CONVEYOR_HTTP_TARGET_CLIENT_SECRET", CLIENT_SECRET),
+        ("CONVEYOR_HTTP_TARGET_ALLOW_PLAIN_HTTP", "true"),
+    ];
+    run.workers.push(
+        run.scenario
+            .spawn_with_env(Worker::Writer, &[], &env)
+            .unwrap(),
+    );
+    wait_until_equal(&run.truth, &run.sim, &run.workers).await;
+    assert_eq!(
+        run.sim.stats.created.load(Ordering::Relaxed) as usize,
+        run.truth.len(),
+        "every line written once"
+    );
+    run.finish().await;
+}

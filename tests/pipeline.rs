@@ -10,7 +10,7 @@ mod common;
 use common::*;
 use conveyor_amqp::envelope::{Compression, Envelope, Meta};
 use conveyor_base::{Record, Stage};
-use conveyor_harness::{Worker, WorkerProcess};
+use conveyor_harness::{Scenario, Worker, WorkerProcess};
 use kingdee_sim::SimConfig;
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
@@ -393,7 +393,48 @@ async fn workers_serve_health_readiness_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_once_sync_whose_window_is_dead_lettered_fails_with_the_reason() {
-    let scenario = scenario("once_refused", orders(10)).await;
+    // An API the gateway does not serve: each window's first page is refused for good.
+    let scenario = Scenario::start(
+        services().await,
+        &sales_orders_pipeline(),
+        &bin_dir(),
+        "once_refused",
+        orders(10),
+        &[(
+            "path",
+            toml::Value::String("/jdy/v2/scm/sal_order_gone".into()),
+        )],
+    )
+    .await
+    .expect("scenario starts");
+    let mut fetcher = scenario.spawn(Worker::Fetcher, &["--once"]).unwrap();
+    let status = fetcher.wait(Duration::from_secs(60)).await.unwrap();
+    let log = fetcher.log_tail(10);
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("a window was dead-lettered")
+            && log.contains("conveyorctl dlq show sales_orders --stage fetch"),
+        "{log}"
+    );
+    // Every window was refused for the same reason (the fetcher stops once the first one is).
+    let letters = scenario.peek_dead_letters(Stage::Fetch).await.unwrap();
+    assert!(!letters.is_empty());
+    for letter in &letters {
+        assert_eq!(
+            (letter.class.as_str(), letter.error.as_str()),
+            (
+                "permanent",
+                "GET /jdy/v2/scm/sal_order_gone: HTTP 404: no such API at this address (check the pipeline's source.path)"
+            )
+        );
+    }
+    scenario.clean_up(false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_sync_with_a_wrong_client_secret_ends_at_once_naming_it() {
+    let scenario = scenario("once_wrong_secret", orders(10)).await;
+    scenario.declare_topology().await.unwrap();
     let secret = "not-the-secret-7f3a";
     let mut fetcher = scenario
         .spawn_with_env(
@@ -406,23 +447,21 @@ async fn a_once_sync_whose_window_is_dead_lettered_fails_with_the_reason() {
     let log = fetcher.log_tail(10);
     assert!(!status.success(), "{log}");
     assert!(
-        log.contains("a window was dead-lettered")
-            && log.contains("conveyorctl dlq show sales_orders --stage fetch"),
+        log.contains("code 4008, the request's signature does not match: the client secret is wrong (check CONVEYOR_KINGDEE_CLIENT_SECRET)"),
         "{log}"
     );
     assert!(
         !log.contains(secret),
         "the secret must not be logged: {log}"
     );
-    // Every window was refused for the same reason (the fetcher stops once the first one is).
-    let letters = scenario.peek_dead_letters(Stage::Fetch).await.unwrap();
-    assert!(!letters.is_empty());
-    for letter in &letters {
-        assert_eq!(
-            (letter.class.as_str(), letter.error.as_str()),
-            ("permanent", "gateway refused the call: code 4008")
-        );
-    }
+    assert!(
+        scenario
+            .peek_dead_letters(Stage::Fetch)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a setup error is no window's fault"
+    );
     scenario.clean_up(false).await.unwrap();
 }
 

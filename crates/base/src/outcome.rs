@@ -13,6 +13,9 @@ pub enum ErrorClass {
     /// The source asked to be called later (its rate limit), for longer than a worker holds a
     /// message: no fault, so the work is put back with a delay and no attempt counted.
     Throttled,
+    /// A service refused the worker's credentials or permissions: a setup error, no fault of the
+    /// work. The worker holds the work back until they are accepted (`conveyor_runtime::refusal`).
+    Refused,
 }
 
 impl ErrorClass {
@@ -22,6 +25,7 @@ impl ErrorClass {
             ErrorClass::Permanent => "permanent",
             ErrorClass::Transient => "transient",
             ErrorClass::Throttled => "throttled",
+            ErrorClass::Refused => "refused",
         }
     }
 }

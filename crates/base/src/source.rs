@@ -82,8 +82,10 @@ pub trait Source: Send + Sync + 'static {
     /// Rows per page, as the source serves them (the last page of a window may hold fewer).
     fn page_size(&self) -> u64;
 
-    /// Asked once at start: fails when the source cannot be used as configured (an address, a
-    /// certificate, a credential), so that a wrong setting stops the process with its name.
+    /// Asked at start: fails when the source cannot be used as configured (an address, a certificate,
+    /// a credential), so that a wrong setting is named before any work. A refused credential is
+    /// [`ErrorClass::Refused`] (asked again until accepted); one that cannot be told now (the source
+    /// is down) is [`ErrorClass::Transient`].
     fn check(&self) -> impl Future<Output = Result<(), Failure>> + Send;
 
     /// Page `number` (from 1) of the rows modified within `window`.

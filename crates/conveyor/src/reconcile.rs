@@ -124,6 +124,10 @@ impl WithSource for Compare<'_> {
     type Output = Report;
 
     async fn run<S: Source>(self, source: std::sync::Arc<S>) -> anyhow::Result<Report> {
+        source
+            .check()
+            .await
+            .map_err(|failure| anyhow::anyhow!(failure.message))?;
         conveyor_ops::reconcile::reconcile(self.pipeline, &*source, &self.target, &self.request)
             .await
     }

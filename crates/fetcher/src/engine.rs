@@ -33,6 +33,7 @@ use conveyor_base::ledger::{Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::source::{Page, Source, Window, consistent_page};
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
+use conveyor_runtime::refusal::RefusalGate;
 use futures_util::StreamExt;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -80,6 +81,10 @@ pub(crate) struct Engine<S> {
     pub(crate) session_lost: CancellationToken,
     /// Where the pages each window sent on are recorded.
     pub(crate) ledger: SharedLedger,
+    /// Closed while the source refuses the credentials: windows wait, unacked, instead of failing.
+    pub(crate) gate: Arc<RefusalGate>,
+    /// The process stops: a window waiting at the gate gives its message back.
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl<S: Source> Engine<S> {
@@ -472,14 +477,32 @@ impl<S: Source> Handler for Engine<S> {
                     return Disposition::DeadLetter(Failure::new(ErrorClass::Malformed, problem));
                 }
             };
-            let synced = tokio::select! {
-                biased;
-                // No attempt is spent: the broker redelivers the window to the next session.
-                () = self.session_lost.cancelled() => return Disposition::Release,
-                synced = self.sync_window(&envelope.meta, window) => synced,
+            let synced = loop {
+                // No attempt is spent waiting: the window is given back (after a while, or on
+                // shutdown) and taken again, by this process or another.
+                if self.gate.is_refused() {
+                    tokio::select! {
+                        biased;
+                        () = self.session_lost.cancelled() => return Disposition::Release,
+                        accepted = self.gate.wait_accepted(&self.shutdown) => if !accepted {
+                            return Disposition::Release;
+                        },
+                    }
+                }
+                let synced = tokio::select! {
+                    biased;
+                    () = self.session_lost.cancelled() => return Disposition::Release,
+                    synced = self.sync_window(&envelope.meta, window) => synced,
+                };
+                match synced {
+                    Err(failure) if failure.class == ErrorClass::Refused => {
+                        self.gate.refuse(&failure.message, self.shutdown.clone());
+                    }
+                    synced => break synced,
+                }
             };
             match synced {
-                Ok(()) => {}
+                Ok(()) => self.gate.worked(),
                 Err(failure) if failure.class == ErrorClass::Transient => {
                     return Disposition::Retry(failure);
                 }

@@ -81,7 +81,14 @@ impl Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let host = Host::start(&cli.worker, Stage::Fetch, 9101, &[], &shutdown).await?;
+    let host = Host::start(
+        &cli.worker,
+        Stage::Fetch,
+        9101,
+        &[serve::READY_SOURCE_CREDENTIALS],
+        &shutdown,
+    )
+    .await?;
     host.run(&shutdown, |runtime, cli: Cli, shutdown| async move {
         sync_pipeline(&runtime, &cli, &shutdown).await
     })
@@ -155,8 +162,8 @@ pub trait WithSource {
 
 /// Builds the source `pipeline`'s file names (the one match on its kind), with the call budget and
 /// the login shared by every process calling its account (their tables are the sync state's: open a
-/// [`SyncStore`] first); checks it, so that a wrong address or
-/// credential fails here with its name; then hands it to `work`.
+/// [`SyncStore`] first), and hands it to `work`, which checks it first
+/// ([`Source::check`]).
 pub async fn with_source<W: WithSource>(
     pipeline: &conveyor_pipeline::Pipeline,
     kingdee: &KingdeeArgs,
@@ -183,10 +190,6 @@ pub async fn with_source<W: WithSource>(
             let gateway = Gateway::new(credentials, budget, metrics.clone(), pipeline.name())
                 .with_session_store(session);
             let source = KingdeeSource::new(gateway, &spec.path, &spec.query, spec.page_size);
-            source
-                .check()
-                .await
-                .map_err(|failure| anyhow::anyhow!(failure.message))?;
             work.run(Arc::new(source)).await
         }
     }

@@ -11,8 +11,9 @@ use anyhow::Context as _;
 use conveyor_amqp::Topology;
 use conveyor_amqp::consume;
 use conveyor_amqp::dead_letters::Held;
-use conveyor_base::Stage;
 use conveyor_base::source::Source;
+use conveyor_base::{ErrorClass, Failure, Stage};
+use conveyor_runtime::refusal::{Checked, CredentialCheck, RefusalGate};
 use conveyor_runtime::worker::{Session, WorkerRuntime};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,26 @@ const WAIT_REPORT: Duration = conveyor_base::waiting::REPORT_EVERY;
 const DEAD_LETTER_LOOK: Duration = Duration::from_secs(5);
 /// Dead letters read at most for that look (each holds one window).
 const DEAD_LETTERS_READ: usize = 10_000;
+
+/// Readiness condition: the source accepts the credentials (or could not say at start).
+pub const READY_SOURCE_CREDENTIALS: &str = "source credentials";
+
+/// The check of the source's credentials ([`Source::check`]) as the refusal gate asks it.
+fn credential_check<S: Source>(source: &Arc<S>) -> CredentialCheck {
+    let source = source.clone();
+    Arc::new(move || {
+        let source = source.clone();
+        Box::pin(async move { checked(source.check().await) })
+    })
+}
+
+fn checked(result: Result<(), Failure>) -> Checked {
+    match result {
+        Ok(()) => Checked::Accepted,
+        Err(failure) if failure.class == ErrorClass::Refused => Checked::Refused(failure.message),
+        Err(failure) => Checked::Unknown(failure.message),
+    }
+}
 
 /// How a fetcher process runs the sync (its command line's part).
 #[derive(Debug, Clone)]
@@ -57,6 +78,10 @@ pub struct SyncSummary {
 /// Syncs one pipeline from `source` through every broker session until `shutdown`, or, with
 /// `options.once`, until every window is finished; then returns what this process did. The source (so
 /// a token it holds) outlives broker connections: one serves them all.
+///
+/// The source is checked first ([`Source::check`]): a setting it cannot work with stops the process;
+/// refused credentials hold the sync back until they are accepted (see
+/// [`conveyor_runtime::refusal`]), except for a `--once` sync, which ends with the reason.
 pub async fn sync<S: Source>(
     runtime: &WorkerRuntime,
     source: Arc<S>,
@@ -66,6 +91,21 @@ pub async fn sync<S: Source>(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SyncSummary> {
     let started = Instant::now();
+    let gate = RefusalGate::new(
+        runtime.readiness.clone(),
+        READY_SOURCE_CREDENTIALS,
+        "the source",
+        credential_check(&source),
+    );
+    match source.check().await {
+        Err(failure)
+            if failure.class == ErrorClass::Permanent
+                || (options.once && failure.class == ErrorClass::Refused) =>
+        {
+            anyhow::bail!("{}", failure.message)
+        }
+        found => gate.begin(&checked(found), shutdown),
+    }
     let counters = Arc::new(Counters::default());
     // Windows whose pages were not all confirmed are not finished in the sync state: after a
     // reconnect they are handed out and paged again (writes are idempotent).
@@ -83,6 +123,8 @@ pub async fn sync<S: Source>(
                 republish_after: options.republish_after,
                 session_lost: CancellationToken::new(),
                 ledger: runtime.ledger.clone(),
+                gate: gate.clone(),
+                shutdown: shutdown.clone(),
             });
             serve(runtime, session, engine, options, shutdown)
         })
@@ -186,6 +228,9 @@ async fn wait_until_synced<S: Source>(
                  fixed: `conveyorctl dlq replay {pipeline} --stage {stage}`"
             )
         };
+        if let Some(reason) = engine.gate.refusal() {
+            anyhow::bail!("the source refuses the credentials: {reason}");
+        }
         if let Some(reason) = engine.counters.window_given_up.lock().unwrap().clone() {
             anyhow::bail!(
                 "a window was dead-lettered ({reason}); the sync cannot finish until it is replayed: {}",

@@ -29,6 +29,9 @@ pub(crate) enum Answer<T = Box<RawValue>> {
     TokenRejected {
         reason: String,
     },
+    /// The gateway refuses the app's credentials or permissions (a wrong client id or secret, an API
+    /// the app may not call): a setup error, for a human to fix; no call made as it is can succeed.
+    Refused(String),
     TenantMoved,
     StaleSecret,
     Fatal(String),
@@ -55,9 +58,13 @@ pub(crate) fn read_answer<T: DeserializeOwned>(
                 .ok()
                 .and_then(|json| code_of(&json))
                 .unwrap_or(0);
-            let reason = format!("gateway refused the call: code {code}");
+            let reason = format!(
+                "gateway refused the call: code {code}, {}",
+                gateway_code_meaning(code)
+            );
             return match code {
                 4009..=4011 => Answer::TokenRejected { reason },
+                4003 | 4005 | 4008 | 4012 => Answer::Refused(reason),
                 5007 => Answer::Throttled {
                     reason,
                     retry_after,
@@ -68,6 +75,11 @@ pub(crate) fn read_answer<T: DeserializeOwned>(
         }
         500..=599 => return retry(format!("HTTP {status}")),
         200..=299 => {}
+        404 => {
+            return Answer::Fatal(
+                "HTTP 404: no such API at this address (check the pipeline's source.path)".into(),
+            );
+        }
         _ => return Answer::Fatal(format!("HTTP {status}")),
     }
     match serde_json::from_slice::<Reply<T>>(body) {
@@ -85,6 +97,38 @@ pub(crate) fn read_answer<T: DeserializeOwned>(
                 .unwrap_or_else(|| retry(format!("unreadable data: {err}"))),
             Err(_) => retry(format!("unreadable answer: {err}")),
         },
+    }
+}
+
+/// What a gateway code (of an HTTP 519) means, in words, with what to look at.
+pub(crate) fn gateway_code_meaning(code: i64) -> &'static str {
+    match code {
+        4003 => "the client id is not known to the gateway (check CONVEYOR_KINGDEE_CLIENT_ID)",
+        4005 => {
+            "the client id and secret do not match (check CONVEYOR_KINGDEE_CLIENT_ID and \
+             CONVEYOR_KINGDEE_CLIENT_SECRET)"
+        }
+        4006 => {
+            "the request's timestamp is too far from the gateway's clock (is this machine's clock right?)"
+        }
+        4007 => "the signed headers are not the ones the gateway expects",
+        4008 => {
+            "the request's signature does not match: the client secret is wrong (check \
+             CONVEYOR_KINGDEE_CLIENT_SECRET)"
+        }
+        4009 => "the call carried no app-token",
+        4010 => "the app-token is not valid",
+        4011 => "the app-token expired",
+        4012 => {
+            "the app has no permission for this API (grant it to the app in the Kingdee developer \
+             portal, or check the pipeline's source.path)"
+        }
+        5001 => "no such API (check the pipeline's source.path)",
+        5003 => "the API is unavailable for now",
+        5004 => "the API timed out",
+        5006 => "the gateway's circuit breaker for this API is open",
+        5007 => "the gateway is overloaded (rate limit)",
+        _ => "a gateway code this version does not know",
     }
 }
 
@@ -163,7 +207,11 @@ mod tests {
         ));
         assert!(matches!(
             read_answer::<Box<RawValue>>(519, None, br#"{"code":4008}"#),
-            Answer::Fatal(_)
+            Answer::Refused(reason) if reason.contains("client secret is wrong")
+        ));
+        assert!(matches!(
+            read_answer::<Box<RawValue>>(519, None, br#"{"code":4007}"#),
+            Answer::Fatal(reason) if reason.contains("signed headers")
         ));
         assert!(matches!(
             read_answer::<Box<RawValue>>(519, None, br#"{"code":5007}"#),

@@ -12,7 +12,10 @@
 //!   call again: not a failed try (see `THROTTLE`). A call still refused after `THROTTLE_PATIENCE`
 //!   ends as [`GatewayError::Throttled`]: the work is put back for later, with no attempt counted.
 //! - Gateway 5003/5004/5006, 5xx, network errors, unreadable bodies: back off with jitter, retry.
-//! - 4003/4005/4007/4008/4012 and business errors: fail with the gateway's reason (retrying cannot help).
+//! - 4003/4005/4008/4012 (a wrong client id or secret, a missing permission):
+//!   [`GatewayError::Refused`], a setup error; the fetcher holds its work back until the credentials
+//!   are accepted (`conveyor_runtime::refusal`). Every code's reason is said in words.
+//! - 4007, HTTP 404 and business errors: fail with the gateway's reason (retrying cannot help).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +54,9 @@ pub enum GatewayError {
     /// Throttled for longer than one call waits: the work should be put back for later, no fault.
     #[error("{0}")]
     Throttled(String),
+    /// The gateway refuses the app's credentials or permissions: a setup error, no fault of the work.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The account set's keys and data centre, from push_app_authorize.
@@ -204,6 +210,10 @@ impl<B: RateBudget> Gateway<B> {
                     self.count_request("failed");
                     return Err(GatewayError::Permanent(format!("GET {path}: {reason}")));
                 }
+                Answer::Refused(reason) => {
+                    self.count_request("failed");
+                    return Err(GatewayError::Refused(format!("GET {path}: {reason}")));
+                }
             }
             self.count_request("retried");
             failed_tries += 1;
@@ -229,6 +239,15 @@ impl<B: RateBudget> Gateway<B> {
         .map_err(|advice| {
             GatewayError::Permanent(format!("{}: {advice}", self.credentials.base_url))
         })
+    }
+
+    /// Whether the gateway accepts the app's credentials: its TLS, then an app-token, the one another
+    /// process saved if it is fresh (logins are few: the token calls are counted), else through the
+    /// auth flow. A saved token proves less (the client secret signs every call too), so a wrong secret
+    /// may show only at the first call, as [`GatewayError::Refused`] all the same.
+    pub async fn check_credentials(&self) -> Result<(), GatewayError> {
+        self.check_tls().await?;
+        self.ticket(true).await.map(drop)
     }
 
     /// Authorizes and fetches a token now, for an operator checking the credentials.
@@ -295,6 +314,9 @@ impl<B: RateBudget> Gateway<B> {
                 match self.authorize().await {
                     Ok(authorization) => session.authorization = Some(authorization),
                     Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
+                    Err(Answer::Refused(reason)) => {
+                        return Err(GatewayError::Refused(format!("authorizing: {reason}")));
+                    }
                     Err(Answer::Retry { reason } | Answer::Throttled { reason, .. }) => {
                         last = reason;
                         continue;
@@ -328,6 +350,11 @@ impl<B: RateBudget> Gateway<B> {
                     last = "app_secret stale (1030002006)".into();
                 }
                 Err(Answer::Fatal(reason)) => return Err(GatewayError::Permanent(reason)),
+                Err(Answer::Refused(reason)) => {
+                    return Err(GatewayError::Refused(format!(
+                        "fetching an app-token: {reason}"
+                    )));
+                }
                 Err(
                     Answer::Retry { reason }
                     | Answer::Throttled { reason, .. }

@@ -44,6 +44,7 @@ impl From<GatewayError> for Failure {
             GatewayError::Transient(message) => Failure::new(ErrorClass::Transient, message),
             GatewayError::Permanent(message) => Failure::new(ErrorClass::Permanent, message),
             GatewayError::Throttled(message) => Failure::new(ErrorClass::Throttled, message),
+            GatewayError::Refused(message) => Failure::new(ErrorClass::Refused, message),
         }
     }
 }
@@ -54,7 +55,7 @@ impl<B: RateBudget> Source for KingdeeSource<B> {
     }
 
     async fn check(&self) -> Result<(), Failure> {
-        Ok(self.gateway.check_tls().await?)
+        Ok(self.gateway.check_credentials().await?)
     }
 
     async fn page(&self, window: &Window, number: u64) -> Result<Page, Failure> {

@@ -4,5 +4,6 @@
 pub mod health;
 pub mod host;
 pub mod process;
+pub mod refusal;
 pub mod settings;
 pub mod worker;

@@ -1,7 +1,8 @@
 //! The writer: takes mapped batches from the write queue and writes each into the target in one
 //! idempotent statement, acking only after the write committed and its settlement is in the ledger
 //! (for the PostgreSQL target, in the same statement; for the others, once the target answered). A target that is down altogether holds
-//! back the whole writer (see [`breaker`]); a batch the target refuses for its data is split so that
+//! back the whole writer (see [`breaker`]), and so does one that refuses the credentials
+//! ([`conveyor_runtime::refusal`]); a batch the target refuses for its data is split so that
 //! only the records at fault are dead-lettered.
 
 pub mod breaker;
@@ -17,6 +18,7 @@ use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Record, Stage};
 use conveyor_pipeline::TargetSpec;
 use conveyor_runtime::host::Host;
+use conveyor_runtime::refusal::{CredentialCheck, RefusalGate};
 use conveyor_runtime::settings::WorkerArgs;
 use conveyor_runtime::worker::WorkerRuntime;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +30,8 @@ use crate::target::{Target, WriteError, WriteReport, noop::NoopTarget};
 
 /// Readiness condition: the target is reachable and set up.
 pub const READY_TARGET: &str = "target";
+/// Readiness condition: the target accepts the credentials (or could not say at start).
+pub const READY_TARGET_CREDENTIALS: &str = "target credentials";
 
 /// The writer's command line (every flag also reads an environment variable).
 #[derive(Debug, clap::Parser)]
@@ -47,7 +51,14 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let host = Host::start(&cli.worker, Stage::Write, 9103, &[READY_TARGET], &shutdown).await?;
+    let host = Host::start(
+        &cli.worker,
+        Stage::Write,
+        9103,
+        &[READY_TARGET, READY_TARGET_CREDENTIALS],
+        &shutdown,
+    )
+    .await?;
     host.run(&shutdown, |runtime, cli: Cli, shutdown| async move {
         write(&runtime, &cli, &shutdown).await
     })
@@ -88,6 +99,13 @@ async fn serve<T: Target>(
 ) -> anyhow::Result<()> {
     let target = Arc::new(target);
     runtime.readiness.set(READY_TARGET, true);
+    let gate = RefusalGate::new(
+        runtime.readiness.clone(),
+        READY_TARGET_CREDENTIALS,
+        "the target",
+        credential_check(&target),
+    );
+    gate.check_at_start(shutdown).await;
     let breaker = Breaker::new(runtime.readiness.clone());
     let result = runtime
         .consume(
@@ -95,6 +113,7 @@ async fn serve<T: Target>(
                 pipeline: runtime.pipeline.name().to_owned(),
                 target: target.clone(),
                 breaker: breaker.clone(),
+                gate: gate.clone(),
                 dead_letters: session.dead_letters.clone(),
                 ledger: runtime.ledger.clone(),
                 metrics: runtime.metrics.clone(),
@@ -107,11 +126,22 @@ async fn serve<T: Target>(
     result
 }
 
+/// The target's [`Target::check_credentials`] as the refusal gate asks it.
+fn credential_check<T: Target>(target: &Arc<T>) -> CredentialCheck {
+    let target = target.clone();
+    Arc::new(move || {
+        let target = target.clone();
+        Box::pin(async move { target.check_credentials().await })
+    })
+}
+
 /// Writes batches into the target.
 pub struct Writer<T> {
     pub pipeline: String,
     pub target: Arc<T>,
     pub breaker: Arc<Breaker>,
+    /// Closed while the target refuses the credentials: every write waits, unacked.
+    pub gate: Arc<RefusalGate>,
     pub dead_letters: DeadLetters,
     pub ledger: SharedLedger,
     pub metrics: Metrics,
@@ -123,7 +153,8 @@ pub struct Writer<T> {
 enum Held {
     /// The target failed this write; what to do is in the error.
     Failed(WriteError),
-    /// The breaker was open and the worker is stopping: give the message back untouched.
+    /// The breaker was open and the worker is stopping, or the credentials are refused and the
+    /// message waited long enough: give it back untouched.
     Stopping,
 }
 
@@ -141,13 +172,21 @@ impl<T: Target> Writer<T> {
             if self.breaker.is_open() && !self.breaker.wait_closed(&self.shutdown).await {
                 return Err(Held::Stopping);
             }
+            // Given back after a while, or on shutdown: never held past the consumer timeout.
+            if self.gate.is_refused() && !self.gate.wait_accepted(&self.shutdown).await {
+                return Err(Held::Stopping);
+            }
             match self.write_once(records, settling).await {
                 Err(WriteError::Unavailable(reason)) => {
                     self.breaker
                         .trip(self.target.clone(), &reason, self.shutdown.clone());
                 }
+                Err(WriteError::Refused(reason)) => {
+                    self.gate.refuse(&reason, self.shutdown.clone());
+                }
                 Ok(written) => {
                     self.breaker.written();
+                    self.gate.worked();
                     return Ok(written);
                 }
                 Err(other) => return Err(Held::Failed(other)),
@@ -209,10 +248,13 @@ fn disposition(held: Held) -> Disposition {
         Held::Failed(WriteError::Permanent(message)) => {
             Disposition::DeadLetter(Failure::new(ErrorClass::Permanent, message))
         }
-        // The breaker handles Unavailable inside `write`; a message that still sees it is retried.
-        Held::Failed(WriteError::Transient(message) | WriteError::Unavailable(message)) => {
-            Disposition::Retry(Failure::new(ErrorClass::Transient, message))
-        }
+        // The breaker and the gate handle Unavailable and Refused inside `write`; a message that
+        // still sees them is retried.
+        Held::Failed(
+            WriteError::Transient(message)
+            | WriteError::Unavailable(message)
+            | WriteError::Refused(message),
+        ) => Disposition::Retry(Failure::new(ErrorClass::Transient, message)),
     }
 }
 

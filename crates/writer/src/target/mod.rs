@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 use conveyor_base::Record;
+use conveyor_runtime::refusal::Checked;
 
 /// The newest version of each id in a batch, in id order (so that concurrent writers meet rows in the
 /// same order). Older versions in the same batch would only be overwritten.
@@ -49,6 +50,11 @@ pub enum WriteError {
     /// The data cannot be written as it is (constraint, type, value errors).
     #[error("permanent: {0}")]
     Permanent(String),
+    /// The target refuses the writer's credentials (a token endpoint's 401, a write's 401 or 403): a
+    /// setup error, no fault of the records. The writer holds every write back until they are
+    /// accepted (`conveyor_runtime::refusal`).
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// A place records are written to. Every implementation writes idempotently: a record is keyed by
@@ -76,4 +82,10 @@ pub trait Target: Send + Sync + 'static {
 
     /// Whether the target answers (the circuit breaker's probe).
     fn ping(&self) -> impl Future<Output = bool> + Send;
+
+    /// Whether the target accepts the writer's credentials, where that can be asked without writing
+    /// (a token endpoint can): at start, and again while they are refused.
+    fn check_credentials(&self) -> impl Future<Output = Checked> + Send {
+        std::future::ready(Checked::Accepted)
+    }
 }

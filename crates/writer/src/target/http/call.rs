@@ -87,7 +87,7 @@ impl HttpTarget {
 
     /// The bearer token of the next call, if the target wants one: the static token, or the token
     /// endpoint's, cached until shortly before it expires (`renew` fetches a new one regardless).
-    async fn token(&self, renew: bool) -> Result<Option<Secret>, WriteError> {
+    pub(super) async fn token(&self, renew: bool) -> Result<Option<Secret>, WriteError> {
         let (url, client_id, client_secret, cached) = match &self.auth {
             Auth::None => return Ok(None),
             Auth::Static(token) => return Ok(Some(token.clone())),
@@ -124,16 +124,17 @@ impl HttpTarget {
             .map_err(|err| self.failed(classify_error("token endpoint", err)))?;
         let status = response.status();
         if !status.is_success() {
-            // Refused credentials are an operator's problem, never the records': retry, never
-            // dead-letter. A token endpoint that cannot serve counts as the target unavailable.
-            if is_down(status) {
+            // A token endpoint that cannot serve counts as the target unavailable; any other refusal
+            // is a setup error (the credentials, or auth.path), never the records'.
+            if is_down(status) || status.is_server_error() {
                 return Err(self.failed(WriteError::Transient(format!(
                     "token endpoint answered {status}"
                 ))));
             }
             self.served();
-            return Err(WriteError::Transient(format!(
-                "token endpoint answered {status}: check CONVEYOR_HTTP_TARGET_CLIENT_ID and _SECRET"
+            return Err(WriteError::Refused(format!(
+                "token endpoint answered {status}: check CONVEYOR_HTTP_TARGET_CLIENT_ID, \
+                 CONVEYOR_HTTP_TARGET_CLIENT_SECRET and the pipeline's target.auth.path"
             )));
         }
         let granted: Granted = response.json().await.map_err(|err| {

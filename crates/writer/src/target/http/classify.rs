@@ -46,6 +46,7 @@ pub(super) fn merge(
 /// How much a failure weighs when a write's calls fail differently: the heaviest decides.
 pub(super) fn severity(err: &WriteError) -> u8 {
     match err {
+        WriteError::Refused(_) => 3,
         WriteError::Unavailable(_) => 2,
         WriteError::Transient(_) => 1,
         WriteError::Permanent(_) => 0,
@@ -63,8 +64,8 @@ pub enum StatusClass {
     Unavailable,
     /// This call failed for now (408, 425, 500 and other 5xx, the file's `transient`): retry later.
     Transient,
-    /// Credentials refused: retry later (they are the operator's to fix, never a reason to drop
-    /// records), though the target itself serves.
+    /// Credentials refused: the writer holds back until they are accepted (they are the operator's
+    /// to fix, never a reason to drop records), though the target itself serves.
     Credentials,
     /// The target refuses the data: dead-letter.
     Permanent,
@@ -94,7 +95,7 @@ pub fn class_of(status: StatusCode, overrides: &HttpErrorOverrides) -> StatusCla
     }
 }
 
-/// The error of an answer that is not a success, by [`class_of`]: transient (credentials too) or
+/// The error of an answer that is not a success, by [`class_of`]: transient, refused credentials, or
 /// permanent (a 409 too, where it is not taken as "already exists").
 pub fn classify_status(
     status: StatusCode,
@@ -104,9 +105,11 @@ pub fn classify_status(
     let body: String = body.chars().take(300).collect();
     let message = format!("target answered {status}: {}", body.trim());
     match class_of(status, overrides) {
-        StatusClass::Unavailable | StatusClass::Transient | StatusClass::Credentials => {
-            WriteError::Transient(message)
-        }
+        StatusClass::Unavailable | StatusClass::Transient => WriteError::Transient(message),
+        StatusClass::Credentials => WriteError::Refused(format!(
+            "{message} (check CONVEYOR_HTTP_TARGET_TOKEN, or the client id and secret, and what \
+             they may do)"
+        )),
         StatusClass::Exists | StatusClass::Permanent => WriteError::Permanent(message),
     }
 }

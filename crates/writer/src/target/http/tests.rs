@@ -14,6 +14,7 @@ use target_sim::{TargetConfig, TargetSim};
 use super::call::percent_encode;
 use super::*;
 use crate::target::{Target, WriteError};
+use conveyor_runtime::refusal::Checked;
 
 const COLLECTION: &str = "lines";
 
@@ -220,10 +221,6 @@ async fn failures_are_classified() {
             rate_429: 1.0,
             ..TargetConfig::default()
         },
-        TargetConfig {
-            static_token: Some("expected".into()),
-            ..TargetConfig::default()
-        },
     ] {
         let result = transient(config).await;
         assert!(
@@ -231,6 +228,15 @@ async fn failures_are_classified() {
             "{result:?}"
         );
     }
+    let refused = transient(TargetConfig {
+        static_token: Some("expected".into()),
+        ..TargetConfig::default()
+    })
+    .await;
+    assert!(
+        matches!(refused, Err(WriteError::Refused(_))),
+        "{refused:?}"
+    );
     let (_sim, url) = sim(TargetConfig {
         invalid_when: vec![("line_id".into(), json!("L1"))],
         ..TargetConfig::default()
@@ -319,8 +325,16 @@ async fn tokens_are_cached_and_renewed_and_never_shown() {
 
     let wrong = HttpTarget::new(&spec, "modified", &args("wrong-secret")).unwrap();
     let err = wrong.write(&records(1, NEW)).await.unwrap_err();
-    assert!(matches!(err, WriteError::Transient(_)), "{err:?}");
+    assert!(
+        matches!(err, WriteError::Refused(ref m) if m.contains("token endpoint answered 401")),
+        "a refused client secret is a setup error: {err:?}"
+    );
     assert!(!err.to_string().contains("wrong-secret"), "{err}");
+    assert!(matches!(
+        wrong.check_credentials().await,
+        Checked::Refused(_)
+    ));
+    assert_eq!(target.check_credentials().await, Checked::Accepted);
 }
 
 #[tokio::test]
@@ -360,10 +374,17 @@ fn statuses_are_sorted_in_one_place() {
         assert_eq!(class(status, &none), StatusClass::Permanent, "{status}");
     }
     assert_eq!(class(409, &none), StatusClass::Exists);
-    for status in [408, 429, 503, 401, 403] {
+    for status in [408, 429, 503] {
         let status = StatusCode::from_u16(status).unwrap();
         assert!(
             matches!(classify_status(status, "", &none), WriteError::Transient(_)),
+            "{status}"
+        );
+    }
+    for status in [401, 403] {
+        let status = StatusCode::from_u16(status).unwrap();
+        assert!(
+            matches!(classify_status(status, "", &none), WriteError::Refused(_)),
             "{status}"
         );
     }
@@ -533,7 +554,7 @@ async fn a_target_failing_call_after_call_becomes_unavailable() {
         assert!(
             matches!(
                 result,
-                Err(WriteError::Transient(_) | WriteError::Permanent(_))
+                Err(WriteError::Transient(_) | WriteError::Permanent(_) | WriteError::Refused(_))
             ),
             "{answer}: {result:?}"
         );
@@ -637,7 +658,7 @@ async fn a_static_bearer_token_is_sent() {
     let wrong = HttpTarget::new(&bearer, "modified", &with_token("stale-token")).unwrap();
     let err = wrong.write(&records(1, NEW)).await.unwrap_err();
     assert!(
-        matches!(err, WriteError::Transient(ref m) if m.contains("401")),
+        matches!(err, WriteError::Refused(ref m) if m.contains("401") && m.contains("CONVEYOR_HTTP_TARGET_TOKEN")),
         "{err:?}"
     );
     assert!(!err.to_string().contains("stale-token"), "{err}");

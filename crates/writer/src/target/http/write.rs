@@ -3,6 +3,7 @@
 
 use conveyor_base::Record;
 use conveyor_pipeline::target::http::{BodyShape, IdCheckSpec, OnExists};
+use conveyor_runtime::refusal::Checked;
 use futures_util::future::join_all;
 use serde_json::value::RawValue;
 
@@ -44,6 +45,18 @@ impl HttpTarget {
 impl Target for HttpTarget {
     /// Whether the target answers as up: the circuit breaker's probe, a `HEAD` of the base URL. Any
     /// answer will do but one saying that the service is unavailable (see [`is_down`]).
+    async fn check_credentials(&self) -> Checked {
+        // A static token can only be tried by writing; a token endpoint can be asked.
+        if !self.auth.renewable() {
+            return Checked::Accepted;
+        }
+        match self.token(true).await {
+            Ok(_) => Checked::Accepted,
+            Err(WriteError::Refused(reason)) => Checked::Refused(reason),
+            Err(other) => Checked::Unknown(other.to_string()),
+        }
+    }
+
     async fn ping(&self) -> bool {
         match self.client.head(&self.base).send().await {
             Ok(response) => !is_down(response.status()),
