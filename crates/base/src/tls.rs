@@ -1,11 +1,12 @@
-//! TLS for every connection conveyor opens as a client: `amqps://` to RabbitMQ and HTTPS to the source
-//! and to HTTP targets.
+//! TLS for every connection conveyor opens as a client: `amqps://` to RabbitMQ, HTTPS to the source
+//! and to HTTP targets, and PostgreSQL.
 //!
 //! One policy everywhere: rustls with the ring provider; the trusted roots are Mozilla's (compiled in:
 //! the container image has no system certificate store) plus, per connection, the certificates of a CA
 //! bundle file the operator names (for a broker or an API with a private CA). Hostnames are always
-//! verified. Files are read and checked when a process starts, so a wrong path or a file that holds
-//! no certificate fails at once, naming the setting.
+//! verified, except where PostgreSQL's `sslmode` asks for less ([`ServerCheck`]). Files are read and
+//! checked when a process starts, so a wrong path or a file that holds no certificate fails at once,
+//! naming the setting.
 
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -194,6 +195,116 @@ pub(crate) fn client_config(ca: Option<&CaBundle>) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
+/// How much of a server's certificate a connection checks: PostgreSQL's `sslmode` levels. HTTPS and
+/// amqps connections always check it all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerCheck {
+    /// Encrypted, the certificate unchecked (`sslmode=require` without a CA): safe from eavesdroppers,
+    /// not from a server that pretends.
+    Nothing,
+    /// Signed by a trusted CA, whatever host it was made for (`verify-ca`).
+    Chain,
+    /// Signed by a trusted CA, for the host connected to (`verify-full`).
+    Full,
+}
+
+/// A rustls client configuration with the ring provider that checks the server's certificate as
+/// `check` says (against the public roots and `ca`), and presents `identity` when the server asks
+/// for a client certificate.
+pub fn client_config_checking(
+    ca: Option<&CaBundle>,
+    identity: Option<&ClientIdentity>,
+    check: ServerCheck,
+) -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = public_roots().clone();
+    for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
+        let _ = roots.add(cert.clone());
+    }
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|err| rustls::Error::General(err.to_string()))?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PartialCheck { webpki, check }));
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        Some(identity) => {
+            // Both were parsed when the files were loaded.
+            let certs = CertificateDer::pem_slice_iter(identity.cert_pem())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
+            let key = PrivateKeyDer::from_pem_slice(identity.key_pem())
+                .map_err(|err| rustls::Error::General(err.to_string()))?;
+            builder.with_client_auth_cert(certs, key)
+        }
+    }
+}
+
+/// The standard verifier, with the parts of the certificate check that [`ServerCheck`] leaves out
+/// skipped. The handshake's signatures are always verified.
+#[derive(Debug)]
+struct PartialCheck {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    check: ServerCheck,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PartialCheck {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        if self.check == ServerCheck::Nothing {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            Err(rustls::Error::InvalidCertificate(
+                NotValidForName | NotValidForNameContext { .. },
+            )) if self.check == ServerCheck::Chain => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            verified => verified,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
 /// The start of every HTTP client conveyor builds: HTTPS trusts the public roots and `ca`. (reqwest
 /// is built without a TLS provider of its own, so a client built any other way cannot be built.)
 pub fn http_client(ca: Option<&CaBundle>) -> reqwest::ClientBuilder {
@@ -263,6 +374,9 @@ pub fn advice(tls: &rustls::Error, ca_setting: &str) -> String {
     match tls {
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
             "TLS: the server's certificate is signed by an unknown issuer (set {ca_setting} to the CA bundle that signed it)"
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => format!(
+            "TLS: the server's certificate is not signed by the trusted CA of its issuer's name (set {ca_setting} to the CA bundle that signed it)"
         ),
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },

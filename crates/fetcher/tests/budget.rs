@@ -40,11 +40,11 @@ fn windows() -> [Duration; 3] {
 
 fn postgres_args(schema: &str) -> PostgresArgs {
     PostgresArgs {
-        pg_url: Some(Secret::new("postgres://postgres@127.0.0.1:5432/test")),
-        pg_url_file: None,
-        pg_schema: schema.to_owned(),
         pg_pool_size: 4,
-        lock_timeout_ms: None,
+        ..PostgresArgs::at(
+            Secret::new("postgres://postgres@127.0.0.1:5432/test"),
+            schema.to_owned(),
+        )
     }
 }
 

@@ -370,11 +370,8 @@ impl EnginePipeline {
             .broker_args(&format!("engine_{unique}"))
             .with_retry_delays_ms(vec![200]);
         let postgres = PostgresArgs {
-            pg_url: Some(services.pg_url.clone()),
-            pg_url_file: None,
-            pg_schema: format!("engine_{unique}"),
             pg_pool_size: 4,
-            lock_timeout_ms: None,
+            ..PostgresArgs::at(services.pg_url.clone(), format!("engine_{unique}"))
         };
         let database = Database::connect(&postgres).unwrap();
         let args = WorkerArgs {

@@ -20,11 +20,11 @@ const DAY: Duration = Duration::from_secs(86_400);
 async fn store(name: &str) -> (SyncStore, Database, String) {
     let pipeline = format!("orders_{name}_{}", std::process::id());
     let args = PostgresArgs {
-        pg_url: Some(Secret::new("postgres://postgres@127.0.0.1:5432/test")),
-        pg_url_file: None,
-        pg_schema: format!("fetcher_state_{name}_{}", std::process::id()),
         pg_pool_size: 8,
-        lock_timeout_ms: None,
+        ..PostgresArgs::at(
+            Secret::new("postgres://postgres@127.0.0.1:5432/test"),
+            format!("fetcher_state_{name}_{}", std::process::id()),
+        )
     };
     let database = Database::connect(&args).unwrap();
     drop_schema(&database).await;

@@ -1,8 +1,12 @@
-//! PostgreSQL as every conveyor process uses it: where it is (its settings), a pool whose connections have the configured schema as
-//! their search path, and migrations run one process at a time.
+//! PostgreSQL as every conveyor process uses it: where it is (its settings), TLS as libpq's
+//! `sslmode` says ([`tls`]), a pool whose connections have the configured schema as their search
+//! path, and migrations run one process at a time.
+
+mod tls;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::Config;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use std::path::PathBuf;
 
@@ -18,6 +22,16 @@ pub struct PostgresArgs {
     /// File holding the PostgreSQL URL (for Docker secrets), instead of CONVEYOR_PG_URL.
     #[arg(long, env = "CONVEYOR_PG_URL_FILE")]
     pub pg_url_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the server's certificate, besides the public roots (the URL's
+    /// `sslrootcert` may say it instead). With it, `sslmode=require` checks the certificate too.
+    #[arg(long, env = "CONVEYOR_PG_TLS_CA_FILE")]
+    pub pg_tls_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that asks for one (or the URL's `sslcert`).
+    #[arg(long, env = "CONVEYOR_PG_TLS_CERT_FILE")]
+    pub pg_tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM), never logged (or the URL's `sslkey`).
+    #[arg(long, env = "CONVEYOR_PG_TLS_KEY_FILE")]
+    pub pg_tls_key_file: Option<PathBuf>,
     /// Schema of conveyor's tables: the targets, the migration history and the sync state.
     #[arg(long, env = "CONVEYOR_PG_SCHEMA", default_value = "public")]
     pub pg_schema: String,
@@ -31,6 +45,21 @@ pub struct PostgresArgs {
 }
 
 impl PostgresArgs {
+    /// The settings of a database at `url`, schema `schema`, the rest as their defaults: for tools
+    /// and tests that build them in code.
+    pub fn at(url: Secret, schema: impl Into<String>) -> Self {
+        Self {
+            pg_url: Some(url),
+            pg_url_file: None,
+            pg_tls_ca_file: None,
+            pg_tls_cert_file: None,
+            pg_tls_key_file: None,
+            pg_schema: schema.into(),
+            pg_pool_size: DEFAULT_POOL_SIZE,
+            lock_timeout_ms: None,
+        }
+    }
+
     pub fn url(&self) -> Result<Secret, SettingsError> {
         Secret::from_value_or_file(
             "CONVEYOR_PG_URL",
@@ -51,10 +80,7 @@ pub enum DatabaseError {
     // The driver's error is shown in the message and not chained as a source: an `{:#}` would say
     // it twice ("error connecting to server: … : error connecting to server: …").
     #[error("cannot connect to PostgreSQL at {endpoint}: {cause}")]
-    Connect {
-        endpoint: String,
-        cause: tokio_postgres::Error,
-    },
+    Connect { endpoint: String, cause: String },
     #[error("PostgreSQL: {action}: {cause}")]
     Sql {
         action: String,
@@ -77,6 +103,7 @@ pub struct Database {
     /// Host and database name: what may be logged of the URL.
     pub endpoint: String,
     config: Config,
+    tls: MakeRustlsConnect,
 }
 
 /// `host:port,…/dbname` of a connection's settings: what may be logged of them (a port not given is
@@ -101,6 +128,20 @@ fn endpoint(config: &Config) -> String {
     format!("{hosts}/{}", config.get_dbname().unwrap_or(""))
 }
 
+/// What a failed connection says, with what to do about a TLS failure.
+fn connect_failure(endpoint: &str, cause: &tokio_postgres::Error) -> DatabaseError {
+    let cause = match conveyor_base::tls::tls_failure(cause) {
+        Some(failure) => conveyor_base::tls::advice(failure, tls::CA_SETTING),
+        // The server's own words ("password authentication failed for user …") are the driver's
+        // error's source.
+        None => conveyor_base::tls::error_chain(cause),
+    };
+    DatabaseError::Connect {
+        endpoint: endpoint.to_owned(),
+        cause,
+    }
+}
+
 /// Maps a driver error to [`DatabaseError::Sql`], saying what was being done.
 pub fn failed(action: &str) -> impl Fn(tokio_postgres::Error) -> DatabaseError {
     let action = action.to_owned();
@@ -123,13 +164,19 @@ impl Database {
             return Err(DatabaseError::Schema(args.pg_schema.clone()));
         }
         let url = args.url()?;
-        let mut config: Config = url
-            .expose()
+        let encryption = tls::encryption(
+            url.expose(),
+            &tls::TlsFiles {
+                ca: args.pg_tls_ca_file.as_deref(),
+                cert: args.pg_tls_cert_file.as_deref(),
+                key: args.pg_tls_key_file.as_deref(),
+            },
+        )?;
+        let mut config: Config = encryption
+            .url
             .parse()
-            .map_err(|cause| DatabaseError::Connect {
-                endpoint: "CONVEYOR_PG_URL".into(),
-                cause,
-            })?;
+            .map_err(|cause| connect_failure("CONVEYOR_PG_URL", &cause))?;
+        config.ssl_mode(encryption.mode);
         let mut options = format!("-c search_path={}", args.pg_schema);
         if let Some(ms) = args.lock_timeout_ms {
             options.push_str(&format!(" -c lock_timeout={ms}"));
@@ -140,9 +187,10 @@ impl Database {
             config.connect_timeout(std::time::Duration::from_secs(5));
         }
         let endpoint = endpoint(&config);
+        tracing::debug!(endpoint, sslmode = encryption.described, "PostgreSQL");
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            encryption.connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -156,15 +204,16 @@ impl Database {
             schema: args.pg_schema.clone(),
             endpoint,
             config,
+            tls: encryption.connector,
         })
     }
 
     /// A pooled connection.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, DatabaseError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|err| DatabaseError::Pool(format!("{} ({})", err, self.endpoint)))
+        self.pool.get().await.map_err(|err| match err {
+            deadpool_postgres::PoolError::Backend(cause) => connect_failure(&self.endpoint, &cause),
+            err => DatabaseError::Pool(format!("{} ({})", err, self.endpoint)),
+        })
     }
 
     /// A connection taken out of the pool, closed when dropped: for a session-level lock, which the
@@ -181,14 +230,11 @@ impl Database {
         migrations: &[refinery::Migration],
         history_table: &str,
     ) -> Result<(), DatabaseError> {
-        let (mut client, connection) =
-            self.config
-                .connect(NoTls)
-                .await
-                .map_err(|cause| DatabaseError::Connect {
-                    endpoint: self.endpoint.clone(),
-                    cause,
-                })?;
+        let (mut client, connection) = self
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|cause| connect_failure(&self.endpoint, &cause))?;
         let connection = tokio::spawn(connection);
         let sql = failed;
         let lock_key = format!("conveyor-migrations:{}", self.schema);

@@ -49,11 +49,9 @@ impl Table {
     /// A writer's target: its own connection pool, as each writer process has.
     async fn target(&self) -> PostgresTarget {
         let args = PostgresArgs {
-            pg_url: Some(Secret::new(pg_url())),
-            pg_url_file: None,
-            pg_schema: self.schema.clone(),
             pg_pool_size: 4,
             lock_timeout_ms: Some(10_000),
+            ..PostgresArgs::at(Secret::new(pg_url()), self.schema.clone())
         };
         let spec = TableSpec {
             table: "orders".into(),

@@ -88,11 +88,11 @@ async fn measure(
     let started = Instant::now();
     workers.push(scenario.spawn(Worker::Fetcher, &["--once"])?);
     let database = conveyor_postgres::Database::connect(&conveyor_postgres::PostgresArgs {
-        pg_url: Some(scenario.services.pg_url.clone()),
-        pg_url_file: None,
-        pg_schema: scenario.schema.clone(),
         pg_pool_size: 2,
-        lock_timeout_ms: None,
+        ..conveyor_postgres::PostgresArgs::at(
+            scenario.services.pg_url.clone(),
+            scenario.schema.clone(),
+        )
     })?;
     let query = conveyor_ledger::letters::LetterQuery::dead("sales_orders");
     loop {

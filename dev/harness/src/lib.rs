@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod own_broker;
 pub mod own_cluster;
+pub mod own_postgres;
 mod ports;
 mod process;
 pub mod proxy;

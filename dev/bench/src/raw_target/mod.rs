@@ -84,11 +84,8 @@ pub async fn measure(
         let drop = format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(&schema));
         client.batch_execute(&drop).await?;
         let args = PostgresArgs {
-            pg_url: Some(scenario.services.pg_url.clone()),
-            pg_url_file: None,
-            pg_schema: schema.clone(),
             pg_pool_size: connections,
-            lock_timeout_ms: None,
+            ..PostgresArgs::at(scenario.services.pg_url.clone(), schema.clone())
         };
         // The pipeline's migrations make the table, as for the writer.
         PostgresTarget::open(&scenario.pipeline, target, &args, None).await?;
