@@ -123,6 +123,56 @@ async fn target_down_for_20_s_holds_the_writer_and_dead_letters_no_good_record_s
     scenario.clean_up(false).await.unwrap();
 }
 
+/// PostgreSQL down when a worker starts is waited for, as the broker is: the worker serves its health
+/// endpoints, says why it is not ready, logs no ERROR, and goes on once the database answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_postgresql_is_down_waits_for_it() {
+    within(TEST_LIMIT, async {
+        let scenario = scenario("pgwait", orders(200)).await;
+        let proxy = TcpProxy::start(scenario.services.pg_addr().unwrap())
+            .await
+            .unwrap();
+        proxy.down();
+        let via_proxy = scenario.services.pg_url_via(proxy.addr()).unwrap();
+        let mut writer = scenario
+            .spawn_with_env(
+                Worker::Writer,
+                &[],
+                &[("CONVEYOR_PG_URL", via_proxy.expose())],
+            )
+            .unwrap();
+        let said = wait_for_condition(
+            &writer,
+            "database: waiting: cannot connect to PostgreSQL at",
+        )
+        .await;
+        assert!(said.contains(&proxy.addr().port().to_string()), "{said}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            writer
+                .exited_within(Duration::ZERO)
+                .await
+                .unwrap()
+                .is_none(),
+            "the writer waits: {}",
+            writer.log_tail(10)
+        );
+        proxy.up();
+        wait_ready(&writer, true, TIMEOUT).await;
+        let mut workers = vec![scenario.spawn(Worker::Transformer, &[]).unwrap(), writer];
+        run_fetcher_once(&scenario).await;
+        assert_target_equals_truth(&scenario, &workers).await;
+        let errors = scenario.logged_errors();
+        assert!(
+            errors.is_empty(),
+            "a database that is down is no ERROR: {errors:#?}"
+        );
+        stop_all(&mut workers).await;
+        scenario.clean_up(false).await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarted_mid_run_loses_nothing() {
     within(TEST_LIMIT, broker_restarted_mid_run_loses_nothing_steps()).await;

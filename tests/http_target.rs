@@ -719,38 +719,11 @@ async fn reconcile_reads_an_http_target_by_id_and_its_resync_mends_it() {
     run.finish().await;
 }
 
-/// `/readyz` of a worker: its status and the conditions it lists (nothing while it starts).
-async fn readyz(worker: &WorkerProcess) -> (u16, String) {
-    let url = format!("http://{}/readyz", worker.http_addr);
-    match common::http().get(url).send().await {
-        Ok(answer) => (answer.status().as_u16(), answer.text().await.unwrap()),
-        Err(_) => (0, String::new()),
-    }
-}
-
-/// Waits until `/readyz` of `worker` lists `condition`; returns the whole answer.
-async fn wait_for_condition(worker: &WorkerProcess, condition: &str) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let (status, body) = readyz(worker).await;
-        if body.contains(condition) {
-            assert_eq!(status, 503, "{body}");
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {condition:?}; /readyz: {body}\n{}",
-            worker.worker.binary(),
-            worker.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Wrong credentials for the source (the Kingdee client secret) and for the target (the token
-/// endpoint's client secret) are setup errors: each worker stays up, not ready, with `/readyz` naming
-/// the refusal, says so in one ERROR line however often it checks again, and burns no message's
-/// attempts: nothing is dead-lettered. Restarted with the right secrets, they deliver everything.
+/// Wrong credentials for the source (the Kingdee client secret), the target (the token endpoint's
+/// client secret), the broker (a password) and PostgreSQL (a database that does not exist) are setup
+/// errors: each worker stays up, not ready, with `/readyz` naming the refusal, says so in one ERROR
+/// line however often it checks again, and burns no message's attempts: nothing is dead-lettered.
+/// Restarted with the right settings, they deliver everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead_letter() {
     const WRONG_CLIENT_SECRET: &str = "wrong-target-secret-5c1d";
@@ -776,13 +749,48 @@ async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead
             ],
         )
         .unwrap();
-    let said = wait_for_condition(&wrong_fetcher, "source credentials: waiting: refused:").await;
+    let said =
+        common::wait_for_condition(&wrong_fetcher, "source credentials: waiting: refused:").await;
     assert!(
         said.contains("code 4008") && said.contains("check CONVEYOR_KINGDEE_CLIENT_SECRET"),
         "the gateway's code is explained: {said}"
     );
+    let services = &run.scenario.services;
+    let wrong_broker = run
+        .scenario
+        .spawn_with_env(
+            Worker::Transformer,
+            &[],
+            &[(
+                "CONVEYOR_AMQP_URL",
+                &services
+                    .amqp_url
+                    .expose()
+                    .replace("guest:guest@", "guest:wrong-amqp-password@"),
+            )],
+        )
+        .unwrap();
+    let said = common::wait_for_condition(&wrong_broker, "broker: waiting: refused:").await;
+    assert!(said.contains("ACCESS_REFUSED"), "{said}");
+    let missing_database = services
+        .pg_url
+        .expose()
+        .rsplit_once('/')
+        .map(|(server, _)| format!("{server}/no_such_database_3e1f"))
+        .unwrap();
+    let wrong_database = run
+        .scenario
+        .spawn_with_env(
+            Worker::Transformer,
+            &[],
+            &[("CONVEYOR_PG_URL", &missing_database)],
+        )
+        .unwrap();
+    let said = common::wait_for_condition(&wrong_database, "database: waiting: refused:").await;
+    assert!(said.contains("no_such_database_3e1f"), "{said}");
     for writer in &run.workers[1..] {
-        let said = wait_for_condition(writer, "target credentials: waiting: refused:").await;
+        let said =
+            common::wait_for_condition(writer, "target credentials: waiting: refused:").await;
         assert!(
             said.contains("token endpoint answered 401")
                 && said.contains("CONVEYOR_HTTP_TARGET_CLIENT_SECRET"),
@@ -824,6 +832,8 @@ async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead
         (&wrong_fetcher, WRONG_KINGDEE_SECRET),
         (&run.workers[1], WRONG_CLIENT_SECRET),
         (&run.workers[2], WRONG_CLIENT_SECRET),
+        (&wrong_broker, "wrong-amqp-password"),
+        (&wrong_database, "no secret"),
     ] {
         let log = std::fs::read_to_string(&worker.log).unwrap();
         let told: Vec<&str> = log
@@ -836,7 +846,7 @@ async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead
     }
     assert_eq!(
         run.scenario.logged_errors().len(),
-        3,
+        5,
         "no other ERROR: {:#?}",
         run.scenario.logged_errors()
     );

@@ -64,6 +64,34 @@ pub async fn wait_ready(worker: &WorkerProcess, ready: bool, timeout: Duration) 
     }
 }
 
+/// `/readyz` of a worker: its status and the conditions it lists (nothing while it starts).
+pub async fn readyz(worker: &WorkerProcess) -> (u16, String) {
+    let url = format!("http://{}/readyz", worker.http_addr);
+    match http().get(url).send().await {
+        Ok(answer) => (answer.status().as_u16(), answer.text().await.unwrap()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// Waits until `/readyz` of `worker` lists `condition`; returns the whole answer.
+pub async fn wait_for_condition(worker: &WorkerProcess, condition: &str) -> String {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let (status, body) = readyz(worker).await;
+        if body.contains(condition) {
+            assert_eq!(status, 503, "{body}");
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never said {condition:?}; /readyz: {body}\n{}",
+            worker.worker.binary(),
+            worker.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Starts a worker and waits until it is ready (for a writer: its table is migrated).
 pub async fn spawn_ready(scenario: &Scenario, worker: Worker) -> WorkerProcess {
     let process = scenario.spawn(worker, &[]).unwrap();

@@ -187,13 +187,30 @@ async fn connect_one(
                 endpoint,
                 advice: tls::advice(failure, "CONVEYOR_AMQP_TLS_CA_FILE"),
             }),
-            None => Err(BrokerError::Connect {
-                endpoint,
-                cause: source,
-            }),
+            None => match refusal(&source) {
+                Some(message) => Err(BrokerError::Refused { endpoint, message }),
+                None => Err(BrokerError::Connect {
+                    endpoint,
+                    cause: source,
+                }),
+            },
         },
         Err(_) => Err(BrokerError::ConnectTimeout(endpoint)),
     }
+}
+
+/// The broker's words when it refused the login (ACCESS_REFUSED) or the vhost (NOT_ALLOWED).
+fn refusal(error: &lapin::Error) -> Option<String> {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return None;
+    };
+    matches!(
+        amqp.kind(),
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+    )
+    .then(|| amqp.get_message().to_string())
 }
 
 /// The longest a connection attempt (TCP and AMQP handshake) may take.

@@ -14,6 +14,11 @@ pub enum BrokerError {
     },
     #[error("cannot connect to RabbitMQ at {endpoint}: {advice}")]
     Tls { endpoint: String, advice: String },
+    /// The broker refuses the user, the password or the vhost: a setup error.
+    #[error(
+        "RabbitMQ at {endpoint} refuses the user, password or vhost of CONVEYOR_AMQP_URL: {message}"
+    )]
+    Refused { endpoint: String, message: String },
     #[error("cannot connect to RabbitMQ at {0}: no answer within 30 s")]
     ConnectTimeout(String),
     #[error("{action}: {cause}")]

@@ -412,7 +412,9 @@ impl EnginePipeline {
             republish_after: Duration::from_secs(900),
         };
         let shutdown = CancellationToken::new();
-        let host = Host::start(&self.args, Stage::Fetch, 0, &[], &shutdown).await?;
+        let host = Host::start(&self.args, Stage::Fetch, 0, &[], &shutdown)
+            .await?
+            .expect("not shut down");
         let mut source = Some(source);
         let synced =
             tokio::time::timeout(

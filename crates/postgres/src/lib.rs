@@ -142,6 +142,17 @@ fn connect_failure(endpoint: &str, cause: &tokio_postgres::Error) -> DatabaseErr
     }
 }
 
+/// Why a database cannot be used now, by what waiting can do about it.
+#[derive(Debug)]
+pub enum Unusable {
+    /// It does not answer (down, starting, unreachable): it may later.
+    Unreachable(DatabaseError),
+    /// It refuses the user, the password or the database name: a setup error, for a human.
+    Refused(DatabaseError),
+    /// A setting it cannot work with (a certificate not trusted): waiting does not fix that.
+    Misconfigured(DatabaseError),
+}
+
 /// Maps a driver error to [`DatabaseError::Sql`], saying what was being done.
 pub fn failed(action: &str) -> impl Fn(tokio_postgres::Error) -> DatabaseError {
     let action = action.to_owned();
@@ -206,6 +217,33 @@ impl Database {
             config,
             tls: encryption.connector,
         })
+    }
+
+    /// Opens one connection, to tell whether the database can be used now.
+    pub async fn check(&self) -> Result<(), Unusable> {
+        match self.config.connect(self.tls.clone()).await {
+            Ok((client, connection)) => {
+                drop(client);
+                let _ = connection.await;
+                Ok(())
+            }
+            Err(cause) => {
+                let refused = cause.as_db_error().is_some_and(|db| {
+                    let code = db.code().code();
+                    // Class 28: invalid authorization; 3D000: no such database.
+                    code.starts_with("28") || code == "3D000"
+                });
+                let tls = conveyor_base::tls::tls_failure(&cause).is_some();
+                let failure = connect_failure(&self.endpoint, &cause);
+                Err(if tls {
+                    Unusable::Misconfigured(failure)
+                } else if refused {
+                    Unusable::Refused(failure)
+                } else {
+                    Unusable::Unreachable(failure)
+                })
+            }
+        }
     }
 
     /// A pooled connection.

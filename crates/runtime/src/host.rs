@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use conveyor_base::Stage;
@@ -21,7 +22,12 @@ use conveyor_pipeline::Pipeline;
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
+use conveyor_base::backoff::{Backoff, sleep_unless_cancelled};
+use conveyor_base::waiting::REPORT_EVERY;
+use conveyor_postgres::{Database, Unusable};
+
 use crate::health::{self, HostReadiness, Readiness};
+use crate::refusal;
 use crate::settings::WorkerArgs;
 use crate::worker::{READY_BROKER, WorkerRuntime};
 
@@ -37,16 +43,16 @@ pub struct Host {
 }
 
 impl Host {
-    /// Loads the pipelines and serves the health endpoints (not ready until each pipeline is
-    /// connected). `extra_ready` names further readiness conditions each pipeline will report (e.g.
-    /// its target).
+    /// Loads the pipelines, serves the health endpoints (not ready until each pipeline is
+    /// connected) and waits for PostgreSQL if the process uses it; `None` if `shutdown` came first.
+    /// `extra_ready` names further readiness conditions each pipeline will report (e.g. its target).
     pub async fn start(
         args: &WorkerArgs,
         stage: Stage,
         default_port: u16,
         extra_ready: &[&'static str],
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<Option<Self>> {
         let mut files_by_name = BTreeMap::new();
         let metrics = Metrics::new();
         let mut pipelines = Vec::new();
@@ -75,8 +81,6 @@ impl Host {
         }
         // A wrong broker URL or TLS file is named now, before any other work starts.
         conveyor_amqp::endpoint(args.broker.address()?.url())?;
-        // So is a ledger that cannot be kept: the workers ack nothing they could not record.
-        let ledger = conveyor_ledger::open(&args.ledger, &args.postgres).await?;
         let host_readiness = HostReadiness::new(
             pipelines
                 .iter()
@@ -87,14 +91,25 @@ impl Host {
         let http_addr = health::serve(addr, metrics.clone(), host_readiness, shutdown.clone())
             .await
             .with_context(|| format!("binding the health endpoint on {addr}"))?;
-        Ok(Self {
+        // PostgreSQL, where the process uses it, is waited for like the broker: not ready meanwhile.
+        let postgres = &args.postgres;
+        if postgres.pg_url.is_some() || postgres.pg_url_file.is_some() {
+            let database = Database::connect(postgres)?;
+            let readiness: Vec<_> = pipelines.iter().map(|(_, r)| r.clone()).collect();
+            if !wait_for_database(&database, &readiness, shutdown).await? {
+                return Ok(None);
+            }
+        }
+        // A ledger that cannot be kept stops the start: the workers ack nothing they could not record.
+        let ledger = conveyor_ledger::open(&args.ledger, &args.postgres).await?;
+        Ok(Some(Self {
             stage,
             pipelines,
             metrics,
             http_addr,
             args: args.clone(),
             ledger,
-        })
+        }))
     }
 
     /// Runs `work` for every pipeline at once, each with its [`WorkerRuntime`] and its settings `C`
@@ -170,6 +185,67 @@ impl Host {
     /// Where the health endpoints are served.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+}
+
+/// Readiness condition: PostgreSQL answers and takes the credentials (checked at start).
+pub const READY_DATABASE: &str = "database";
+
+/// The pauses between connection attempts to a database that does not answer.
+const DATABASE_RETRY: Backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+
+/// Waits until `database` takes a connection, each pipeline's `database` condition saying why not
+/// meanwhile: one that does not answer is tried again (WARN, every 30 s at most), one that refuses
+/// the credentials too, less often (one ERROR). A certificate not trusted stops the start.
+/// `false` if `shutdown` came first.
+async fn wait_for_database(
+    database: &Database,
+    readiness: &[Readiness],
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    for one in readiness {
+        one.require(READY_DATABASE);
+    }
+    let mut reported: Option<Instant> = None;
+    let (mut unreachable, mut refusals) = (0, 0);
+    loop {
+        let (why, pause) = match database.check().await {
+            Ok(()) => {
+                if reported.is_some() {
+                    tracing::info!(database = database.endpoint, "PostgreSQL answers");
+                }
+                for one in readiness {
+                    one.set(READY_DATABASE, true);
+                }
+                return Ok(true);
+            }
+            Err(Unusable::Misconfigured(err)) => return Err(err.into()),
+            Err(Unusable::Refused(err)) => {
+                if refusals == 0 {
+                    tracing::error!(error = %err, "PostgreSQL refuses the credentials: not ready; trying again every minute at most");
+                }
+                reported.get_or_insert_with(Instant::now);
+                refusals += 1;
+                (
+                    format!("refused: {err}"),
+                    refusal::CHECKS.delay(refusals - 1),
+                )
+            }
+            Err(Unusable::Unreachable(err)) => {
+                if reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+                    tracing::warn!(error = %err, "PostgreSQL does not answer: not ready; trying again");
+                    reported = Some(Instant::now());
+                }
+                unreachable += 1;
+                (err.to_string(), DATABASE_RETRY.delay(unreachable - 1))
+            }
+        };
+        for one in readiness {
+            one.wait(READY_DATABASE, why.clone());
+        }
+        if !sleep_unless_cancelled(pause, shutdown).await {
+            return Ok(false);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::health::Readiness;
 
 /// The pauses between checks of refused credentials: someone has to change them, so there is no
 /// hurry, and a login endpoint should not be hammered.
-const CHECKS: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
+pub const CHECKS: Backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
 
 /// The longest a delivery waits at a closed gate before it is given back (RabbitMQ closes the channel
 /// of a delivery unacked for 30 minutes).

@@ -21,6 +21,7 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Readiness;
+use crate::refusal;
 use crate::settings::WorkerArgs;
 
 /// Readiness condition: connected to the broker with the topology declared.
@@ -223,8 +224,9 @@ impl WorkerRuntime {
         let endpoint = conveyor_amqp::endpoint(address.url())?;
         let name = format!("conveyor-{}:{}", self.stage, self.pipeline.name());
         let mut reported: Option<std::time::Instant> = None;
+        let mut refusals = 0;
         for attempt in 0.. {
-            let delay = RECONNECT.delay(attempt);
+            let mut delay = RECONNECT.delay(attempt);
             // The first failure, then one line every UNREACHABLE_REPORT: not one per attempt.
             let mut report = || {
                 let due = reported.is_none_or(|at| at.elapsed() >= UNREACHABLE_REPORT);
@@ -273,6 +275,16 @@ impl WorkerRuntime {
                 }
                 Err(err @ (BrokerError::Url(_) | BrokerError::Tls { .. })) => {
                     return Err(err.into());
+                }
+                // A setup error, said once at ERROR and in /readyz; asked again now and then, as
+                // the user may be created or given the vhost meanwhile.
+                Err(err @ BrokerError::Refused { .. }) => {
+                    if refusals == 0 {
+                        tracing::error!(error = %err, "the broker refuses the credentials: not ready; trying again every minute at most");
+                    }
+                    self.readiness.wait(READY_BROKER, format!("refused: {err}"));
+                    delay = refusal::CHECKS.delay(refusals);
+                    refusals += 1;
                 }
                 Err(err) => {
                     if report() {

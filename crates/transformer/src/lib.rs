@@ -29,7 +29,9 @@ pub struct Cli {
 }
 
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let host = Host::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await?;
+    let Some(host) = Host::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await? else {
+        return Ok(());
+    };
     host.run(&shutdown, |runtime, _: Cli, shutdown| async move {
         runtime
             .consume(

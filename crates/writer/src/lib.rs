@@ -59,6 +59,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         &shutdown,
     )
     .await?;
+    let Some(host) = host else { return Ok(()) };
     host.run(&shutdown, |runtime, cli: Cli, shutdown| async move {
         write(&runtime, &cli, &shutdown).await
     })
