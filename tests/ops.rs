@@ -769,3 +769,50 @@ fn the_image_build_context_leaves_secrets_out() {
         assert!(lines.contains(secret), ".dockerignore lacks {secret}");
     }
 }
+
+/// `conveyorctl dlq …` and `status --help` list the command's own options first, then the
+/// connections it needs under their headings, and no worker's tuning (prefetch, compression, drain).
+#[test]
+fn operator_commands_help_shows_their_own_options_first_and_no_worker_tuning() {
+    for path in [
+        &["dlq", "list"][..],
+        &["dlq", "show"],
+        &["dlq", "replay"],
+        &["dlq", "purge"],
+        &["status"],
+    ] {
+        let output = std::process::Command::new(bin_dir().join("conveyorctl"))
+            .args(path)
+            .arg("--help")
+            .env_clear()
+            .output()
+            .expect("conveyorctl runs");
+        let help = String::from_utf8(output.stdout).unwrap();
+        for tuning in [
+            "--prefetch",
+            "--compress-from-bytes",
+            "--drain-timeout-secs",
+            "--max-attempts",
+        ] {
+            assert!(
+                !help.contains(tuning),
+                "{path:?} --help lists {tuning}:\n{help}"
+            );
+        }
+        let options = help.find("Options:").expect("an Options section");
+        let broker = help.find("Broker (RabbitMQ):").expect("a broker section");
+        assert!(
+            options < broker,
+            "{path:?}: its own options come first:\n{help}"
+        );
+        let own = &help[options..broker];
+        assert!(
+            own.lines()
+                .filter(|line| line.trim_start().starts_with("--"))
+                .count()
+                >= 1
+                && !own.contains("--amqp"),
+            "{path:?}:\n{own}"
+        );
+    }
+}

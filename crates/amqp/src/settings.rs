@@ -8,7 +8,6 @@ use conveyor_base::tls::{CaBundle, ClientIdentity};
 use conveyor_base::{Secret, SettingsError};
 
 use crate::connect::{BrokerAddress, DEFAULT_HEARTBEAT_SECS};
-use crate::envelope::Compression;
 use crate::publish::DEFAULT_CONFIRM_TIMEOUT;
 
 /// How the queues are made durable.
@@ -20,8 +19,10 @@ pub enum QueueType {
     Classic,
 }
 
-/// Where RabbitMQ is and how conveyor's queues are named and shaped.
+/// Where RabbitMQ is and how conveyor's queues are named and shaped: what every process that talks to
+/// it needs (a worker's own tuning, such as its prefetch, is in `conveyor_runtime::settings`).
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Broker (RabbitMQ)")]
 pub struct BrokerArgs {
     /// AMQP URL of RabbitMQ; it carries the password, so it is never logged.
     #[arg(long, env = "CONVEYOR_AMQP_URL", hide_env_values = true)]
@@ -51,14 +52,6 @@ pub struct BrokerArgs {
         default_value = "quorum"
     )]
     pub queue_type: QueueType,
-    /// Deliveries a consumer holds unacknowledged at once (basic.qos).
-    #[arg(long, env = "CONVEYOR_PREFETCH", default_value_t = 32)]
-    pub prefetch: u16,
-    /// Message bodies of this many bytes or more are published lz4-compressed; "off" publishes them
-    /// plain. Compression spares a remote broker's network and disk, and costs the workers CPU: turn
-    /// it off where the broker shares the workers' cores. Workers read either kind.
-    #[arg(long, env = "CONVEYOR_COMPRESS_FROM_BYTES", default_value_t)]
-    pub compress_from_bytes: Compression,
     /// Delays of the retry tiers, in milliseconds, shortest first: the n-th retry of a message waits in
     /// the n-th tier (the last tier for every later one). Each tier is a queue of its own, so changing
     /// the list declares new queues rather than clashing with the old ones.
@@ -100,8 +93,6 @@ impl BrokerArgs {
             amqp_tls_key_file: None,
             namespace: namespace.into(),
             queue_type: QueueType::Quorum,
-            prefetch: 32,
-            compress_from_bytes: Compression::default(),
             retry_delays_ms: vec![1_000, 5_000, 30_000, 120_000, 600_000],
             heartbeat_secs: DEFAULT_HEARTBEAT_SECS,
             confirm_timeout_secs: DEFAULT_CONFIRM_TIMEOUT.as_secs(),

@@ -57,8 +57,14 @@ impl Topology {
                 .iter()
                 .map(|ms| Duration::from_millis(*ms))
                 .collect(),
-            compression: broker.compress_from_bytes,
+            compression: Compression::default(),
         }
+    }
+
+    /// Bodies published compressed as `compression` says (a worker's setting), instead of the default.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
     }
 
     /// Which message bodies are published compressed.

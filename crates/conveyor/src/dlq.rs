@@ -24,6 +24,7 @@ pub enum DlqCommand {
         /// Pipelines: names, or pipeline files.
         #[arg(required = true)]
         pipelines: Vec<String>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -31,28 +32,29 @@ pub enum DlqCommand {
     },
     /// Show dead letters with their failure details.
     Show {
-        #[command(flatten)]
-        select: Select,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        select: Select,
     },
     /// Publish dead letters back into the stage where they failed (with a confirm), then remove them.
     Replay {
-        #[command(flatten)]
-        select: Select,
         /// Say what would be replayed, and replay nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        select: Select,
         #[command(flatten)]
         ledger: LedgerAccess,
     },
     /// Remove dead letters for good.
     Purge {
-        #[command(flatten)]
-        select: Select,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        select: Select,
         #[command(flatten)]
         ledger: LedgerAccess,
     },

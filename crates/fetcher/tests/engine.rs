@@ -387,6 +387,8 @@ impl EnginePipeline {
             log_filter: "info".into(),
             drain_timeout_secs: 5,
             max_attempts: 3,
+            prefetch: 32,
+            compress_from_bytes: Default::default(),
         };
         Self {
             services,

@@ -6,6 +6,7 @@ use conveyor_base::{Secret, SettingsError};
 
 /// Credentials and addresses of the gateway (every flag also reads an environment variable).
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Kingdee source")]
 pub struct KingdeeArgs {
     /// Base URL of the Kingdee gateway (the simulator's address in tests and the demo).
     #[arg(

@@ -32,6 +32,7 @@ const HISTORY_TABLE: &str = "conveyor_ledger_migrations";
 /// Whether and how long the ledger keeps what the stages settled (every flag also reads an
 /// environment variable).
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Ledger")]
 pub struct LedgerArgs {
     /// Keep the ledger (on) or not (off). Off, `conveyorctl status` has nothing to read.
     #[arg(long = "ledger", env = "CONVEYOR_LEDGER", default_value = "on", value_parser = parse_switch)]

@@ -15,6 +15,7 @@ use conveyor_base::{Secret, SettingsError, is_sql_identifier};
 /// Where PostgreSQL is: the writer's target and the fetcher's sync state (every flag also reads an
 /// environment variable).
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "PostgreSQL")]
 pub struct PostgresArgs {
     /// PostgreSQL connection URL (postgres://user:password@host/db); never logged.
     #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]

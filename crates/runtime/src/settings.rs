@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use conveyor_amqp::envelope::Compression;
 use conveyor_amqp::settings::BrokerArgs;
 use conveyor_base::SettingsError;
 use conveyor_base::telemetry::LogFormat;
@@ -45,6 +46,14 @@ pub struct WorkerArgs {
     /// Tries of a message that keeps failing for a transient reason before it is dead-lettered.
     #[arg(long, env = "CONVEYOR_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
+    /// Deliveries a consumer holds unacknowledged at once (basic.qos).
+    #[arg(long, env = "CONVEYOR_PREFETCH", default_value_t = 32)]
+    pub prefetch: u16,
+    /// Message bodies of this many bytes or more are published lz4-compressed; "off" publishes them
+    /// plain. Compression spares a remote broker's network and disk, and costs the workers CPU: turn
+    /// it off where the broker shares the workers' cores. Workers read either kind.
+    #[arg(long, env = "CONVEYOR_COMPRESS_FROM_BYTES", default_value_t)]
+    pub compress_from_bytes: Compression,
 }
 
 impl WorkerArgs {

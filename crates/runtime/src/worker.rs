@@ -71,7 +71,8 @@ impl WorkerRuntime {
         args: &WorkerArgs,
         ledger: Option<&PgLedger>,
     ) -> Self {
-        let topology = Topology::new(&args.broker, pipeline.name());
+        let topology =
+            Topology::new(&args.broker, pipeline.name()).with_compression(args.compress_from_bytes);
         Self {
             ledger: conveyor_ledger::for_pipeline(ledger, pipeline.name()),
             ledger_home: ledger.map(PgLedger::home),
@@ -179,7 +180,7 @@ impl WorkerRuntime {
         make_handler: impl Fn(&Session) -> H,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let settings = self.consume_settings(self.args.broker.prefetch);
+        let settings = self.consume_settings(self.args.prefetch);
         self.run_sessions(shutdown, |session| {
             let handler = Arc::new(make_handler(&session));
             let settings = settings.clone();

@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 /// Where the API is and its credentials (every flag also reads an environment variable).
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "HTTP target")]
 pub struct HttpArgs {
     /// Base URL of the HTTP target's API; the pipeline file's paths are appended to it.
     #[arg(long, env = "CONVEYOR_HTTP_TARGET_URL")]
