@@ -526,6 +526,59 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
     succeeded("conveyorctl check", valid);
 }
 
+/// `conveyorctl check --pg-url` runs a postgres target's migrations in a scratch schema it rolls
+/// back, and refuses a mapping with a column the table lacks, before any writer creates anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_with_a_database_finds_a_mapped_column_the_migrations_lack_and_changes_nothing() {
+    let services = services().await;
+    let dir = std::env::temp_dir().join(format!("conveyor-check-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let migrations = repo_root().join("ops/migrations/sales_orders");
+    let good = std::fs::read_to_string(sales_orders_pipeline())
+        .unwrap()
+        .replace(
+            "migrations = \"../migrations/sales_orders\"",
+            &format!("migrations = {:?}", migrations.display().to_string()),
+        );
+    let check = |text: String| {
+        let file = dir.join("pipeline.toml");
+        std::fs::write(&file, text).unwrap();
+        Command::new(bin_dir().join("conveyorctl"))
+            .arg("check")
+            .arg(&file)
+            .env("CONVEYOR_PG_URL", services.pg_url.expose())
+            .output()
+            .unwrap()
+    };
+    let ok = check(good.clone());
+    let stdout = succeeded("conveyorctl check --pg-url", ok);
+    assert!(stdout.contains("with every mapped column"), "{stdout}");
+
+    let extra = good.replace(
+        "  { to = \"lines\", from = \"material_entity\" },",
+        "  { to = \"lines\", from = \"material_entity\" },\n  { to = \"remark\", type = \"string\" },",
+    );
+    assert_ne!(extra, good);
+    let refused = check(extra);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("table sales_orders: has no column for the mapped field(s) [\"remark\"]"),
+        "{stderr}"
+    );
+    let client = conveyor_harness::pg_client(&services.pg_url).await.unwrap();
+    let left: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name LIKE 'conveyor_check_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the dry run leaves no schema behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_declare_is_idempotent() {
     let scenario = scenario("topology", orders(10)).await;

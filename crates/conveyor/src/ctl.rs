@@ -23,6 +23,11 @@ enum Command {
     Check {
         /// The pipeline file.
         file: PathBuf,
+        /// Also check a postgres target against a database, changing nothing: the migrations run in
+        /// a scratch schema inside a transaction that is rolled back, and the table they make must
+        /// have every mapped column and a unique key (what a writer checks at start).
+        #[arg(long, env = "CONVEYOR_PG_URL", hide_env_values = true)]
+        pg_url: Option<conveyor_base::Secret>,
     },
     /// Try a pipeline's transformation rules on sample records.
     Transform {
@@ -130,7 +135,7 @@ pub fn main(cli: Cli) -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Check { file } => {
+        Command::Check { file, pg_url } => {
             let pipeline = Pipeline::load(&file)?;
             println!(
                 "{}: pipeline {:?} is valid ({} mapped fields)",
@@ -138,6 +143,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.name(),
                 pipeline.mapping.output_fields().count()
             );
+            if let Some(url) = pg_url {
+                let conveyor_pipeline::TargetSpec::Postgres(spec) = &pipeline.spec.target else {
+                    anyhow::bail!("--pg-url checks a postgres target; this pipeline's is not one");
+                };
+                let args = conveyor_postgres::PostgresArgs::at(url, "public");
+                conveyor_writer::target::postgres::PostgresTarget::dry_run(&pipeline, spec, &args)
+                    .await
+                    .with_context(|| format!("pipeline file {}", file.display()))?;
+                println!(
+                    "{}: its migrations make table {:?} with every mapped column and a unique {:?} (checked in a scratch schema, rolled back)",
+                    file.display(),
+                    spec.table,
+                    pipeline.mapping.key_field()
+                );
+            }
             Ok(())
         }
         Command::Transform {

@@ -80,9 +80,24 @@ impl Pipeline {
         let mut spec: PipelineSpec =
             serde_path_to_error::deserialize(deserializer).map_err(|err| {
                 let field = err.path().to_string();
+                if field == "target" {
+                    // The target's kinds are a tagged enum, whose errors serde reports at the
+                    // section: read it again as its kind, for the exact key and line.
+                    if let Some((field, problem)) = target::locate_error(text) {
+                        return error(&field, problem);
+                    }
+                }
                 let field = if field == "." { String::new() } else { field };
                 error(&field, describe(text, &err.into_inner()))
             })?;
+        // Checks after parsing name the field; the line is looked up in the text.
+        let error = |field: &str, problem: String| {
+            let problem = match line_of(text, field) {
+                Some(line) => format!("{problem} (line {line})"),
+                None => problem,
+            };
+            error(field, problem)
+        };
 
         if spec.name.is_empty()
             || !spec
@@ -113,6 +128,57 @@ impl Pipeline {
     pub fn name(&self) -> &str {
         &self.spec.name
     }
+}
+
+/// The keys of the table `table` (a top-level key) in the TOML `text`, in the order written.
+fn keys_of(text: &str, table: &str) -> Option<Vec<String>> {
+    use toml::de::{DeTable, DeValue};
+    let document = DeTable::parse(text).ok()?;
+    let (_, value) = document
+        .get_ref()
+        .iter()
+        .find(|(name, _)| name.get_ref() == table)?;
+    let DeValue::Table(inner) = value.get_ref() else {
+        return None;
+    };
+    let mut keys: Vec<_> = inner
+        .iter()
+        .map(|(name, _)| (name.span().start, name.get_ref().to_string()))
+        .collect();
+    keys.sort();
+    Some(keys.into_iter().map(|(_, key)| key).collect())
+}
+
+/// The line of the key `field` (a dotted path, with `[n]` for an array's element) in the TOML `text`.
+fn line_of(text: &str, field: &str) -> Option<usize> {
+    use toml::de::{DeTable, DeValue};
+    let document = DeTable::parse(text).ok()?;
+    let mut table = document.get_ref();
+    let mut span = None;
+    let mut segments = field.split('.').peekable();
+    while let Some(segment) = segments.next() {
+        let (key, indexes) = match segment.find('[') {
+            Some(at) => (&segment[..at], &segment[at..]),
+            None => (segment, ""),
+        };
+        let (name, value) = table.iter().find(|(name, _)| name.get_ref() == key)?;
+        span = Some(name.span());
+        let mut value = value;
+        for index in indexes.split(['[', ']']).filter(|part| !part.is_empty()) {
+            let DeValue::Array(items) = value.get_ref() else {
+                return None;
+            };
+            value = items.get(index.parse::<usize>().ok()?)?;
+            span = Some(value.span());
+        }
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            _ if segments.peek().is_some() => return None,
+            _ => {}
+        }
+    }
+    let before = &text[..span?.start.min(text.len())];
+    Some(before.matches('\n').count() + 1)
 }
 
 /// A TOML error on one line: the problem, then where it is.
@@ -188,8 +254,8 @@ kind = "noop"
             ),
             (
                 GOOD.replace("kind = \"noop\"", "kind = \"noop\"\ntable = \"orders\""),
-                "target",
-                "unknown field `table`, there are no fields",
+                "target.table",
+                "unknown field `table`: a noop target takes no settings (line 19)",
             ),
             (
                 GOOD.replace("[source.query]", "page_size = 500\n[source.query]"),
@@ -292,9 +358,23 @@ kind = "noop"
             ),
             (
                 "kind = \"http\"\npath = \"/x\"\ntimeout = 3",
-                // Serde reports an unknown field of a tagged section at the section.
-                "target",
+                "target.timeout",
                 "unknown field `timeout`",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\n[target.auth]\nkind = \"oauth\"",
+                "target.auth.kind",
+                "unknown variant `oauth`",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\n[target.id_check]\nmod = \"upsert\"",
+                "target.id_check",
+                "missing field `mode`",
+            ),
+            (
+                "kind = \"http\"\npath = \"/x\"\nbatch_size = \"ten\"",
+                "target.batch_size",
+                "invalid type",
             ),
         ];
         for (target, field, problem) in cases {
@@ -302,7 +382,21 @@ kind = "noop"
             let message = err.to_string();
             assert_eq!(err.field, field, "{message}");
             assert!(message.contains(problem), "{message}");
+            assert!(message.contains("(line "), "{message}");
         }
+    }
+
+    #[test]
+    fn checks_after_parsing_name_the_line_of_their_field() {
+        let err =
+            parse(&GOOD.replace("[source.query]", "page_size = 500\n[source.query]")).unwrap_err();
+        assert!(err.to_string().ends_with("(line 7)"), "{err}");
+        let err = parse(&GOOD.replace("version = \"modify_time\"", "version = \"total_amount\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("(line 11)"), "{err}");
+        assert_eq!(line_of(GOOD, "transform.fields[2].type"), Some(15));
+        assert_eq!(line_of(GOOD, "source.query.bill_status"), Some(8));
+        assert_eq!(line_of(GOOD, "source.nothing"), None);
     }
 
     #[test]

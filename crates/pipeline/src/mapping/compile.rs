@@ -382,10 +382,12 @@ impl Mapping {
                     .filter(|field| field.to_path.len() == 1)
                     .map(|field| (field.to.clone(), field.kind))
                     .collect();
-                Some(
-                    Expression::compile(text, &available)
-                        .map_err(|err| problem("transform.filter", err))?,
-                )
+                let filter = Expression::compile(text, &available)
+                    .map_err(|err| problem("transform.filter", err))?;
+                filter
+                    .check_gives_a_boolean()
+                    .map_err(|err| problem("transform.filter", err))?;
+                Some(filter)
             }
         };
         let position = |name: &str| {

@@ -83,6 +83,34 @@ impl Expression {
         from_dynamic(result.map_err(|err| format!("expression failed: {}", describe(&err)))?)
     }
 
+    /// Refuses a filter that, for a record with a typical value in each field it reads, gives
+    /// something other than true or false (`filter = 'bill_no'`: a string). A filter that fails on
+    /// those values proves nothing and passes: it is checked on every record anyway.
+    pub fn check_gives_a_boolean(&self) -> Result<(), String> {
+        let sample: Map<String, Value> = self
+            .inputs
+            .iter()
+            .map(|(name, kind)| {
+                let value = match kind {
+                    FieldType::String | FieldType::Json => Value::from("text"),
+                    FieldType::Integer => Value::from(1),
+                    FieldType::Decimal => Value::from("1.5"),
+                    FieldType::Boolean => Value::from(true),
+                    FieldType::Datetime => Value::from("2025-01-01T00:00:00+08:00"),
+                    FieldType::Date => Value::from("2025-01-01"),
+                };
+                (name.clone(), value)
+            })
+            .collect();
+        match self.keep(&sample) {
+            Err(problem) if problem.starts_with("filter gave") => Err(format!(
+                "{problem} (for a record like {}): a filter must be a condition, e.g. `bill_no != \"\"`",
+                Value::Object(sample)
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Evaluates a filter: true keeps the record.
     pub fn keep(&self, fields: &impl Fields) -> Result<bool, String> {
         match self.eval(fields)? {

@@ -340,6 +340,16 @@ fn compile_errors_name_the_rule_and_the_problem() {
         "transform.fields[2].expr",
         "",
     );
+    // A filter that is a value, not a condition.
+    let mut filtered = fields(json!([{"to": "bill_no", "type": "string"}]));
+    filtered["filter"] = json!("bill_no");
+    check(
+        filtered.clone(),
+        "transform.filter",
+        "filter gave a string, not true or false",
+    );
+    filtered["filter"] = json!("bill_no != \"\"");
+    Mapping::compile(&spec(filtered)).expect("a condition passes");
     check(
         fields(json!([{"to": "x", "from": "a", "expr": "1"}])),
         "transform.fields[2].expr",

@@ -10,6 +10,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTargetSpec {
+    #[serde(default, rename = "kind")]
+    pub(crate) _kind: super::Tag,
     /// Path of the write endpoint, appended to CONVEYOR_HTTP_TARGET_URL.
     pub path: String,
     /// Method of writes.
@@ -316,8 +318,16 @@ mod tests {
                 "target.errors.unavailable_after",
                 "1 to 1000",
             ),
-            ("transient = [\"5xx\"]", "target", "invalid type"),
-            ("retry = [503]", "target", "unknown field `retry`"),
+            (
+                "transient = [\"5xx\"]",
+                "target.errors.transient[0]",
+                "invalid type",
+            ),
+            (
+                "retry = [503]",
+                "target.errors.retry",
+                "unknown field `retry`",
+            ),
         ] {
             let err = with_errors(errors).unwrap_err();
             let message = err.to_string();

@@ -11,6 +11,8 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostgresTargetSpec {
+    #[serde(default, rename = "kind")]
+    pub(crate) _kind: super::Tag,
     /// The table (in the schema given by CONVEYOR_PG_SCHEMA).
     pub table: String,
     /// Directory of SQL migrations (`V1__name.sql`), relative to the pipeline file.

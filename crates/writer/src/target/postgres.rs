@@ -88,6 +88,55 @@ impl PostgresTarget {
         .await
     }
 
+    /// Checks, changing nothing, that `pipeline`'s migrations make a table its mapping can be written
+    /// to: in one transaction, they run in a scratch schema, the table is checked as a writer would,
+    /// and everything is rolled back. What `conveyorctl check --pg-url` does.
+    pub async fn dry_run(
+        pipeline: &Pipeline,
+        spec: &PostgresTargetSpec,
+        args: &PostgresArgs,
+    ) -> Result<(), SetupError> {
+        let migrations = &spec.migrations;
+        let loaded =
+            refinery::load_sql_migrations(migrations).map_err(|err| SetupError::Migrations {
+                dir: migrations.display().to_string(),
+                message: err.to_string(),
+            })?;
+        let database = Database::connect(args)?;
+        let mut client = database.own_client().await?;
+        let transaction = client
+            .transaction()
+            .await
+            .map_err(conveyor_postgres::failed("beginning the dry run"))?;
+        let scratch = format!("conveyor_check_{}", uuid::Uuid::new_v4().simple());
+        transaction
+            .batch_execute(&format!(
+                "CREATE SCHEMA {0}; SET LOCAL search_path TO {0}",
+                quote(&scratch)
+            ))
+            .await
+            .map_err(conveyor_postgres::failed("creating the scratch schema"))?;
+        for migration in &loaded {
+            transaction
+                .batch_execute(migration.sql().unwrap_or_default())
+                .await
+                .map_err(|err| SetupError::Migrations {
+                    dir: migrations.display().to_string(),
+                    message: format!("{migration}: {}", conveyor_base::tls::error_chain(&err)),
+                })?;
+        }
+        let checked = check_table(&transaction, &scratch, &TableSpec::of(pipeline, spec)).await;
+        // Nothing of the dry run stays, whatever it found.
+        let _ = transaction.rollback().await;
+        checked.map_err(|err| match err {
+            SetupError::Table { problem, .. } => SetupError::Table {
+                table: spec.table.clone(),
+                problem,
+            },
+            other => other,
+        })
+    }
+
     /// Connects, runs the pipeline's migrations (one writer at a time), checks the table against the
     /// mapping and prepares the upsert. When `ledger_home` (`host/db/schema`) is this database's,
     /// each batch's settlement is recorded in the upsert's own statement.
@@ -303,7 +352,7 @@ fn class_of(code: &str, overrides: &SqlErrorOverrides) -> SqlClass {
 
 /// Checks that the table has every mapped column and a unique index on the key alone.
 async fn check_table(
-    client: &tokio_postgres::Client,
+    client: &impl deadpool_postgres::GenericClient,
     schema: &str,
     spec: &TableSpec,
 ) -> Result<(), SetupError> {
