@@ -526,6 +526,66 @@ fn every_binary_refuses_a_bad_pipeline_file_with_the_same_message() {
     succeeded("conveyorctl check", valid);
 }
 
+/// `conveyorctl check` shows when a pipeline with a `source.schedule` plans, in its zone, and names a
+/// wrong expression with its line.
+#[test]
+fn check_shows_a_schedule_s_next_run_times() {
+    let dir = std::env::temp_dir().join(format!("conveyor-check-schedule-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = std::fs::read_to_string(sales_orders_pipeline()).unwrap();
+    let file = dir.join("pipeline.toml");
+    let with = |schedule: &str| {
+        good.replace(
+            "calls_per_minute = 500",
+            &format!("calls_per_minute = 500\nschedule = {schedule:?}\ntime_zone = \"+08:00\""),
+        )
+        .replace(
+            "migrations = \"../migrations/sales_orders\"",
+            &format!(
+                "migrations = {:?}",
+                repo_root()
+                    .join("ops/migrations/sales_orders")
+                    .display()
+                    .to_string()
+            ),
+        )
+    };
+    std::fs::write(&file, with("30 9 * * *")).unwrap();
+    let output = Command::new(bin_dir().join("conveyorctl"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = succeeded("conveyorctl check", output);
+    let line = stdout
+        .lines()
+        .find(|line| {
+            line.contains("plans new windows on schedule \"30 9 * * *\" in +08:00; next: ")
+        })
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(line.matches(" 09:30 +08:00").count(), 3, "{line}");
+
+    let wrong = with("30 9 * *");
+    let line = 1 + wrong
+        .lines()
+        .position(|line| line.starts_with("schedule ="))
+        .unwrap();
+    std::fs::write(&file, wrong).unwrap();
+    let output = Command::new(bin_dir().join("conveyorctl"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("field `source.schedule`: \"30 9 * *\" is not a cron expression")
+            && stderr.contains(&format!("(line {line})")),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `conveyorctl check --pg-url` runs a postgres target's migrations in a scratch schema it rolls
 /// back, and refuses a mapping with a column the table lacks, before any writer creates anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

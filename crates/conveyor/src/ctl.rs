@@ -143,6 +143,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.name(),
                 pipeline.mapping.output_fields().count()
             );
+            let source = &pipeline.spec.source;
+            match source.schedule() {
+                Ok(Some(schedule)) => {
+                    let times: Vec<String> = schedule
+                        .upcoming(chrono::Utc::now(), 3)
+                        .iter()
+                        .map(|time| time.format("%Y-%m-%d %H:%M %:z").to_string())
+                        .collect();
+                    println!(
+                        "  plans new windows on schedule {}; next: {}",
+                        schedule.described,
+                        times.join(", ")
+                    );
+                }
+                Ok(None) => println!(
+                    "  plans new windows every CONVEYOR_FETCH_INTERVAL_SECS (no source.schedule)"
+                ),
+                Err(_) => unreachable!("checked when the file loaded"),
+            }
             if let Some(url) = pg_url {
                 let conveyor_pipeline::TargetSpec::Postgres(spec) = &pipeline.spec.target else {
                     anyhow::bail!("--pg-url checks a postgres target; this pipeline's is not one");

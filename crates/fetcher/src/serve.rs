@@ -13,6 +13,7 @@ use conveyor_amqp::consume;
 use conveyor_amqp::dead_letters::Held;
 use conveyor_base::source::Source;
 use conveyor_base::{ErrorClass, Failure, Stage};
+use conveyor_pipeline::source::Schedule;
 use conveyor_runtime::refusal::{Checked, CredentialCheck, RefusalGate};
 use conveyor_runtime::worker::{Session, WorkerRuntime};
 use serde::Serialize;
@@ -167,8 +168,13 @@ async fn serve<S: Source>(
                 Err(err) => Err(err),
             }
         } else {
-            plan_on_schedule(&engine, options.interval, shutdown).await;
-            Ok(())
+            match runtime.pipeline.spec.source.schedule() {
+                Ok(schedule) => {
+                    plan_on_schedule(&engine, options.interval, schedule.as_ref(), shutdown).await;
+                    Ok(())
+                }
+                Err((field, problem)) => Err(anyhow::anyhow!("{field}: {problem}")),
+            }
         };
         consuming.cancel();
         outcome
@@ -188,19 +194,51 @@ async fn serve<S: Source>(
     outcome
 }
 
-/// Plans new windows every `interval` until shutdown.
+/// Plans new windows until shutdown: at the times of the pipeline's `schedule` when it has one, else
+/// now and every `interval`.
 async fn plan_on_schedule<S: Source>(
     engine: &Engine<S>,
     interval: Duration,
+    schedule: Option<&Schedule>,
     shutdown: &CancellationToken,
 ) {
-    loop {
-        if let Err(err) = engine.plan().await {
-            tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
+    let until_next = || {
+        let schedule = schedule?;
+        let now = chrono::Utc::now();
+        let next = schedule.next_after(now)?;
+        Some((
+            next,
+            (next.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or_default(),
+        ))
+    };
+    if let Some(schedule) = schedule {
+        match until_next() {
+            Some((next, _)) => tracing::info!(
+                schedule = schedule.described,
+                next = %next.to_rfc3339(),
+                "planning new windows on the pipeline's schedule"
+            ),
+            None => return,
         }
+    } else if let Err(err) = engine.plan().await {
+        tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
+    }
+    loop {
+        let pause = match schedule {
+            None => interval,
+            Some(_) => match until_next() {
+                Some((_, pause)) => pause,
+                None => return,
+            },
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(pause) => {}
+        }
+        if let Err(err) = engine.plan().await {
+            tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next planning time");
         }
     }
 }

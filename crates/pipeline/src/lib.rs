@@ -278,6 +278,19 @@ kind = "noop"
                 "not an RFC 3339 time",
             ),
             (
+                GOOD.replace("[source.query]", "schedule = \"every hour\"\n[source.query]"),
+                "source.schedule",
+                "is not a cron expression",
+            ),
+            (
+                GOOD.replace(
+                    "[source.query]",
+                    "schedule = \"0 * * * *\"\ntime_zone = \"Mars/Base\"\n[source.query]",
+                ),
+                "source.time_zone",
+                "not a time zone",
+            ),
+            (
                 GOOD.replace("\"orders\"", "\"Orders!\""),
                 "name",
                 "lowercase",
@@ -314,6 +327,37 @@ kind = "noop"
             );
             assert!(message.contains(problem), "{message}");
         }
+    }
+
+    #[test]
+    fn a_schedule_runs_in_its_zone() {
+        let text = GOOD.replace(
+            "[source.query]",
+            "schedule = \"0 8 * * 1-5\"\n[source.query]",
+        );
+        let pipeline = parse(&text).unwrap();
+        let schedule = pipeline.spec.source.schedule().unwrap().unwrap();
+        assert_eq!(schedule.described, "\"0 8 * * 1-5\" in Asia/Shanghai");
+        // Friday 2026-12-04 08:00 in Shanghai is 00:00 UTC: the next runs are Monday's and Tuesday's.
+        let friday = "2026-12-04T00:00:00Z".parse().unwrap();
+        let times: Vec<String> = schedule
+            .upcoming(friday, 2)
+            .iter()
+            .map(|time| time.to_rfc3339())
+            .collect();
+        assert_eq!(
+            times,
+            ["2026-12-07T08:00:00+08:00", "2026-12-08T08:00:00+08:00"]
+        );
+        assert!(
+            parse(GOOD)
+                .unwrap()
+                .spec
+                .source
+                .schedule()
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

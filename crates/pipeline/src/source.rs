@@ -7,8 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, FixedOffset};
+use chrono::{DateTime, FixedOffset, Utc};
 use serde::Deserialize;
+
+use crate::mapping::convert::Zone;
 
 /// The largest page the Kingdee gateway serves; larger requests are silently capped by it.
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -59,6 +61,50 @@ pub struct SourceSpec {
     /// development machine), so fewer, larger ones cost less per record; a page is never split.
     #[serde(default = "default_records_per_message")]
     pub records_per_message: u32,
+    /// When fetchers plan new windows: a five-field cron expression (minute hour day-of-month month
+    /// day-of-week) in `time_zone`, e.g. `"*/15 * * * *"` or `"0 8-20 * * 1-5"`. Without it, they plan
+    /// every CONVEYOR_FETCH_INTERVAL_SECS.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// The zone of `schedule`: the source's (an IANA name, or an offset like `+08:00`).
+    #[serde(default = "default_time_zone")]
+    pub time_zone: String,
+}
+
+/// When to plan, as `source.schedule` and `source.time_zone` say.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    cron: cron_parser::Schedule,
+    zone: Zone,
+    /// The expression as written, with its zone: for logs.
+    pub described: String,
+}
+
+impl Schedule {
+    /// The first run time strictly after `instant`.
+    pub fn next_after(&self, instant: DateTime<Utc>) -> Option<DateTime<FixedOffset>> {
+        match self.zone {
+            Zone::Fixed(offset) => self.cron.next_after(&instant.with_timezone(&offset)),
+            Zone::Named(tz) => self
+                .cron
+                .next_after(&instant.with_timezone(&tz))
+                .map(|next| next.fixed_offset()),
+        }
+    }
+
+    /// The next `count` run times after `instant`.
+    pub fn upcoming(&self, instant: DateTime<Utc>, count: usize) -> Vec<DateTime<FixedOffset>> {
+        let mut times = Vec::with_capacity(count);
+        let mut after = instant;
+        while times.len() < count {
+            let Some(next) = self.next_after(after) else {
+                break;
+            };
+            after = next.with_timezone(&Utc);
+            times.push(next);
+        }
+        times
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -92,9 +138,38 @@ impl SourceKind {
 }
 
 impl SourceSpec {
+    /// The planning schedule, when the file gives one.
+    pub fn schedule(&self) -> Result<Option<Schedule>, (String, String)> {
+        let Some(expression) = &self.schedule else {
+            return Ok(None);
+        };
+        let zone = Zone::parse(&self.time_zone).map_err(|err| ("source.time_zone".into(), err))?;
+        let cron = cron_parser::Schedule::parse(expression).map_err(|err| {
+            (
+                "source.schedule".to_owned(),
+                format!(
+                    "{expression:?} is not a cron expression ({err}): five fields, minute hour day-of-month month day-of-week, e.g. \"*/15 * * * *\""
+                ),
+            )
+        })?;
+        let schedule = Schedule {
+            cron,
+            zone,
+            described: format!("{expression:?} in {}", self.time_zone),
+        };
+        if schedule.next_after(Utc::now()).is_none() {
+            return Err((
+                "source.schedule".into(),
+                format!("{expression:?} never runs"),
+            ));
+        }
+        Ok(Some(schedule))
+    }
+
     /// Checks what can be checked without a network: (field, problem).
     pub fn check(&self) -> Result<(), (String, String)> {
         self.kind.check(self)?;
+        self.schedule()?;
         let problem =
             |field: &str, problem: &str| Err((format!("source.{field}"), problem.to_owned()));
         if self.window_secs == 0 {
@@ -150,6 +225,10 @@ fn default_calls_per_minute() -> u32 {
 
 fn default_records_per_message() -> u32 {
     300
+}
+
+fn default_time_zone() -> String {
+    "Asia/Shanghai".to_owned()
 }
 
 /// A time written as an RFC 3339 string or a TOML offset date-time; anything else is refused with
