@@ -81,7 +81,7 @@ pub struct Cli {
     /// Log format.
     #[arg(long, env = "CONVEYOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter: a level, or comma-separated target=level (e.g. info,conveyor_amqp=debug).
     #[arg(long, env = "CONVEYOR_LOG", default_value = "info")]
     pub log_filter: String,
 }
@@ -195,6 +195,14 @@ pub fn router(console: Arc<Console>) -> Router {
 }
 
 /// Serves the console until `shutdown`; resumes the jobs left running first.
+/// The `conveyor-console` process: its command line, then [`run`] until SIGTERM. Here and not in the
+/// binary, so that the async code is compiled in this crate, once.
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    let (format, filter) = (cli.log_format, cli.log_filter.clone());
+    conveyor_runtime::process::run_service(format, &filter, |shutdown| run(cli, shutdown))
+}
+
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let console = Console::open(&cli).await?;
     for id in conveyor_ledger::jobs::running(&console.database).await? {

@@ -195,50 +195,40 @@ async fn serve<S: Source>(
 }
 
 /// Plans new windows until shutdown: at the times of the pipeline's `schedule` when it has one, else
-/// now and every `interval`.
+/// at once and then every `interval`.
 async fn plan_on_schedule<S: Source>(
     engine: &Engine<S>,
     interval: Duration,
     schedule: Option<&Schedule>,
     shutdown: &CancellationToken,
 ) {
-    let until_next = || {
-        let schedule = schedule?;
-        let now = chrono::Utc::now();
-        let next = schedule.next_after(now)?;
-        Some((
-            next,
-            (next.with_timezone(&chrono::Utc) - now)
-                .to_std()
-                .unwrap_or_default(),
-        ))
-    };
     if let Some(schedule) = schedule {
-        match until_next() {
-            Some((next, _)) => tracing::info!(
-                schedule = schedule.described,
-                next = %next.to_rfc3339(),
-                "planning new windows on the pipeline's schedule"
-            ),
-            None => return,
-        }
-    } else if let Err(err) = engine.plan().await {
-        tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next interval");
+        tracing::info!(
+            schedule = schedule.described,
+            "planning new windows on the pipeline's schedule"
+        );
     }
+    // Without a schedule, the first plan is at once.
+    let mut due = schedule.is_none();
     loop {
+        if due && let Err(err) = engine.plan().await {
+            tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next planning time");
+        }
         let pause = match schedule {
             None => interval,
-            Some(_) => match until_next() {
-                Some((_, pause)) => pause,
-                None => return,
-            },
+            Some(schedule) => {
+                let now = chrono::Utc::now();
+                let Some(next) = schedule.next_after(now) else {
+                    return;
+                };
+                (next.with_timezone(&chrono::Utc) - now)
+                    .to_std()
+                    .unwrap_or_default()
+            }
         };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(pause) => {}
-        }
-        if let Err(err) = engine.plan().await {
-            tracing::warn!(error = %format!("{err:#}"), "planning failed; trying again at the next planning time");
+            () = tokio::time::sleep(pause) => due = true,
         }
     }
 }

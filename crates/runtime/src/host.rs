@@ -16,15 +16,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use conveyor_base::Stage;
+use conveyor_base::backoff::{Backoff, sleep_unless_cancelled};
 use conveyor_base::metrics::Metrics;
+use conveyor_base::waiting::REPORT_EVERY;
 use conveyor_ledger::PgLedger;
 use conveyor_pipeline::Pipeline;
+use conveyor_postgres::{Database, Unusable};
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
-
-use conveyor_base::backoff::{Backoff, sleep_unless_cancelled};
-use conveyor_base::waiting::REPORT_EVERY;
-use conveyor_postgres::{Database, Unusable};
 
 use crate::health::{self, HostReadiness, Readiness};
 use crate::refusal;
@@ -222,7 +221,7 @@ async fn wait_for_database(
             Err(Unusable::Misconfigured(err)) => return Err(err.into()),
             Err(Unusable::Refused(err)) => {
                 if refusals == 0 {
-                    tracing::error!(error = %err, "PostgreSQL refuses the credentials: not ready; trying again every minute at most");
+                    tracing::error!(error = %err, "PostgreSQL refuses the credentials (the user, password or database name): not ready; trying again every minute at most");
                 }
                 reported.get_or_insert_with(Instant::now);
                 refusals += 1;

@@ -37,7 +37,7 @@ pub struct WorkerArgs {
     /// Log format.
     #[arg(long, env = "CONVEYOR_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Log filter, in tracing's EnvFilter syntax.
+    /// Log filter: a level, or comma-separated target=level (e.g. info,conveyor_amqp=debug).
     #[arg(long, env = "CONVEYOR_LOG", default_value = "info")]
     pub log_filter: String,
     /// How long a stopping worker may take to finish the work it holds before it exits anyway.

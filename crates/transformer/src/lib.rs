@@ -28,6 +28,13 @@ pub struct Cli {
     pub worker: WorkerArgs,
 }
 
+/// The `conveyor-transformer` process: its command line, then [`run`] until SIGTERM. Here and not in the
+/// binary, so that the async code is compiled in this crate, once.
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    conveyor_runtime::process::run_worker(&cli.worker.clone(), |shutdown| run(cli, shutdown))
+}
+
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let Some(host) = Host::start(&cli.worker, Stage::Transform, 9102, &[], &shutdown).await? else {
         return Ok(());

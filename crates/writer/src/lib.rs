@@ -50,6 +50,13 @@ pub struct Cli {
     pub http: HttpArgs,
 }
 
+/// The `conveyor-writer` process: its command line, then [`run`] until SIGTERM. Here and not in the
+/// binary, so that the async code is compiled in this crate, once.
+pub fn main() -> std::process::ExitCode {
+    let cli = <Cli as clap::Parser>::parse();
+    conveyor_runtime::process::run_worker(&cli.worker.clone(), |shutdown| run(cli, shutdown))
+}
+
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
     let host = Host::start(
         &cli.worker,
@@ -156,7 +163,7 @@ enum Held {
     Failed(WriteError),
     /// The breaker was open and the worker is stopping, or the credentials are refused and the
     /// message waited long enough: give it back untouched.
-    Stopping,
+    GiveBack,
 }
 
 /// What a write did, and whether the target recorded its settlement in the ledger itself.
@@ -171,11 +178,11 @@ impl<T: Target> Writer<T> {
     async fn write(&self, records: &[Record], settling: Option<&str>) -> Result<Written, Held> {
         loop {
             if self.breaker.is_open() && !self.breaker.wait_closed(&self.shutdown).await {
-                return Err(Held::Stopping);
+                return Err(Held::GiveBack);
             }
             // Given back after a while, or on shutdown: never held past the consumer timeout.
             if self.gate.is_refused() && !self.gate.wait_accepted(&self.shutdown).await {
-                return Err(Held::Stopping);
+                return Err(Held::GiveBack);
             }
             match self.write_once(records, settling).await {
                 Err(WriteError::Unavailable(reason)) => {
@@ -245,7 +252,7 @@ impl<T: Target> Writer<T> {
 /// What a failed write means for its message.
 fn disposition(held: Held) -> Disposition {
     match held {
-        Held::Stopping => Disposition::Release,
+        Held::GiveBack => Disposition::Release,
         Held::Failed(WriteError::Permanent(message)) => {
             Disposition::DeadLetter(Failure::new(ErrorClass::Permanent, message))
         }
