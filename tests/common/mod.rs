@@ -254,6 +254,34 @@ pub async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32
     }
 }
 
+/// Waits until the work queues are empty and no worker holds a message (one redelivered to a worker
+/// started last is not in a queue's ready count while it is handled), twice in a row.
+pub async fn wait_until_idle(scenario: &Scenario, workers: &[WorkerProcess]) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let mut idle_before = false;
+    loop {
+        wait_for_empty_work_queues(scenario).await;
+        let mut in_hand = 0.0;
+        for worker in workers {
+            in_hand += metric(worker, "conveyor_messages_in_hand", &[]).await;
+        }
+        if in_hand == 0.0 {
+            if idle_before {
+                return;
+            }
+            idle_before = true;
+        } else {
+            idle_before = false;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workers still hold {in_hand} messages after {TIMEOUT:?}:\n{}",
+            logs_of(workers)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Runs a test's steps, failing if they take longer than `limit`.
 pub async fn within(limit: Duration, steps: impl std::future::Future<Output = ()>) {
     if tokio::time::timeout(limit, steps).await.is_err() {
