@@ -801,21 +801,8 @@ async fn wrong_credentials_hold_the_workers_not_ready_with_one_error_and_no_dead
     // Long enough for the gates to check again (5 s, then 10 s later).
     tokio::time::sleep(Duration::from_secs(16)).await;
     assert_eq!(run.sim.stats.created.load(Ordering::Relaxed), 0);
-    let waiting: u32 = run
-        .scenario
-        .queue_depths()
-        .await
-        .unwrap()
-        .iter()
-        .filter(|(queue, _)| queue.ends_with(".write"))
-        .map(|(_, n)| n)
-        .sum();
-    let mut held = 0.0;
-    for writer in &run.workers[1..] {
-        held += common::metric(writer, "conveyor_messages_in_hand", &[]).await;
-    }
     assert!(
-        held + f64::from(waiting) > 0.0,
+        common::waiting_for_writers(&run.scenario, &run.workers[1..]).await > 0.0,
         "the batches wait for the writers"
     );
     for stage in [Stage::Fetch, Stage::Transform, Stage::Write] {

@@ -254,6 +254,23 @@ pub async fn wait_for_empty_work_queues(scenario: &Scenario) -> Vec<(String, u32
     }
 }
 
+/// Batches waiting for the writers: ready in the write queues, and held by `writers`.
+pub async fn waiting_for_writers(scenario: &Scenario, writers: &[WorkerProcess]) -> f64 {
+    let queued: u32 = scenario
+        .queue_depths()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|(queue, _)| queue.ends_with(".write"))
+        .map(|(_, n)| n)
+        .sum();
+    let mut held = 0.0;
+    for writer in writers {
+        held += metric(writer, "conveyor_messages_in_hand", &[]).await;
+    }
+    f64::from(queued) + held
+}
+
 /// Waits until the work queues are empty and no worker holds a message (one redelivered to a worker
 /// started last is not in a queue's ready count while it is handled), twice in a row.
 pub async fn wait_until_idle(scenario: &Scenario, workers: &[WorkerProcess]) {
