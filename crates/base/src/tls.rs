@@ -183,16 +183,21 @@ fn public_roots() -> &'static rustls::RootCertStore {
 
 /// A rustls client configuration with the ring provider, trusting the public roots and `ca`.
 pub(crate) fn client_config(ca: Option<&CaBundle>) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .with_root_certificates(trusted_roots(ca))
+        .with_no_client_auth()
+}
+
+/// The public roots and the certificates of `ca`.
+fn trusted_roots(ca: Option<&CaBundle>) -> rustls::RootCertStore {
     let mut roots = public_roots().clone();
     for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
         // Each was checked by CaBundle::load.
         let _ = roots.add(cert.clone());
     }
-    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("the ring provider supports TLS 1.2 and 1.3")
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    roots
 }
 
 /// How much of a server's certificate a connection checks: PostgreSQL's `sslmode` levels. HTTPS and
@@ -217,12 +222,8 @@ pub fn client_config_checking(
     check: ServerCheck,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = public_roots().clone();
-    for cert in ca.map(|ca| ca.certs.as_slice()).unwrap_or_default() {
-        let _ = roots.add(cert.clone());
-    }
     let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
+        Arc::new(trusted_roots(ca)),
         provider.clone(),
     )
     .build()

@@ -143,9 +143,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 pipeline.name(),
                 pipeline.mapping.output_fields().count()
             );
-            let source = &pipeline.spec.source;
-            match source.schedule() {
-                Ok(Some(schedule)) => {
+            // Checked when the file loaded; an error here is said like any other of the file's.
+            let schedule = pipeline
+                .spec
+                .source
+                .schedule()
+                .map_err(|(field, problem)| {
+                    anyhow::anyhow!(
+                        "pipeline file {}: field `{field}`: {problem}",
+                        file.display()
+                    )
+                })?;
+            match schedule {
+                Some(schedule) => {
                     let times: Vec<String> = schedule
                         .upcoming(chrono::Utc::now(), 3)
                         .iter()
@@ -157,10 +167,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         times.join(", ")
                     );
                 }
-                Ok(None) => println!(
+                None => println!(
                     "  plans new windows every CONVEYOR_FETCH_INTERVAL_SECS (no source.schedule)"
                 ),
-                Err(_) => unreachable!("checked when the file loaded"),
             }
             if let Some(url) = pg_url {
                 let conveyor_pipeline::TargetSpec::Postgres(spec) = &pipeline.spec.target else {

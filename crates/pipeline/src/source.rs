@@ -94,16 +94,11 @@ impl Schedule {
 
     /// The next `count` run times after `instant`.
     pub fn upcoming(&self, instant: DateTime<Utc>, count: usize) -> Vec<DateTime<FixedOffset>> {
-        let mut times = Vec::with_capacity(count);
-        let mut after = instant;
-        while times.len() < count {
-            let Some(next) = self.next_after(after) else {
-                break;
-            };
-            after = next.with_timezone(&Utc);
-            times.push(next);
-        }
-        times
+        std::iter::successors(self.next_after(instant), |last| {
+            self.next_after(last.with_timezone(&Utc))
+        })
+        .take(count)
+        .collect()
     }
 }
 

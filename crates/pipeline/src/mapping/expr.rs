@@ -102,12 +102,13 @@ impl Expression {
                 (name.clone(), value)
             })
             .collect();
-        match self.keep(&sample) {
-            Err(problem) if problem.starts_with("filter gave") => Err(format!(
-                "{problem} (for a record like {}): a filter must be a condition, e.g. `bill_no != \"\"`",
+        match self.eval(&sample) {
+            Ok(Value::Bool(_)) | Err(_) => Ok(()),
+            Ok(other) => Err(format!(
+                "filter gave {}, not true or false (for a record like {}): a filter must be a condition, e.g. `bill_no != \"\"`",
+                conveyor_base::source_time::kind_of(&other),
                 Value::Object(sample)
             )),
-            _ => Ok(()),
         }
     }
 

@@ -97,11 +97,7 @@ impl PostgresTarget {
         args: &PostgresArgs,
     ) -> Result<(), SetupError> {
         let migrations = &spec.migrations;
-        let loaded =
-            refinery::load_sql_migrations(migrations).map_err(|err| SetupError::Migrations {
-                dir: migrations.display().to_string(),
-                message: err.to_string(),
-            })?;
+        let loaded = load_migrations(migrations)?;
         let database = Database::connect(args)?;
         let mut client = database.own_client().await?;
         let transaction = client
@@ -149,11 +145,7 @@ impl PostgresTarget {
         ledger_home: Option<&str>,
     ) -> Result<Self, SetupError> {
         let database = Database::connect(args)?;
-        let loaded =
-            refinery::load_sql_migrations(migrations).map_err(|err| SetupError::Migrations {
-                dir: migrations.display().to_string(),
-                message: err.to_string(),
-            })?;
+        let loaded = load_migrations(migrations)?;
         // Each pipeline keeps its own history, so that pipelines sharing a schema number migrations freely.
         let history = format!("conveyor_migrations_{}", pipeline.replace('-', "_"));
         database
@@ -348,6 +340,14 @@ fn class_of(code: &str, overrides: &SqlErrorOverrides) -> SqlClass {
     } else {
         SqlClass::Permanent
     }
+}
+
+/// The SQL migrations in `dir`, as refinery reads them.
+fn load_migrations(dir: &Path) -> Result<Vec<refinery::Migration>, SetupError> {
+    refinery::load_sql_migrations(dir).map_err(|err| SetupError::Migrations {
+        dir: dir.display().to_string(),
+        message: err.to_string(),
+    })
 }
 
 /// Checks that the table has every mapped column and a unique index on the key alone.
