@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use conveyor_base::tls::{self, CaBundle, ClientIdentity};
 use conveyor_base::{Secret, SettingsError};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::Heartbeat;
 use lapin::uri::{AMQPScheme, AMQPUri};
@@ -116,8 +118,13 @@ pub fn endpoint(url: &Secret) -> Result<String, BrokerError> {
 
 /// Connects once, to the first of the brokers (comma-separated URLs) that answers, from one picked at
 /// random; fails with the last broker's error. `name` shows in the broker's connection list.
-pub async fn connect(address: &BrokerAddress, name: &str) -> Result<Connection, BrokerError> {
-    Ok(connect_after(address, name, None).await?.connection)
+/// Boxed, like the other connecting functions here: the connection code is compiled once, in this
+/// crate, not again in every crate that awaits it (docs/development.md, "Build time").
+pub fn connect<'a>(
+    address: &'a BrokerAddress,
+    name: &'a str,
+) -> BoxFuture<'a, Result<Connection, BrokerError>> {
+    async move { Ok(connect_after(address, name, None).await?.connection) }.boxed()
 }
 
 /// A connection, and which of the setting's URLs (by position) it went to.
@@ -128,32 +135,35 @@ pub struct Connected {
 
 /// Like [`connect`], but after losing the connection to node `lost` starts at the node after it: a
 /// node that hung takes TCP connections and never finishes the handshake, so it is tried last.
-pub async fn connect_after(
-    address: &BrokerAddress,
-    name: &str,
+pub fn connect_after<'a>(
+    address: &'a BrokerAddress,
+    name: &'a str,
     lost: Option<usize>,
-) -> Result<Connected, BrokerError> {
-    // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
-    endpoint(&address.url)?;
-    let mut last_error = None;
-    let urls: Vec<&str> = broker_urls(&address.url).collect();
-    let count = urls.len().max(1);
-    // Otherwise each connection starts at a node of its own choosing: workers spread over a
-    // cluster's nodes without anyone ordering the URLs by hand.
-    let start = lost.map_or_else(
-        || rand::rng().random_range(0..count),
-        |lost| (lost + 1) % count,
-    );
-    for (node, one) in in_turn(&urls, start) {
-        match connect_one(one, address, name).await {
-            Ok(connection) => return Ok(Connected { connection, node }),
-            Err(err) => {
-                tracing::debug!(error = %err, "broker not reachable, trying the next");
-                last_error = Some(err);
+) -> BoxFuture<'a, Result<Connected, BrokerError>> {
+    async move {
+        // Every URL is checked before any is tried, so a typo fails at once rather than at failover.
+        endpoint(&address.url)?;
+        let mut last_error = None;
+        let urls: Vec<&str> = broker_urls(&address.url).collect();
+        let count = urls.len().max(1);
+        // Otherwise each connection starts at a node of its own choosing: workers spread over a
+        // cluster's nodes without anyone ordering the URLs by hand.
+        let start = lost.map_or_else(
+            || rand::rng().random_range(0..count),
+            |lost| (lost + 1) % count,
+        );
+        for (node, one) in in_turn(&urls, start) {
+            match connect_one(one, address, name).await {
+                Ok(connection) => return Ok(Connected { connection, node }),
+                Err(err) => {
+                    tracing::debug!(error = %err, "broker not reachable, trying the next");
+                    last_error = Some(err);
+                }
             }
         }
+        Err(last_error.expect("endpoint() proved there is at least one URL"))
     }
-    Err(last_error.expect("endpoint() proved there is at least one URL"))
+    .boxed()
 }
 
 /// `urls` with their positions, from the one at `start`, then on round to the one before it.
@@ -217,13 +227,16 @@ fn refusal(error: &lapin::Error) -> Option<String> {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Closes a connection without hanging: lapin's close has been seen to take minutes.
-pub async fn close(connection: &Connection) {
-    let closing = connection.close(200, "worker stopping".into());
-    match tokio::time::timeout(Duration::from_secs(5), closing).await {
-        Ok(Ok(())) => {}
-        Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
-        Err(_) => tracing::warn!("closing the broker connection timed out"),
+pub fn close(connection: &Connection) -> BoxFuture<'_, ()> {
+    async move {
+        let closing = connection.close(200, "worker stopping".into());
+        match tokio::time::timeout(Duration::from_secs(5), closing).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
+            Err(_) => tracing::warn!("closing the broker connection timed out"),
+        }
     }
+    .boxed()
 }
 
 #[cfg(test)]

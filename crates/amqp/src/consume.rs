@@ -10,7 +10,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -39,6 +40,24 @@ pub trait Handler: Send + Sync + 'static {
     fn dead_lettered(&self, _failure: &Failure) {}
 }
 
+/// Any [`Handler`], behind a pointer (implement `Handler`, not this): the consume loop takes one, so
+/// that it is compiled once, in this crate, rather than once per handler in every worker crate (see
+/// `conveyor_base::boxed`). A box per message costs nothing beside the message's own work.
+pub trait AnyHandler: Send + Sync {
+    fn handle(&self, envelope: Envelope) -> BoxFuture<'_, Disposition>;
+    fn dead_lettered(&self, failure: &Failure);
+}
+
+impl<H: Handler> AnyHandler for H {
+    fn handle(&self, envelope: Envelope) -> BoxFuture<'_, Disposition> {
+        Handler::handle(self, envelope).boxed()
+    }
+
+    fn dead_lettered(&self, failure: &Failure) {
+        Handler::dead_lettered(self, failure);
+    }
+}
+
 /// How one stage consumes its work queue.
 #[derive(Clone)]
 pub struct ConsumeSettings {
@@ -55,10 +74,31 @@ pub struct ConsumeSettings {
 /// Consumes the stage's work queue until `shutdown` fires, then stops taking deliveries, lets the
 /// in-flight ones finish (up to the drain timeout) and returns. An error means the broker connection
 /// or channel failed.
-pub async fn run<H: Handler>(
+pub fn run(
     connection: &Connection,
     settings: ConsumeSettings,
-    handler: Arc<H>,
+    handler: Arc<dyn AnyHandler>,
+    dead_letters: DeadLetters,
+    ledger: SharedLedger,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> BoxFuture<'_, Result<(), BrokerError>> {
+    consume(
+        connection,
+        settings,
+        handler,
+        dead_letters,
+        ledger,
+        metrics,
+        shutdown,
+    )
+    .boxed()
+}
+
+async fn consume(
+    connection: &Connection,
+    settings: ConsumeSettings,
+    handler: Arc<dyn AnyHandler>,
     dead_letters: DeadLetters,
     ledger: SharedLedger,
     metrics: Metrics,
@@ -152,17 +192,17 @@ pub async fn run<H: Handler>(
     outcome
 }
 
-struct Context<H> {
+struct Context {
     pipeline: String,
     stage: Stage,
     max_attempts: u32,
-    handler: Arc<H>,
+    handler: Arc<dyn AnyHandler>,
     dead_letters: DeadLetters,
     ledger: SharedLedger,
     metrics: Metrics,
 }
 
-impl<H: Handler> Context<H> {
+impl Context {
     async fn process(&self, delivery: Delivery) {
         let labels = [self.pipeline.as_str(), self.stage.as_str()];
         let in_hand = self.metrics.messages_in_hand.with_label_values(&labels);

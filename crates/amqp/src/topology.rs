@@ -6,6 +6,8 @@
 use std::time::Duration;
 
 use conveyor_base::Stage;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
@@ -152,19 +154,28 @@ impl Topology {
     /// Declares exchanges, queues and bindings. Idempotent: every worker calls it at start, with the same
     /// arguments (a queue redeclared with other arguments is refused by the broker; the one exception,
     /// a dead-letter queue an earlier conveyor declared without its delivery limit, is taken as it is).
-    pub async fn declare(&self, connection: &Connection) -> Result<(), BrokerError> {
-        let mut channel = reopen(connection).await?;
-        let declared = answered(
-            "declaring the topology",
-            self.declare_on(connection, &mut channel),
-        )
-        .await;
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            channel.close(200, "declared".into()),
-        )
-        .await;
-        declared
+    ///
+    /// Boxed, like the other checks of the topology: compiled once, here (docs/development.md,
+    /// "Build time").
+    pub fn declare<'a>(
+        &'a self,
+        connection: &'a Connection,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        async move {
+            let mut channel = reopen(connection).await?;
+            let declared = answered(
+                "declaring the topology",
+                self.declare_on(connection, &mut channel),
+            )
+            .await;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(5),
+                channel.close(200, "declared".into()),
+            )
+            .await;
+            declared
+        }
+        .boxed()
     }
 
     async fn declare_on(
@@ -348,21 +359,27 @@ impl Topology {
     /// Whether the pipeline's queues are on the broker (its write stage's dead-letter queue, by
     /// passive declare on a channel of its own): tools say "no such pipeline" rather than the
     /// broker's NOT_FOUND.
-    pub async fn is_declared(&self, connection: &Connection) -> Result<bool, BrokerError> {
-        let channel = reopen(connection).await?;
-        let queue = self.dead_letter_queue(Stage::Write);
-        match queue_depth(&channel, &queue).await {
-            Ok(_) => {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    channel.close(200, "checked".into()),
-                )
-                .await;
-                Ok(true)
+    pub fn is_declared<'a>(
+        &'a self,
+        connection: &'a Connection,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        async move {
+            let channel = reopen(connection).await?;
+            let queue = self.dead_letter_queue(Stage::Write);
+            match queue_depth(&channel, &queue).await {
+                Ok(_) => {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        channel.close(200, "checked".into()),
+                    )
+                    .await;
+                    Ok(true)
+                }
+                Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),
+                Err(err) => Err(amqp(format!("inspecting queue {queue}"))(err)),
             }
-            Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),
-            Err(err) => Err(amqp(format!("inspecting queue {queue}"))(err)),
         }
+        .boxed()
     }
 
     /// Fails, naming the pipeline and the namespace, unless [`Topology::is_declared`].

@@ -11,6 +11,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use std::path::PathBuf;
 
 use conveyor_base::{Secret, SettingsError, is_sql_identifier};
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 
 /// Where PostgreSQL is: the writer's target and the fetcher's sync state (every flag also reads an
 /// environment variable).
@@ -221,38 +223,50 @@ impl Database {
     }
 
     /// Opens one connection, to tell whether the database can be used now.
-    pub async fn check(&self) -> Result<(), Unusable> {
-        match self.config.connect(self.tls.clone()).await {
-            Ok((client, connection)) => {
-                drop(client);
-                let _ = connection.await;
-                Ok(())
-            }
-            Err(cause) => {
-                let refused = cause.as_db_error().is_some_and(|db| {
-                    let code = db.code().code();
-                    // Class 28: invalid authorization; 3D000: no such database.
-                    code.starts_with("28") || code == "3D000"
-                });
-                let tls = conveyor_base::tls::tls_failure(&cause).is_some();
-                let failure = connect_failure(&self.endpoint, &cause);
-                Err(if tls {
-                    Unusable::Misconfigured(failure)
-                } else if refused {
-                    Unusable::Refused(failure)
-                } else {
-                    Unusable::Unreachable(failure)
-                })
+    ///
+    /// Boxed, like the other ways to a connection here: the connecting code (TLS included) is
+    /// compiled once, in this crate, not in every crate that awaits it (docs/development.md,
+    /// "Build time").
+    pub fn check(&self) -> BoxFuture<'_, Result<(), Unusable>> {
+        async move {
+            match self.config.connect(self.tls.clone()).await {
+                Ok((client, connection)) => {
+                    drop(client);
+                    let _ = connection.await;
+                    Ok(())
+                }
+                Err(cause) => {
+                    let refused = cause.as_db_error().is_some_and(|db| {
+                        let code = db.code().code();
+                        // Class 28: invalid authorization; 3D000: no such database.
+                        code.starts_with("28") || code == "3D000"
+                    });
+                    let tls = conveyor_base::tls::tls_failure(&cause).is_some();
+                    let failure = connect_failure(&self.endpoint, &cause);
+                    Err(if tls {
+                        Unusable::Misconfigured(failure)
+                    } else if refused {
+                        Unusable::Refused(failure)
+                    } else {
+                        Unusable::Unreachable(failure)
+                    })
+                }
             }
         }
+        .boxed()
     }
 
     /// A pooled connection.
-    pub async fn client(&self) -> Result<deadpool_postgres::Object, DatabaseError> {
-        self.pool.get().await.map_err(|err| match err {
-            deadpool_postgres::PoolError::Backend(cause) => connect_failure(&self.endpoint, &cause),
-            err => DatabaseError::Pool(format!("{} ({})", err, self.endpoint)),
-        })
+    pub fn client(&self) -> BoxFuture<'_, Result<deadpool_postgres::Object, DatabaseError>> {
+        async move {
+            self.pool.get().await.map_err(|err| match err {
+                deadpool_postgres::PoolError::Backend(cause) => {
+                    connect_failure(&self.endpoint, &cause)
+                }
+                err => DatabaseError::Pool(format!("{} ({})", err, self.endpoint)),
+            })
+        }
+        .boxed()
     }
 
     /// A connection taken out of the pool, closed when dropped: for a session-level lock, which the
@@ -263,54 +277,57 @@ impl Database {
 
     /// Creates the schema if needed and runs `migrations`, recording them in `history_table`, under an
     /// advisory lock so that processes starting together do not race. `name` names them in errors.
-    pub async fn migrate(
-        &self,
-        name: &str,
-        migrations: &[refinery::Migration],
-        history_table: &str,
-    ) -> Result<(), DatabaseError> {
-        let (mut client, connection) = self
-            .config
-            .connect(self.tls.clone())
-            .await
-            .map_err(|cause| connect_failure(&self.endpoint, &cause))?;
-        let connection = tokio::spawn(connection);
-        let sql = failed;
-        let lock_key = format!("conveyor-migrations:{}", self.schema);
-        client
-            .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
-            .await
-            .map_err(sql("taking the migration lock"))?;
-        let result = async {
-            client
-                .batch_execute(&format!(
-                    "CREATE SCHEMA IF NOT EXISTS {}",
-                    quote(&self.schema)
-                ))
+    pub fn migrate<'a>(
+        &'a self,
+        name: &'a str,
+        migrations: &'a [refinery::Migration],
+        history_table: &'a str,
+    ) -> BoxFuture<'a, Result<(), DatabaseError>> {
+        async move {
+            let (mut client, connection) = self
+                .config
+                .connect(self.tls.clone())
                 .await
-                .map_err(sql("creating the schema"))?;
-            let mut runner = refinery::Runner::new(migrations);
-            runner.set_migration_table_name(history_table);
-            let report =
-                runner
-                    .run_async(&mut client)
+                .map_err(|cause| connect_failure(&self.endpoint, &cause))?;
+            let connection = tokio::spawn(connection);
+            let sql = failed;
+            let lock_key = format!("conveyor-migrations:{}", self.schema);
+            client
+                .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_key])
+                .await
+                .map_err(sql("taking the migration lock"))?;
+            let result = async {
+                client
+                    .batch_execute(&format!(
+                        "CREATE SCHEMA IF NOT EXISTS {}",
+                        quote(&self.schema)
+                    ))
                     .await
-                    .map_err(|err| DatabaseError::Migrations {
-                        name: name.to_owned(),
-                        message: err.to_string(),
-                    })?;
-            for migration in report.applied_migrations() {
-                tracing::info!(schema = self.schema, migration = %migration, "applied migration");
+                    .map_err(sql("creating the schema"))?;
+                let mut runner = refinery::Runner::new(migrations);
+                runner.set_migration_table_name(history_table);
+                let report =
+                    runner
+                        .run_async(&mut client)
+                        .await
+                        .map_err(|err| DatabaseError::Migrations {
+                            name: name.to_owned(),
+                            message: err.to_string(),
+                        })?;
+                for migration in report.applied_migrations() {
+                    tracing::info!(schema = self.schema, migration = %migration, "applied migration");
+                }
+                Ok(())
             }
-            Ok(())
-        }
-        .await;
-        let _ = client
-            .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
             .await;
-        drop(client);
-        let _ = connection.await;
-        result
+            let _ = client
+                .execute("SELECT pg_advisory_unlock(hashtext($1))", &[&lock_key])
+                .await;
+            drop(client);
+            let _ = connection.await;
+            result
+        }
+        .boxed()
     }
 }
 

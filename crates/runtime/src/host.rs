@@ -22,7 +22,8 @@ use conveyor_base::waiting::REPORT_EVERY;
 use conveyor_ledger::PgLedger;
 use conveyor_pipeline::Pipeline;
 use conveyor_postgres::{Database, Unusable};
-use futures_util::future::join_all;
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, join_all};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{self, HostReadiness, Readiness};
@@ -45,7 +46,18 @@ impl Host {
     /// Loads the pipelines, serves the health endpoints (not ready until each pipeline is
     /// connected) and waits for PostgreSQL if the process uses it; `None` if `shutdown` came first.
     /// `extra_ready` names further readiness conditions each pipeline will report (e.g. its target).
-    pub async fn start(
+    pub fn start<'a>(
+        args: &'a WorkerArgs,
+        stage: Stage,
+        default_port: u16,
+        extra_ready: &'a [&'static str],
+        shutdown: &'a CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Self>>> {
+        // Boxed, so that the start is compiled here once (docs/development.md, "Build time").
+        Self::started(args, stage, default_port, extra_ready, shutdown).boxed()
+    }
+
+    async fn started(
         args: &WorkerArgs,
         stage: Stage,
         default_port: u16,

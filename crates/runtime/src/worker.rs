@@ -17,6 +17,8 @@ use conveyor_base::ledger::SharedLedger;
 use conveyor_base::metrics::Metrics;
 use conveyor_ledger::PgLedger;
 use conveyor_pipeline::Pipeline;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -97,9 +99,28 @@ impl WorkerRuntime {
         mut work: W,
     ) -> anyhow::Result<()>
     where
-        W: FnMut(Session) -> F,
-        F: Future<Output = anyhow::Result<()>>,
+        W: FnMut(Session) -> F + Send,
+        F: Future<Output = anyhow::Result<()>> + Send,
     {
+        self.sessions(shutdown, &mut |session| work(session).boxed())
+            .await
+    }
+
+    /// [`WorkerRuntime::run_sessions`] for any work: the connection code is compiled here once, not in
+    /// every worker crate (docs/development.md, "Build time").
+    fn sessions<'a>(
+        &'a self,
+        shutdown: &'a CancellationToken,
+        work: &'a mut (dyn FnMut(Session) -> BoxFuture<'a, anyhow::Result<()>> + Send),
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        self.each_session(shutdown, work).boxed()
+    }
+
+    async fn each_session<'a>(
+        &'a self,
+        shutdown: &'a CancellationToken,
+        work: &'a mut (dyn FnMut(Session) -> BoxFuture<'a, anyhow::Result<()>> + Send),
+    ) -> anyhow::Result<()> {
         // Set when the last session ended because a confirm did not come: the next one is ready only
         // once it went a confirm timeout without the same.
         let mut stalled_before = false;
@@ -177,7 +198,7 @@ impl WorkerRuntime {
     /// `make_handler` builds the handler for each session (it publishes through that session).
     pub async fn consume<H: Handler>(
         &self,
-        make_handler: impl Fn(&Session) -> H,
+        make_handler: impl Fn(&Session) -> H + Send + Sync,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         let settings = self.consume_settings(self.args.prefetch);
