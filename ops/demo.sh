@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ops/services.sh
-echo "demo: building the release binaries (the first build compiles about 420 crates: about 7 minutes on 2 cores; later builds take seconds)" >&2
+echo "demo: building the release binaries (the first build compiles about 420 crates: about 5½ minutes on 2 cores; later builds take seconds)" >&2
 cargo build --release --locked --workspace --bins
 # Wherever cargo puts them: CARGO_TARGET_DIR, a build.target-dir of a cargo config, or target/.
 target_dir="$(cargo metadata --format-version 1 --no-deps --locked | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
