@@ -83,113 +83,95 @@ pub fn run(
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> BoxFuture<'_, Result<(), BrokerError>> {
-    consume(
-        connection,
-        settings,
-        handler,
-        dead_letters,
-        ledger,
-        metrics,
-        shutdown,
-    )
-    .boxed()
-}
+    async move {
+        let queue = settings.topology.queue(settings.stage);
+        let tag = format!("{}-{}", settings.stage, uuid::Uuid::new_v4());
+        let (channel, mut consumer) = answered(&format!("consuming {queue}"), async {
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(amqp("opening a consumer channel"))?;
+            channel
+                .basic_qos(settings.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(amqp("setting the prefetch"))?;
+            let consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    tag.as_str().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp(format!("consuming {queue}")))?;
+            Ok((channel, consumer))
+        })
+        .await?;
+        tracing::info!(queue, prefetch = settings.prefetch, "consuming");
 
-async fn consume(
-    connection: &Connection,
-    settings: ConsumeSettings,
-    handler: Arc<dyn AnyHandler>,
-    dead_letters: DeadLetters,
-    ledger: SharedLedger,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) -> Result<(), BrokerError> {
-    let queue = settings.topology.queue(settings.stage);
-    let tag = format!("{}-{}", settings.stage, uuid::Uuid::new_v4());
-    let (channel, mut consumer) = answered(&format!("consuming {queue}"), async {
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(amqp("opening a consumer channel"))?;
-        channel
-            .basic_qos(settings.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(amqp("setting the prefetch"))?;
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp(format!("consuming {queue}")))?;
-        Ok((channel, consumer))
-    })
-    .await?;
-    tracing::info!(queue, prefetch = settings.prefetch, "consuming");
-
-    let tracker = TaskTracker::new();
-    let context = Arc::new(Context {
-        pipeline: settings.topology.pipeline().to_owned(),
-        stage: settings.stage,
-        max_attempts: settings.max_attempts.max(1),
-        handler,
-        dead_letters,
-        ledger,
-        metrics,
-    });
-    let outcome = loop {
-        let next = tokio::select! {
-            () = shutdown.cancelled() => break Ok(()),
-            next = consumer.next() => next,
+        let tracker = TaskTracker::new();
+        let context = Arc::new(Context {
+            pipeline: settings.topology.pipeline().to_owned(),
+            stage: settings.stage,
+            max_attempts: settings.max_attempts.max(1),
+            handler,
+            dead_letters,
+            ledger,
+            metrics,
+        });
+        let outcome = loop {
+            let next = tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                next = consumer.next() => next,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let context = context.clone();
+                    tracker.spawn(async move { context.process(delivery).await });
+                }
+                Some(Err(source)) => break Err(amqp(format!("consuming {queue}"))(source)),
+                None => {
+                    break Err(BrokerError::ConsumerCancelled(queue.clone()));
+                }
+            }
         };
-        match next {
-            Some(Ok(delivery)) => {
-                let context = context.clone();
-                tracker.spawn(async move { context.process(delivery).await });
-            }
-            Some(Err(source)) => break Err(amqp(format!("consuming {queue}"))(source)),
-            None => {
-                break Err(BrokerError::ConsumerCancelled(queue.clone()));
-            }
-        }
-    };
 
-    if outcome.is_err() {
-        // The channel is gone: nothing in hand can be acked any more, and the broker gives it all back
-        // to the queue. Waiting for it would only delay the reconnect; late finishers fail their ack
-        // harmlessly (writes are idempotent).
+        if outcome.is_err() {
+            // The channel is gone: nothing in hand can be acked any more, and the broker gives it all back
+            // to the queue. Waiting for it would only delay the reconnect; late finishers fail their ack
+            // harmlessly (writes are idempotent).
+            tracker.close();
+            return outcome;
+        }
+        // Take no new work; what was delivered but not started goes back to the queue when the channel closes.
+        if let Err(err) = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!(error = %err, "cancelling the consumer");
+        }
         tracker.close();
-        return outcome;
+        let in_flight = tracker.len();
+        if in_flight > 0 {
+            tracing::info!(in_flight, "finishing the messages in hand");
+        }
+        if tokio::time::timeout(settings.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "drain timeout: exiting with work unfinished; the broker redelivers it"
+            );
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            channel.close(200, "stopping".into()),
+        )
+        .await;
+        outcome
     }
-    // Take no new work; what was delivered but not started goes back to the queue when the channel closes.
-    if let Err(err) = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await
-    {
-        tracing::debug!(error = %err, "cancelling the consumer");
-    }
-    tracker.close();
-    let in_flight = tracker.len();
-    if in_flight > 0 {
-        tracing::info!(in_flight, "finishing the messages in hand");
-    }
-    if tokio::time::timeout(settings.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            unfinished = tracker.len(),
-            "drain timeout: exiting with work unfinished; the broker redelivers it"
-        );
-    }
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
-        channel.close(200, "stopping".into()),
-    )
-    .await;
-    outcome
+    .boxed()
 }
 
 struct Context {

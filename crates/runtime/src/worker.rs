@@ -113,85 +113,80 @@ impl WorkerRuntime {
         shutdown: &'a CancellationToken,
         work: &'a mut (dyn FnMut(Session) -> BoxFuture<'a, anyhow::Result<()>> + Send),
     ) -> BoxFuture<'a, anyhow::Result<()>> {
-        self.each_session(shutdown, work).boxed()
-    }
-
-    async fn each_session<'a>(
-        &'a self,
-        shutdown: &'a CancellationToken,
-        work: &'a mut (dyn FnMut(Session) -> BoxFuture<'a, anyhow::Result<()>> + Send),
-    ) -> anyhow::Result<()> {
-        // Set when the last session ended because a confirm did not come: the next one is ready only
-        // once it went a confirm timeout without the same.
-        let mut stalled_before = false;
-        // The node of the last connection lost, tried last by the next one.
-        let mut lost = None;
-        loop {
-            let Some((session, node)) = self.connect(shutdown, lost).await? else {
-                return Ok(());
-            };
-            lost = Some(node);
-            let connection = session.connection.clone();
-            let stalled = session.publisher.stalled();
-            if !stalled_before {
-                self.readiness.set(READY_BROKER, true);
-            }
-            let depths = match connection.create_channel().await {
-                Ok(channel) => Some(tokio::spawn(watch_queue_depths(
-                    channel,
-                    self.topology.clone(),
-                    self.stage,
-                    self.metrics.clone(),
-                ))),
-                Err(err) => {
-                    tracing::warn!(error = %err, "no channel for the queue-depth gauges");
-                    None
+        async move {
+            // Set when the last session ended because a confirm did not come: the next one is ready only
+            // once it went a confirm timeout without the same.
+            let mut stalled_before = false;
+            // The node of the last connection lost, tried last by the next one.
+            let mut lost = None;
+            loop {
+                let Some((session, node)) = self.connect(shutdown, lost).await? else {
+                    return Ok(());
+                };
+                lost = Some(node);
+                let connection = session.connection.clone();
+                let stalled = session.publisher.stalled();
+                if !stalled_before {
+                    self.readiness.set(READY_BROKER, true);
                 }
-            };
-            let work = work(session);
-            tokio::pin!(work);
-            let probation = tokio::time::sleep(self.args.broker.confirm_timeout());
-            tokio::pin!(probation);
-            let result = loop {
-                tokio::select! {
-                    result = &mut work => break Some(result),
-                    () = stalled.cancelled() => break None,
-                    () = &mut probation, if stalled_before => {
-                        stalled_before = false;
-                        self.readiness.set(READY_BROKER, true);
+                let depths = match connection.create_channel().await {
+                    Ok(channel) => Some(tokio::spawn(watch_queue_depths(
+                        channel,
+                        self.topology.clone(),
+                        self.stage,
+                        self.metrics.clone(),
+                    ))),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "no channel for the queue-depth gauges");
+                        None
                     }
+                };
+                let work = work(session);
+                tokio::pin!(work);
+                let probation = tokio::time::sleep(self.args.broker.confirm_timeout());
+                tokio::pin!(probation);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut work => break Some(result),
+                        () = stalled.cancelled() => break None,
+                        () = &mut probation, if stalled_before => {
+                            stalled_before = false;
+                            self.readiness.set(READY_BROKER, true);
+                        }
+                    }
+                };
+                if let Some(depths) = depths {
+                    depths.abort();
                 }
-            };
-            if let Some(depths) = depths {
-                depths.abort();
-            }
-            let Some(result) = result else {
-                // The work in hand is dropped with the connection: nothing of it was acked, and the
-                // broker gives it back to whoever consumes next.
-                let why = format!(
-                    "a publish was not confirmed within {} s (a node hung, the cluster lost its majority, or an alarm of the broker blocks publishing?): holding work and connecting again",
-                    self.args.broker.confirm_timeout_secs
-                );
-                tracing::warn!("{why}");
-                self.readiness.wait(READY_BROKER, why);
-                stalled_before = true;
+                let Some(result) = result else {
+                    // The work in hand is dropped with the connection: nothing of it was acked, and the
+                    // broker gives it back to whoever consumes next.
+                    let why = format!(
+                        "a publish was not confirmed within {} s (a node hung, the cluster lost its majority, or an alarm of the broker blocks publishing?): holding work and connecting again",
+                        self.args.broker.confirm_timeout_secs
+                    );
+                    tracing::warn!("{why}");
+                    self.readiness.wait(READY_BROKER, why);
+                    stalled_before = true;
+                    conveyor_amqp::close(&connection).await;
+                    continue;
+                };
+                if !stalled_before {
+                    self.readiness.set(READY_BROKER, false);
+                }
+                let lost_broker = result.as_ref().is_err_and(|err| {
+                    err.downcast_ref::<BrokerError>().is_some() || !connection.status().connected()
+                });
                 conveyor_amqp::close(&connection).await;
-                continue;
-            };
-            if !stalled_before {
-                self.readiness.set(READY_BROKER, false);
-            }
-            let lost_broker = result.as_ref().is_err_and(|err| {
-                err.downcast_ref::<BrokerError>().is_some() || !connection.status().connected()
-            });
-            conveyor_amqp::close(&connection).await;
-            match result {
-                Err(err) if lost_broker && !shutdown.is_cancelled() => {
-                    tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting");
+                match result {
+                    Err(err) if lost_broker && !shutdown.is_cancelled() => {
+                        tracing::warn!(error = %format!("{err:#}"), "lost the broker; reconnecting");
+                    }
+                    other => return other,
                 }
-                other => return other,
             }
         }
+        .boxed()
     }
 
     /// Consumes the stage's work queue until `shutdown`, through [`WorkerRuntime::run_sessions`].
