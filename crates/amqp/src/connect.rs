@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::Heartbeat;
 use lapin::uri::{AMQPScheme, AMQPUri};
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Channel, Connection, ConnectionProperties};
 use rand::RngExt as _;
 
 use crate::error::BrokerError;
@@ -226,11 +226,22 @@ fn refusal(error: &lapin::Error) -> Option<String> {
 /// The longest a connection attempt (TCP and AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Closes a connection without hanging: lapin's close has been seen to take minutes.
+/// The longest a close of a connection or a channel may take: lapin's has been seen to take minutes.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a channel without hanging, saying `why` to the broker; one that does not close in time
+/// goes with its connection.
+pub(crate) async fn close_channel(channel: &Channel, why: &str) {
+    if let Err(err) = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, why.into())).await {
+        tracing::debug!(error = %err, "closing a channel timed out");
+    }
+}
+
+/// Closes a connection without hanging.
 pub fn close(connection: &Connection) -> BoxFuture<'_, ()> {
     async move {
         let closing = connection.close(200, "worker stopping".into());
-        match tokio::time::timeout(Duration::from_secs(5), closing).await {
+        match tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::debug!(error = %err, "closing the broker connection"),
             Err(_) => tracing::warn!("closing the broker connection timed out"),

@@ -26,6 +26,7 @@ use conveyor_base::ledger::{Letter, Settled, SharedLedger};
 use conveyor_base::metrics::Metrics;
 use conveyor_base::{Disposition, ErrorClass, Failure, Stage};
 
+use crate::connect::close_channel;
 use crate::dead_letters::DeadLetters;
 use crate::envelope::{Envelope, record_ids_in};
 use crate::error::{BrokerError, amqp, answered};
@@ -164,11 +165,7 @@ pub fn run(
                 "drain timeout: exiting with work unfinished; the broker redelivers it"
             );
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            channel.close(200, "stopping".into()),
-        )
-        .await;
+        close_channel(&channel, "stopping").await;
         outcome
     }
     .boxed()

@@ -12,6 +12,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ExchangeKind};
 
+use crate::connect::close_channel;
 use crate::envelope::Compression;
 use crate::error::{BrokerError, amqp, answered};
 use crate::headers::long_string;
@@ -168,11 +169,7 @@ impl Topology {
                 self.declare_on(connection, &mut channel),
             )
             .await;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                channel.close(200, "declared".into()),
-            )
-            .await;
+            close_channel(&channel, "declared").await;
             declared
         }
         .boxed()
@@ -368,11 +365,7 @@ impl Topology {
             let queue = self.dead_letter_queue(Stage::Write);
             match queue_depth(&channel, &queue).await {
                 Ok(_) => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        channel.close(200, "checked".into()),
-                    )
-                    .await;
+                    close_channel(&channel, "checked").await;
                     Ok(true)
                 }
                 Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),

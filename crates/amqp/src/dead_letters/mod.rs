@@ -26,6 +26,7 @@ use serde::Serialize;
 use conveyor_base::ledger::Letter;
 use conveyor_base::{ErrorClass, Stage};
 
+use crate::connect::close_channel;
 use crate::envelope::{decode_body, record_ids_in};
 use crate::error::{BrokerError, amqp};
 use crate::headers::*;
@@ -552,11 +553,7 @@ impl Held {
         {
             tracing::debug!(error = %err, "handing back dead letters; the channel's close does it too");
         }
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.channel.close(200, "done".into()),
-        )
-        .await;
+        close_channel(&self.channel, "done").await;
     }
 }
 
