@@ -436,10 +436,7 @@ async fn a_target_answering_503_to_everything_holds_the_writers_back() {
             .is_empty(),
         "no good record is dead-lettered while the target is down"
     );
-    let mut in_hand = 0.0;
-    for writer in writers {
-        in_hand += common::metric(writer, "conveyor_messages_in_hand", &[]).await;
-    }
+    let in_hand = common::messages_in_hand(writers).await;
     let queued: u32 = run
         .scenario
         .queue_depths()

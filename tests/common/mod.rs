@@ -264,11 +264,16 @@ pub async fn waiting_for_writers(scenario: &Scenario, writers: &[WorkerProcess])
         .filter(|(queue, _)| queue.ends_with(".write"))
         .map(|(_, n)| n)
         .sum();
+    f64::from(queued) + messages_in_hand(writers).await
+}
+
+/// The messages `workers` hold at the moment (delivered to them, not yet settled).
+pub async fn messages_in_hand(workers: &[WorkerProcess]) -> f64 {
     let mut held = 0.0;
-    for writer in writers {
-        held += metric(writer, "conveyor_messages_in_hand", &[]).await;
+    for worker in workers {
+        held += metric(worker, "conveyor_messages_in_hand", &[]).await;
     }
-    f64::from(queued) + held
+    held
 }
 
 /// Waits until the work queues are empty and no worker holds a message (one redelivered to a worker
@@ -278,10 +283,7 @@ pub async fn wait_until_idle(scenario: &Scenario, workers: &[WorkerProcess]) {
     let mut idle_before = false;
     loop {
         wait_for_empty_work_queues(scenario).await;
-        let mut in_hand = 0.0;
-        for worker in workers {
-            in_hand += metric(worker, "conveyor_messages_in_hand", &[]).await;
-        }
+        let in_hand = messages_in_hand(workers).await;
         if in_hand == 0.0 {
             if idle_before {
                 return;
